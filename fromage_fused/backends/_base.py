@@ -1,0 +1,75 @@
+"""The op contract every backend implements: two phases over one (device, dtype) group of tensors."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run here; the message says why and what to do."""
+
+
+class Backend:
+    """Base class of a backend. Subclasses set ``name``, ``priority`` and implement the two phases.
+
+    ``priority``: higher runs first under ``backend="auto"`` (the registry sorts by it).
+    ``syncs``: True only for the reference backend, which may read tensor values on the host.
+    """
+
+    name: str = ""
+    priority: int = 0
+    syncs: bool = False
+    dtypes: tuple = FLOAT_DTYPES
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """Why this backend cannot run on ``device`` here, or None if it can.
+
+        Cheap checks only (device type, a module importable). Raising ``BackendUnavailable`` is for
+        a backend that should work here but failed to load (a failed build, say): under ``auto``
+        that falls back with a warning instead of silently.
+        """
+        return None
+
+    def priority_on(self, device: torch.device) -> int:
+        """Rank on ``device``: ``auto`` takes the highest that works (a backend that runs on a
+        device only for testing, like Triton's CPU interpreter, ranks itself low there)."""
+        return self.priority
+
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        return dtype in self.dtypes
+
+    def stats(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *, inner: bool = True) -> torch.Tensor:
+        """Per tensor ``[||p||^2, ||g||^2, <p, g>]`` as an ``[n, 3]`` tensor on the group's device.
+
+        float32 for float32/bf16/fp16 tensors, float64 for float64. ``inner=False`` lets a backend
+        leave column 2 as zeros when nothing will read it (no p_bound).
+        """
+        raise NotImplementedError
+
+    def apply(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        stats: torch.Tensor,
+        *,
+        lr: torch.Tensor,
+        max_norms: Optional[Sequence[torch.Tensor]],
+        p_bound: Optional[float],
+        maximize: bool,
+        prefactor: bool = True,
+        found_inf: Optional[torch.Tensor] = None,
+        grad_scale: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Update ``params`` in place from ``stats``; set unset ``max_norms`` (negative) in place.
+
+        ``lr``: 0-d tensor on the group's device. ``found_inf``: 0-d float tensor; when it is
+        non-zero nothing changes (parameters nor max_norms). ``grad_scale``: 0-d tensor by which
+        the gradients are multiplied; only the zero-norm fallback depends on it.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<fromage_fused backend {self.name!r}>"

@@ -1,0 +1,63 @@
+"""The reference backend: a per-tensor loop that reads the step's scalars on the host.
+
+It is the test oracle (run on float64 copies) and the only backend allowed to synchronise. It
+keeps the two phases so that it also serves sharded tensors, but every decision is a Python
+``if`` on a number, written to be read against the contract in DESIGN.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._base import Backend
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    priority = 0
+    syncs = True
+
+    def stats(self, params, grads, *, inner=True):
+        rows = []
+        for p, g in zip(params, grads):
+            acc = accumulate_dtype(p.dtype)
+            p_, g_ = p.to(acc), g.to(acc)
+            pg = (p_ * g_).sum() if inner else torch.zeros((), dtype=acc, device=p.device)
+            rows.append(torch.stack([(p_ * p_).sum(), (g_ * g_).sum(), pg]))
+        if not rows:
+            return torch.zeros(0, 3)
+        return torch.stack(rows)
+
+    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None):
+        if found_inf is not None and float(found_inf) != 0:
+            return
+        lr = float(lr)
+        scale = 1.0 if grad_scale is None else float(grad_scale)
+        s = 1.0 / math.sqrt(1.0 + lr * lr) if prefactor else 1.0
+        for i, (p, g) in enumerate(zip(params, grads)):
+            s_pp, s_gg, s_pg = (float(x) for x in stats[i])
+            if s_pp > 0 and s_gg > 0:
+                a = lr * math.sqrt(s_pp) / math.sqrt(s_gg)
+            else:
+                a = lr / scale
+            if maximize:
+                a = -a
+            factor = s
+            if p_bound is not None:
+                max_norm = float(max_norms[i])
+                if max_norm < 0:  # unset (see _math.UNSET_MAX_NORM)
+                    max_norm = p_bound * math.sqrt(s_pp)
+                    max_norms[i].fill_(max_norm)
+                new_norm = s * math.sqrt(max(s_pp - 2 * a * s_pg + a * a * s_gg, 0.0))
+                if new_norm > max_norm:
+                    factor = s * max_norm / new_norm
+            acc = accumulate_dtype(p.dtype)
+            p.copy_(factor * (p.to(acc) - a * g.to(acc)))
+
+
+BACKEND = ReferenceBackend()

@@ -1,0 +1,125 @@
+"""``Fromage``: the torch.optim.Optimizer users construct. It owns hyper-parameters and state."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from . import backends as _backends
+from .functional import UNSET_MAX_NORM, plan, step_groups
+
+__all__ = ["Fromage"]
+
+
+def _check_lr(lr) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        value = float(lr.detach().cpu())  # construction time: reading it here costs nothing per step
+    else:
+        try:
+            value = float(lr)
+        except (TypeError, ValueError):
+            raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"invalid learning rate: {lr} (must be finite and >= 0)")
+
+
+def _check_p_bound(p_bound) -> None:
+    if p_bound is None:
+        return
+    if isinstance(p_bound, bool) or not isinstance(p_bound, (int, float)) or not math.isfinite(p_bound) or not p_bound > 0:
+        raise ValueError(f"invalid p_bound: {p_bound!r} (must be None or a finite number > 0)")
+
+
+class Fromage(Optimizer):
+    r"""Fromage (Frobenius matched gradient descent; Bernstein et al., NeurIPS 2020).
+
+    For each parameter ``p`` with gradient ``g``::
+
+        p <- (p - lr * ||p||/||g|| * g) / sqrt(1 + lr^2)    if ||p|| > 0 and ||g|| > 0
+        p <- (p - lr * g) / sqrt(1 + lr^2)                  otherwise
+        p <- p * max_norm / ||p||                           if p_bound is set and ||p|| > max_norm
+
+    where ``max_norm = p_bound * ||p||`` is taken once, before the update of the first step in
+    which ``p`` has a gradient.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: relative change of each tensor per step (a float or a 0-d tensor; 0.01 works across
+            tasks, 0.001 for fine-tuning).
+        p_bound: if set, each tensor's norm is kept at most ``p_bound`` times its initial norm.
+        maximize: ascend instead of descend.
+        backend: ``"auto"`` (fastest that works here; ``$FROMAGE_FUSED_BACKEND`` overrides it) or
+            one of :func:`fromage_fused.available_backends`.
+    """
+
+    def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, backend: str = "auto"):
+        _check_lr(lr)
+        _check_p_bound(p_bound)
+        if not isinstance(backend, str):
+            raise ValueError(f"backend must be a name, got {backend!r}")
+        self.backend = _backends.requested_name(backend)
+        defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize))
+        super().__init__(params, defaults)
+        if self.backend != _backends.AUTO:
+            for device in {p.device for g in self.param_groups for p in g["params"]}:
+                _backends.check(self.backend, device)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if "lr" in param_group:
+            _check_lr(param_group["lr"])
+        if "p_bound" in param_group:
+            _check_p_bound(param_group["p_bound"])
+        super().add_param_group(param_group)
+
+    def _max_norm(self, p: torch.Tensor) -> torch.Tensor:
+        # Created on the host without reading any value: the step itself sets an unset one.
+        state = self.state[p]
+        if "max_norm" not in state:
+            state["max_norm"] = torch.full((), UNSET_MAX_NORM, dtype=torch.float32, device=p.device)
+        return state["max_norm"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one step; return the closure's loss if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Plan (validate and group) every param group before any parameter or state changes.
+        planned = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                grads = [p.grad for p in params]
+                planned.append((group, params, plan(params, grads, None, backend=self.backend)))
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group, params, groups in planned:
+            p_bound = group["p_bound"]
+            if p_bound is not None:
+                for g in groups:
+                    g.max_norms = [self._max_norm(params[i]) for i in g.indices]
+            step_groups(
+                groups,
+                lr=group["lr"],
+                p_bound=p_bound,
+                maximize=group["maximize"],
+                found_inf=found_inf,
+                grad_scale=grad_scale,
+            )
+        return loss
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # torch casts floating state to each parameter's dtype (bf16, complex...); max_norm is
+        # float32 by contract, so put the saved values back after the base class has loaded.
+        saved = {k: v["max_norm"] for k, v in state_dict["state"].items() if isinstance(v, dict) and "max_norm" in v}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid in saved:
+                self.state[p]["max_norm"] = torch.as_tensor(saved[pid]).detach().to(device=p.device, dtype=torch.float32).clone().reshape(())

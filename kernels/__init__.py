@@ -1,0 +1,1 @@
+"""Triton kernels of fromage_fused (installed as ``fromage_fused.kernels``)."""

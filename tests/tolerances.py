@@ -1,0 +1,15 @@
+"""Tolerances of every backend against the float64 oracle, as data: dtype -> check -> (atol, rtol).
+
+rtol is relative to the largest magnitude of the tensor (a per-tensor, not per-element, bound).
+"traj": after N steps from the same start with the same gradients; "step": one step from the
+backend's own previous values (what a format that rounds every step can be held to).
+"""
+import torch
+
+ORACLE_TOL = {
+    torch.float64: {"traj": (1e-12, 1e-11), "step": (1e-13, 1e-12)},
+    torch.float32: {"traj": (1e-6, 1e-5), "step": (1e-7, 1e-6)},
+    # one rounding of the result: half an ulp of the largest element, plus fp32 arithmetic
+    torch.bfloat16: {"step": (1e-3, 2 ** -8)},
+    torch.float16: {"step": (1e-4, 2 ** -11)},
+}
