@@ -55,3 +55,43 @@ def coefficients(
         s = torch.where(clamp, s * mn / torch.where(clamp, norm, torch.ones_like(norm)), s)
         new_max_norm = mn
     return s, -a * s, new_max_norm
+
+
+# Stochastic rounding of fp32 results to bf16: one counter-based hash per element, the same in
+# every backend (torch here; Triton and CUDA carry the same integer recipe), so that results are
+# reproducible for a seed and comparable across backends bit for bit.
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on uint32 values held in int64 (only the low 32 bits matter)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def sr_stream(seed: torch.Tensor, tensor_index: int) -> torch.Tensor:
+    """Per-tensor hash key: ``mix32(seed + tensor_index * 0x9E3779B9)`` (int64 holding uint32)."""
+    return _mix32(seed.to(torch.int64) + tensor_index * _GOLDEN)
+
+
+def stochastic_round_bf16(x: torch.Tensor, seed: torch.Tensor, tensor_index: int) -> torch.Tensor:
+    """Round fp32 ``x`` to bf16, up or down with probability given by the distance (unbiased).
+
+    Element ``i`` (flat, row-major) draws ``r = mix32(i ^ stream) & 0xFFFF`` with
+    ``stream = sr_stream(seed, tensor_index)``, adds ``r`` to the fp32 bit pattern and truncates
+    the low 16 bits. Non-finite values round to nearest.
+    """
+    flat = x.detach().reshape(-1).to(torch.float32)
+    bits = flat.view(torch.int32).to(torch.int64) & _MASK32
+    idx = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    r = _mix32(idx ^ sr_stream(seed, tensor_index)) & 0xFFFF
+    rounded = ((bits + r) & 0xFFFF0000)
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32).view(torch.float32)
+    out = torch.where(torch.isfinite(flat), rounded, flat)
+    return out.to(torch.bfloat16).reshape(x.shape)

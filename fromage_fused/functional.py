@@ -116,6 +116,7 @@ def run_apply(
     prefactor: bool = True,
     found_inf: Optional[torch.Tensor] = None,
     grad_scale: Optional[torch.Tensor] = None,
+    sr_seed: Optional[torch.Tensor] = None,
 ) -> None:
     """Phase 2 for one group: the update from (possibly all-reduced) stats."""
     acc = torch.float64 if group.dtype == torch.float64 else torch.float32
@@ -130,6 +131,7 @@ def run_apply(
         prefactor=prefactor,
         found_inf=None if found_inf is None else _device_scalar(found_inf, group.device),
         grad_scale=None if grad_scale is None else _device_scalar(grad_scale, group.device),
+        sr_seed=None if sr_seed is None else sr_seed.to(group.device, non_blocking=True).reshape(()),
     )
 
 
@@ -143,13 +145,17 @@ def step_groups(
     found_inf: Optional[torch.Tensor] = None,
     grad_scale: Optional[torch.Tensor] = None,
     reduce_stats: Optional[Callable[[torch.Tensor, Group], torch.Tensor]] = None,
+    sr_seed: Optional[torch.Tensor] = None,
 ) -> None:
     """Both phases for groups made by :func:`plan`."""
     for group in groups:
         stats = run_stats(group, inner=p_bound is not None)
         if reduce_stats is not None:
             stats = reduce_stats(stats, group)
-        run_apply(group, stats, lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor, found_inf=found_inf, grad_scale=grad_scale)
+        run_apply(
+            group, stats, lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
+            found_inf=found_inf, grad_scale=grad_scale, sr_seed=sr_seed,
+        )
 
 
 def fromage(
@@ -165,6 +171,7 @@ def fromage(
     found_inf: Optional[torch.Tensor] = None,
     grad_scale: Optional[torch.Tensor] = None,
     reduce_stats: Optional[Callable[[torch.Tensor, Group], torch.Tensor]] = None,
+    sr_seed: Optional[torch.Tensor] = None,
 ) -> None:
     """One Fromage step over ``params`` in place (see DESIGN.md for the exact contract).
 
@@ -173,9 +180,10 @@ def fromage(
     ``prefactor=False`` drops the 1/sqrt(1+lr^2) factor (the paper's LARS baseline).
     ``found_inf``: a device flag; when non-zero the step changes nothing. ``grad_scale``: the
     factor the gradients carry (loss scaling); only the zero-norm fallback needs it.
+    ``sr_seed``: a 0-d int64 tensor; when given, bf16 results are rounded stochastically.
     """
     groups = plan(params, grads, max_norms, backend=backend, p_bound=p_bound)
     step_groups(
         groups, lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
-        found_inf=found_inf, grad_scale=grad_scale, reduce_stats=reduce_stats,
+        found_inf=found_inf, grad_scale=grad_scale, reduce_stats=reduce_stats, sr_seed=sr_seed,
     )

@@ -62,12 +62,16 @@ class Backend:
         prefactor: bool = True,
         found_inf: Optional[torch.Tensor] = None,
         grad_scale: Optional[torch.Tensor] = None,
+        sr_seed: Optional[torch.Tensor] = None,
     ) -> None:
         """Update ``params`` in place from ``stats``; set unset ``max_norms`` (negative) in place.
 
         ``lr``: 0-d tensor on the group's device. ``found_inf``: 0-d float tensor; when it is
         non-zero nothing changes (parameters nor max_norms). ``grad_scale``: 0-d tensor by which
-        the gradients are multiplied; only the zero-norm fallback depends on it.
+        the gradients are multiplied; only the zero-norm fallback depends on it. ``sr_seed``: 0-d
+        int64 tensor; when given, bf16 results are rounded stochastically exactly as
+        ``_math.stochastic_round_bf16(result_fp32, sr_seed, i)`` with ``i`` the tensor's position
+        in ``params`` (other dtypes ignore it).
         """
         raise NotImplementedError
 

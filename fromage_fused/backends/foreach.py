@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._math import coefficients
+from .._math import coefficients, stochastic_round_bf16
 from ._base import Backend
 from .reference import accumulate_dtype
 
@@ -31,7 +31,7 @@ class ForeachBackend(Backend):
             columns.append(torch.zeros(len(params), dtype=acc, device=device))
         return torch.stack(columns, dim=1)
 
-    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None):
+    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
         if not params:
             return
         old_max = torch.stack(list(max_norms)) if p_bound is not None else None
@@ -49,6 +49,8 @@ class ForeachBackend(Backend):
             work = [torch.where(skip, p.to(acc), w) for p, w in zip(params, work)]
             if new_max is not None:
                 new_max = torch.where(skip, old_max.to(new_max.dtype), new_max)
+        if sr_seed is not None and params[0].dtype == torch.bfloat16:
+            work = [stochastic_round_bf16(w, sr_seed, i) for i, w in enumerate(work)]
         if work[0] is not params[0]:
             torch._foreach_copy_(params, work)
         if new_max is not None:

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .._math import stochastic_round_bf16
 from ._base import Backend
 
 
@@ -33,7 +34,7 @@ class ReferenceBackend(Backend):
             return torch.zeros(0, 3)
         return torch.stack(rows)
 
-    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None):
+    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
         if found_inf is not None and float(found_inf) != 0:
             return
         lr = float(lr)
@@ -57,7 +58,10 @@ class ReferenceBackend(Backend):
                 if new_norm > max_norm:
                     factor = s * max_norm / new_norm
             acc = accumulate_dtype(p.dtype)
-            p.copy_(factor * (p.to(acc) - a * g.to(acc)))
+            new = factor * (p.to(acc) - a * g.to(acc))
+            if sr_seed is not None and p.dtype == torch.bfloat16:
+                new = stochastic_round_bf16(new, sr_seed, i)
+            p.copy_(new)
 
 
 BACKEND = ReferenceBackend()
