@@ -48,7 +48,9 @@ def coefficients(
         if max_norm is None:
             raise ValueError("p_bound is set but no max_norm tensor was given")
         mn = max_norm.to(stats.dtype)
-        mn = torch.where(mn < 0, p_bound * torch.sqrt(s_pp), mn)
+        # Rounded to the float32 of the state first, so the first step clamps to what later ones see.
+        first = (p_bound * torch.sqrt(s_pp)).to(torch.float32).to(stats.dtype)
+        mn = torch.where(mn < 0, first, mn)
         norm_sq = s * s * (s_pp - 2 * a * s_pg + a * a * s_gg)
         norm = torch.sqrt(torch.clamp(norm_sq, min=0))
         clamp = norm > mn

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, Optional
 
 import torch
@@ -18,11 +19,13 @@ def _check_lr(lr) -> None:
         if lr.numel() != 1:
             raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
         value = float(lr.detach().cpu())  # construction time: reading it here costs nothing per step
+        if not lr.is_floating_point():
+            raise ValueError(f"a tensor lr must be floating point, got {lr.dtype}")
+    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        value = float(lr)
     else:
-        try:
-            value = float(lr)
-        except (TypeError, ValueError):
-            raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}") from None
+        # A string or a bool would convert silently to a float; refuse them.
+        raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"invalid learning rate: {lr} (must be finite and >= 0)")
 
@@ -30,7 +33,7 @@ def _check_lr(lr) -> None:
 def _check_p_bound(p_bound) -> None:
     if p_bound is None:
         return
-    if isinstance(p_bound, bool) or not isinstance(p_bound, (int, float)) or not math.isfinite(p_bound) or not p_bound > 0:
+    if isinstance(p_bound, bool) or not isinstance(p_bound, numbers.Real) or not math.isfinite(p_bound) or not p_bound > 0:
         raise ValueError(f"invalid p_bound: {p_bound!r} (must be None or a finite number > 0)")
 
 
@@ -73,7 +76,28 @@ class Fromage(Optimizer):
             _check_lr(param_group["lr"])
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
+        params = param_group["params"]
+        if not isinstance(params, set):  # the base class refuses sets with its own message
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            for p in params:
+                if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
+                    raise ValueError(f"Fromage steps floating-point and complex tensors only, got a {p.dtype} parameter")
+            param_group["params"] = params
         super().add_param_group(param_group)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The base class pickles only defaults, state and groups; the backend choice travels too.
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state.setdefault("backend", getattr(self, "backend", _backends.AUTO))
+        super().__setstate__(state)
+        # Groups saved before a hyper-parameter existed (or by another Fromage) get its default.
+        for group in self.param_groups:
+            group.setdefault("p_bound", None)
+            group.setdefault("maximize", False)
 
     def _max_norm(self, p: torch.Tensor) -> torch.Tensor:
         # Created on the host without reading any value: the step itself sets an unset one.

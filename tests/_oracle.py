@@ -24,7 +24,8 @@ def literal_step(params, grads, max_norms, *, lr, p_bound=None, maximize=False, 
         if maximize:
             g = -g
         if p_bound is not None and max_norms[i] < 0:
-            max_norms[i] = p_bound * p.norm().item()
+            # max_norm is float32 state by contract: its first use already sees the stored value.
+            max_norms[i] = torch.tensor(p_bound * p.norm().item(), dtype=torch.float32).item()
         p_norm, g_norm = p.norm().item(), g.norm().item()
         if p_norm > 0 and g_norm > 0:
             p.sub_(g * (lr * p_norm / g_norm))

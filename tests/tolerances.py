@@ -13,3 +13,15 @@ ORACLE_TOL = {
     torch.bfloat16: {"step": (1e-3, 2 ** -8)},
     torch.float16: {"step": (1e-4, 2 ** -11)},
 }
+
+#: reference backend vs the literal float64 transcription (test_reference.py), relative to the
+#: tensor's largest magnitude: the two differ only in how the post-update norm is computed.
+LITERAL_TOL = 1e-12
+
+#: hand-computed expected values (test_update_rule.py): dtype -> (atol, rtol) per element.
+HAND_TOL = {
+    torch.float64: (1e-14, 1e-14),
+    torch.float32: (1e-6, 1e-6),
+    torch.bfloat16: (1e-2, 2 ** -8),
+    torch.float16: (1e-3, 2 ** -11),
+}

@@ -52,8 +52,8 @@ class ReferenceBackend(Backend):
             if p_bound is not None:
                 max_norm = float(max_norms[i])
                 if max_norm < 0:  # unset (see _math.UNSET_MAX_NORM)
-                    max_norm = p_bound * math.sqrt(s_pp)
-                    max_norms[i].fill_(max_norm)
+                    max_norms[i].fill_(p_bound * math.sqrt(s_pp))
+                    max_norm = float(max_norms[i])  # the float32 state, as every later step sees it
                 new_norm = s * math.sqrt(max(s_pp - 2 * a * s_pg + a * a * s_gg, 0.0))
                 if new_norm > max_norm:
                     factor = s * max_norm / new_norm
