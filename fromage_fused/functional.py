@@ -6,6 +6,8 @@ between the phases and returns the stats of the whole tensors (one all-reduce pe
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -15,7 +17,7 @@ from . import backends as _backends
 from ._math import UNSET_MAX_NORM
 from .backends import Backend
 
-__all__ = ["fromage", "Group", "plan", "run_stats", "run_apply", "step_groups", "UNSET_MAX_NORM"]
+__all__ = ["fromage", "check_lr", "check_p_bound", "Group", "plan", "run_stats", "run_apply", "step_groups", "UNSET_MAX_NORM"]
 
 _FALLBACK = "foreach"
 
@@ -31,6 +33,36 @@ class Group:
     grads: List[torch.Tensor] = field(default_factory=list)
     max_norms: Optional[List[torch.Tensor]] = None
     indices: List[int] = field(default_factory=list)
+
+
+def check_lr(lr, *, read_tensor: bool = True) -> None:
+    """ValueError unless lr is a finite number >= 0 or such a 1-element float tensor.
+
+    ``read_tensor=False`` checks a tensor's shape and dtype only: its value stays on the device.
+    """
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point():
+            raise ValueError(f"a tensor lr must be floating point, got {lr.dtype}")
+        if not read_tensor:
+            return
+        value = float(lr.detach().cpu())  # at construction only: a step never reads it
+    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        value = float(lr)
+    else:
+        # A string or a bool would convert silently to a float; refuse them.
+        raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"invalid learning rate: {lr} (must be finite and >= 0)")
+
+
+def check_p_bound(p_bound) -> None:
+    """ValueError unless p_bound is None or a finite number > 0."""
+    if p_bound is None:
+        return
+    if isinstance(p_bound, bool) or not isinstance(p_bound, numbers.Real) or not math.isfinite(p_bound) or not p_bound > 0:
+        raise ValueError(f"invalid p_bound: {p_bound!r} (must be None or a finite number > 0)")
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -182,6 +214,8 @@ def fromage(
     factor the gradients carry (loss scaling); only the zero-norm fallback needs it.
     ``sr_seed``: a 0-d int64 tensor; when given, bf16 results are rounded stochastically.
     """
+    check_lr(lr, read_tensor=False)
+    check_p_bound(p_bound)
     groups = plan(params, grads, max_norms, backend=backend, p_bound=p_bound)
     step_groups(
         groups, lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,

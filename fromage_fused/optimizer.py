@@ -1,40 +1,15 @@
 """``Fromage``: the torch.optim.Optimizer users construct. It owns hyper-parameters and state."""
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Dict, Optional
 
 import torch
 from torch.optim import Optimizer
 
 from . import backends as _backends
-from .functional import UNSET_MAX_NORM, plan, step_groups
+from .functional import UNSET_MAX_NORM, check_lr as _check_lr, check_p_bound as _check_p_bound, plan, step_groups
 
 __all__ = ["Fromage"]
-
-
-def _check_lr(lr) -> None:
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
-        value = float(lr.detach().cpu())  # construction time: reading it here costs nothing per step
-        if not lr.is_floating_point():
-            raise ValueError(f"a tensor lr must be floating point, got {lr.dtype}")
-    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
-        value = float(lr)
-    else:
-        # A string or a bool would convert silently to a float; refuse them.
-        raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"invalid learning rate: {lr} (must be finite and >= 0)")
-
-
-def _check_p_bound(p_bound) -> None:
-    if p_bound is None:
-        return
-    if isinstance(p_bound, bool) or not isinstance(p_bound, numbers.Real) or not math.isfinite(p_bound) or not p_bound > 0:
-        raise ValueError(f"invalid p_bound: {p_bound!r} (must be None or a finite number > 0)")
 
 
 class Fromage(Optimizer):
@@ -116,6 +91,9 @@ class Fromage(Optimizer):
         # Plan (validate and group) every param group before any parameter or state changes.
         planned = []
         for group in self.param_groups:
+            # Groups can be edited after construction (schedulers, users): check what costs no sync.
+            _check_lr(group["lr"], read_tensor=False)
+            _check_p_bound(group["p_bound"])
             params = [p for p in group["params"] if p.grad is not None]
             if params:
                 grads = [p.grad for p in params]

@@ -1,0 +1,112 @@
+"""Which backend runs: the registry's order, auto, the environment override, and fallbacks."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fromage_fused
+from fromage_fused import Fromage, functional
+from fromage_fused import backends as registry
+from fromage_fused.backends import Backend, BackendUnavailable
+from fromage_fused.backends.foreach import ForeachBackend
+
+
+def test_available_backends_order():
+    names = fromage_fused.available_backends("cpu")
+    assert names == fromage_fused.available_backends()  # cpu is the default
+    assert {"reference", "foreach"} <= set(names) <= set(fromage_fused.backend_names())
+    cpu = torch.device("cpu")
+    ranks = [registry.get(n).priority_on(cpu) for n in names]
+    assert ranks == sorted(ranks, reverse=True)
+    assert names[-1] == "reference"  # the oracle is never the fast choice
+    assert names.index("foreach") < names.index("reference")
+    assert registry.resolve("auto", "cpu").name == names[0]
+
+
+def test_every_known_backend_is_a_backend_with_a_unique_name():
+    names = fromage_fused.backend_names()
+    assert len(set(names)) == len(names)
+    for name in names:
+        b = registry.get(name)
+        assert isinstance(b, Backend) and b.name == name
+        assert b.syncs == (name == "reference")
+
+
+def _planned(opt):
+    return {g.backend.name for group in opt.param_groups
+            for g in functional.plan(group["params"], [torch.zeros_like(p) for p in group["params"]], None,
+                                     backend=opt.backend)}
+
+
+def test_env_override_of_auto(monkeypatch):
+    p = nn.Parameter(torch.randn(3))
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    opt = Fromage([p])
+    assert opt.backend == "reference" and _planned(opt) == {"reference"}
+    assert registry.resolve("auto", "cpu").name == "reference"
+    # a backend named in code wins over the environment
+    assert Fromage([p], backend="foreach").backend == "foreach"
+    monkeypatch.setenv(registry.ENV_VAR, "  ")
+    assert Fromage([p]).backend == "auto"
+    monkeypatch.setenv(registry.ENV_VAR, "no-such-backend")
+    with pytest.raises(ValueError, match="no-such-backend.*foreach"):
+        Fromage([p])
+
+
+def test_without_override_auto_plans_the_first_available():
+    opt = Fromage([nn.Parameter(torch.randn(3))])
+    assert opt.backend == "auto" and _planned(opt) == {fromage_fused.available_backends("cpu")[0]}
+
+
+class _Broken(ForeachBackend):
+    """Claims the top rank but fails to load, like a native build that did not compile."""
+    name = "broken-test"
+    priority = 10_000
+    calls = 0
+
+    def unavailable_reason(self, device):
+        type(self).calls += 1
+        raise BackendUnavailable("the extension failed to build: missing compiler")
+
+
+@pytest.fixture
+def broken(monkeypatch):
+    b = _Broken()
+    monkeypatch.setitem(registry._registry(), b.name, b)
+    monkeypatch.setattr(registry, "_warned", set())
+    return b
+
+
+def test_auto_falls_back_from_a_broken_backend_with_one_warning(broken):
+    assert "broken-test" not in fromage_fused.available_backends("cpu")
+    p = nn.Parameter(torch.randn(4))
+    opt = Fromage([p], lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            p.grad = torch.randn(4)
+            before = p.detach().clone()
+            opt.step()
+            assert not torch.equal(before, p.detach())
+    mine = [w for w in caught if "broken-test" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in caught]
+    assert issubclass(mine[0].category, RuntimeWarning)
+    assert "missing compiler" in str(mine[0].message) and "falling back" in str(mine[0].message)
+    assert registry.resolve("auto", "cpu").name != "broken-test"
+
+
+def test_named_broken_backend_raises_with_the_reason(broken):
+    p = nn.Parameter(torch.randn(4))
+    with pytest.raises(RuntimeError, match="broken-test.*missing compiler"):
+        Fromage([p], backend="broken-test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named: an error, never a warning
+        with pytest.raises(RuntimeError, match="missing compiler"):
+            functional.fromage([torch.randn(2)], [torch.randn(2)], None, lr=0.01, backend="broken-test")
+
+
+def test_env_override_naming_a_broken_backend_raises(broken, monkeypatch):
+    monkeypatch.setenv(registry.ENV_VAR, "broken-test")
+    with pytest.raises(RuntimeError, match="missing compiler"):
+        Fromage([nn.Parameter(torch.randn(4))])

@@ -1,0 +1,209 @@
+"""Bad input gets a clear error and changes nothing: no parameter, no state, no param group."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fromage_fused
+from fromage_fused import Fromage, functional
+from fromage_fused import backends as registry
+from fromage_fused._math import UNSET_MAX_NORM
+from fromage_fused.backends import Backend
+
+BAD_LR = [-0.01, -1, math.nan, math.inf, -math.inf, "0.01", None, True, [0.01], {}, torch.tensor([0.01, 0.02]),
+          torch.tensor(-0.01), torch.tensor(math.nan), torch.tensor(math.inf), torch.tensor(1)]
+BAD_P_BOUND = [0, 0.0, -1.0, math.nan, math.inf, True, False, "1.0", torch.tensor(1.0)]
+
+
+def snapshot(opt):
+    return copy.deepcopy(opt.state_dict()), [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+
+
+def assert_unchanged(opt, snap):
+    state, params = snap
+    now = [p.detach() for g in opt.param_groups for p in g["params"]]
+    assert len(now) == len(params) and all(torch.equal(a, b) for a, b in zip(now, params))
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    assert after["state"].keys() == state["state"].keys()
+    for k, v in state["state"].items():
+        assert all(torch.equal(v[n], after["state"][k][n]) for n in v)
+
+
+def trained():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = Fromage([{"params": net[0].parameters()}, {"params": net[1].parameters(), "lr": 0.02}], p_bound=2.0)
+    net(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    net(torch.randn(5, 3)).sum().backward()
+    return net, opt
+
+
+@pytest.mark.parametrize("lr", BAD_LR, ids=repr)
+def test_bad_lr(lr):
+    with pytest.raises(ValueError, match="lr|learning rate"):
+        Fromage([nn.Parameter(torch.randn(2))], lr=lr)
+    net, opt = trained()
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="lr|learning rate"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2))], "lr": lr})
+    assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("lr", [-0.01, math.nan, math.inf, "0.01"], ids=repr)
+def test_bad_lr_set_on_a_group_is_refused_at_step(lr):
+    net, opt = trained()
+    opt.param_groups[1]["lr"] = lr
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="lr|learning rate"):
+        opt.step()
+    assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("lr", [-0.01, math.nan, math.inf, "0.01"], ids=repr)
+def test_bad_lr_functional(lr):
+    p, g = torch.randn(3), torch.randn(3)
+    before = p.clone()
+    with pytest.raises(ValueError):
+        functional.fromage([p], [g], None, lr=lr, p_bound=None, maximize=False, backend="foreach")
+    assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("p_bound", BAD_P_BOUND, ids=repr)
+def test_bad_p_bound(p_bound):
+    with pytest.raises(ValueError, match="p_bound"):
+        Fromage([nn.Parameter(torch.randn(2))], p_bound=p_bound)
+    net, opt = trained()
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="p_bound"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2))], "p_bound": p_bound})
+    assert_unchanged(opt, snap)
+    p, mn = torch.randn(3), [torch.full((), UNSET_MAX_NORM)]
+    with pytest.raises(ValueError, match="p_bound"):
+        functional.fromage([p], [torch.randn(3)], mn, lr=0.01, p_bound=p_bound, maximize=False, backend="foreach")
+    assert mn[0].item() == UNSET_MAX_NORM
+
+
+def test_good_hyper_parameters_are_accepted():
+    for lr in (0, 0.0, 1e-3, 2, torch.tensor(0.01), torch.tensor([0.01], dtype=torch.float64)):
+        Fromage([nn.Parameter(torch.randn(2))], lr=lr)
+    for p_bound in (None, 1, 0.5, 1e6):
+        Fromage([nn.Parameter(torch.randn(2))], p_bound=p_bound)
+
+
+def test_unknown_backend_names_the_choices():
+    for name in ("nope", "", "Foreach"):
+        with pytest.raises(ValueError) as info:
+            Fromage([nn.Parameter(torch.randn(2))], backend=name)
+        for choice in ["auto"] + fromage_fused.backend_names():
+            assert repr(choice) in str(info.value)
+    with pytest.raises(ValueError):
+        Fromage([nn.Parameter(torch.randn(2))], backend=None)
+    with pytest.raises(ValueError, match="foreach"):
+        functional.fromage([torch.randn(2)], [torch.randn(2)], None, lr=0.01, backend="nope")
+
+
+class _CudaOnly(Backend):
+    name = "cuda-only-test"
+    priority = 1000
+
+    def unavailable_reason(self, device):
+        return None if device.type == "cuda" else "it needs a CUDA device"
+
+
+@pytest.fixture
+def cuda_only(monkeypatch):
+    backend = _CudaOnly()
+    monkeypatch.setitem(registry._registry(), backend.name, backend)
+    return backend
+
+
+def test_named_backend_that_cannot_run_here_raises_at_construction(cuda_only):
+    with pytest.raises(RuntimeError, match="cuda-only-test.*it needs a CUDA device"):
+        Fromage([nn.Parameter(torch.randn(2))], backend="cuda-only-test")
+    p = torch.randn(3)
+    before = p.clone()
+    with pytest.raises(RuntimeError, match="it needs a CUDA device"):
+        functional.fromage([p], [torch.randn(3)], None, lr=0.01, backend="cuda-only-test")
+    assert torch.equal(p, before)
+    # and auto passes it over silently: it is not broken, it just does not run on CPU
+    assert "cuda-only-test" not in fromage_fused.available_backends("cpu")
+    assert registry.resolve("auto", "cpu").name == fromage_fused.available_backends("cpu")[0]
+
+
+@pytest.mark.parametrize("where", [0, 1])
+def test_sparse_gradient_refused_before_any_group_changes(where):
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 3, sparse=True)
+    lin = nn.Linear(3, 2)
+    groups = [{"params": lin.parameters()}, {"params": emb.parameters(), "lr": 0.1}]
+    opt = Fromage(groups[::-1] if where == 0 else groups, p_bound=1.0)
+    lin(emb(torch.tensor([1, 2, 3]))).sum().backward()
+    assert emb.weight.grad.is_sparse
+    snap = snapshot(opt)
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert_unchanged(opt, snap)
+    assert not opt.state
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda p: torch.randn(4, dtype=torch.float64), "float64"),
+    (lambda p: torch.randn(2, 2), "shape"),
+    (lambda p: torch.randn(4, device="meta"), "meta"),
+    (lambda p: torch.randn(4).to_sparse(), "sparse"),
+])
+def test_mismatched_gradient_functional(bad, match):
+    params = [torch.randn(3), torch.randn(4), torch.randn(5)]
+    grads = [torch.randn(3), bad(params[1]), torch.randn(5)]
+    before = [p.clone() for p in params]
+    mn = [torch.full((), UNSET_MAX_NORM) for _ in params]
+    with pytest.raises(RuntimeError, match=match):
+        functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend="foreach")
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(m.item() == UNSET_MAX_NORM for m in mn)
+
+
+def test_bad_max_norm_functional():
+    params, grads = [torch.randn(3), torch.randn(4)], [torch.randn(3), torch.randn(4)]
+    before = [p.clone() for p in params]
+    for mn, exc in ([[torch.full((), -1.0), torch.full((), -1.0, dtype=torch.float64)], RuntimeError],
+                    [[torch.full((), -1.0), torch.full((1,), -1.0)], RuntimeError],
+                    [[torch.full((), -1.0)], ValueError],
+                    [None, ValueError]):
+        with pytest.raises(exc):
+            functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend="foreach")
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+    with pytest.raises(ValueError):
+        functional.fromage(params, grads[:1], None, lr=0.01, backend="foreach")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_parameters(dtype):
+    t = torch.zeros(3, dtype=dtype)
+    with pytest.raises(ValueError, match="floating-point"):
+        Fromage([t])
+    net, opt = trained()
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="floating-point"):
+        opt.add_param_group({"params": [t]})
+    assert_unchanged(opt, snap)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        functional.fromage([t], [torch.ones(3, dtype=dtype)], None, lr=0.01, backend="foreach")
+    assert not t.any()
+
+
+def test_add_param_group_validation():
+    net, opt = trained()
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": net[0].weight})
+    with pytest.raises(TypeError):
+        opt.add_param_group({"params": {nn.Parameter(torch.randn(2))}})
+    assert_unchanged(opt, snap)
+    extra = nn.Parameter(torch.randn(2))
+    opt.add_param_group({"params": extra, "lr": torch.tensor(0.5)})
+    assert opt.param_groups[-1]["p_bound"] == 2.0 and opt.param_groups[-1]["maximize"] is False
