@@ -82,12 +82,13 @@ def run_functional(params, grads, max_norms, *, backend, lr, p_bound, maximize=F
 
 
 def compare_with_oracle(backend, dtype, *, device="cpu", steps=20, p_bound=None, maximize=False,
-                        shapes=MIXED_SHAPES, tol, seed=0, lrs=(0.01, 0.05)):
+                        shapes=MIXED_SHAPES, tol, seed=0, lrs=(0.01, 0.05), tensor_lr=False):
     """Run ``backend`` on ``dtype`` tensors and the float64 reference side by side.
 
     Two checks each step: the trajectory (both started from the same values, both fed the same
     gradients) and the one-step error (the oracle stepped from the backend's previous values),
-    which is what low precision can be held to. ``tol``: dict with ``traj`` and ``step`` entries,
+    which is what low precision can be held to. ``tensor_lr``: the backend gets lr as a 0-d device
+    tensor (in the group's accumulation dtype) instead of a float. ``tol``: dict with ``traj`` and ``step`` entries,
     each ``(atol, rtol)``. The lr changes half-way (``lrs``). Returns the max errors seen.
     """
     params = mixed_tensors(dtype, device, seed, shapes)
@@ -102,7 +103,9 @@ def compare_with_oracle(backend, dtype, *, device="cpu", steps=20, p_bound=None,
         g_in = [None if g is None else g.to("cpu", torch.float64) for g in grads]
         before = [p.detach().to("cpu", torch.float64, copy=True) for p in params]
         mn_before = None if mn is None else [m.detach().cpu().clone() for m in mn]
-        run_functional(params, grads, mn, backend=backend, lr=lr, p_bound=p_bound, maximize=maximize)
+        lr_in = torch.tensor(lr, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                             device=device) if tensor_lr else lr
+        run_functional(params, grads, mn, backend=backend, lr=lr_in, p_bound=p_bound, maximize=maximize)
         run_functional(oracle, g_in, mn_oracle, backend="reference", lr=lr, p_bound=p_bound, maximize=maximize)
         one = [b.clone() for b in before]
         run_functional(one, g_in, mn_before, backend="reference", lr=lr, p_bound=p_bound, maximize=maximize)

@@ -1,0 +1,160 @@
+"""state_dict: saving and loading mid-training continues exactly; hyper-parameters and state come back."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fromage_fused
+from fromage_fused import Fromage
+
+BACKENDS = fromage_fused.available_backends("cpu")
+
+
+def save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def make(dtype=torch.float32):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(dtype)
+    nn.init.zeros_(net[2].bias)
+    return net
+
+
+def train(net, opt, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(net.parameters()).dtype
+    for _ in range(steps):
+        opt.zero_grad()
+        net(torch.randn(8, 4, generator=gen).to(dtype)).square().mean().backward()
+        opt.step()
+
+
+def groups(net, lr, p_bound, maximize):
+    return [{"params": net[0].parameters(), "lr": lr},
+            {"params": net[2].parameters(), "lr": 0.03, "p_bound": 2.5, "maximize": not maximize}]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p_bound", [None, 1.5])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_resume_is_bit_identical(backend, p_bound, tensor_lr):
+    lr = torch.tensor(0.02) if tensor_lr else 0.02
+    net = make()
+    opt = Fromage(groups(net, lr, p_bound, False), lr=lr, p_bound=p_bound, backend=backend)
+    train(net, opt, 3, seed=1)
+    saved_model, saved_opt = save_load(net.state_dict()), save_load(opt.state_dict())
+
+    train(net, opt, 4, seed=2)  # the uninterrupted run
+
+    resumed = make()
+    resumed.load_state_dict(saved_model)
+    opt2 = Fromage(groups(resumed, 0.5, None, True), lr=0.5, backend=backend)  # different hypers
+    opt2.load_state_dict(saved_opt)
+    for g1, g2 in zip(opt.param_groups, opt2.param_groups):
+        for key in ("lr", "p_bound", "maximize"):
+            assert type(g1[key]) is type(g2[key]) and (
+                torch.equal(g1[key], g2[key]) if torch.is_tensor(g1[key]) else g1[key] == g2[key])
+    train(resumed, opt2, 4, seed=2)
+    for a, b in zip(net.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    sd1, sd2 = opt.state_dict(), opt2.state_dict()
+    assert sd1["state"].keys() == sd2["state"].keys()
+    for k in sd1["state"]:
+        for name, v in sd1["state"][k].items():
+            assert torch.equal(v, sd2["state"][k][name])
+
+
+def test_hyper_parameters_in_the_state_dict():
+    net = make()
+    opt = Fromage(groups(net, 0.02, 1.5, True), lr=0.1, p_bound=1.5, maximize=True)
+    sd = save_load(opt.state_dict())
+    assert [(g["lr"], g["p_bound"], g["maximize"]) for g in sd["param_groups"]] == [(0.02, 1.5, True), (0.03, 2.5, False)]
+    opt2 = Fromage(make().parameters())
+    with pytest.raises(ValueError):  # two groups saved, one here
+        opt2.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("src, dst", [(a, b) for a in BACKENDS for b in BACKENDS if a != b])
+def test_state_saved_with_one_backend_loads_into_another(src, dst):
+    net = make()
+    opt = Fromage(net.parameters(), lr=0.02, p_bound=1.0, backend=src)
+    train(net, opt, 3, seed=1)
+    twin = copy.deepcopy(net)
+    twin_opt = Fromage(twin.parameters(), backend=dst)
+    twin_opt.load_state_dict(save_load(opt.state_dict()))
+    assert twin_opt.backend == dst and twin_opt.param_groups[0]["p_bound"] == 1.0
+    train(net, opt, 3, seed=2)
+    train(twin, twin_opt, 3, seed=2)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert net[2].bias.abs().max().item() == 0 and twin[2].bias.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.complex64, torch.float64])
+def test_max_norm_stays_float32_after_load(dtype):
+    p = nn.Parameter(torch.randn(5, dtype=dtype))
+    opt = Fromage([p], p_bound=1.0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    want = opt.state[p]["max_norm"].clone()
+    assert want.dtype == torch.float32 and want.shape == ()
+    opt2 = Fromage([p], p_bound=1.0)
+    opt2.load_state_dict(save_load(opt.state_dict()))
+    got = opt2.state[p]["max_norm"]
+    assert got.dtype == torch.float32 and got.shape == () and got.device == p.device
+    assert torch.equal(got, want)
+    p.grad = torch.randn_like(p)
+    opt2.step()  # and it steps with it
+    assert torch.equal(opt2.state[p]["max_norm"], want)
+
+
+def test_tensor_lr_round_trip():
+    p = nn.Parameter(torch.randn(3))
+    lr = torch.tensor(0.0123, dtype=torch.float64)
+    opt = Fromage([p], lr=lr)
+    sd = save_load(opt.state_dict())
+    assert torch.is_tensor(sd["param_groups"][0]["lr"])
+    opt2 = Fromage([p], lr=0.5)
+    opt2.load_state_dict(sd)
+    got = opt2.param_groups[0]["lr"]
+    assert torch.is_tensor(got) and got.dtype == torch.float64 and torch.equal(got, lr)
+
+
+def test_state_dict_without_newer_hyper_parameters_loads():
+    # e.g. written by a Fromage that had no maximize/p_bound group entries
+    net = make()
+    opt = Fromage(net.parameters(), lr=0.02)
+    sd = copy.deepcopy(opt.state_dict())
+    for g in sd["param_groups"]:
+        del g["maximize"], g["p_bound"]
+    opt2 = Fromage(make().parameters(), lr=0.5, p_bound=3.0, maximize=True)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["maximize"] is False and opt2.param_groups[0]["p_bound"] is None
+    train(net, opt2, 1, seed=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["foreach"])
+def test_cpu_state_loads_onto_cuda(backend):
+    net = make()
+    opt = Fromage(net.parameters(), lr=0.02, p_bound=1.0, backend=backend)
+    train(net, opt, 2, seed=1)
+    gpu = copy.deepcopy(net).cuda()
+    gpu_opt = Fromage(gpu.parameters(), backend=backend)
+    gpu_opt.load_state_dict(save_load(opt.state_dict()))
+    for p in gpu.parameters():
+        assert gpu_opt.state[p]["max_norm"].device == p.device and gpu_opt.state[p]["max_norm"].dtype == torch.float32
+    train(net, opt, 2, seed=2)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        gpu_opt.zero_grad()
+        gpu(torch.randn(8, 4, generator=gen).cuda()).square().mean().backward()
+        gpu_opt.step()
+    for a, b in zip(net.parameters(), gpu.parameters()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)
