@@ -1,5 +1,5 @@
 """Every backend that runs here against the float64 oracle, over many steps: the functional form on a
-mixed set of shapes, and the optimizer class on a real model."""
+mixed set of shapes, non-contiguous tensors, and the optimizer class on a real model."""
 import copy
 
 import pytest
@@ -8,6 +8,7 @@ from torch import nn
 
 import fromage_fused
 from fromage_fused import Fromage
+from fromage_fused._math import UNSET_MAX_NORM
 from _oracle import compare_with_oracle
 from tolerances import ORACLE_TOL
 
@@ -100,3 +101,39 @@ def test_optimizer_on_a_model_matches_oracle(backend, dtype, p_bound):
                 torch.testing.assert_close(opt.state[p]["max_norm"], ref.state[q]["max_norm"], rtol=1e-6, atol=1e-7)
     else:
         assert net.head.bias.abs().max().item() > 0
+
+
+def _strided(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    return [r(6, 9).to(dtype).t(),                                      # transposed
+            r(7, 10).to(dtype)[:, ::3],                                 # strided slice
+            r(2, 3, 4, 5).to(dtype).to(memory_format=torch.channels_last),
+            torch.complex(r(5, 4), r(5, 4)).to(cdtype).t()]             # complex, transposed
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", list(ORACLE_TOL))
+@pytest.mark.parametrize("p_bound", [None, 0.9])
+def test_non_contiguous_tensors_match_oracle(backend, dtype, p_bound):
+    params, grads = _strided(dtype, 0), _strided(dtype, 1)
+    grads[0] = grads[0].contiguous()  # a gradient laid out unlike its parameter
+    oracle = [p.to(torch.complex128 if p.is_complex() else torch.float64) for p in params]
+    mn = [torch.full((), UNSET_MAX_NORM) for _ in params]
+    mn_oracle = [m.clone() for m in mn]
+    for step in range(3):
+        g64 = [g.to(o.dtype) for g, o in zip(grads, oracle)]
+        fromage_fused.functional.fromage(params, grads, mn if p_bound else None, lr=0.05, p_bound=p_bound,
+                                         backend=backend)
+        fromage_fused.functional.fromage(oracle, g64, mn_oracle if p_bound else None, lr=0.05, p_bound=p_bound,
+                                         backend="reference")
+    tol = ORACLE_TOL[dtype].get("traj", ORACLE_TOL[dtype]["step"])
+    for i, (p, o) in enumerate(zip(params, oracle)):
+        assert not p.is_contiguous()
+        p_, o_ = (torch.view_as_real(p), torch.view_as_real(o)) if p.is_complex() else (p, o)
+        atol, rtol = tol
+        scale = o_.abs().max().item()
+        slack = 3 if "traj" not in ORACLE_TOL[dtype] else 1  # low precision: a rounding per step
+        torch.testing.assert_close(p_.double(), o_, rtol=0, atol=slack * (atol + rtol * scale),
+                                   msg=lambda m: f"tensor {i}: {m}")
