@@ -22,3 +22,12 @@ def _seed():
 def _no_backend_override(monkeypatch):
     # Tests choose their backends; a developer's override must not leak into them.
     monkeypatch.delenv("FROMAGE_FUSED_BACKEND", raising=False)
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of small models: intra-op threads only add spin-waiting on a busy 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,6 +33,7 @@ def closure_for(opt, loss_fn):
     return closure
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("maximize", [False, True])
 def test_loss_goes_down_or_up_with_maximize(backend, maximize):

@@ -66,6 +66,7 @@ def _close(got, want, tol, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p_bound", [None, 1.0])

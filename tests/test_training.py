@@ -14,14 +14,7 @@ from fromage_fused import demo
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # A model this small gains nothing from intra-op threads, and on a busy CI machine their
-    # spin-waiting costs more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("lr, p_bound", [(0.03, None), (0.1, 2.0)])
