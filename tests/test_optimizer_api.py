@@ -161,13 +161,14 @@ def test_lr_schedulers(make, tensor_lr):
     assert torch.is_tensor(opt.param_groups[0]["lr"]) == tensor_lr
 
 
-def test_reduce_lr_on_plateau():
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_reduce_lr_on_plateau(tensor_lr):
     net, loss_fn = problem()
-    opt = Fromage(net.parameters(), lr=0.02)
+    opt = Fromage(net.parameters(), lr=torch.tensor(0.02) if tensor_lr else 0.02)
     sched = lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
     for loss in (1.0, 1.0, 1.0, 1.0):
         sched.step(loss)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.01)
     opt.step(closure_for(opt, loss_fn))  # and the reduced lr steps
 
 
