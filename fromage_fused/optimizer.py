@@ -8,6 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends as _backends
+from .distributed import ShardedStep
 from .functional import UNSET_MAX_NORM, plan, step_groups
 
 __all__ = ["Fromage"]
@@ -91,8 +92,9 @@ class Fromage(Optimizer):
                 loss = closure()
         # Plan (validate and group) every param group before any parameter or state changes.
         planned = []
+        sharded = ShardedStep(self.backend)  # DTensor (FSDP2) parameters: see distributed.py
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = sharded.take(group, [p for p in group["params"] if p.grad is not None])
             if params:
                 grads = [p.grad for p in params]
                 planned.append((group, params, plan(params, grads, None, backend=self.backend)))
@@ -111,6 +113,7 @@ class Fromage(Optimizer):
                 found_inf=found_inf,
                 grad_scale=grad_scale,
             )
+        sharded.step(self._max_norm, found_inf=found_inf, grad_scale=grad_scale)
         return loss
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
