@@ -75,12 +75,23 @@ class Fromage(Optimizer):
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
         super().add_param_group(param_group)
+        self._create_max_norms(self.param_groups[-1])
+
+    def _create_max_norms(self, group: Dict[str, Any]) -> None:
+        # Unset max_norm state exists from the start so that torch.distributed.checkpoint's
+        # get_state_dict finds state and skips its state-creating step (lr=0, zero gradients),
+        # which would set max_norm from the weights of that moment and clamp them to it.
+        if group["p_bound"] is not None:
+            for p in group["params"]:
+                self._max_norm(p)
 
     def _max_norm(self, p: torch.Tensor) -> torch.Tensor:
         # Created on the host without reading any value: the step itself sets an unset one.
         state = self.state[p]
         if "max_norm" not in state:
             state["max_norm"] = torch.full((), UNSET_MAX_NORM, dtype=torch.float32, device=p.device)
+        elif state["max_norm"].device != p.device:  # created before the model moved (.to(device))
+            state["max_norm"] = state["max_norm"].to(p.device)
         return state["max_norm"]
 
     @torch.no_grad()

@@ -168,6 +168,24 @@ def check_partial_grad(mesh, backend, rank, world):
     return {"full_p": full_p, "full_g": full_g, "stepped": p.detach().full_tensor()}
 
 
+def check_bad_input(mesh, backend, rank, world):
+    """A parameter with a Partial placement is refused before anything changes."""
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    good = nn.Parameter(distribute_tensor(torch.randn(5, 3), mesh, [Shard(0)]))
+    good.grad = distribute_tensor(torch.randn(5, 3), mesh, [Shard(0)])
+    bad = nn.Parameter(DTensor.from_local(torch.randn(2), mesh, [Partial()]))
+    bad.grad = DTensor.from_local(torch.randn(2), mesh, [Partial()])
+    before = good.detach().to_local().clone()
+    opt = Fromage([good, bad], lr=LR, p_bound=P_BOUND, backend=backend)
+    try:
+        opt.step()
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    return {"error": error, "unchanged": torch.equal(before, good.detach().to_local())}
+
+
 def check_2d_sharded(mesh2d, backend, rank, world):
     """A tensor sharded over both dimensions of a 2-D mesh: one all-reduce over the flattened group."""
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -193,6 +211,7 @@ def run(rank: int, world: int, store: str, outdir: str, backends):
         out = {"fsdp": {b: check_fsdp(mesh, b, rank, world) for b in backends}}
         out["partial_grad"] = check_partial_grad(mesh, backends[0], rank, world)
         if world == 2:
+            out["bad_input"] = check_bad_input(mesh, backends[0], rank, world)
             out["ddp"] = check_ddp(backends[0], rank, world)
             out["dcp"] = check_dcp(mesh, backends[0], rank, world, os.path.join(outdir, "ckpt"))
         if world == 4:

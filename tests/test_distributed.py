@@ -122,3 +122,9 @@ def test_dcp_round_trip_resumes_identically(ranks2):
             assert torch.equal(saved, loaded), f"rank {rank}: max_norm {saved} saved, {loaded} loaded"
         for k in r["continued"]:
             assert torch.equal(r["continued"][k], r["resumed"][k]), f"rank {rank}: {k} differs after resuming"
+
+
+def test_partial_parameter_is_refused_before_any_change(ranks2):
+    for out in ranks2:
+        assert "Partial placement" in out["bad_input"]["error"]
+        assert out["bad_input"]["unchanged"]
