@@ -153,6 +153,22 @@ def check_dcp(mesh, backend, rank, world, directory):
             "max_norm_types": sorted({(type(t).__name__, str(t.dtype), t.dim()) for t in loaded_max})}
 
 
+def check_dcp_reshard(mesh, backend, rank, world, directory):
+    """Load a checkpoint saved by another number of ranks and continue."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    half = STEPS // 2
+    model = _fsdp(mesh, seed=1)
+    opt = Fromage(model.parameters(), lr=LR, p_bound=P_BOUND, backend=backend)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, half, first=half, rank=rank, world=world)
+    return {"resumed": _full(model)}
+
+
 def check_partial_grad(mesh, backend, rank, world):
     """A replicated parameter whose gradient arrives as Partial sums (tensor parallel)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
@@ -200,7 +216,7 @@ def check_2d_sharded(mesh2d, backend, rank, world):
     return {"full_p": full_p, "full_g": full_g, "stepped": p.detach().full_tensor(), "comm_counts": counts}
 
 
-def run(rank: int, world: int, store: str, outdir: str, backends):
+def run(rank: int, world: int, store: str, outdir: str, backends, resume_from=None):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -218,13 +234,16 @@ def run(rank: int, world: int, store: str, outdir: str, backends):
             mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
             out["hsdp"] = check_fsdp(mesh2d, backends[0], rank, world)
             out["sharded_2d"] = check_2d_sharded(mesh2d, backends[0], rank, world)
+        if resume_from is not None:
+            out["dcp_reshard"] = check_dcp_reshard(mesh, backends[0], rank, world, resume_from)
         torch.save(out, os.path.join(outdir, f"r{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def launch(world: int, outdir: str, backends):
-    """Start ``world`` ranks (forked: the children skip re-importing torch) and load their results."""
+def launch(world: int, outdir: str, backends, resume_from=None):
+    """Start ``world`` ranks (forked: the children skip re-importing torch) and load their results.
+    ``resume_from``: a DCP checkpoint (saved by ``check_dcp``) to load and continue from."""
     import torch.multiprocessing as mp
 
     # Imported here, once, rather than in every child.
@@ -236,7 +255,7 @@ def launch(world: int, outdir: str, backends):
     store = os.path.join(outdir, f"store{world}")
     if os.path.exists(store):
         os.remove(store)  # a file store left by an earlier run would hand out stale addresses
-    mp.start_processes(run, args=(world, store, outdir, list(backends)), nprocs=world, start_method="fork")
+    mp.start_processes(run, args=(world, store, outdir, list(backends), resume_from), nprocs=world, start_method="fork")
     return [torch.load(os.path.join(outdir, f"r{r}.pt"), weights_only=False) for r in range(world)]
 
 

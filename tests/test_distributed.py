@@ -1,5 +1,6 @@
 """Fromage under FSDP2, hybrid and 2-D sharding, tensor-parallel Partial gradients, DDP and DCP
 checkpoints: several CPU processes with gloo, compared with a single-process run."""
+import os
 import sys
 
 import pytest
@@ -27,13 +28,19 @@ ONE_ALL_REDUCE = {"c10d.allreduce_": 1}
 
 
 @pytest.fixture(scope="module")
-def ranks2(tmp_path_factory):
-    return W.launch(2, str(tmp_path_factory.mktemp("ranks2")), BACKENDS)
+def dir2(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("ranks2"))
 
 
 @pytest.fixture(scope="module")
-def ranks4(tmp_path_factory):
-    return W.launch(4, str(tmp_path_factory.mktemp("ranks4")), BACKENDS)
+def ranks2(dir2):
+    return W.launch(2, dir2, BACKENDS)
+
+
+@pytest.fixture(scope="module")
+def ranks4(tmp_path_factory, dir2, ranks2):
+    # the 4 ranks also resume from the checkpoint the 2 ranks saved
+    return W.launch(4, str(tmp_path_factory.mktemp("ranks4")), BACKENDS, resume_from=os.path.join(dir2, "ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +135,9 @@ def test_partial_parameter_is_refused_before_any_change(ranks2):
     for out in ranks2:
         assert "Partial placement" in out["bad_input"]["error"]
         assert out["bad_input"]["unchanged"]
+
+
+def test_dcp_checkpoint_of_2_ranks_resumes_on_4(ranks2, ranks4):
+    want = ranks2[0]["dcp"]["continued"]
+    for rank, out in enumerate(ranks4):
+        assert_params_close(out["dcp_reshard"]["resumed"], want, f"resumed on 4 ranks, rank {rank}")
