@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed
 
 from .functional import Group, plan, run_apply, run_stats
 
@@ -86,9 +87,13 @@ def all_reduce_stats(stats: List[torch.Tensor], mesh, dims: Tuple[int, ...]) -> 
         return stats
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in stats) else torch.float32
     flat = torch.cat([s.to(dtype).reshape(-1) for s in stats])
-    import torch.distributed as dist
-
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=_process_group(mesh, dims))
+    home = flat.device
+    if home.type != mesh.device_type:
+        # Shards offloaded to the host (FSDP2 CPUOffloadPolicy) on a mesh whose collectives run on
+        # an accelerator: the stats travel through the mesh's device.
+        flat = flat.to(mesh.device_type)
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=_process_group(mesh, dims))
+    flat = flat.to(home)
     out, start = [], 0
     for s in stats:
         out.append(flat[start:start + s.numel()].view(s.shape).to(s.dtype))
