@@ -25,7 +25,6 @@ from .functional import Group, plan, run_apply, run_stats
 __all__ = ["is_dtensor", "ShardedStep", "stats_bytes_per_step"]
 
 
-
 def _dtensor_type():
     # A DTensor can exist only once its module is loaded; importing it here would add a second
     # to every ``import fromage_fused`` (and torch may be built without distributed support).

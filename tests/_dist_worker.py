@@ -39,6 +39,13 @@ class Net(nn.Module):
         return self.l2(torch.tanh(self.l1(x))) * self.scale + self.shift
 
 
+def optimizer(model, backend):
+    """Two param groups with different lr: their sharded stats still share one all-reduce."""
+    first = list(model.l1.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    return Fromage([{"params": first}, {"params": rest, "lr": LR / 2}], lr=LR, p_bound=P_BOUND, backend=backend)
+
+
 def batch(step: int):
     gen = torch.Generator().manual_seed(1000 + step)
     return torch.randn(BATCH, 5, generator=gen), torch.randn(BATCH, 3, generator=gen)
@@ -60,7 +67,7 @@ def train(model, opt, steps, first=0, rank=0, world=1, on_step=None):
 def single_process(backend: str, steps: int = STEPS, seed: int = 0):
     """The run every distributed run must reproduce: same model, same data, one process."""
     model = Net(seed)
-    train(model, Fromage(model.parameters(), lr=LR, p_bound=P_BOUND, backend=backend), steps)
+    train(model, optimizer(model, backend), steps)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -111,7 +118,7 @@ def _fsdp(mesh, seed=0):
 def check_fsdp(mesh, backend, rank, world):
     model = _fsdp(mesh)
     counts = []
-    opt = Fromage(model.parameters(), lr=LR, p_bound=P_BOUND, backend=backend)
+    opt = optimizer(model, backend)
     train(model, opt, STEPS, rank=rank, world=world, on_step=_counted_step(counts, guard=True))
     return {"params": _full(model), "comm_counts": counts, "stats_bytes": stats_bytes_per_step(list(model.parameters()))}
 
@@ -122,7 +129,7 @@ def check_ddp(backend, rank, world):
     model = Net(0)
     ddp = DDP(model)
     counts = []
-    train(ddp, Fromage(ddp.parameters(), lr=LR, p_bound=P_BOUND, backend=backend), STEPS, rank=rank, world=world,
+    train(ddp, optimizer(model, backend), STEPS, rank=rank, world=world,
           on_step=_counted_step(counts))
     return {"params": _full(model), "comm_counts": counts}
 
@@ -134,7 +141,7 @@ def check_dcp(mesh, backend, rank, world, directory):
 
     half = STEPS // 2
     model = _fsdp(mesh)
-    opt = Fromage(model.parameters(), lr=LR, p_bound=P_BOUND, backend=backend)
+    opt = optimizer(model, backend)
     train(model, opt, half, rank=rank, world=world)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=directory)
@@ -142,7 +149,7 @@ def check_dcp(mesh, backend, rank, world, directory):
     train(model, opt, half, first=half, rank=rank, world=world)
 
     other = _fsdp(mesh, seed=1)
-    other_opt = Fromage(other.parameters(), lr=LR, p_bound=P_BOUND, backend=backend)
+    other_opt = optimizer(other, backend)
     msd, osd = get_state_dict(other, other_opt)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=directory)
@@ -160,7 +167,7 @@ def check_dcp_reshard(mesh, backend, rank, world, directory):
 
     half = STEPS // 2
     model = _fsdp(mesh, seed=1)
-    opt = Fromage(model.parameters(), lr=LR, p_bound=P_BOUND, backend=backend)
+    opt = optimizer(model, backend)
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=directory)
