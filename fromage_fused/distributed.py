@@ -139,6 +139,12 @@ class ShardedStep:
 
     def take(self, group: dict, params: List[torch.Tensor]) -> List[torch.Tensor]:
         """Keep the DTensor parameters of ``params`` (which have gradients); return the others."""
+        for p in params:
+            if getattr(p, "_is_flat_param", False):
+                raise RuntimeError(
+                    "Fromage got an FSDP1 flat parameter: it holds a shard of many layers flattened together, so "
+                    "per-tensor norms do not exist there; shard the model with FSDP2 (torch.distributed.fsdp.fully_shard)"
+                )
         if _dtensor_type() is None:
             return params
         plain = [p for p in params if not is_dtensor(p)]

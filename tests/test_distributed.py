@@ -137,6 +137,19 @@ def test_partial_parameter_is_refused_before_any_change(ranks2):
         assert out["bad_input"]["unchanged"]
 
 
+def test_fsdp1_flat_parameters_are_refused():
+    # FSDP1 itself needs an accelerator; its FlatParameter is what it would hand the optimizer.
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    flat, plain = FlatParameter(torch.randn(10)), torch.nn.Parameter(torch.randn(4))
+    flat.grad, plain.grad = torch.randn(10), torch.randn(4)
+    before = [flat.detach().clone(), plain.detach().clone()]
+    opt = fromage_fused.Fromage([plain, flat], lr=W.LR, p_bound=W.P_BOUND)
+    with pytest.raises(RuntimeError, match="FSDP1 flat parameter"):
+        opt.step()
+    assert torch.equal(flat, before[0]) and torch.equal(plain, before[1])
+
+
 def test_dcp_checkpoint_of_2_ranks_resumes_on_4(ranks2, ranks4):
     want = ranks2[0]["dcp"]["continued"]
     for rank, out in enumerate(ranks4):
