@@ -5,6 +5,7 @@ starts its processes once; each rank saves its results to ``<outdir>/r<rank>.pt`
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
@@ -228,7 +229,9 @@ def run(rank: int, world: int, store: str, outdir: str, backends, resume_from=No
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)  # ranks share two cores; also keeps a forked child off the parent's thread pool
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # a rank left waiting in a collective fails after a minute instead of hanging the test run
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
         out = {"fsdp": {b: check_fsdp(mesh, b, rank, world) for b in backends}}
