@@ -7,6 +7,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends as _backends
+from .distributed import ShardedStep
 from .functional import UNSET_MAX_NORM, check_lr as _check_lr, check_p_bound as _check_p_bound, plan, step_groups
 
 __all__ = ["Fromage"]
@@ -59,6 +60,15 @@ class Fromage(Optimizer):
                     raise ValueError(f"Fromage steps floating-point and complex tensors only, got a {p.dtype} parameter")
             param_group["params"] = params
         super().add_param_group(param_group)
+        self._create_max_norms(self.param_groups[-1])
+
+    def _create_max_norms(self, group: Dict[str, Any]) -> None:
+        # Unset max_norm state exists from the start so that torch.distributed.checkpoint's
+        # get_state_dict finds state and skips its state-creating step (lr=0, zero gradients),
+        # which would set max_norm from the weights of that moment and clamp them to it.
+        if group["p_bound"] is not None:
+            for p in group["params"]:
+                self._max_norm(p)
 
     def __getstate__(self) -> Dict[str, Any]:
         # The base class pickles only defaults, state and groups; the backend choice travels too.
@@ -79,6 +89,8 @@ class Fromage(Optimizer):
         state = self.state[p]
         if "max_norm" not in state:
             state["max_norm"] = torch.full((), UNSET_MAX_NORM, dtype=torch.float32, device=p.device)
+        elif state["max_norm"].device != p.device:  # created before the model moved (.to(device))
+            state["max_norm"] = state["max_norm"].to(p.device)
         return state["max_norm"]
 
     @torch.no_grad()
@@ -90,11 +102,12 @@ class Fromage(Optimizer):
                 loss = closure()
         # Plan (validate and group) every param group before any parameter or state changes.
         planned = []
+        sharded = ShardedStep(self.backend)  # DTensor (FSDP2) parameters: see distributed.py
         for group in self.param_groups:
             # Groups can be edited after construction (schedulers, users): check what costs no sync.
             _check_lr(group["lr"], read_tensor=False)
             _check_p_bound(group["p_bound"])
-            params = [p for p in group["params"] if p.grad is not None]
+            params = sharded.take(group, [p for p in group["params"] if p.grad is not None])
             if params:
                 grads = [p.grad for p in params]
                 planned.append((group, params, plan(params, grads, None, backend=self.backend)))
@@ -113,6 +126,7 @@ class Fromage(Optimizer):
                 found_inf=found_inf,
                 grad_scale=grad_scale,
             )
+        sharded.step(self._max_norm, found_inf=found_inf, grad_scale=grad_scale)
         return loss
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
