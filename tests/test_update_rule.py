@@ -148,6 +148,6 @@ def test_through_the_optimizer(backend):
     k = 5 / math.sqrt(28.25)
     close(w.detach(), [3.5 * k, 4 * k], torch.float64)
     assert b.detach().tolist() == [0.0, 0.0, 0.0]
-    assert frozen.detach().tolist() == [1.0, 1.0] and frozen not in opt.state
+    assert frozen.detach().tolist() == [1.0, 1.0] and opt.state[frozen]["max_norm"].item() == UNSET_MAX_NORM
     assert opt.state[w]["max_norm"].dtype == torch.float32 and opt.state[w]["max_norm"].item() == 5.0
     assert opt.state[b]["max_norm"].item() == 0.0
