@@ -2,8 +2,8 @@
 
 Stochastic rounding is bit for bit the recipe of ``fromage_fused._math``: everything is uint32
 arithmetic, whose wrap-around equals the torch recipe's ``& 0xFFFFFFFF``. Rounding to nearest is
-done on the bits too, because Triton's interpreter truncates on ``.to(tl.bfloat16)``; after
-either, the low 16 bits are zero and the conversion is exact everywhere.
+done on the bits too, because Triton's interpreter truncates on ``.to(tl.bfloat16)`` (and
+mishandles subnormals); the result is the high half of the bits, the same on every platform.
 """
 import triton
 import triton.language as tl
@@ -30,21 +30,29 @@ def sr_stream(seed, t):
 
 
 @device_function
+def _to_bf16(y, bits):
+    """bf16 from fp32 bits whose low half is already rounded away; NaN becomes the quiet NaN."""
+    bits = tl.where(y == y, bits, 0x7FC00000 | (bits & 0x80000000))
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@device_function
 def nearest_bf16(y):
-    """fp32 ``y`` to bf16, to nearest, ties to even; NaN stays NaN."""
+    """fp32 ``y`` to bf16, to nearest, ties to even (infinities stay, the carry reaches them)."""
     bits = y.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return tl.where(y == y, rounded, y).to(tl.bfloat16)
+    return _to_bf16(y, bits + 0x7FFF + ((bits >> 16) & 1))
 
 
 @device_function
 def round_bf16(y, offs, stream):
-    """fp32 ``y`` at flat element indices ``offs`` (int64) to bf16, stochastically; non-finite to nearest."""
+    """fp32 ``y`` at flat element indices ``offs`` (int64) to bf16 stochastically.
+
+    Infinities have zero low bits, so adding ``r < 2**16`` leaves them as they are: the same as
+    the torch recipe's round-to-nearest of non-finite values.
+    """
     bits = y.to(tl.uint32, bitcast=True)
     r = mix32(offs.to(tl.uint32) ^ stream) & 0xFFFF
-    rounded = ((bits + r) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    finite = tl.abs(y) < float("inf")
-    return tl.where(finite, rounded, y).to(tl.bfloat16)
+    return _to_bf16(y, bits + r)
 
 
 @triton.jit

@@ -8,22 +8,34 @@ Two int64 tables describe a group of ``n`` tensors cut into ``C`` chunks of ``CH
 * ``addrs`` (depends on the storages): ``[p address (n) | g address (n) | flags (n)]``; flag bit 0
   says both addresses are 16-byte aligned, which the host checked before promising it here.
 """
+import os
+
 import triton
 import triton.language as tl
 
 ALIGNED_FLAG = 1
 
 
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+INTERPRETED = _interpreting()
+
+
 def device_function(fn):
     """``triton.jit`` for a helper called from a kernel. Under the interpreter the helper stays a
     plain function: an interpreted jit call re-patches the language at every call, which costs
     milliseconds per call inside loops (the kernels avoid the constructs that need the rewrite)."""
-    if triton.knobs.runtime.interpret:
+    if INTERPRETED:
         return fn
     return triton.jit(fn)
 
 
-if triton.knobs.runtime.interpret:
+if INTERPRETED:
     def block_sum(x):
         # The interpreter sums with numpy only when it recognises the standard combine function;
         # ``tl.sum`` would go through an interpreted jit call first.

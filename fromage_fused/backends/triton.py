@@ -62,10 +62,8 @@ def _kernels_interpreted() -> Optional[bool]:
     """Whether the kernels were decorated under the interpreter; None if not imported yet."""
     import sys
 
-    mod = sys.modules.get("fromage_fused.kernels.fromage_stats")
-    if mod is None:
-        return None
-    return type(mod.partials_kernel).__name__ == "InterpretedFunction"
+    mod = sys.modules.get("fromage_fused.kernels.fromage_table")
+    return None if mod is None else bool(mod.INTERPRETED)
 
 
 def _launch(kernel, grid, *args, **meta):
