@@ -9,35 +9,37 @@ import triton
 import triton.language as tl
 
 from .fromage_round import nearest_bf16, round_bf16, sr_stream
-from .fromage_table import ALIGNED_FLAG, device_function, chunk_of, tensor_ptrs
+from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, chunk_of, device_function, tensor_addrs
 
 
 @device_function
-def _update(p, g, offs, mask, cp, cg, stream, MASKED: tl.constexpr, SR: tl.constexpr):
+def _update(pp, gp, mask, idx, cp, cg, stream, MASKED: tl.constexpr, SR: tl.constexpr):
+    """One block: ``pp``, ``gp`` are blocks of pointers, ``idx`` the elements' flat indices."""
     if MASKED:
-        x = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(pp, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(gp, mask=mask, other=0.0).to(tl.float32)
     else:
-        x = tl.load(p + offs).to(tl.float32)
-        y = tl.load(g + offs).to(tl.float32)
+        x = tl.load(pp).to(tl.float32)
+        y = tl.load(gp).to(tl.float32)
     new = x * cp + y * cg
     if SR:
-        out = round_bf16(new, offs, stream)
-    elif p.dtype.element_ty == tl.bfloat16:
+        out = round_bf16(new, idx, stream)
+    elif pp.dtype.element_ty == tl.bfloat16:
         out = nearest_bf16(new)
     else:
-        out = new.to(p.dtype.element_ty)
+        out = new.to(pp.dtype.element_ty)
     if MASKED:
-        tl.store(p + offs, out, mask=mask)
+        tl.store(pp, out, mask=mask)
     else:
-        tl.store(p + offs, out)
+        tl.store(pp, out)
 
 
 @device_function
 def _sweep(p, g, start, n_full, cp, cg, stream, BLOCK: tl.constexpr, SR: tl.constexpr):
+    """Unmasked full blocks; ``p`` and ``g`` point at the chunk's first element, ``start``."""
     lanes = tl.arange(0, BLOCK)
     for off in range(0, n_full * BLOCK, BLOCK):
-        _update(p, g, (start + off) + lanes, None, cp, cg, stream, False, SR)
+        _update(p + off + lanes, g + off + lanes, None, start + off + lanes, cp, cg, stream, False, SR)
 
 
 @triton.jit
@@ -51,7 +53,7 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, f
         go = tl.load(found_inf_ptr) == 0
     if go:
         t, numel, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n)
-        p, g = tensor_ptrs(addrs_ptr, t, n, DTYPE)
+        p_addr, g_addr = tensor_addrs(addrs_ptr, t, n)
         s_pp = tl.load(stats_ptr + 3 * t)
         s_gg = tl.load(stats_ptr + 3 * t + 1)
         s_pg = tl.load(stats_ptr + 3 * t + 2)
@@ -85,8 +87,14 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, f
         end = tl.minimum(start + CHUNK, numel)
         n_full = tl.maximum(end - start, 0) // BLOCK
         if (flags & ALIGNED_FLAG) != 0:
-            _sweep(tl.multiple_of(p, 16), tl.multiple_of(g, 16), start, n_full, cp, cg, stream, BLOCK, SR)
+            p = as_aligned_ptr(p_addr, DTYPE)
+            g = as_aligned_ptr(g_addr, DTYPE)
+            _sweep(p + start, g + start, start, n_full, cp, cg, stream, BLOCK, SR)
         else:
-            _sweep(p, g, start, n_full, cp, cg, stream, BLOCK, SR)
+            p = as_ptr(p_addr, DTYPE)
+            g = as_ptr(g_addr, DTYPE)
+            _sweep(p + start, g + start, start, n_full, cp, cg, stream, BLOCK, SR)
+        p = as_ptr(p_addr, DTYPE)
+        g = as_ptr(g_addr, DTYPE)
         offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
-        _update(p, g, offs, offs < end, cp, cg, stream, True, SR)
+        _update(p + offs, g + offs, offs < end, offs, cp, cg, stream, True, SR)

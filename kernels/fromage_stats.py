@@ -7,15 +7,16 @@ the result does not depend on scheduling.
 import triton
 import triton.language as tl
 
-from .fromage_table import ALIGNED_FLAG, block_sum, device_function, chunk_of, tensor_ptrs
+from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, block_sum, chunk_of, device_function, tensor_addrs
 
 
 @device_function
-def _accumulate(p, g, start, n_full, acc_pp, acc_gg, acc_pg, BLOCK: tl.constexpr, INNER: tl.constexpr):
+def _accumulate(p, g, n_full, acc_pp, acc_gg, acc_pg, BLOCK: tl.constexpr, INNER: tl.constexpr):
+    """Unmasked full blocks from ``p`` and ``g``, which point at the chunk's first element."""
     lanes = tl.arange(0, BLOCK)
     for off in range(0, n_full * BLOCK, BLOCK):
-        x = tl.load(p + (start + off) + lanes).to(tl.float32)
-        y = tl.load(g + (start + off) + lanes).to(tl.float32)
+        x = tl.load(p + off + lanes).to(tl.float32)
+        y = tl.load(g + off + lanes).to(tl.float32)
         acc_pp += x * x
         acc_gg += y * y
         if INNER:
@@ -28,7 +29,7 @@ def partials_kernel(layout_ptr, addrs_ptr, partials_ptr, n, DTYPE: tl.constexpr,
                     CHUNK: tl.constexpr, INNER: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
     t, numel, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n)
-    p, g = tensor_ptrs(addrs_ptr, t, n, DTYPE)
+    p_addr, g_addr = tensor_addrs(addrs_ptr, t, n)
     start = (c - first) * CHUNK
     end = tl.minimum(start + CHUNK, numel)
     n_full = tl.maximum(end - start, 0) // BLOCK
@@ -36,12 +37,17 @@ def partials_kernel(layout_ptr, addrs_ptr, partials_ptr, n, DTYPE: tl.constexpr,
     acc_gg = tl.full([BLOCK], 0.0, tl.float32)
     acc_pg = tl.full([BLOCK], 0.0, tl.float32)
     if (flags & ALIGNED_FLAG) != 0:
-        # Both bases are 16-byte aligned and every block starts at a multiple of BLOCK elements:
-        # unmasked 16-byte vector loads.
-        acc_pp, acc_gg, acc_pg = _accumulate(tl.multiple_of(p, 16), tl.multiple_of(g, 16), start, n_full,
-                                             acc_pp, acc_gg, acc_pg, BLOCK, INNER)
+        # Both bases are 16-byte aligned and chunks start at multiples of CHUNK elements: unmasked
+        # 16-byte vector loads.
+        p = as_aligned_ptr(p_addr, DTYPE)
+        g = as_aligned_ptr(g_addr, DTYPE)
+        acc_pp, acc_gg, acc_pg = _accumulate(p + start, g + start, n_full, acc_pp, acc_gg, acc_pg, BLOCK, INNER)
     else:
-        acc_pp, acc_gg, acc_pg = _accumulate(p, g, start, n_full, acc_pp, acc_gg, acc_pg, BLOCK, INNER)
+        p = as_ptr(p_addr, DTYPE)
+        g = as_ptr(g_addr, DTYPE)
+        acc_pp, acc_gg, acc_pg = _accumulate(p + start, g + start, n_full, acc_pp, acc_gg, acc_pg, BLOCK, INNER)
+    p = as_ptr(p_addr, DTYPE)
+    g = as_ptr(g_addr, DTYPE)
     offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
     mask = offs < end
     x = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)

@@ -13,7 +13,7 @@ import os
 import triton
 import triton.language as tl
 
-ALIGNED_FLAG = 1
+ALIGNED_FLAG = tl.constexpr(1)
 
 
 def _interpreting() -> bool:
@@ -57,7 +57,19 @@ def chunk_of(layout_ptr, addrs_ptr, c, n):
 
 
 @device_function
-def tensor_ptrs(addrs_ptr, t, n, DTYPE: tl.constexpr):
-    p = tl.load(addrs_ptr + t).to(tl.pointer_type(DTYPE))
-    g = tl.load(addrs_ptr + n + t).to(tl.pointer_type(DTYPE))
-    return p, g
+def tensor_addrs(addrs_ptr, t, n):
+    """The int64 addresses of tensor ``t``'s parameter and gradient."""
+    return tl.load(addrs_ptr + t), tl.load(addrs_ptr + n + t)
+
+
+@device_function
+def as_ptr(addr, DTYPE: tl.constexpr):
+    return addr.to(tl.pointer_type(DTYPE))
+
+
+@device_function
+def as_aligned_ptr(addr, DTYPE: tl.constexpr):
+    """A pointer promised to be 16-byte aligned (the host checked). Call it only inside the branch
+    that checked the flag: ``multiple_of`` marks the op that made its argument, so a pointer
+    shared with another path would carry the promise there too (and fault on a GPU)."""
+    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 16)
