@@ -98,6 +98,8 @@ class TritonBackend(Backend):
         device = torch.device(device)
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed (pip install triton)"
+        if importlib.util.find_spec("fromage_fused.kernels") is None:
+            return "the kernels package fromage_fused.kernels is missing: install fromage_fused (pip install -e .)"
         interpreted = _kernels_interpreted()
         if interpreted is None:
             interpreted = _interpret_requested()
