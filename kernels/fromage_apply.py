@@ -21,7 +21,8 @@ def _update(pp, gp, mask, idx, cp, cg, stream, MASKED: tl.constexpr, SR: tl.cons
     else:
         x = tl.load(pp).to(tl.float32)
         y = tl.load(gp).to(tl.float32)
-    new = x * cp + y * cg
+    # An explicit fma: the same rounding whatever the compiler's contraction setting.
+    new = tl.fma(x, cp, y * cg)
     if SR:
         out = round_bf16(new, idx, stream)
     elif pp.dtype.element_ty == tl.bfloat16:
