@@ -1,8 +1,9 @@
 """The triton backend against the float64 oracle and its own promises (launches, no sync, tables).
 
-On a machine without CUDA the kernels run under Triton's interpreter: it must be switched on
-before the kernels module is first imported, which only this backend does, lazily. Sizes stay
-small because the interpreter runs programs one after another in Python.
+On a machine without CUDA the kernels run under Triton's interpreter, which Triton chooses when a
+kernel is decorated: the kernels are imported here with ``TRITON_INTERPRET=1`` and the variable is
+put back afterwards, so that it does not reach other tests' subprocesses. Sizes stay small because
+the interpreter runs programs one after another in Python.
 """
 import importlib.util
 import json
@@ -12,12 +13,22 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
+
+if not torch.cuda.is_available():
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import fromage_fused.kernels.fromage_apply  # noqa: F401
+        import fromage_fused.kernels.fromage_round  # noqa: F401
+        import fromage_fused.kernels.fromage_stats  # noqa: F401
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
 
 from _oracle import compare_with_oracle  # noqa: E402
 from tolerances import ORACLE_TOL  # noqa: E402
