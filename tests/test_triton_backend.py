@@ -126,6 +126,18 @@ def test_mixed_dtypes_in_one_call(device):
     torch.testing.assert_close(torch.stack([m.cpu() for m in mn]), torch.stack(want_mn), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_complex_through_real_views(device):
+    device = _need(device)
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(6, 5, generator=gen, dtype=torch.complex128).to(device, torch.complex64)]
+    grads = [torch.randn(6, 5, generator=gen, dtype=torch.complex128).to(device, torch.complex64)]
+    want = [torch.view_as_real(params[0]).to("cpu", torch.float64, copy=True)]
+    functional.fromage(want, [torch.view_as_real(grads[0]).to("cpu", torch.float64)], None, lr=0.05, backend="reference")
+    _one_step(params, grads, lr=0.05)
+    _assert_step_close([torch.view_as_real(params[0])], want, torch.float32, "complex64")
+
+
 # -- memory layouts ----------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ On CUDA the kernels are compiled; on CPU they run only under Triton's interprete
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from ._base import Backend
 
 _ALIGN_BYTES = 16
 _ALIGNED_FLAG = 1  # kernels/fromage_table.py: ALIGNED_FLAG
-_CACHE_SIZE = 16
+_CACHE_SIZE = 64  # entries per cache; a group uses two address tables and one layout
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ def _kernels_interpreted() -> Optional[bool]:
 
     mod = sys.modules.get("fromage_fused.kernels.fromage_table")
     return None if mod is None else bool(mod.INTERPRETED)
+
+
+def _on(device: torch.device):
+    # Triton launches on the current CUDA device, which need not be the group's.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -209,9 +215,10 @@ class TritonBackend(Backend):
         n = len(params)
         partials = torch.empty(chunks, 3, dtype=torch.float32, device=device)
         stats = torch.empty(n, 3, dtype=torch.float32, device=device)
-        _launch(stats_k.partials_kernel, (chunks,), layout, addrs, partials, n, DTYPE=_triton_dtype(dtype),
-                BLOCK=cfg.block, CHUNK=cfg.chunk, INNER=bool(inner), num_warps=cfg.num_warps)
-        _launch(stats_k.reduce_kernel, (n,), layout, partials, stats, n, RBLOCK=cfg.rblock, num_warps=4)
+        with _on(device):
+            _launch(stats_k.partials_kernel, (chunks,), layout, addrs, partials, n, DTYPE=_triton_dtype(dtype),
+                    BLOCK=cfg.block, CHUNK=cfg.chunk, INNER=bool(inner), num_warps=cfg.num_warps)
+            _launch(stats_k.reduce_kernel, (n,), layout, partials, stats, n, RBLOCK=cfg.rblock, num_warps=4)
         return stats
 
     def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True,
@@ -241,11 +248,12 @@ class TritonBackend(Backend):
         seed = sr_seed.to(device=device, dtype=torch.int64).reshape(()) if use_sr else addrs
         fi = found_inf.to(device=device, dtype=torch.float32).reshape(()) if found_inf is not None else lr
         gs = grad_scale.to(device=device, dtype=torch.float32).reshape(()) if grad_scale is not None else lr
-        _launch(apply_k.apply_kernel, (chunks,), layout, addrs, mn_table, stats, lr, fi, gs, seed,
-                float(p_bound) if p_bound is not None else 0.0, n, DTYPE=_triton_dtype(dtype),
-                BLOCK=cfg.block, CHUNK=cfg.chunk, HAS_BOUND=p_bound is not None, MAXIMIZE=bool(maximize),
-                PREFACTOR=bool(prefactor), HAS_FOUND_INF=found_inf is not None,
-                HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, num_warps=cfg.num_warps)
+        with _on(device):
+            _launch(apply_k.apply_kernel, (chunks,), layout, addrs, mn_table, stats, lr, fi, gs, seed,
+                    float(p_bound) if p_bound is not None else 0.0, n, DTYPE=_triton_dtype(dtype),
+                    BLOCK=cfg.block, CHUNK=cfg.chunk, HAS_BOUND=p_bound is not None, MAXIMIZE=bool(maximize),
+                    PREFACTOR=bool(prefactor), HAS_FOUND_INF=found_inf is not None,
+                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, num_warps=cfg.num_warps)
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
