@@ -50,7 +50,7 @@ INTERPRETER_CONFIG = Config(block=512, chunk=2048, num_warps=4, rblock=128)
 
 
 def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 def _kernels():
