@@ -1,0 +1,101 @@
+"""Phase 2: ``p <- s*(p - a*g)`` for every tensor of a group in one launch, one program per chunk.
+
+Each program derives its tensor's ``a`` and ``s`` from the stats row, lr, max_norm and the flags,
+exactly as ``fromage_fused._math.coefficients`` does, so no per-tensor scalar is computed on the
+host. The first chunk of a tensor writes its max_norm when it was unset; every chunk computes the
+same value, so the others read either the old (unset) or the new value and agree.
+"""
+import triton
+import triton.language as tl
+
+from .fromage_round import nearest_bf16, round_bf16, sr_stream
+from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, chunk_of, device_function, tensor_addrs
+
+
+@device_function
+def _update(pp, gp, mask, idx, cp, cg, stream, MASKED: tl.constexpr, SR: tl.constexpr):
+    """One block: ``pp``, ``gp`` are blocks of pointers, ``idx`` the elements' flat indices."""
+    if MASKED:
+        x = tl.load(pp, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(gp, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(pp).to(tl.float32)
+        y = tl.load(gp).to(tl.float32)
+    # An explicit fma: the same rounding whatever the compiler's contraction setting.
+    new = tl.fma(x, cp, y * cg)
+    if SR:
+        out = round_bf16(new, idx, stream)
+    elif pp.dtype.element_ty == tl.bfloat16:
+        out = nearest_bf16(new)
+    else:
+        out = new.to(pp.dtype.element_ty)
+    if MASKED:
+        tl.store(pp, out, mask=mask)
+    else:
+        tl.store(pp, out)
+
+
+@device_function
+def _sweep(p, g, start, n_full, cp, cg, stream, BLOCK: tl.constexpr, SR: tl.constexpr):
+    """Unmasked full blocks; ``p`` and ``g`` point at the chunk's first element, ``start``."""
+    lanes = tl.arange(0, BLOCK)
+    for off in range(0, n_full * BLOCK, BLOCK):
+        _update(p + off + lanes, g + off + lanes, None, start + off + lanes, cp, cg, stream, False, SR)
+
+
+@triton.jit
+def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, found_inf_ptr, grad_scale_ptr,
+                 seed_ptr, p_bound, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                 HAS_BOUND: tl.constexpr, MAXIMIZE: tl.constexpr, PREFACTOR: tl.constexpr,
+                 HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    go = True
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf_ptr) == 0
+    if go:
+        t, numel, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n)
+        p_addr, g_addr = tensor_addrs(addrs_ptr, t, n)
+        s_pp = tl.load(stats_ptr + 3 * t)
+        s_gg = tl.load(stats_ptr + 3 * t + 1)
+        s_pg = tl.load(stats_ptr + 3 * t + 2)
+        lr = tl.load(lr_ptr)
+        both = (s_pp > 0) & (s_gg > 0)
+        scaled = tl.div_rn(lr * tl.sqrt_rn(s_pp), tl.sqrt_rn(tl.where(both, s_gg, 1.0)))
+        fallback = lr
+        if HAS_GRAD_SCALE:
+            fallback = tl.div_rn(lr, tl.load(grad_scale_ptr))
+        a = tl.where(both, scaled, fallback)
+        if MAXIMIZE:
+            a = -a
+        s = tl.full((), 1.0, tl.float32)
+        if PREFACTOR:
+            s = tl.div_rn(1.0, tl.sqrt_rn(1.0 + lr * lr))
+        if HAS_BOUND:
+            mn_ptr = tl.load(max_norm_addrs_ptr + t).to(tl.pointer_type(tl.float32))
+            mn = tl.load(mn_ptr)
+            mn = tl.where(mn < 0, p_bound * tl.sqrt_rn(s_pp), mn)
+            norm = tl.sqrt_rn(tl.maximum(s * s * (s_pp - 2.0 * a * s_pg + a * a * s_gg), 0.0))
+            clamp = norm > mn
+            s = tl.where(clamp, tl.div_rn(s * mn, tl.where(clamp, norm, 1.0)), s)
+            if c == first:
+                tl.store(mn_ptr, mn)
+        cp = s
+        cg = -a * s
+        stream = tl.full((), 0, tl.uint32)
+        if SR:
+            stream = sr_stream(tl.load(seed_ptr), t)
+        start = (c - first) * CHUNK
+        end = tl.minimum(start + CHUNK, numel)
+        n_full = tl.maximum(end - start, 0) // BLOCK
+        if (flags & ALIGNED_FLAG) != 0:
+            p = as_aligned_ptr(p_addr, DTYPE)
+            g = as_aligned_ptr(g_addr, DTYPE)
+            _sweep(p + start, g + start, start, n_full, cp, cg, stream, BLOCK, SR)
+        else:
+            p = as_ptr(p_addr, DTYPE)
+            g = as_ptr(g_addr, DTYPE)
+            _sweep(p + start, g + start, start, n_full, cp, cg, stream, BLOCK, SR)
+        p = as_ptr(p_addr, DTYPE)
+        g = as_ptr(g_addr, DTYPE)
+        offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
+        _update(p + offs, g + offs, offs < end, offs, cp, cg, stream, True, SR)

@@ -1,0 +1,75 @@
+"""Device-side reading of the tensor tables built by ``fromage_fused.backends.triton``.
+
+Two int64 tables describe a group of ``n`` tensors cut into ``C`` chunks of ``CHUNK`` elements:
+
+* ``layout`` (depends only on the sizes): ``[numel (n) | first_chunk (n) | n_chunks (n) |
+  chunk_tensor (C)]``. Every tensor owns at least one chunk, so an empty tensor still gets a
+  program (its max_norm must be set like any other).
+* ``addrs`` (depends on the storages): ``[p address (n) | g address (n) | flags (n)]``; flag bit 0
+  says both addresses are 16-byte aligned, which the host checked before promising it here.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+ALIGNED_FLAG = tl.constexpr(1)
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+INTERPRETED = _interpreting()
+
+
+def device_function(fn):
+    """``triton.jit`` for a helper called from a kernel. Under the interpreter the helper stays a
+    plain function: an interpreted jit call re-patches the language at every call, which costs
+    milliseconds per call inside loops (the kernels avoid the constructs that need the rewrite)."""
+    if INTERPRETED:
+        return fn
+    return triton.jit(fn)
+
+
+if INTERPRETED:
+    def block_sum(x):
+        # The interpreter sums with numpy only when it recognises the standard combine function;
+        # ``tl.sum`` would go through an interpreted jit call first.
+        return tl.reduce(x, 0, tl.standard._sum_combine)
+else:
+    @triton.jit
+    def block_sum(x):
+        return tl.sum(x, axis=0)
+
+
+@device_function
+def chunk_of(layout_ptr, addrs_ptr, c, n):
+    """Tensor index, its size, its first chunk and this chunk's start element, its pointers' flags."""
+    t = tl.load(layout_ptr + 3 * n + c)
+    numel = tl.load(layout_ptr + t)
+    first = tl.load(layout_ptr + n + t)
+    flags = tl.load(addrs_ptr + 2 * n + t)
+    return t, numel, first, flags
+
+
+@device_function
+def tensor_addrs(addrs_ptr, t, n):
+    """The int64 addresses of tensor ``t``'s parameter and gradient."""
+    return tl.load(addrs_ptr + t), tl.load(addrs_ptr + n + t)
+
+
+@device_function
+def as_ptr(addr, DTYPE: tl.constexpr):
+    return addr.to(tl.pointer_type(DTYPE))
+
+
+@device_function
+def as_aligned_ptr(addr, DTYPE: tl.constexpr):
+    """A pointer promised to be 16-byte aligned (the host checked). Call it only inside the branch
+    that checked the flag: ``multiple_of`` marks the op that made its argument, so a pointer
+    shared with another path would carry the promise there too (and fault on a GPU)."""
+    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 16)

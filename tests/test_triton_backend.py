@@ -1,0 +1,444 @@
+"""The triton backend against the float64 oracle and its own promises (launches, no sync, tables).
+
+On a machine without CUDA the kernels run under Triton's interpreter, which Triton chooses when a
+kernel is decorated: the kernels are imported here with ``TRITON_INTERPRET=1`` and the variable is
+put back afterwards, so that it does not reach other tests' subprocesses. Sizes stay small because
+the interpreter runs programs one after another in Python.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import pytest
+
+pytest.importorskip("triton")
+
+if not torch.cuda.is_available():
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import fromage_fused.kernels.fromage_apply  # noqa: F401
+        import fromage_fused.kernels.fromage_round  # noqa: F401
+        import fromage_fused.kernels.fromage_stats  # noqa: F401
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
+
+from _oracle import compare_with_oracle  # noqa: E402
+from tolerances import ORACLE_TOL  # noqa: E402
+
+import fromage_fused  # noqa: E402
+from fromage_fused import functional  # noqa: E402
+from fromage_fused._math import UNSET_MAX_NORM, stochastic_round_bf16  # noqa: E402
+from fromage_fused.backends import triton as triton_backend  # noqa: E402
+
+BACKEND = triton_backend.BACKEND
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _need(device):
+    reason = BACKEND.unavailable_reason(torch.device(device))
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable on {device}: {reason}")
+    return device
+
+
+def _one_step(params, grads, *, max_norms=None, backend="triton", **kw):
+    functional.fromage(params, grads, max_norms, backend=backend, **kw)
+
+
+def _reference_of(params, grads, max_norms=None, **kw):
+    """The reference backend's step from the same values, in float64 on the CPU."""
+    p64 = [p.detach().to("cpu", torch.float64, copy=True) for p in params]
+    g64 = [g.detach().to("cpu", torch.float64) for g in grads]
+    m = None if max_norms is None else [x.detach().cpu().clone() for x in max_norms]
+    functional.fromage(p64, g64, m, backend="reference", **kw)
+    return p64, m
+
+
+def _assert_step_close(got, want, dtype, what=""):
+    atol, rtol = ORACLE_TOL[dtype]["step"]
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = g.detach().to("cpu", torch.float64)
+        scale = w.abs().max().item() if w.numel() else 0.0
+        torch.testing.assert_close(g, w, atol=atol + rtol * scale, rtol=0, msg=lambda m: f"{what} tensor {i}: {m}")
+
+
+# -- the oracle ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p_bound", [None, 1.0])
+def test_matches_oracle(device, dtype, p_bound):
+    # MIXED_SHAPES: odd sizes 1, 3, 4097 (more than one interpreter chunk), an empty tensor, a
+    # zero-initialised bias, None and all-zero gradients.
+    compare_with_oracle("triton", dtype, device=_need(device), steps=8, p_bound=p_bound, tol=ORACLE_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_oracle_maximize(device):
+    compare_with_oracle("triton", torch.float32, device=_need(device), steps=6, p_bound=1.0, maximize=True,
+                        tol=ORACLE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_chunks_per_tensor(device):
+    # A small chunk cuts every tensor into many programs whose partials the reduce kernel adds.
+    backend = triton_backend.TritonBackend(triton_backend.Config(block=16, chunk=64))
+    shapes = [(1,), (3,), (64,), (65,), (0,), (300,), (17, 13)]
+    compare_with_oracle(backend, torch.float32, device=_need(device), steps=3, p_bound=1.0, shapes=shapes,
+                        tol=ORACLE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tensors_in_one_group(device):
+    shapes = [((k * 7) % 11 + 1,) for k in range(320)]
+    compare_with_oracle("triton", torch.float32, device=_need(device), steps=2, p_bound=1.0, shapes=shapes,
+                        tol=ORACLE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_in_one_call(device):
+    device = _need(device)
+    gen = torch.Generator().manual_seed(1)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float64]
+    src = [torch.randn(37 + i, generator=gen, dtype=torch.float64) for i in range(len(dtypes))]
+    gsrc = [torch.randn(37 + i, generator=gen, dtype=torch.float64) for i in range(len(dtypes))]
+    params = [s.to(device, d) for s, d in zip(src, dtypes)]
+    grads = [s.to(device, d) for s, d in zip(gsrc, dtypes)]
+    mn = [torch.full((), UNSET_MAX_NORM, device=device) for _ in params]
+    want, want_mn = _reference_of(params, grads, mn, lr=0.03, p_bound=0.9)
+    groups = functional.plan(params, grads, mn, backend="triton", p_bound=0.9)
+    # float64 is not a triton dtype: its group falls back to foreach.
+    assert {(g.dtype, g.backend.name) for g in groups} == {
+        (torch.float32, "triton"), (torch.bfloat16, "triton"), (torch.float16, "triton"), (torch.float64, "foreach")}
+    _one_step(params, grads, max_norms=mn, lr=0.03, p_bound=0.9)
+    for i, d in enumerate(dtypes):
+        _assert_step_close([params[i]], [want[i]], d if d in ORACLE_TOL else torch.float32, f"{d}")
+    torch.testing.assert_close(torch.stack([m.cpu() for m in mn]), torch.stack(want_mn), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_complex_through_real_views(device):
+    device = _need(device)
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(6, 5, generator=gen, dtype=torch.complex128).to(device, torch.complex64)]
+    grads = [torch.randn(6, 5, generator=gen, dtype=torch.complex128).to(device, torch.complex64)]
+    want = [torch.view_as_real(params[0]).to("cpu", torch.float64, copy=True)]
+    functional.fromage(want, [torch.view_as_real(grads[0]).to("cpu", torch.float64)], None, lr=0.05, backend="reference")
+    _one_step(params, grads, lr=0.05)
+    _assert_step_close([torch.view_as_real(params[0])], want, torch.float32, "complex64")
+
+
+# -- memory layouts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_views(device, dtype):
+    # Views starting at element 1 are not 16-byte aligned: the kernels must take the unhinted path.
+    device = _need(device)
+    base_p = torch.randn(1 + 5000, dtype=torch.float64).to(device, dtype)
+    base_g = torch.randn(3 + 5000, dtype=torch.float64).to(device, dtype)
+    params = [base_p[1:4098], base_p[4099:4102], base_p[4200:4201]]
+    grads = [base_g[3:4100], base_g[1:4], base_g[4400:4401]]
+    assert params[0].data_ptr() % 16 and grads[0].data_ptr() % 16
+    untouched = base_p[4102:4200].clone()
+    want, _ = _reference_of(params, grads, lr=0.02)
+    _one_step(params, grads, lr=0.02)
+    _assert_step_close(params, want, dtype, "unaligned")
+    assert torch.equal(base_p[4102:4200], untouched)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_aligned_flags_follow_data_ptr(device):
+    device = _need(device)
+    base = torch.zeros(64, device=device)
+    aligned, shifted = base[:8], base[1:9]
+    table = BACKEND._addresses((aligned.data_ptr(), shifted.data_ptr()), (aligned.data_ptr(), aligned.data_ptr()),
+                               torch.device(device)).cpu()
+    assert table[4:].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("aligned_path", [True, False])
+def test_sm90_code_vectorises_only_the_aligned_path(aligned_path, tmp_path):
+    # The interpreter cannot see alignment faults: compile for a GPU here and read the PTX.
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    probe = os.path.join(os.path.dirname(__file__), "_triton_ptx_probe.py")
+    args = [sys.executable, probe] + ([] if aligned_path else ["--no-aligned-path"])
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    for kernel, c in counts.items():
+        if aligned_path:
+            assert c["ld_v"] > 0, f"{kernel}: no 16-byte loads on the aligned path"
+            assert kernel.startswith("partials") or c["st_v"] > 0, f"{kernel}: no 16-byte stores on the aligned path"
+        else:
+            assert c == {"ld_v": 0, "st_v": 0}, f"{kernel}: vector accesses outside the aligned path: {c}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_tensors(device):
+    device = _need(device)
+    p_src = torch.randn(9, 12, dtype=torch.float64)
+    g_src = torch.randn(12, 9, dtype=torch.float64)
+    params = [p_src.to(device, torch.float32).t(), torch.randn(20, dtype=torch.float64).to(device, torch.float32)[::2]]
+    grads = [g_src.to(device, torch.float32), torch.randn(10, dtype=torch.float64).to(device, torch.float32)]
+    assert not params[0].is_contiguous() and not params[1].is_contiguous()
+    want, _ = _reference_of(params, grads, lr=0.05)
+    _one_step(params, grads, lr=0.05)
+    _assert_step_close(params, want, torch.float32, "non-contiguous")
+
+
+# -- training integration -----------------------------------------------------------------------------------
+
+
+def _pair(device, dtype=torch.float32):
+    """Three tensors: a plain one, one with a zero gradient, a zero one (the fallback branches)."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype) for n in (5, 70, 3)]
+    grads = [torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype) for n in (5, 70, 3)]
+    grads[1].zero_()
+    params[2].zero_()
+    return params, grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_skips_everything(device):
+    device = _need(device)
+    params, grads = _pair(device)
+    before = [p.clone() for p in params]
+    mn = [torch.full((), UNSET_MAX_NORM, device=device) for _ in params]
+    _one_step(params, grads, max_norms=mn, lr=0.1, p_bound=1.0, found_inf=torch.ones((), device=device))
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(m.item() == UNSET_MAX_NORM for m in mn)
+    want, want_mn = _reference_of(params, grads, mn, lr=0.1, p_bound=1.0)
+    _one_step(params, grads, max_norms=mn, lr=0.1, p_bound=1.0, found_inf=torch.zeros((), device=device))
+    _assert_step_close(params, want, torch.float32, "found_inf=0")
+    torch.testing.assert_close(torch.stack([m.cpu() for m in mn]), torch.stack(want_mn))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scale_divides_the_fallback_only(device):
+    device = _need(device)
+    params, grads = _pair(device)
+    # Loss-scaled gradients with their scale step exactly like the unscaled ones: the scaled
+    # branch is scale-invariant and the fallback (tensor 2, zero) divides by the scale.
+    scale = torch.full((), 1024.0, device=device)
+    want, _ = _reference_of(params, grads, lr=0.1)
+    scaled_grads = [g * 1024.0 for g in grads]
+    _one_step(params, scaled_grads, lr=0.1, grad_scale=scale)
+    _assert_step_close(params, want, torch.float32, "grad_scale")
+    assert want[2].abs().max() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefactor_off(device):
+    device = _need(device)
+    params, grads = _pair(device)
+    want, _ = _reference_of(params, grads, lr=0.1, prefactor=False)
+    _one_step(params, grads, lr=0.1, prefactor=False)
+    _assert_step_close(params, want, torch.float32, "prefactor=False")
+    assert torch.equal(params[1].cpu(), want[1].float())  # zero gradient, no prefactor: p unchanged
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lr_is_read_from_device_memory(device):
+    device = _need(device)
+    params, grads = _pair(device)
+    copy = [p.clone() for p in params]
+    lr = torch.full((), 0.07, device=device)
+    functional.fromage(params, grads, None, lr=lr, backend="triton")
+    functional.fromage(copy, grads, None, lr=0.07, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(params, copy))
+
+
+# -- stochastic rounding -----------------------------------------------------------------------------------
+
+
+def _bits_equal(a, b):
+    nan = torch.isnan(a.float())
+    assert torch.equal(nan, torch.isnan(b.float()))
+    assert torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_kernel_is_the_torch_recipe(device):
+    device = _need(device)
+    from fromage_fused.kernels.fromage_round import stochastic_round_bf16_kernel
+
+    x = torch.randn(3001, dtype=torch.float64) * 10
+    x[5:9] = torch.tensor([float("inf"), float("nan"), -float("inf"), 3.3895e38])
+    x[9:12] = torch.tensor([1e-40, -2.0 ** -130, 0.0])
+    x = x.float().to(device)
+    for seed, t in [(0, 0), (12345, 7), (-5, 3), (2 ** 40 + 17, 299)]:
+        s = torch.tensor(seed, dtype=torch.int64, device=device)
+        out = torch.empty(x.numel(), dtype=torch.bfloat16, device=device)
+        triton_backend._launch(stochastic_round_bf16_kernel, (4,), x, out, s, t, x.numel(), BLOCK=1024)
+        _bits_equal(out.cpu(), stochastic_round_bf16(x.cpu(), s.cpu(), t))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_with_sr_seed_rounds_the_fp32_result_exactly(device):
+    # The bf16 step with a seed must equal the torch recipe applied to the same step in fp32.
+    device = _need(device)
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(300,), (1,), (4097,), (0,), (7, 5)]
+    p16 = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
+    g16 = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
+    stats = BACKEND.stats(p16, g16)
+    p32 = [p.float() for p in p16]
+    g32 = [g.float() for g in g16]
+    seed = torch.tensor(20260101, dtype=torch.int64, device=device)
+    lr = torch.full((), 0.05, device=device)
+    BACKEND.apply(p16, g16, stats, lr=lr, max_norms=None, p_bound=None, maximize=False, sr_seed=seed)
+    BACKEND.apply(p32, g32, stats, lr=lr, max_norms=None, p_bound=None, maximize=False)
+    for i, (got, exact) in enumerate(zip(p16, p32)):
+        _bits_equal(got.cpu(), stochastic_round_bf16(exact.cpu(), seed.cpu(), i))
+    # Without a seed the same step rounds to nearest.
+    p_near = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
+    p_ref = [p.float() for p in p_near]
+    BACKEND.apply(p_near, g16, stats, lr=lr, max_norms=None, p_bound=None, maximize=False)
+    BACKEND.apply(p_ref, g32, stats, lr=lr, max_norms=None, p_bound=None, maximize=False)
+    for got, exact in zip(p_near, p_ref):
+        _bits_equal(got.cpu(), exact.cpu().to(torch.bfloat16))
+
+
+# -- launches, synchronisation, tables ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    seen = []
+    real = triton_backend._launch
+
+    def counting(kernel, grid, *args, **meta):
+        seen.append(kernel)
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(triton_backend, "_launch", counting)
+    return seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 12])
+def test_launches_per_group_are_constant(device, launches, n):
+    device = _need(device)
+    params = [torch.randn(i % 9, device=device) for i in range(n)]
+    grads = [torch.randn(i % 9, device=device) for i in range(n)]
+    mn = [torch.full((), UNSET_MAX_NORM, device=device) for _ in params]
+    functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend="triton")
+    assert len(launches) == 3
+    half = [p.half() for p in params]
+    functional.fromage(params + half, grads + [g.half() for g in grads], mn + [m.clone() for m in mn],
+                       lr=0.01, p_bound=1.0, backend="triton")
+    assert len(launches) == 3 + 6  # two groups
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_host_sync_during_step(device, monkeypatch):
+    device = _need(device)
+    params, grads = _pair(device, torch.bfloat16)
+    mn = [torch.full((), UNSET_MAX_NORM, device=device) for _ in params]
+    kw = dict(lr=torch.full((), 0.01, device=device), p_bound=1.0, maximize=True, backend="triton",
+              found_inf=torch.zeros((), device=device), grad_scale=torch.full((), 8.0, device=device),
+              sr_seed=torch.tensor(3, device=device))
+    functional.fromage(params, grads, mn, **kw)  # first use: kernel loading may read values
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation during a triton step")
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    grads = [g * 2 for g in grads]  # new storages: the table rebuild must not sync either
+    functional.fromage(params, grads, mn, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_table_cache_reused_and_rebuilt_on_new_grad_storage(device):
+    device = _need(device)
+    backend = triton_backend.TritonBackend()
+    params, grads = _pair(device)
+    mn = [torch.full((), UNSET_MAX_NORM, device=device) for _ in params]
+    functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)
+    built = backend.table_builds
+    assert built == 2  # parameters and gradients, max_norms
+    functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)
+    assert backend.table_builds == built
+    new_grads = [g.clone() for g in grads]  # what zero_grad(set_to_none=True) + backward gives
+    want, _ = _reference_of(params, new_grads, lr=0.01)
+    functional.fromage(params, new_grads, None, lr=0.01, backend=backend)
+    assert backend.table_builds == built + 1
+    _assert_step_close(params, want, torch.float32, "after rebuild")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimizer_steps_with_new_grad_storage_each_step(device):
+    device = _need(device)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(device)
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(device)
+    twin.load_state_dict(model.state_dict())
+    opts = [fromage_fused.Fromage(m.parameters(), lr=0.05, p_bound=2.0, backend=b)
+            for m, b in ((model, "triton"), (twin, "foreach"))]
+    x = torch.randn(16, 6, device=device)
+    for _ in range(3):
+        for m, opt in zip((model, twin), opts):
+            opt.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# -- availability and validation ------------------------------------------------------------------------------
+
+
+def test_ranks_below_foreach_on_cpu_and_first_on_cuda():
+    assert BACKEND.priority_on(torch.device("cpu")) < fromage_fused.backends.get("foreach").priority_on(torch.device("cpu"))
+    assert BACKEND.priority_on(torch.device("cuda")) > fromage_fused.backends.get("foreach").priority_on(torch.device("cuda"))
+    assert "meta" in BACKEND.unavailable_reason(torch.device("meta"))
+    assert not BACKEND.supports_dtype(torch.float64)
+
+
+def test_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_kernels_interpreted", lambda: False)
+    assert "TRITON_INTERPRET" in BACKEND.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setattr(triton_backend, "_kernels_interpreted", lambda: True)
+    assert "interpreter" in BACKEND.unavailable_reason(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_listed_on_cuda():
+    assert "triton" in fromage_fused.available_backends("cuda")
+    assert fromage_fused.available_backends("cuda")[0] in ("triton", "cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_changes_nothing(device):
+    device = _need(device)
+    params, grads = _pair(device)
+    before = [p.clone() for p in params]
+    stats = BACKEND.stats(params, grads)
+    with pytest.raises(RuntimeError, match="stats"):
+        BACKEND.apply(params, grads, stats[:2], lr=torch.full((), 0.1, device=device), max_norms=None, p_bound=None,
+                      maximize=False)
+    with pytest.raises(RuntimeError, match="max_norm"):
+        BACKEND.apply(params, grads, stats, lr=torch.full((), 0.1, device=device), p_bound=1.0, maximize=False,
+                      max_norms=[torch.zeros((), device=device, dtype=torch.float64)] * 3)
+    with pytest.raises(TypeError, match="float64"):
+        BACKEND.stats([p.double() for p in params], [g.double() for g in grads])
+    with pytest.raises(RuntimeError, match="tensor 1"):
+        BACKEND.stats(params, [grads[0], grads[1].half(), grads[2]])
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
