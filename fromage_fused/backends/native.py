@@ -1,0 +1,202 @@
+"""Loads the C++/CUDA extension of ``csrc/`` and wraps its ops as the ``cpu`` and ``cuda`` backends.
+
+The extension is used prebuilt when ``FROMAGE_FUSED_BUILD_EXT=1 pip install --no-build-isolation -e .``
+built ``fromage_fused._C``; otherwise it is built on first use with ``torch.utils.cpp_extension.load``
+and ninja into ``$FROMAGE_FUSED_EXT_DIR`` (default ``~/.cache/fromage_fused``) and loaded from there
+afterwards. The CUDA kernels are part of it only where torch is a CUDA build and nvcc is found.
+
+When it cannot be built, ``auto`` falls back to another backend with one warning; naming ``cpu`` or
+``cuda`` raises with the reason. ``FROMAGE_FUSED_REQUIRE_EXT=1`` turns a failed build into an error
+everywhere (CI sets it, so that a broken build fails the tests instead of hiding behind a fallback).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from ._base import Backend, BackendUnavailable
+
+REQUIRE_ENV = "FROMAGE_FUSED_REQUIRE_EXT"
+DIR_ENV = "FROMAGE_FUSED_EXT_DIR"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ["fromage_cpu.cpp"]
+CUDA_SOURCES = ["fromage_cuda_ops.cpp", "fromage_cuda.cu"]
+
+_lock = threading.Lock()
+_state = {"loaded": None, "error": None}
+
+
+def cpu_compile_flags() -> List[str]:
+    """C++ flags of the CPU kernels: vector ISA of this machine, and no FMA contraction in scalar
+    code (so the stochastically rounded bf16 results equal those of the torch recipe bit for bit)."""
+    flags = ["-O3", "-ffp-contract=off"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return flags
+
+
+def cuda_compile_flags() -> List[str]:
+    return ["-O3", "-lineinfo"]
+
+
+def _cuda_buildable() -> Optional[str]:
+    """None if the CUDA part can be compiled here, else why not."""
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return "nvcc / CUDA_HOME not found"
+    return None
+
+
+def _cache_dir(variant: str) -> Path:
+    root = Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "fromage_fused")
+    tag = f"torch{torch.__version__}".replace("+", "_")
+    path = root / tag / variant
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jit(variant: str) -> None:
+    from torch.utils.cpp_extension import load
+
+    sources = CPU_SOURCES + (CUDA_SOURCES if variant == "cuda" else [])
+    missing = [s for s in sources if not (CSRC / s).is_file()]
+    if missing:
+        raise BackendUnavailable(f"extension sources not found in {CSRC} ({missing}); install from a source tree")
+    load(
+        name=f"fromage_fused_native_{variant}",
+        sources=[str(CSRC / s) for s in sources],
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=cpu_compile_flags(),
+        extra_cuda_cflags=cuda_compile_flags(),
+        build_directory=str(_cache_dir(variant)),
+        is_python_module=False,
+        verbose=bool(os.environ.get("FROMAGE_FUSED_VERBOSE_BUILD")),
+    )
+
+
+def _load_once() -> str:
+    """Load the ops into ``torch.ops.fromage_fused``; return how ('prebuilt', 'jit-cuda', 'jit-cpu')."""
+    spec = importlib.util.find_spec("fromage_fused._C")
+    errors = []
+    if spec is not None and spec.origin:
+        try:
+            torch.ops.load_library(spec.origin)
+            return "prebuilt"
+        except OSError as exc:  # built against another torch: rebuild below
+            errors.append(f"prebuilt {spec.origin} failed to load ({exc})")
+    variants = ["cuda", "cpu"] if _cuda_buildable() is None else ["cpu"]
+    for variant in variants:
+        try:
+            _jit(variant)
+            return f"jit-{variant}"
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # compiler missing, compile error, ninja missing
+            errors.append(f"JIT build ({variant}) failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}")
+    raise BackendUnavailable(
+        "the C++ extension could not be built: " + "; ".join(errors) +
+        f" (needs a C++ compiler and ninja; set FROMAGE_FUSED_VERBOSE_BUILD=1 to see the build log)"
+    )
+
+
+def load() -> str:
+    """Load the extension once per process; raise ``BackendUnavailable`` (or ``RuntimeError`` under
+    ``$FROMAGE_FUSED_REQUIRE_EXT``) with the reason when it cannot be built."""
+    with _lock:
+        if _state["loaded"] is None and _state["error"] is None:
+            try:
+                _state["loaded"] = _load_once()
+                _register_fakes()
+            except BackendUnavailable as exc:
+                _state["error"] = exc
+        if _state["error"] is not None:
+            if os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0"):
+                raise RuntimeError(f"{REQUIRE_ENV} is set and {_state['error']}")
+            raise _state["error"]
+        return _state["loaded"]
+
+
+def has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fromage_fused::apply_", "CUDA")
+
+
+def _register_fakes() -> None:
+    """Meta/fake implementations, so that torch.compile can trace the ops."""
+
+    @torch.library.register_fake("fromage_fused::stats")
+    def _stats_fake(params, grads, inner):
+        return params[0].new_empty((len(params), 3), dtype=torch.float32) if params else torch.empty(0, 3)
+
+    @torch.library.register_fake("fromage_fused::apply_")
+    def _apply_fake(params, grads, stats, lr, max_norms, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed):
+        return None
+
+    @torch.library.register_fake("fromage_fused::round_bf16_stochastic")
+    def _round_fake(x, seed, tensor_index):
+        return torch.empty_like(x, dtype=torch.bfloat16)
+
+
+def _dense(tensors):
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+class NativeBackend(Backend):
+    """The ops of the extension on one device type. fp64 groups go to ``foreach``."""
+
+    syncs = False
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    def __init__(self, name: str, device_type: str, priority: int):
+        self.name = name
+        self.device_type = device_type
+        self.priority = priority
+
+    def priority_on(self, device):
+        return self.priority if torch.device(device).type == self.device_type else -1
+
+    def unavailable_reason(self, device):
+        device = torch.device(device)
+        if device.type != self.device_type:
+            return f"runs on {self.device_type} tensors only"
+        if self.device_type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            reason = _cuda_buildable()
+            if reason is not None and importlib.util.find_spec("fromage_fused._C") is None:
+                return f"the CUDA kernels cannot be built here: {reason}"
+        load()
+        if self.device_type == "cuda" and not has_cuda_kernels():
+            raise BackendUnavailable("the extension was built without its CUDA kernels (no nvcc or CUDA torch at build time)")
+        return None
+
+    def stats(self, params, grads, *, inner=True):
+        if not params:
+            return torch.zeros(0, 3)
+        load()
+        return torch.ops.fromage_fused.stats(_dense(params), _dense(grads), inner)
+
+    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
+        if not params:
+            return
+        load()
+        # Non-contiguous tensors are stepped through contiguous copies, written back after the op.
+        work = _dense(params)
+        torch.ops.fromage_fused.apply_(
+            work, _dense(grads), stats.to(torch.float32).contiguous(), lr.to(torch.float32).reshape(()),
+            [] if max_norms is None else list(max_norms), p_bound, bool(maximize), bool(prefactor),
+            None if found_inf is None else found_inf.to(torch.float32),
+            None if grad_scale is None else grad_scale.to(torch.float32),
+            None if sr_seed is None else sr_seed.to(torch.int64),
+        )
+        for p, w in zip(params, work):
+            if w is not p:
+                p.copy_(w)
