@@ -19,41 +19,13 @@ from typing import List, Optional
 
 import torch
 
+from .._build import CPU_SOURCES, CSRC, CUDA_SOURCES, cpu_compile_flags, cuda_compile_flags, cuda_unbuildable_reason
 from ._base import Backend, BackendUnavailable
 
 REQUIRE_ENV = "FROMAGE_FUSED_REQUIRE_EXT"
 DIR_ENV = "FROMAGE_FUSED_EXT_DIR"
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ["fromage_cpu.cpp"]
-CUDA_SOURCES = ["fromage_cuda_ops.cpp", "fromage_cuda.cu"]
-
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None}
-
-
-def cpu_compile_flags() -> List[str]:
-    """C++ flags of the CPU kernels: vector ISA of this machine, and no FMA contraction in scalar
-    code (so the stochastically rounded bf16 results equal those of the torch recipe bit for bit)."""
-    flags = ["-O3", "-ffp-contract=off"]
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return flags
-
-
-def cuda_compile_flags() -> List[str]:
-    return ["-O3", "-lineinfo"]
-
-
-def _cuda_buildable() -> Optional[str]:
-    """None if the CUDA part can be compiled here, else why not."""
-    if torch.version.cuda is None:
-        return "torch is a CPU-only build"
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME is None:
-        return "nvcc / CUDA_HOME not found"
-    return None
 
 
 def _cache_dir(variant: str) -> Path:
@@ -93,7 +65,7 @@ def _load_once() -> str:
             return "prebuilt"
         except OSError as exc:  # built against another torch: rebuild below
             errors.append(f"prebuilt {spec.origin} failed to load ({exc})")
-    variants = ["cuda", "cpu"] if _cuda_buildable() is None else ["cpu"]
+    variants = ["cuda", "cpu"] if cuda_unbuildable_reason() is None else ["cpu"]
     for variant in variants:
         try:
             _jit(variant)
@@ -170,7 +142,7 @@ class NativeBackend(Backend):
         if self.device_type == "cuda":
             if not torch.cuda.is_available():
                 return "CUDA is not available"
-            reason = _cuda_buildable()
+            reason = cuda_unbuildable_reason()
             if reason is not None and importlib.util.find_spec("fromage_fused._C") is None:
                 return f"the CUDA kernels cannot be built here: {reason}"
         load()
