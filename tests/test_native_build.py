@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def broken_build(monkeypatch):
     """A fresh loader whose build fails, as without a compiler."""
-    monkeypatch.setattr(native, "_state", {"loaded": None, "error": None})
+    monkeypatch.setattr(native, "_state", {"loaded": None, "error": None, "cuda_error": None})
     monkeypatch.setattr(backends, "_warned", set())
 
     def fail():
@@ -78,3 +78,13 @@ def test_torch_compile_traces_the_ops_through_their_fake_implementations():
         fp = [mode.from_tensor(p) for p in params]
         out = torch.ops.fromage_fused.stats(fp, fp, True)
         assert out.shape == (2, 3) and out.dtype == torch.float32
+
+
+def test_missing_sources_give_a_clear_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {"loaded": None, "error": None, "cuda_error": None})
+    monkeypatch.setattr(native, "CSRC", tmp_path)
+    real_find_spec = native.importlib.util.find_spec
+    monkeypatch.setattr(native.importlib.util, "find_spec", lambda name, *a: None if name == "fromage_fused._C" else real_find_spec(name, *a))
+    monkeypatch.delenv(native.REQUIRE_ENV, raising=False)
+    with pytest.raises(backends.BackendUnavailable, match="sources not found"):
+        native.load()

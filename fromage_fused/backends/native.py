@@ -25,7 +25,8 @@ from ._base import Backend, BackendUnavailable
 REQUIRE_ENV = "FROMAGE_FUSED_REQUIRE_EXT"
 DIR_ENV = "FROMAGE_FUSED_EXT_DIR"
 _lock = threading.Lock()
-_state = {"loaded": None, "error": None}
+_state = {"loaded": None, "error": None, "cuda_error": None}
+_fakes_registered = []
 
 
 def _cache_dir(variant: str) -> Path:
@@ -55,6 +56,13 @@ def _jit(variant: str) -> None:
     )
 
 
+def _summary(exc: Exception) -> str:
+    """The compiler's error lines of a failed build (torch puts the whole log in the message)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return " | ".join((errors or lines or [repr(exc)])[:3])
+
+
 def _load_once() -> str:
     """Load the ops into ``torch.ops.fromage_fused``; return how ('prebuilt', 'jit-cuda', 'jit-cpu')."""
     spec = importlib.util.find_spec("fromage_fused._C")
@@ -73,11 +81,17 @@ def _load_once() -> str:
         except BackendUnavailable:
             raise
         except Exception as exc:  # compiler missing, compile error, ninja missing
-            errors.append(f"JIT build ({variant}) failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}")
+            errors.append(f"JIT build ({variant}) failed: {_summary(exc)}")
+            if variant == "cuda":
+                _state["cuda_error"] = errors[-1]
     raise BackendUnavailable(
         "the C++ extension could not be built: " + "; ".join(errors) +
-        f" (needs a C++ compiler and ninja; set FROMAGE_FUSED_VERBOSE_BUILD=1 to see the build log)"
+        " (needs a C++ compiler and ninja; FROMAGE_FUSED_VERBOSE_BUILD=1 shows the build log)"
     )
+
+
+def _required() -> bool:
+    return os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0")
 
 
 def load() -> str:
@@ -91,7 +105,7 @@ def load() -> str:
             except BackendUnavailable as exc:
                 _state["error"] = exc
         if _state["error"] is not None:
-            if os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0"):
+            if _required():
                 raise RuntimeError(f"{REQUIRE_ENV} is set and {_state['error']}")
             raise _state["error"]
         return _state["loaded"]
@@ -103,6 +117,9 @@ def has_cuda_kernels() -> bool:
 
 def _register_fakes() -> None:
     """Meta/fake implementations, so that torch.compile can trace the ops."""
+    if _fakes_registered:
+        return
+    _fakes_registered.append(True)
 
     @torch.library.register_fake("fromage_fused::stats")
     def _stats_fake(params, grads, inner):
@@ -147,7 +164,11 @@ class NativeBackend(Backend):
                 return f"the CUDA kernels cannot be built here: {reason}"
         load()
         if self.device_type == "cuda" and not has_cuda_kernels():
-            raise BackendUnavailable("the extension was built without its CUDA kernels (no nvcc or CUDA torch at build time)")
+            why = _state.get("cuda_error") or "no nvcc or no CUDA torch when it was built"
+            message = f"the extension has no CUDA kernels: {why}"
+            if _required():
+                raise RuntimeError(f"{REQUIRE_ENV} is set and {message}")
+            raise BackendUnavailable(message)
         return None
 
     def stats(self, params, grads, *, inner=True):
