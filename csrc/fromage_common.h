@@ -36,12 +36,17 @@ FF_HD uint16_t bf16_bits_rne(uint32_t bits) {
 }
 
 // bf16 bits of fp32 `bits` rounded stochastically; element `idx` (flat, row-major) of the tensor
-// whose stream is `stream`. Non-finite values round to nearest.
-FF_HD uint16_t bf16_bits_stochastic(uint32_t bits, int64_t idx, uint32_t stream) {
-  if ((bits & 0x7F800000u) == 0x7F800000u) return bf16_bits_rne(bits);
-  uint32_t r = mix32(static_cast<uint32_t>(static_cast<uint64_t>(idx)) ^ stream) & 0xFFFFu;
-  return static_cast<uint16_t>((bits + r) >> 16);
+// whose stream is `stream` (`idx_low`: its low 32 bits). Non-finite values round to nearest (infinities are exact, NaN becomes
+// the quiet NaN). Branch-free, so that loops over it vectorise.
+FF_HD uint16_t bf16_bits_stochastic(uint32_t bits, uint32_t idx_low, uint32_t stream) {
+  const uint32_t r = mix32(idx_low ^ stream) & 0xFFFFu;
+  const bool finite = (bits & 0x7F800000u) != 0x7F800000u;
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(finite ? (bits + r) >> 16 : (nan ? 0x7FC0u : bits >> 16));
 }
+
+// Only the low 32 bits of the element index enter the hash.
+FF_HD uint32_t index_low(int64_t idx) { return static_cast<uint32_t>(static_cast<uint64_t>(idx)); }
 
 // The update of one tensor is p <- cp * p + cg * g. Mirrors _math.coefficients operation for
 // operation (float arithmetic, same order), so that the CPU results can be compared bit for bit.

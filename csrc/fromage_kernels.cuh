@@ -91,7 +91,7 @@ __device__ __forceinline__ void store_vec(typename Tr::S* ptr, const typename Tr
 template <class Tr, bool SR>
 __device__ __forceinline__ typename Tr::S round_to(float x, int64_t idx, uint32_t stream) {
   if constexpr (SR) {
-    return bf16_bits_stochastic(__float_as_uint(x), idx, stream);
+    return bf16_bits_stochastic(__float_as_uint(x), index_low(idx), stream);
   } else {
     return Tr::from_f(x);
   }
@@ -241,7 +241,7 @@ __global__ void round_bf16_kernel(const float* __restrict__ x, uint16_t* __restr
   const uint32_t stream = sr_stream(*seed, tensor_index);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = bf16_bits_stochastic(__float_as_uint(x[i]), i, stream);
+    out[i] = bf16_bits_stochastic(__float_as_uint(x[i]), index_low(i), stream);
 }
 
 }  // namespace ff
