@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import List, Optional
@@ -37,8 +39,28 @@ def _cache_dir(variant: str) -> Path:
     return path
 
 
+def _ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; a virtual environment that is not activated has it beside
+    its python (the ``ninja`` package) but not on PATH."""
+    if shutil.which("ninja"):
+        return
+    candidates = [str(Path(sys.executable).parent)]
+    try:
+        import ninja
+
+        candidates.insert(0, ninja.BIN_DIR)
+    except ImportError:
+        pass
+    for directory in candidates:
+        if shutil.which("ninja", path=directory):
+            os.environ["PATH"] = directory + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 def _jit(variant: str) -> None:
     from torch.utils.cpp_extension import load
+
+    _ninja_on_path()
 
     sources = CPU_SOURCES + (CUDA_SOURCES if variant == "cuda" else [])
     missing = [s for s in sources if not (CSRC / s).is_file()]
