@@ -207,7 +207,7 @@ class NativeBackend(Backend):
         work = _dense(params)
         torch.ops.fromage_fused.apply_(
             work, _dense(grads), stats.to(torch.float32).contiguous(), lr.to(torch.float32).reshape(()),
-            [] if max_norms is None else list(max_norms), p_bound, bool(maximize), bool(prefactor),
+            [] if max_norms is None else list(max_norms), None if p_bound is None else float(p_bound), bool(maximize), bool(prefactor),
             None if found_inf is None else found_inf.to(torch.float32),
             None if grad_scale is None else grad_scale.to(torch.float32),
             None if sr_seed is None else sr_seed.to(torch.int64),
