@@ -17,7 +17,6 @@ import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 
