@@ -34,4 +34,17 @@ for cu in csrc/*.cu; do
         echo "nvcc_check: $cu OK ($kernels kernel builds for sm_80+sm_90, no spills)"
     fi
 done
+# The torch glue needs a CUDA build of torch's headers; checked when they are given, e.g. unzipped
+# from a CUDA torch wheel: TORCH_CUDA_INCLUDE=/path/to/torch/include .ci/nvcc_check.sh
+if [ -n "${TORCH_CUDA_INCLUDE:-}" ]; then
+    cuda_top=${CUDA_HOME:-$("$NVCC" -v --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p')}
+    cuda_inc=$cuda_top/include
+    if "${CXX:-c++}" -std=c++20 -fsyntax-only -Icsrc -isystem "$TORCH_CUDA_INCLUDE" \
+        -isystem "$TORCH_CUDA_INCLUDE/torch/csrc/api/include" -isystem "$cuda_inc" csrc/fromage_cuda_ops.cpp; then
+        echo "nvcc_check: csrc/fromage_cuda_ops.cpp OK against $TORCH_CUDA_INCLUDE"
+    else
+        echo "nvcc_check: csrc/fromage_cuda_ops.cpp failed against $TORCH_CUDA_INCLUDE"
+        status=1
+    fi
+fi
 exit "$status"
