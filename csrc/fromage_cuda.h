@@ -1,0 +1,42 @@
+// Host interface of the CUDA kernels (fromage_cuda.cu). Plain C++: neither torch nor CUDA types,
+// so the kernels compile with nvcc alone and the torch glue (fromage_cuda_ops.cpp) needs no CUDA
+// headers of its own beyond torch's.
+#pragma once
+
+#include <cstdint>
+
+namespace ff {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct TensorRef {
+  void* p;           // parameter data (updated in place by apply)
+  const void* g;     // gradient data
+  float* max_norm;   // 0-d float32 state, or nullptr without p_bound
+  int64_t numel;
+};
+
+constexpr int64_t kCudaChunk = 65536;  // elements per block
+
+// Chunks of all tensors together (an empty tensor counts one): the size of the partials buffer / 3.
+int64_t cuda_total_chunks(const TensorRef* tensors, int64_t n);
+
+// Each returns 0 or a cudaError_t value. `stream` is a cudaStream_t.
+// stats: [n, 3] float32 written for every tensor; partials: 3 * cuda_total_chunks floats;
+// counters: n zeroed unsigned ints.
+int cuda_stats(const TensorRef* tensors, int64_t n, DType dtype, bool inner, float* stats, float* partials,
+               unsigned* counters, void* stream);
+
+// All scalars but p_bound and the flags live in device memory; found_inf, grad_scale and seed may
+// be nullptr.
+int cuda_apply(const TensorRef* tensors, int64_t n, DType dtype, const float* stats, const float* lr,
+               const float* found_inf, const float* grad_scale, const int64_t* seed, bool has_p_bound,
+               float p_bound, bool maximize, bool prefactor, void* stream);
+
+// The kernels' element rounding on its own, for bit-exact tests of the recipe.
+int cuda_round_bf16_stochastic(const float* x, uint16_t* out, int64_t n, const int64_t* seed, int64_t tensor_index,
+                               void* stream);
+
+const char* cuda_error_string(int error);
+
+}  // namespace ff
