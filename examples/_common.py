@@ -31,10 +31,13 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a seconds-long run with tiny settings (for tests)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", choices=["kaiming", "default"], default="kaiming", help="weight initialisation of the MLPs")
     return parser.parse_args(argv)
 
 
 def out_dir(args: argparse.Namespace, name: str) -> str:
+    if args.init != "kaiming":
+        name += f"-{args.init}-init"
     path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     os.makedirs(path, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -54,9 +57,13 @@ def digits(seed: int = 0):
     return x[train], y[train], x[test], y[test]
 
 
-def mlp(depth: int, width: int, *, inputs: int = 64, classes: int = 10, batchnorm: bool = False, seed: int = 0) -> torch.nn.Sequential:
-    """``depth`` linear layers without biases, ReLU between them, PyTorch's default initialisation.
+def mlp(depth: int, width: int, *, inputs: int = 64, classes: int = 10, batchnorm: bool = False, seed: int = 0,
+        init: str = "kaiming") -> torch.nn.Sequential:
+    """``depth`` linear layers without biases, ReLU between them.
 
+    ``init="kaiming"``: He-normal weights (gain sqrt(2) before a ReLU, 1 for the last layer), which
+    keep the signal's scale through depth; ``"default"``: PyTorch's own, whose signal shrinks by
+    about sqrt(3) per ReLU layer.
     ``batchnorm=True`` follows every linear layer by a BatchNorm without affine parameters, which
     makes the loss invariant to the scale of each weight matrix.
     """
@@ -65,6 +72,10 @@ def mlp(depth: int, width: int, *, inputs: int = 64, classes: int = 10, batchnor
     layers: List[torch.nn.Module] = []
     for i in range(depth):
         layers.append(torch.nn.Linear(sizes[i], sizes[i + 1], bias=False))
+        if init == "kaiming":
+            torch.nn.init.kaiming_normal_(layers[-1].weight, nonlinearity="relu" if i < depth - 1 else "linear")
+        elif init != "default":
+            raise ValueError(f"unknown init {init!r}")
         if batchnorm:
             layers.append(torch.nn.BatchNorm1d(sizes[i + 1], affine=False))
         if i < depth - 1:
@@ -109,7 +120,8 @@ def train(net, opt, x, y, *, steps: int, batch: int = 128, seed: int = 0, every:
     return True
 
 
-def write_summary(path: str, lines: List[str]) -> None:
+def write_summary(path: str, lines: List[str], args: argparse.Namespace) -> None:
+    lines = lines + [f"init {args.init}, seed {args.seed}{', --quick' if args.quick else ''}"]
     with open(os.path.join(path, "summary.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     for depth in depths:
         for name, make in OPTIMIZERS.items():
             for lr in lrs[name]:
-                net = mlp(depth, width, seed=args.seed)
+                net = mlp(depth, width, seed=args.seed, init=args.init)
                 train(net, make(net.parameters(), lr), x, y, steps=steps, seed=args.seed)
                 loss, acc = evaluate(net, x, y)
                 results[name].setdefault(depth, {})[lr] = acc
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     for d in depths:
         lines.append(f"{d:5d} " + " ".join(f"{max(results[n][d].values()):8.3f}" for n in results))
     lines.append(f"lr grids: {json.dumps(lrs)}; wall time {clock}")
-    write_summary(path, lines)
+    write_summary(path, lines, args)
     return results
 
 

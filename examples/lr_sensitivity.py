@@ -3,12 +3,13 @@
 MLPs of depth 3 and 8 (width 64, no batch norm) on scikit-learn's digits, each optimizer run over
 the same log grid of learning rates from 1e-4 to 1. Plots the final training loss against the
 learning rate, and reports which learning rate was best for each optimizer at each depth and the
-range within which the loss stays within 2x of each optimizer's best.
+range of learning rates that fit the training set (final training loss below 0.01).
 
     python examples/lr_sensitivity.py [--quick] [--out DIR]
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -16,6 +17,9 @@ import sys
 import matplotlib.pyplot as plt
 
 from _common import COLORS, OPTIMIZERS, Clock, digits, evaluate, log_grid, mlp, out_dir, parse_args, train, write_summary
+
+
+FIT = 0.01  # a final training loss below this fits the training set
 
 
 def main(argv=None) -> dict:
@@ -31,7 +35,7 @@ def main(argv=None) -> dict:
         for name, make in OPTIMIZERS.items():
             rows = []
             for lr in lrs:
-                net = mlp(depth, width, seed=args.seed)
+                net = mlp(depth, width, seed=args.seed, init=args.init)
                 train(net, make(net.parameters(), lr), x, y, steps=steps, seed=args.seed)
                 loss, _ = evaluate(net, x, y)
                 rows.append((lr, loss, evaluate(net, xt, yt)[1]))
@@ -61,13 +65,16 @@ def main(argv=None) -> dict:
     lines = [f"lr sensitivity: width {width}, {steps} steps of batch 128, lr grid {lrs[0]:g}..{lrs[-1]:g} ({len(lrs)} points)"]
     for (depth, name), rows in results.items():
         best = min(rows, key=lambda r: r[1])
-        good = [r[0] for r in rows if r[1] <= 2 * best[1] + 1e-3]
+        good = [r[0] for r in rows if r[1] < FIT]
+        span = f"[{min(good):.3g}, {max(good):.3g}]" if good else "none"
         lines.append(
             f"depth {depth} {name:7s}: best lr {best[0]:.3g} (train loss {best[1]:.3g}, test acc {best[2]:.3f}); "
-            f"loss within 2x of best (+1e-3) for lr in [{min(good):.3g}, {max(good):.3g}] ({len(good)}/{len(rows)} grid points)"
+            f"train loss < {FIT:g} for lr in {span} ({len(good)}/{len(rows)} grid points)"
         )
     lines.append(f"wall time {clock}")
-    write_summary(path, lines)
+    with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump([{"depth": d, "optimizer": n, "lr": r[0], "train_loss": r[1] if math.isfinite(r[1]) else None, "test_acc": r[2]} for (d, n), rows in results.items() for r in rows], f, indent=1)
+    write_summary(path, lines, args)
     return results
 
 

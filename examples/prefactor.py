@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     results = {}  # (name, lr) -> {"steps", "norms" (per layer, relative to start), "loss"}
     for lr in lrs:
         for name, prefactor in (("LARS", False), ("Fromage", True)):
-            net = mlp(depth, width, batchnorm=True, seed=args.seed)
+            net = mlp(depth, width, batchnorm=True, seed=args.seed, init=args.init)
             start = [w.detach().norm().item() for w in weights(net)]
             rec = {"steps": [], "norms": [], "loss": []}
 
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
             f"(LARS theory (1+lr^2)^(T/2) = {(1 + lr * lr) ** (steps / 2):.4g}); final loss {rec['loss'][-1]:.4g}, best {min(rec['loss']):.4g}"
         )
     lines.append(f"wall time {clock}")
-    write_summary(path, lines)
+    write_summary(path, lines, args)
     return results
 
 

@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     clock = Clock()
     results = {}  # depth -> checkpoint -> (loss0, rows)
     for depth in depths:
-        net = mlp(depth, width, seed=args.seed)
+        net = mlp(depth, width, seed=args.seed, init=args.init)
         opt = Fromage(net.parameters(), lr=lr)
         done = 0
         for c in checkpoints:
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
                 f"layer-1 gradient change >= 100% from eta {min(unity) if unity else float('nan'):.3g}"
             )
     lines.append(f"wall time {clock}")
-    write_summary(path, lines)
+    write_summary(path, lines, args)
     return results
 
 
