@@ -103,6 +103,9 @@ def main(argv=None) -> dict:
                 f"loss rises above start from eta {min(worse) if worse else float('nan'):.3g}; "
                 f"layer-1 gradient change >= 100% from eta {min(unity) if unity else float('nan'):.3g}"
             )
+    # Every layer moved by exactly eta relative to itself, so the distance is (1 + eta)^L - 1.
+    err = max(abs(r[3] - ((1 + r[0]) ** d - 1)) / ((1 + r[0]) ** d - 1) for d in depths for _, rows in results[d].values() for r in rows)
+    lines.append(f"deep_relative_trust of each perturbation vs (1 + eta)^L - 1: max relative difference {err:.2g}")
     lines.append(f"wall time {clock}")
     write_summary(path, lines, args)
     return results
