@@ -167,3 +167,17 @@ def test_max_safe_lr_defaults_and_limits():
 def test_max_safe_lr_rejects(depth, cos_theta):
     with pytest.raises(ValueError):
         max_safe_lr(depth, cos_theta)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_float64_and_cpu_snapshots(dtype):
+    a, b = _pair(dtype)
+    a_cuda = [x.cuda() for x in a]
+    want = torch.tensor(_direct(a, b), dtype=torch.float64)
+    for other in ([y.cuda() for y in b], b):  # a snapshot kept on the CPU is moved to a's device
+        got = relative_changes(a_cuda, other)
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.double().cpu(), want, rtol=TRUST_RTOL[dtype], atol=0)
+    mixed = a_cuda[:4] + a[4:]  # two devices: the result lives on the first tensor's
+    torch.testing.assert_close(relative_changes(mixed, b).double().cpu(), want, rtol=TRUST_RTOL[dtype], atol=0)
