@@ -27,6 +27,12 @@ def test_example_quick_run_writes_files(name, tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert len(summary.splitlines()) >= 3 and "wall time" in summary
     assert results
+    if name == "trust_breakdown":
+        # every layer moved by exactly eta relative to itself: the distance is (1 + eta)^L - 1
+        for depth, by_step in results.items():
+            for _, rows in by_step.values():
+                for eta, _, _, drt in rows:
+                    assert drt == pytest.approx((1 + eta) ** depth - 1, rel=1e-4)
     if name == "prefactor":
         # A scale-invariant layer's gradient is orthogonal to it: each LARS step grows its norm by
         # sqrt(1 + lr^2) (up to BatchNorm's eps, which breaks exact scale invariance); Fromage keeps it.
