@@ -31,17 +31,19 @@ class Fromage(Optimizer):
             tasks, 0.001 for fine-tuning).
         p_bound: if set, each tensor's norm is kept at most ``p_bound`` times its initial norm.
         maximize: ascend instead of descend.
+        prefactor: divide by ``sqrt(1 + lr^2)`` (Fromage). ``False`` drops it, which gives the
+            paper's LARS baseline (eq. 5), whose weight norms grow step after step.
         backend: ``"auto"`` (fastest that works here; ``$FROMAGE_FUSED_BACKEND`` overrides it) or
             one of :func:`fromage_fused.available_backends`.
     """
 
-    def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, backend: str = "auto"):
+    def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, prefactor: bool = True, backend: str = "auto"):
         _check_lr(lr)
         _check_p_bound(p_bound)
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a name, got {backend!r}")
         self.backend = _backends.requested_name(backend)
-        defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize))
+        defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize), prefactor=bool(prefactor))
         super().__init__(params, defaults)
         if self.backend != _backends.AUTO:
             for device in {p.device for g in self.param_groups for p in g["params"]}:
@@ -123,11 +125,17 @@ class Fromage(Optimizer):
                 lr=group["lr"],
                 p_bound=p_bound,
                 maximize=group["maximize"],
+                prefactor=group["prefactor"],
                 found_inf=found_inf,
                 grad_scale=grad_scale,
             )
         sharded.step(self._max_norm, found_inf=found_inf, grad_scale=grad_scale)
         return loss
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("prefactor", True)  # saved before the option existed
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         # torch casts floating state to each parameter's dtype (bf16, complex...); max_norm is

@@ -1,0 +1,183 @@
+"""deep_relative_trust, relative_changes and max_safe_lr against direct float64 computations."""
+import math
+
+import pytest
+import torch
+
+import fromage_fused
+from fromage_fused import deep_relative_trust, max_safe_lr, relative_changes
+from _oracle import MIXED_SHAPES, ZERO_INIT, mixed_tensors
+
+BACKENDS = [b for b in fromage_fused.available_backends("cpu") if b != "reference"] + ["reference"]
+# float32/bf16/fp16 norms accumulate in fp32 (the stats contract); the relative error of a ratio
+# of two such norms of tensors up to 4097 elements stays well below these.
+TRUST_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+def _direct(a, b):
+    """The definition in float64, one tensor at a time, zero norms by the documented convention."""
+    out = []
+    for x, y in zip(a, b):
+        x, y = x.double(), y.to(x.dtype).double()
+        d, n = (y - x).norm().item(), x.norm().item()
+        out.append(d / n if n > 0 else (math.inf if d > 0 else 0.0))
+    return out
+
+
+def _pair(dtype, seed=0):
+    a = mixed_tensors(dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    b = []
+    for i, x in enumerate(a):
+        scale = 10.0 ** (i % 4 - 3)  # relative changes from 1e-3 to 1
+        b.append((x.double() + scale * (x.double().norm() + 1) * torch.randn(x.shape, generator=gen, dtype=torch.float64) / max(x.numel(), 1) ** 0.5).to(dtype))
+    b[ZERO_INIT] = a[ZERO_INIT].clone()  # a zero tensor left unchanged
+    return a, b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(TRUST_RTOL))
+def test_relative_changes_match_float64(backend, dtype):
+    a, b = _pair(dtype)
+    got = relative_changes(a, b, backend=backend)
+    want = torch.tensor(_direct(a, b), dtype=torch.float64)
+    assert got.shape == (len(a),)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), want, rtol=TRUST_RTOL[dtype], atol=0)
+    assert want[ZERO_INIT] == 0 and want[MIXED_SHAPES.index((0,))] == 0  # the zero-norm cases are in
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_deep_relative_trust_matches_product(dtype):
+    a, b = _pair(dtype, seed=3)
+    want = math.prod(1 + r for r in _direct(a, b)) - 1
+    got = deep_relative_trust(a, b)
+    assert got.dim() == 0
+    assert got.item() == pytest.approx(want, rel=TRUST_RTOL[dtype])
+
+
+def test_small_distances_keep_precision():
+    a = [torch.randn(20, 20) for _ in range(50)]
+    b = [x * (1 + 1e-6) for x in a]
+    rel = relative_changes(a, b).double()
+    want = math.expm1(sum(math.log1p(r) for r in _direct(a, b)))
+    assert deep_relative_trust(a, b).item() == pytest.approx(want, rel=1e-3)
+    assert rel.sum().item() == pytest.approx(want, rel=1e-3)
+
+
+def test_zero_norm_changed_is_inf():
+    a = [torch.zeros(3), torch.ones(2, 2)]
+    b = [torch.tensor([0.0, 1e-10, 0.0]), torch.ones(2, 2)]
+    assert relative_changes(a, b).tolist() == [math.inf, 0.0]
+    assert deep_relative_trust(a, b).item() == math.inf
+    assert deep_relative_trust(a, a).item() == 0.0
+
+
+def test_identical_and_scaled():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    assert deep_relative_trust(net, net).item() == 0.0
+    b = [2 * p.detach() for p in net.parameters()]
+    torch.testing.assert_close(relative_changes(net, b), torch.ones(4))
+    assert deep_relative_trust(net, b).item() == pytest.approx(2 ** 4 - 1, rel=1e-6)
+
+
+def test_complex_and_mixed_groups_keep_order():
+    a = [torch.randn(4, dtype=torch.complex64), torch.randn(3, dtype=torch.float64), torch.randn(5)]
+    b = [x * 1.5 for x in a]
+    got = relative_changes(a, b)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.full((3,), 0.5, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_b_is_cast_to_a():
+    a = [torch.randn(6, 6)]
+    b = [a[0].double() * 1.25]
+    assert relative_changes(a, b).item() == pytest.approx(0.25, rel=1e-6)
+
+
+def test_fromage_step_changes_each_tensor_by_lr():
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Tanh(), torch.nn.Linear(20, 4)).double()
+    before = [p.detach().clone() for p in net.parameters()]
+    net(torch.randn(8, 10, dtype=torch.float64)).square().sum().backward()
+    cos = torch.stack([(p * p.grad).sum() / (p.norm() * p.grad.norm()) for p in net.parameters()])
+    lr = 0.01
+    fromage_fused.Fromage(net.parameters(), lr=lr).step()
+    got = relative_changes(before, net)
+    # p' - p = ((1 - s) p - lr ||p|| g/||g||) / s with s = sqrt(1 + lr^2): lr to first order (eq. 6)
+    s = math.sqrt(1 + lr * lr)
+    exact = ((1 - s) ** 2 - 2 * (1 - s) * lr * cos + lr * lr).sqrt() / s
+    torch.testing.assert_close(got, exact, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got, torch.full((4,), lr, dtype=torch.float64), rtol=lr, atol=0)
+
+
+def test_no_host_sync(monkeypatch):
+    a, b = _pair(torch.float32)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host synchronisation")
+
+    for name in ("item", "__bool__", "__float__", "tolist", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    r = relative_changes(a, b, backend="foreach")
+    d = deep_relative_trust(a, b, backend="foreach")
+    monkeypatch.undo()
+    assert r.shape == (len(a),) and math.isfinite(d.item())
+
+
+@pytest.mark.parametrize("make_b, match", [
+    (lambda a: a[:-1], "has 12 tensors but params_b has 11"),
+    (lambda a: a[:2] + [torch.zeros(4, 3, 3, 8)] + a[3:], r"tensor 2 has shape \(8, 3, 3, 3\)"),
+    (lambda a: a[:1] + [torch.zeros(17, dtype=torch.int64)] + a[2:], "tensor 1 of params_b has dtype torch.int64"),
+    (lambda a: a[:1] + ["x"] + a[2:], r"params_b\[1\] is a str"),
+])
+def test_mismatch_raises(make_b, match):
+    a = mixed_tensors(torch.float32)
+    with pytest.raises(ValueError, match=match):
+        relative_changes(a, make_b(a))
+    with pytest.raises(ValueError, match=match):
+        deep_relative_trust(a, make_b(a))
+
+
+def test_single_tensor_and_empty():
+    x = torch.randn(3)
+    with pytest.raises(ValueError, match="single tensor"):
+        relative_changes(x, x)
+    assert relative_changes([], []).shape == (0,)
+    assert deep_relative_trust([], []).item() == 0.0
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 8, 16, 50, 1000])
+@pytest.mark.parametrize("cos_theta", [1.0, 0.5, 0.1, 1e-9, 0.0, -0.5])
+def test_max_safe_lr_formula(depth, cos_theta):
+    want = (1 + cos_theta) ** (1 / depth) - 1
+    assert max_safe_lr(depth, cos_theta) == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_max_safe_lr_defaults_and_limits():
+    assert max_safe_lr(1) == 1.0
+    assert max_safe_lr(2) == pytest.approx(math.sqrt(2) - 1, rel=1e-15)
+    assert max_safe_lr(10 ** 6) == pytest.approx(math.log(2) / 10 ** 6, rel=1e-6)
+    assert max_safe_lr(5, -1.0) == -1.0
+
+
+@pytest.mark.parametrize("depth, cos_theta", [(0, 1.0), (-3, 1.0), (2.5, 1.0), (True, 1.0), ("4", 1.0),
+                                              (4, 1.5), (4, -1.01), (4, float("nan")), (4, "1"), (4, None)])
+def test_max_safe_lr_rejects(depth, cos_theta):
+    with pytest.raises(ValueError):
+        max_safe_lr(depth, cos_theta)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_float64_and_cpu_snapshots(dtype):
+    a, b = _pair(dtype)
+    a_cuda = [x.cuda() for x in a]
+    want = torch.tensor(_direct(a, b), dtype=torch.float64)
+    for other in ([y.cuda() for y in b], b):  # a snapshot kept on the CPU is moved to a's device
+        got = relative_changes(a_cuda, other)
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.double().cpu(), want, rtol=TRUST_RTOL[dtype], atol=0)
+    mixed = a_cuda[:4] + a[4:]  # two devices: the result lives on the first tensor's
+    torch.testing.assert_close(relative_changes(mixed, b).double().cpu(), want, rtol=TRUST_RTOL[dtype], atol=0)
