@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch.optim import Optimizer
 
+from . import _training
 from . import backends as _backends
 from .functional import UNSET_MAX_NORM, plan, step_groups
 
@@ -54,19 +55,29 @@ class Fromage(Optimizer):
         maximize: ascend instead of descend.
         backend: ``"auto"`` (fastest that works here; ``$FROMAGE_FUSED_BACKEND`` overrides it) or
             one of :func:`fromage_fused.available_backends`.
+        stochastic_rounding: round bf16 parameters stochastically (unbiased) instead of to
+            nearest, so that updates smaller than half a bf16 ulp survive in expectation.
+        seed: seed of the stochastic rounding (default: drawn from torch's generator).
+
+    Works with ``torch.amp.GradScaler`` without an unscale pass, with CUDA-graph capture (``lr``
+    as a device tensor, state created by eager warm-up steps) and with ``torch.compile``.
     """
 
-    def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, backend: str = "auto"):
+    # GradScaler then skips its unscale pass and sets ``grad_scale`` / ``found_inf`` before step():
+    # the update is invariant to the gradient's scale except in the zero-norm fallback.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, backend: str = "auto",
+                 stochastic_rounding: bool = False, seed: Optional[int] = None):
         _check_lr(lr)
         _check_p_bound(p_bound)
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a name, got {backend!r}")
         self.backend = _backends.requested_name(backend)
-        defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize))
+        self._sr_base = _training.initial_seed(seed)
+        self._device_backends: Dict[torch.device, _backends.Backend] = {}
+        defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize), stochastic_rounding=bool(stochastic_rounding))
         super().__init__(params, defaults)
-        if self.backend != _backends.AUTO:
-            for device in {p.device for g in self.param_groups for p in g["params"]}:
-                _backends.check(self.backend, device)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if "lr" in param_group:
@@ -74,13 +85,45 @@ class Fromage(Optimizer):
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
         super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._backend_for(p.device)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("stochastic_rounding", False)  # saved before the option existed
+        if "_sr_base" not in self.__dict__:
+            self._sr_base = _training.initial_seed(None)
+        if "_device_backends" not in self.__dict__:
+            self._device_backends = {}
+
+    def _backend_for(self, device: torch.device) -> _backends.Backend:
+        # Resolved once per device, eagerly: the registry's lookups are host work that a compiled
+        # or captured step must not repeat (and, for a named backend, construction must reject).
+        backend = self._device_backends.get(device)
+        if backend is None:
+            backend = self._device_backends[device] = _backends.resolve(self.backend, device)
+        return backend
 
     def _max_norm(self, p: torch.Tensor) -> torch.Tensor:
         # Created on the host without reading any value: the step itself sets an unset one.
         state = self.state[p]
         if "max_norm" not in state:
+            _training.refuse_new_state("max_norm", p.device)
             state["max_norm"] = torch.full((), UNSET_MAX_NORM, dtype=torch.float32, device=p.device)
         return state["max_norm"]
+
+    def _sr_seed(self, group: Dict[str, Any], device: torch.device) -> torch.Tensor:
+        # One seed per (param group, device), kept in the state of that group's first bf16
+        # parameter on the device: a fixed place, whichever parameters have gradients this step.
+        anchor = next(p for p in group["params"] if p.dtype == torch.bfloat16 and p.device == device)
+        state = self.state[anchor]
+        if "sr_seed" not in state:
+            _training.refuse_new_state("sr_seed", device)
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            value = _training.group_seed(self._sr_base, index, device)
+            state["sr_seed"] = torch.full((), value, dtype=torch.int64, device=device)
+        return state["sr_seed"]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -89,28 +132,38 @@ class Fromage(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Plan (validate and group) every param group before any parameter or state changes.
-        planned = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                grads = [p.grad for p in params]
-                planned.append((group, params, plan(params, grads, None, backend=self.backend)))
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for group, params, groups in planned:
-            p_bound = group["p_bound"]
-            if p_bound is not None:
-                for g in groups:
-                    g.max_norms = [self._max_norm(params[i]) for i in g.indices]
-            step_groups(
-                groups,
-                lr=group["lr"],
-                p_bound=p_bound,
-                maximize=group["maximize"],
-                found_inf=found_inf,
-                grad_scale=grad_scale,
-            )
+        with _training.scaler_attributes(self) as (grad_scale, found_inf):
+            # Plan (validate and group) every param group before any parameter or state changes.
+            planned = []
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    groups = []
+                    for device in dict.fromkeys(p.device for p in params):
+                        on_device = [p for p in params if p.device == device]
+                        _training.check_capturable_lr(group["lr"], device)
+                        for g in plan(on_device, [p.grad for p in on_device], None, backend=self._backend_for(device)):
+                            groups.append((g, on_device))
+                    planned.append((group, groups))
+            for group, groups in planned:
+                p_bound = group["p_bound"]
+                for g, on_device in groups:
+                    if p_bound is not None:
+                        g.max_norms = [self._max_norm(on_device[i]) for i in g.indices]
+                    sr_seed = None
+                    if group["stochastic_rounding"] and g.dtype == torch.bfloat16:
+                        sr_seed = self._sr_seed(group, g.device)
+                    step_groups(
+                        [g],
+                        lr=group["lr"],
+                        p_bound=p_bound,
+                        maximize=group["maximize"],
+                        found_inf=found_inf,
+                        grad_scale=grad_scale,
+                        sr_seed=sr_seed,
+                    )
+                    if sr_seed is not None:
+                        _training.advance_seed(sr_seed, found_inf)
         return loss
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
