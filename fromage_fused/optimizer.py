@@ -166,13 +166,21 @@ class Fromage(Optimizer):
                         _training.advance_seed(sr_seed, found_inf)
         return loss
 
+    # State whose dtype is fixed by contract, whatever the parameter's dtype.
+    _STATE_DTYPES = {"max_norm": torch.float32, "sr_seed": torch.int64}
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # torch casts floating state to each parameter's dtype (bf16, complex...); max_norm is
-        # float32 by contract, so put the saved values back after the base class has loaded.
-        saved = {k: v["max_norm"] for k, v in state_dict["state"].items() if isinstance(v, dict) and "max_norm" in v}
+        # torch casts every state tensor of a floating parameter to the parameter's dtype (bf16,
+        # complex...), which would round max_norm and destroy the int64 seed: put the saved values
+        # back after the base class has loaded.
+        saved = {
+            k: {key: v[key] for key in self._STATE_DTYPES if key in v}
+            for k, v in state_dict["state"].items() if isinstance(v, dict)
+        }
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
-            if pid in saved:
-                self.state[p]["max_norm"] = torch.as_tensor(saved[pid]).detach().to(device=p.device, dtype=torch.float32).clone().reshape(())
+            for key, value in saved.get(pid, {}).items():
+                dtype = self._STATE_DTYPES[key]
+                self.state[p][key] = torch.as_tensor(value).detach().to(device=p.device, dtype=dtype).clone().reshape(())

@@ -6,12 +6,20 @@ import pytest
 import torch
 
 from fromage_fused import available_backends
-from _training_setup import LR, assert_same, loss_of, make, snapshot
+from _training_setup import LR, assert_same, loss_of, make, one_thread, snapshot
 
 SCALE = 2.0 ** 16
 #: scaled vs unscaled runs, dtype -> (atol, rtol): a power-of-two scale is exact, so only a
 #: reordered reduction could differ; bf16 allows one stochastic rounding to the other neighbour.
 SCALED_TOL = {torch.float32: (1e-7, 1e-6), torch.bfloat16: (0.0, 2 ** -7)}
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
