@@ -85,8 +85,12 @@ class Fromage(Optimizer):
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            self._backend_for(p.device)
+        try:
+            for p in self.param_groups[-1]["params"]:
+                self._backend_for(p.device)
+        except Exception:
+            self.param_groups.pop()  # a group whose backend cannot run is not added
+            raise
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -133,37 +137,33 @@ class Fromage(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with _training.scaler_attributes(self) as (grad_scale, found_inf):
-            # Plan (validate and group) every param group before any parameter or state changes.
+            # Plan (validate, group, find or create state) for every param group before any
+            # parameter changes, and before any kernel is enqueued.
             planned = []
             for group in self.param_groups:
                 params = [p for p in group["params"] if p.grad is not None]
-                if params:
-                    groups = []
-                    for device in dict.fromkeys(p.device for p in params):
-                        on_device = [p for p in params if p.device == device]
-                        _training.check_capturable_lr(group["lr"], device)
-                        for g in plan(on_device, [p.grad for p in on_device], None, backend=self._backend_for(device)):
-                            groups.append((g, on_device))
-                    planned.append((group, groups))
-            for group, groups in planned:
-                p_bound = group["p_bound"]
-                for g, on_device in groups:
-                    if p_bound is not None:
-                        g.max_norms = [self._max_norm(on_device[i]) for i in g.indices]
-                    sr_seed = None
-                    if group["stochastic_rounding"] and g.dtype == torch.bfloat16:
-                        sr_seed = self._sr_seed(group, g.device)
-                    step_groups(
-                        [g],
-                        lr=group["lr"],
-                        p_bound=p_bound,
-                        maximize=group["maximize"],
-                        found_inf=found_inf,
-                        grad_scale=grad_scale,
-                        sr_seed=sr_seed,
-                    )
-                    if sr_seed is not None:
-                        _training.advance_seed(sr_seed, found_inf)
+                for device in dict.fromkeys(p.device for p in params):
+                    on_device = [p for p in params if p.device == device]
+                    _training.check_capturable_lr(group["lr"], device)
+                    for g in plan(on_device, [p.grad for p in on_device], None, backend=self._backend_for(device)):
+                        if group["p_bound"] is not None:
+                            g.max_norms = [self._max_norm(on_device[i]) for i in g.indices]
+                        sr_seed = None
+                        if group["stochastic_rounding"] and g.dtype == torch.bfloat16:
+                            sr_seed = self._sr_seed(group, g.device)
+                        planned.append((group, g, sr_seed))
+            for group, g, sr_seed in planned:
+                step_groups(
+                    [g],
+                    lr=group["lr"],
+                    p_bound=group["p_bound"],
+                    maximize=group["maximize"],
+                    found_inf=found_inf,
+                    grad_scale=grad_scale,
+                    sr_seed=sr_seed,
+                )
+                if sr_seed is not None:
+                    _training.advance_seed(sr_seed, found_inf)
         return loss
 
     # State whose dtype is fixed by contract, whatever the parameter's dtype.

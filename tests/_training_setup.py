@@ -47,10 +47,13 @@ def batch(step, device="cpu"):
     return torch.randn(8, 6, generator=gen).to(device), torch.randn(8, 5, generator=gen).to(device)
 
 
-def loss_of(model, step, device="cpu"):
-    x, y = batch(step, device)
+def loss_from(model, x, y):
     out, extra = model(x)
     return ((out - y) ** 2).mean() + 1e-3 * extra
+
+
+def loss_of(model, step, device="cpu"):
+    return loss_from(model, *batch(step, device))
 
 
 def snapshot(model, opt):
