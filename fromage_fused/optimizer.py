@@ -76,7 +76,7 @@ class Fromage(Optimizer):
         self.backend = _backends.requested_name(backend)
         self._sr_base = _training.initial_seed(seed)
         self._device_backends: Dict[torch.device, _backends.Backend] = {}
-        defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize), stochastic_rounding=bool(stochastic_rounding))
+        defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize), stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -84,6 +84,9 @@ class Fromage(Optimizer):
             _check_lr(param_group["lr"])
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
+        rounding = param_group.get("stochastic_rounding", self.defaults["stochastic_rounding"])
+        if not isinstance(rounding, bool):
+            raise ValueError(f"stochastic_rounding must be True or False, got {rounding!r}")
         super().add_param_group(param_group)
         try:
             for p in self.param_groups[-1]["params"]:
@@ -92,14 +95,21 @@ class Fromage(Optimizer):
             self.param_groups.pop()  # a group whose backend cannot run is not added
             raise
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch keeps only defaults, state and param_groups; the backend choice and the seed
+        # belong to the optimizer too (resolved backends are not copied: they are found again).
+        state = super().__getstate__()
+        state.update(backend=self.backend, _sr_base=self._sr_base)
+        return state
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("stochastic_rounding", False)  # saved before the option existed
+        self.__dict__.setdefault("backend", _backends.AUTO)
         if "_sr_base" not in self.__dict__:
             self._sr_base = _training.initial_seed(None)
-        if "_device_backends" not in self.__dict__:
-            self._device_backends = {}
+        self.__dict__.setdefault("_device_backends", {})
 
     def _backend_for(self, device: torch.device) -> _backends.Backend:
         # Resolved once per device, eagerly: the registry's lookups are host work that a compiled

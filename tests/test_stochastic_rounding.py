@@ -172,3 +172,15 @@ def test_bf16_training_tracks_fp32():
     assert drop > 0.02
     assert (sr - fp32).abs().max() < TRACK_RTOL * drop
     assert nearest[0] - nearest[-1] < STALLED * drop
+
+
+def test_copies_keep_backend_and_seed():
+    import copy
+    import pickle
+
+    model, opt = run(7, steps=2)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.backend == opt.backend and clone._sr_base == opt._sr_base
+        assert [g["stochastic_rounding"] for g in clone.param_groups] == [False, False, True]
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        Fromage([nn.Parameter(torch.ones(2))], stochastic_rounding="yes")
