@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from fromage_fused import available_backends
-from _training_setup import LR, assert_same, loss_of, make, one_thread, snapshot
+from _training_setup import LR, assert_same, loss_of, make, one_thread, snapshot, training_backends
 
 SCALE = 2.0 ** 16
 #: scaled vs unscaled runs, dtype -> (atol, rtol): a power-of-two scale is exact, so only a
@@ -24,16 +23,10 @@ def _one_thread():
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def backends(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        return ["foreach"]
-    return available_backends(device)
-
-
 def cases():
     for device in DEVICES:
         name = device if isinstance(device, str) else device.values[0]
-        for b in backends(name):
+        for b in training_backends(name):
             yield pytest.param(name, b, marks=getattr(device, "marks", ()), id=f"{name}-{b}")
 
 

@@ -3,7 +3,7 @@ eager result. Small models, few compiles: compilation dominates the cost on CPU.
 import pytest
 import torch
 
-from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, one_thread, snapshot
+from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, one_thread, snapshot, training_backends
 
 #: compiled vs eager after STEPS steps; bf16 allows a stochastic rounding that went the other way
 #: after a one-ulp fp32 difference (a reordered reduction).
@@ -24,14 +24,22 @@ def _graph_breaks(fn):
     return explained.graph_break_count, [b.reason for b in explained.break_reasons]
 
 
-@pytest.mark.parametrize("warm", [False, True], ids=["creates-state", "warm"])
-def test_step_has_no_graph_breaks(warm):
-    model, opt = make(lr=torch.tensor(LR))
-    loss_of(model, 0).backward()
+def graph_cases():
+    yield pytest.param("cpu", "foreach", False, id="cpu-foreach-creates-state")
+    for backend in training_backends("cpu", reference=False):
+        yield pytest.param("cpu", backend, True, id=f"cpu-{backend}-warm")
+    for backend in training_backends("cuda", reference=False):
+        yield pytest.param("cuda", backend, True, id=f"cuda-{backend}-warm", marks=pytest.mark.gpu)
+
+
+@pytest.mark.parametrize("device,backend,warm", list(graph_cases()))
+def test_step_has_no_graph_breaks(device, backend, warm):
+    model, opt = make(device, backend, lr=torch.tensor(LR, device=device))
+    loss_of(model, 0, device).backward()
     if warm:
         opt.step()
-    opt.grad_scale = torch.tensor(2.0 ** 10)  # as GradScaler sets them
-    opt.found_inf = torch.tensor(0.0)
+    opt.grad_scale = torch.tensor(2.0 ** 10, device=device)  # as GradScaler sets them
+    opt.found_inf = torch.tensor(0.0, device=device)
     breaks, reasons = _graph_breaks(opt.step)
     assert breaks == 0, reasons
     assert "max_norm" in opt.state[model.lin.weight] and "sr_seed" in opt.state[model.low]

@@ -4,9 +4,7 @@ same step logic runs on CPU in test_compile.py and test_amp.py."""
 import pytest
 import torch
 
-from fromage_fused import available_backends
-from fromage_fused.backends import get
-from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, snapshot
+from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, snapshot, training_backends
 
 pytestmark = pytest.mark.gpu
 
@@ -18,9 +16,7 @@ DEVICE = "cuda"
 
 
 def capture_backends():
-    if not torch.cuda.is_available():
-        return ["foreach"]
-    return [b for b in available_backends(DEVICE) if not get(b).syncs]
+    return training_backends(DEVICE, reference=False)
 
 
 def device_lr():
