@@ -3,6 +3,8 @@ eager result. Small models, few compiles: compilation dominates the cost on CPU.
 import pytest
 import torch
 
+from fromage_fused import Fromage
+
 from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, one_thread, snapshot, training_backends
 
 #: compiled vs eager after STEPS steps; bf16 allows a stochastic rounding that went the other way
@@ -68,3 +70,30 @@ def test_compiled_training_step_matches_eager():
                 sched.step()
         runs.append(snapshot(model, opt))
     assert_same(runs[0], runs[1], exact=False, tol=COMPILE_TOL)
+
+
+
+def test_inductor_step_matches_eager():
+    # The optimizer step alone through inductor, fullgraph, on one bf16 tensor with max_norm and
+    # stochastic rounding (the fp32 path runs through inductor in test_guide.py); the lr tensor
+    # changes in place half-way.
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(300).to(torch.bfloat16))
+        opt = Fromage([p], lr=torch.tensor(LR), p_bound=1.0, stochastic_rounding=True, seed=3, backend="foreach")
+        grads = torch.randn(STEPS + 1, 300).to(torch.bfloat16)
+        p.grad = grads[STEPS]
+        opt.step()  # state first: one compile
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+            for i in range(STEPS):
+                p.grad = grads[i]
+                step()
+                if i == STEPS // 2:
+                    opt.param_groups[0]["lr"].fill_(LR / 3)
+        runs.append((p.detach().clone(), opt.state[p]["max_norm"].clone(), opt.state[p]["sr_seed"].clone()))
+    (p0, m0, s0), (p1, m1, s1) = runs
+    atol, rtol = COMPILE_TOL[torch.bfloat16]
+    torch.testing.assert_close(p1, p0, atol=atol, rtol=rtol)
+    assert torch.equal(m1, m0) and torch.equal(s1, s0)
