@@ -150,6 +150,11 @@ class ShardedStep:
         plain = [p for p in params if not is_dtensor(p)]
         if len(plain) == len(params):
             return params
+        if group.get("stochastic_rounding") and any(is_dtensor(p) and p.dtype == torch.bfloat16 for p in params):
+            raise RuntimeError(
+                "stochastic_rounding is not supported for DTensor (FSDP2) parameters yet; "
+                "keep fp32 master weights (FSDP2's MixedPrecisionPolicy) or turn it off for that group"
+            )
         by_key: Dict[Tuple[object, Tuple[int, ...]], List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for i, p in enumerate(params):
             if is_dtensor(p):
@@ -180,5 +185,5 @@ class ShardedStep:
                     g.max_norms = [max_norm(dtensors[i]) for i in g.indices]
                 run_apply(
                     g, s, lr=pg["lr"], p_bound=p_bound, maximize=pg["maximize"],
-                    found_inf=found_inf, grad_scale=grad_scale,
+                    prefactor=pg.get("prefactor", True), found_inf=found_inf, grad_scale=grad_scale,
                 )

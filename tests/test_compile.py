@@ -1,0 +1,99 @@
+"""torch.compile: the optimizer step traces as one graph, and a compiled training step gives the
+eager result. Small models, few compiles: compilation dominates the cost on CPU."""
+import pytest
+import torch
+
+from fromage_fused import Fromage
+
+from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, one_thread, snapshot, training_backends
+
+#: compiled vs eager after STEPS steps; bf16 allows a stochastic rounding that went the other way
+#: after a one-ulp fp32 difference (a reordered reduction).
+COMPILE_TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (0.0, 2 ** -6)}
+STEPS = 12
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    with one_thread():
+        yield
+    torch._dynamo.reset()
+
+
+def _graph_breaks(fn):
+    explained = torch._dynamo.explain(fn)()
+    return explained.graph_break_count, [b.reason for b in explained.break_reasons]
+
+
+def graph_cases():
+    yield pytest.param("cpu", "foreach", False, id="cpu-foreach-creates-state")
+    for backend in training_backends("cpu", reference=False):
+        yield pytest.param("cpu", backend, True, id=f"cpu-{backend}-warm")
+    for backend in training_backends("cuda", reference=False):
+        yield pytest.param("cuda", backend, True, id=f"cuda-{backend}-warm", marks=pytest.mark.gpu)
+
+
+@pytest.mark.parametrize("device,backend,warm", list(graph_cases()))
+def test_step_has_no_graph_breaks(device, backend, warm):
+    model, opt = make(device, backend, lr=torch.tensor(LR, device=device))
+    loss_of(model, 0, device).backward()
+    if warm:
+        opt.step()
+    opt.grad_scale = torch.tensor(2.0 ** 10, device=device)  # as GradScaler sets them
+    opt.found_inf = torch.tensor(0.0, device=device)
+    breaks, reasons = _graph_breaks(opt.step)
+    assert breaks == 0, reasons
+    assert "max_norm" in opt.state[model.lin.weight] and "sr_seed" in opt.state[model.low]
+
+
+def test_compiled_training_step_matches_eager():
+    # aot_eager traces forward, backward and the step exactly as inductor would receive them,
+    # at a fraction of the compile time; the inductor path runs in test_guide.py.
+    runs = []
+    for compiled in (False, True):
+        model, opt = make(lr=torch.tensor(LR))
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+
+        def train_step(x, y):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_from(model, x, y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        train_step(*batch(STEPS))  # an eager step creates the state: one compile, not two
+        fn = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+            for step in range(STEPS):
+                fn(*batch(step))
+                sched.step()
+        runs.append(snapshot(model, opt))
+    assert_same(runs[0], runs[1], exact=False, tol=COMPILE_TOL)
+
+
+
+def test_inductor_step_matches_eager():
+    # The optimizer step alone through inductor, fullgraph, on one bf16 tensor with max_norm and
+    # stochastic rounding (the fp32 path runs through inductor in test_guide.py); the lr tensor
+    # changes in place half-way.
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(300).to(torch.bfloat16))
+        opt = Fromage([p], lr=torch.tensor(LR), p_bound=1.0, stochastic_rounding=True, seed=3, backend="foreach")
+        grads = torch.randn(STEPS + 1, 300).to(torch.bfloat16)
+        p.grad = grads[STEPS]
+        opt.step()  # state first: one compile
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+            for i in range(STEPS):
+                p.grad = grads[i]
+                step()
+                if i == STEPS // 2:
+                    opt.param_groups[0]["lr"].fill_(LR / 3)
+        runs.append((p.detach().clone(), opt.state[p]["max_norm"].clone(), opt.state[p]["sr_seed"].clone()))
+    (p0, m0, s0), (p1, m1, s1) = runs
+    atol, rtol = COMPILE_TOL[torch.bfloat16]
+    torch.testing.assert_close(p1, p0, atol=atol, rtol=rtol)
+    assert torch.equal(m1, m0) and torch.equal(s1, s0)

@@ -1,0 +1,120 @@
+"""CUDA graphs: a captured training step replays like eager steps (lr changed in place by a
+scheduler included); what a capture cannot hold is refused with a clear error. GPU only; the
+same step logic runs on CPU in test_compile.py and test_amp.py."""
+import pytest
+import torch
+
+from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, snapshot, training_backends
+
+pytestmark = pytest.mark.gpu
+
+#: replayed vs eager after WARMUP + STEPS steps; bf16 allows a stochastic rounding that went the
+#: other way after a one-ulp fp32 difference.
+GRAPH_TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (0.0, 2 ** -6)}
+WARMUP, STEPS = 3, 12
+DEVICE = "cuda"
+
+
+def capture_backends():
+    return training_backends(DEVICE, reference=False)
+
+
+def device_lr():
+    return torch.tensor(LR, device=DEVICE)
+
+
+def eager_run(backend):
+    model, opt = make(DEVICE, backend, lr=device_lr())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    for step in range(WARMUP + STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss_from(model, *batch(step, DEVICE)).backward()
+        opt.step()
+        if step >= WARMUP:
+            sched.step()
+    torch.cuda.synchronize()
+    return snapshot(model, opt), opt
+
+
+def warm_up(model, opt, static_x, static_y):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(WARMUP):
+            x, y = batch(step, DEVICE)
+            static_x.copy_(x)
+            static_y.copy_(y)
+            opt.zero_grad(set_to_none=True)
+            loss_from(model, static_x, static_y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@pytest.mark.parametrize("backend", capture_backends())
+def test_replay_matches_eager(backend):
+    eager, eager_opt = eager_run(backend)
+
+    model, opt = make(DEVICE, backend, lr=device_lr())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    static_x, static_y = (t.clone() for t in batch(0, DEVICE))
+    warm_up(model, opt, static_x, static_y)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss_from(model, static_x, static_y).backward()
+        opt.step()
+    for step in range(WARMUP, WARMUP + STEPS):
+        x, y = batch(step, DEVICE)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        sched.step()
+    torch.cuda.synchronize()
+    assert opt.param_groups[0]["lr"].item() == eager_opt.param_groups[0]["lr"].item() < LR
+    assert_same(eager, snapshot(model, opt), exact=False, tol=GRAPH_TOL)
+
+
+@pytest.mark.parametrize("lr", [LR, torch.tensor(LR)], ids=["python-float", "cpu-tensor"])
+def test_capture_refuses_an_lr_it_cannot_follow(lr):
+    model, opt = make(DEVICE, "foreach", lr=lr)
+    static_x, static_y = (t.clone() for t in batch(0, DEVICE))
+    warm_up(model, opt, static_x, static_y)
+    before = snapshot(model, opt)
+    graph = torch.cuda.CUDAGraph()
+    marker = torch.zeros((), device=DEVICE)
+    with pytest.raises(RuntimeError, match="captured Fromage step needs lr"):
+        with torch.cuda.graph(graph):
+            marker.add_(1)
+            opt.step()
+    torch.cuda.synchronize()
+    assert_same(before, snapshot(model, opt))
+
+
+def test_capture_refuses_to_create_state():
+    model, opt = make(DEVICE, "foreach", lr=device_lr())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    graph = torch.cuda.CUDAGraph()
+    marker = torch.zeros((), device=DEVICE)
+    with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            marker.add_(1)
+            opt.step()
+    assert not any(opt.state.values())
+
+
+@pytest.mark.parametrize("backend", capture_backends())
+def test_eager_step_does_not_sync(backend):
+    model, opt = make(DEVICE, backend, lr=device_lr())
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, step, DEVICE).backward()
+        opt.grad_scale = torch.tensor(1024.0, device=DEVICE)  # as GradScaler sets them
+        opt.found_inf = torch.zeros((), device=DEVICE)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert opt.state[model.lin.weight]["max_norm"].item() > 0
