@@ -81,9 +81,9 @@ def broken(monkeypatch):
 def test_auto_falls_back_from_a_broken_backend_with_one_warning(broken):
     assert "broken-test" not in fromage_fused.available_backends("cpu")
     p = nn.Parameter(torch.randn(4))
-    opt = Fromage([p], lr=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        opt = Fromage([p], lr=0.1)  # auto is resolved per device at construction
         for _ in range(3):
             p.grad = torch.randn(4)
             before = p.detach().clone()

@@ -187,7 +187,7 @@ def test_deepcopy_and_pickle(backend):
     opt.step(closure_for(opt, loss_fn))
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert clone.backend == backend
-        assert {k: clone.defaults[k] for k in ("lr", "p_bound", "maximize")} == opt.defaults
+        assert {k: clone.defaults[k] for k in opt.defaults} == opt.defaults
         assert clone.param_groups[0]["p_bound"] == 1.0
         ps = clone.param_groups[0]["params"]
         assert all(torch.equal(a, b) for a, b in zip(ps, net.parameters()))
@@ -249,4 +249,4 @@ def test_state_dict_hooks():
 def test_is_a_torch_optimizer():
     opt = Fromage([nn.Parameter(torch.randn(2))])
     assert isinstance(opt, torch.optim.Optimizer)
-    assert opt.defaults == {"lr": 0.01, "p_bound": None, "maximize": False}
+    assert opt.defaults == {"lr": 0.01, "p_bound": None, "maximize": False, "prefactor": True, "stochastic_rounding": False}

@@ -132,6 +132,12 @@ def load() -> str:
         return _state["loaded"]
 
 
+def _ensure_loaded() -> None:
+    # Lock-free once loaded: a step traced by torch.compile must not enter the lock.
+    if _state["loaded"] is None:
+        load()
+
+
 def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fromage_fused::apply_", "CUDA")
 
@@ -195,13 +201,13 @@ class NativeBackend(Backend):
     def stats(self, params, grads, *, inner=True):
         if not params:
             return torch.zeros(0, 3)
-        load()
+        _ensure_loaded()
         return torch.ops.fromage_fused.stats(_dense(params), _dense(grads), inner)
 
     def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
         if not params:
             return
-        load()
+        _ensure_loaded()
         # Non-contiguous tensors are stepped through contiguous copies, written back after the op.
         work = _dense(params)
         torch.ops.fromage_fused.apply_(
