@@ -54,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-grads", action="store_true", help="new gradient storage before every step (backends that cache tensor tables rebuild them)")
     p.add_argument("--p-bound", type=float, default=None, help="run Fromage with this p_bound (default: none)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); recorded in every row")
+    p.add_argument("--compile-presets", help="presets on which torch.compile runs (default: all; --quick: none on CPU, gpt2-small on GPU)")
     p.add_argument("--compile-max-tensors", type=int, default=400, help="skip torch.compile on presets with more tensors")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     mode = (QUICK if args.quick else FULL)[device.type]
     settings = _contenders.Settings(p_bound=args.p_bound, compile_max_tensors=args.compile_max_tensors,
-                                    compile_presets=mode["compile_presets"])
+                                    compile_presets=_csv(args.compile_presets) or mode["compile_presets"])
     if args.list:
         for p in _presets.PRESETS.values():
             print(f"preset     {p.name:<14} {p.about}")
