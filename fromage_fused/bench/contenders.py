@@ -60,6 +60,8 @@ class Context:
     preset: str
     settings: Settings
     notes: List[str] = field(default_factory=list)
+    #: What a contender shares between the parameter sets of one preset (a compiled function).
+    shared: dict = field(default_factory=dict)
 
 
 def _fromage_backend(name: str) -> Contender:
@@ -78,6 +80,17 @@ def _loop(params, ctx):
     return LoopFromage(params, lr=ctx.settings.lr, p_bound=ctx.settings.p_bound).step
 
 
+def _compiled_foreach(p_bound):
+    # The backend is looked up here, not in the compiled function, so the registry is not traced.
+    foreach = _backends.get("foreach")
+
+    def foreach_step(params, grads, max_norms, lr):
+        stats = foreach.stats(params, grads, inner=p_bound is not None)
+        foreach.apply(params, grads, stats, lr=lr, max_norms=max_norms, p_bound=p_bound, maximize=False)
+
+    return torch.compile(foreach_step)
+
+
 def _compile(params, ctx):
     s = ctx.settings
     if s.compile_presets is not None and ctx.preset not in s.compile_presets:
@@ -89,17 +102,11 @@ def _compile(params, ctx):
     lr = torch.tensor(s.lr, dtype=acc, device=device)
     grads = [p.grad for p in params]
     max_norms = [torch.full((), -1.0, device=device) for _ in params] if s.p_bound is not None else None
-    # Looked up here, not in the compiled function, so that the registry is not traced.
-    foreach = _backends.get("foreach")
-    inner = s.p_bound is not None
-
-    def foreach_step(params, grads, max_norms, lr):
-        stats = foreach.stats(params, grads, inner=inner)
-        foreach.apply(params, grads, stats, lr=lr, max_norms=max_norms, p_bound=s.p_bound, maximize=False)
-
-    # A fresh cache per preset: a recompile for new shapes would otherwise go dynamic-shaped.
-    torch._dynamo.reset()
-    fn = torch.compile(foreach_step)
+    fn = ctx.shared.get("compiled")
+    if fn is None:
+        fn = ctx.shared["compiled"] = _compiled_foreach(s.p_bound)
+        # A fresh cache per preset: a recompile for new shapes would otherwise go dynamic-shaped.
+        torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     start = time.perf_counter()
@@ -107,8 +114,9 @@ def _compile(params, ctx):
         fn(params, grads, max_norms, lr)
     except Exception as exc:  # any compiler failure is a result to report, not a crash
         raise Skip(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-    breaks = sum(counters["graph_break"].values())
-    ctx.notes.append(f"compiled in {time.perf_counter() - start:.0f} s" + (f", {breaks} graph breaks" if breaks else ""))
+    if not ctx.notes:
+        breaks = sum(counters["graph_break"].values())
+        ctx.notes.append(f"compiled in {time.perf_counter() - start:.0f} s" + (f", {breaks} graph breaks" if breaks else ""))
 
     def step():
         fn(params, [p.grad for p in params], max_norms, lr)
