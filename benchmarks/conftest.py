@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
 from fromage_fused.bench import measure, presets  # noqa: E402
-from fromage_fused.bench.run import Config, _Data  # noqa: E402
+from fromage_fused.bench.runner import Config, _Data  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("FROMAGE_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 PRESET_NAMES = [n for n in os.environ.get("FROMAGE_BENCH_PRESETS", "").split(",") if n] or presets.QUICK[DEVICE.type]

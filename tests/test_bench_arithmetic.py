@@ -7,7 +7,7 @@ import torch
 from fromage_fused.bench import contenders as C
 from fromage_fused.bench import measure, traffic
 from fromage_fused.bench.presets import PRESETS, many_small, numel
-from fromage_fused.bench.run import add_ratios
+from fromage_fused.bench.runner import add_ratios
 
 
 def test_gbps_and_copy_bandwidth():

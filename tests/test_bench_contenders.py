@@ -5,7 +5,7 @@ import torch
 from fromage_fused import Fromage
 from fromage_fused.bench import contenders as C
 from fromage_fused.bench.loop import LoopFromage
-from fromage_fused.bench.run import Config, _Data
+from fromage_fused.bench.runner import Config, _Data
 
 
 def _tensors(dtype=torch.float64):
@@ -97,3 +97,29 @@ def test_rotation_and_fresh_gradient_storage():
     assert data.prepare() == 0
     assert data.prepare() == 1
     assert [p.grad.data_ptr() for p in data.params[1]] == first
+
+
+def test_out_of_memory_is_a_skipped_row(monkeypatch):
+    from fromage_fused.bench import runner as R
+    from fromage_fused.bench.presets import Preset
+
+    tiny = Preset("tiny", "", lambda: [(3,), (4, 2)], lambda: [(3,), (4, 2)])
+
+    def no_memory(params, ctx):
+        raise MemoryError("cannot allocate 80 GB")
+
+    cfg = Config(device=torch.device("cpu"), presets=[tiny], contender_patterns=["loop", "fromage:foreach"],
+                 repeats=3, warmup=1, copy_bytes=2**20, progress=False, plot=False)
+    monkeypatch.setattr(C, "_loop", no_memory)
+    rows, _ = R.run(cfg, log=lambda msg: None)
+    by = {r["contender"]: r for r in rows}
+    assert by["loop"]["status"] == "skipped" and "out of memory: cannot allocate 80 GB" in by["loop"]["note"]
+    assert by["fromage:foreach"]["status"] == "ok"
+
+    def no_room(*args):
+        raise MemoryError("no room for the tensors")
+
+    monkeypatch.setattr(R, "_Data", no_room)
+    rows, _ = R.run(cfg, log=lambda msg: None)
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert all("no room for the tensors" in r["note"] for r in rows)

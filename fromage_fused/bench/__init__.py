@@ -5,6 +5,6 @@ median, quartiles, effective GB/s, fraction of the measured copy bandwidth, and 
 per-tensor loop, the foreach backend, and torch's fused SGD and AdamW.
 """
 from .presets import PRESETS
-from .run import Config, run
+from .runner import Config, run
 
 __all__ = ["PRESETS", "Config", "run"]

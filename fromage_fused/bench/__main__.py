@@ -17,7 +17,7 @@ import torch
 from . import contenders as _contenders
 from . import presets as _presets
 from . import measure, report
-from .run import Config, run
+from .runner import Config, run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 

@@ -94,7 +94,8 @@ def _compiled_foreach(p_bound):
 def _compile(params, ctx):
     s = ctx.settings
     if s.compile_presets is not None and ctx.preset not in s.compile_presets:
-        raise Skip(f"compile runs only on {list(s.compile_presets)} in this mode (it takes minutes per preset)")
+        where = f"only on {', '.join(s.compile_presets)}" if s.compile_presets else "on no preset"
+        raise Skip(f"torch.compile runs {where} in this mode (minutes per preset); choose with --compile-presets")
     if len(params) > s.compile_max_tensors:
         raise Skip(f"{len(params)} tensors > --compile-max-tensors {s.compile_max_tensors} (tracing takes too long)")
     device = params[0].device

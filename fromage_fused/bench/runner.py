@@ -97,6 +97,28 @@ def _save(cfg: Config, rows: List[Dict], meta: Dict) -> None:
     report.write_csv(cfg.out / f"{cfg.name}.csv", rows)
 
 
+#: A step that does not fit is a result (a skipped row), not the end of the run.
+_OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
+
+
+def _measure_row(env, cfg: Config, preset: Preset, shapes, sets: int, contender, data: _Data, copy: float, log) -> Dict:
+    ctx = _contenders.Context(preset.name, cfg.settings)
+    steps = []
+    try:
+        steps = [contender.build(params, ctx) for params in data.params]
+        timing = measure.time_step(lambda: steps[data.turn](), data.prepare, cfg.device,
+                                   warmup=cfg.warmup, repeats=cfg.repeats, budget_s=cfg.budget_s)
+        return _row(env, cfg, preset, shapes, sets, contender, note="; ".join(ctx.notes), timing=timing, copy_gbps=copy)
+    except _contenders.Skip as why:
+        note = str(why)
+    except _OUT_OF_MEMORY as exc:
+        note = f"out of memory: {str(exc).splitlines()[0][:160]}"
+    finally:
+        steps.clear()  # drop optimizer state before the next contender allocates its own
+    log(f"skip {contender.name} on {preset.name}: {note}")
+    return _row(env, cfg, preset, shapes, sets, contender, note=note, copy_gbps=copy)
+
+
 def run(cfg: Config, log=print) -> Tuple[List[Dict], Dict]:
     from tqdm import tqdm
 
@@ -115,20 +137,19 @@ def run(cfg: Config, log=print) -> Tuple[List[Dict], Dict]:
         for preset in cfg.presets:
             shapes = preset.shapes(device)
             sets = cfg.sets or measure.parameter_sets(numel(shapes) * itemsize * 2, cache)
-            data = _Data(shapes, sets, cfg)
+            try:
+                data = _Data(shapes, sets, cfg)
+            except _OUT_OF_MEMORY as exc:
+                data = None
+                _free(device)
+                note = f"out of memory for the tensors: {str(exc).splitlines()[0][:160]}"
+                log(f"skip {preset.name}: {note}")
             for contender in candidates:
                 bar.set_description(f"{preset.name} {contender.name}")
-                ctx = _contenders.Context(preset.name, cfg.settings)
-                steps = None
-                try:
-                    steps = [contender.build(params, ctx) for params in data.params]
-                    timing = measure.time_step(lambda: steps[data.turn](), data.prepare, device,
-                                               warmup=cfg.warmup, repeats=cfg.repeats, budget_s=cfg.budget_s)
-                    rows.append(_row(env, cfg, preset, shapes, sets, contender, note="; ".join(ctx.notes), timing=timing, copy_gbps=copy))
-                except _contenders.Skip as why:
-                    log(f"skip {contender.name} on {preset.name}: {why}")
-                    rows.append(_row(env, cfg, preset, shapes, sets, contender, note=str(why), copy_gbps=copy))
-                del steps
+                if data is None:
+                    rows.append(_row(env, cfg, preset, shapes, sets, contender, note=note, copy_gbps=copy))
+                else:
+                    rows.append(_measure_row(env, cfg, preset, shapes, sets, contender, data, copy, log))
                 _free(device)
                 add_ratios(rows)
                 _save(cfg, rows, meta)
