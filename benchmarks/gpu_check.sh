@@ -6,7 +6,8 @@
 #
 # Writes, flat in $OUT: install.log build.log tests.log bench.log bench-cuda.json bench-cuda.csv
 # bench-cuda.png (7 files). Prints one status line per stage and, last, the results table.
-# Each stage runs under `timeout`; the limits add up to 455 s, under 8 minutes with start-up.
+# Each stage runs under `timeout`; the limits add up to 445 s (465 s if every stage had to be
+# killed), under 8 minutes.
 # A benchmark cut off by its limit still leaves the rows it finished (saved after every row).
 # Limits can be changed with LIMIT_<STAGE>=seconds; SKIP_INSTALL=1 skips the install.
 set -u
@@ -20,7 +21,7 @@ status=0
 stage() {  # stage NAME SECONDS CMD...: output to $OUT/NAME.log; print rc, time and the log's tail
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "(stopped at the ${limit}s limit)" >>"$OUT/$name.log"; fi
     echo "== $name: rc=$rc in $((SECONDS - start))s (limit ${limit}s)"
@@ -51,7 +52,7 @@ print('available on', device, fromage_fused.available_backends(device))
 
 stage tests "${LIMIT_TESTS:-70}" "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider
 
-stage bench "${LIMIT_BENCH:-180}" "$PY" -m fromage_fused.bench --quick --device "$DEVICE" --out "$OUT" \
+stage bench "${LIMIT_BENCH:-170}" "$PY" -m fromage_fused.bench --quick --device "$DEVICE" --out "$OUT" \
     --name "bench-$DEVICE" --no-progress
 
 echo
