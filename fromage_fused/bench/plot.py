@@ -34,7 +34,7 @@ def plot(rows: Sequence[Dict], path: Path) -> Path:
     first = rows[0] if rows else {}
     axes[-1, 0].set_xlabel("effective GB/s / copy GB/s (1.0 = a step at copy speed of its work bytes)")
     fig.suptitle(f"{first.get('device_name', '')} - {first.get('dtype', '')} - torch {first.get('torch', '')}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
