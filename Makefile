@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py requirements-dev.txt
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/python -m fromage_fused.demo
+	$(BIN)/python -m fromage_fused.bench --quick
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
