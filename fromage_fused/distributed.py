@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed
 
+from .backends import Backend
 from .functional import Group, plan, run_apply, run_stats
 
 __all__ = ["is_dtensor", "ShardedStep", "stats_bytes_per_step"]
@@ -133,8 +134,9 @@ class ShardedStep:
     ``step`` runs stats, one all-reduce per (mesh, sharded dims), and apply.
     """
 
-    def __init__(self, backend: str):
-        self.backend = backend
+    def __init__(self, backend_for: Callable[[torch.device], Backend]):
+        # The optimizer's backend per device, resolved once: the same one its plain tensors get.
+        self.backend_for = backend_for
         self.buckets: Dict[Tuple[object, Tuple[int, ...]], _Bucket] = {}
 
     def take(self, group: dict, params: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -161,10 +163,12 @@ class ShardedStep:
                 local_p, local_g = _local_pair(i, p, p.grad)
                 by_key.setdefault((p.device_mesh, _sharded_dims(p.placements)), []).append((p, local_p, local_g))
         for key, entries in by_key.items():
-            dtensors = [e[0] for e in entries]
-            groups = plan([e[1] for e in entries], [e[2] for e in entries], None, backend=self.backend)
             bucket = self.buckets.setdefault(key, _Bucket(*key))
-            bucket.work.append((group, dtensors, groups))
+            # Local shards may sit on another device than the mesh's (CPU offload).
+            for device in dict.fromkeys(e[1].device for e in entries):
+                here = [e for e in entries if e[1].device == device]
+                groups = plan([e[1] for e in here], [e[2] for e in here], None, backend=self.backend_for(device))
+                bucket.work.append((group, [e[0] for e in here], groups))
         return plain
 
     def step(

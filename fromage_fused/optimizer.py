@@ -154,7 +154,7 @@ class Fromage(Optimizer):
             # Plan (validate, group, find or create state) for every param group before any
             # parameter changes, and before any kernel is enqueued.
             planned = []
-            sharded = ShardedStep(self.backend)  # DTensor (FSDP2) parameters: see distributed.py
+            sharded = ShardedStep(self._backend_for)  # DTensor (FSDP2) parameters: see distributed.py
             for group in self.param_groups:
                 # Groups can be edited after construction (schedulers, users): check what costs no sync.
                 _check_lr(group["lr"], read_tensor=False)

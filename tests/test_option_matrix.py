@@ -1,7 +1,8 @@
 """Every option of ``Fromage`` through every backend that runs here, alone and combined, against the
 float64 literal loop: prefactor off, maximize, p_bound, a tensor lr changed in place, loss scaling
 with a skipped step (the first one, so max_norm must stay unset through it), and bf16 with
-stochastic rounding."""
+stochastic rounding. The same options through the DTensor route (a one-rank mesh) must give the
+plain route's result and use the backend the optimizer resolved."""
 
 import importlib
 import os
@@ -123,3 +124,35 @@ def test_bf16_stochastic_rounding_with_every_option(backend):
     total = sum(a.numel() for a in got)
     assert same >= 0.999 * total, f"{backend}: {total - same} of {total} bf16 elements differ from reference"
 
+
+@pytest.fixture(scope="module")
+def mesh():
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["auto"] + [b for b in BACKENDS if b != "reference"])
+def test_dtensor_route_takes_every_option_and_the_resolved_backend(mesh, backend, monkeypatch):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    # A step looks nothing up in the registry: the optimizer resolved its backend per device at
+    # construction, and the DTensor route must step with that same backend.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a step resolved a backend again")
+
+    created = Fromage.__init__
+
+    def construct_then_refuse(self, *args, **kwargs):
+        created(self, *args, **kwargs)
+        monkeypatch.setattr(fromage_fused.backends, "resolve", refuse)
+
+    monkeypatch.setattr(Fromage, "__init__", construct_then_refuse)
+    _run(backend, torch.float32, OPTIONS["all"], wrap=lambda t: distribute_tensor(t, mesh, [Shard(0)]))
