@@ -26,7 +26,8 @@ SCALE = 2.0 ** 10
 SKIPPED = {0, 3}  # steps whose found_inf is set under loss scaling
 
 #: option sets: the class's keyword arguments plus the test's own "scaled" (GradScaler's attributes)
-#: and "tensor_lr"; "all" combines everything the class offers for fp32.
+#: and "tensor_lr"; "all" combines everything the class offers for fp32 (p_bound clamps the
+#: zero-initialised tensor to zero, hiding the fallback's sign and scale: "all_unbounded" shows them).
 OPTIONS = {
     "prefactor_off": dict(prefactor=False),
     "maximize": dict(maximize=True),
@@ -34,6 +35,7 @@ OPTIONS = {
     "tensor_lr": dict(tensor_lr=True),
     "scaled": dict(scaled=True),  # without p_bound: the zero-initialised tensor takes the fallback
     "all": dict(prefactor=False, maximize=True, p_bound=0.9, tensor_lr=True, scaled=True),
+    "all_unbounded": dict(prefactor=False, maximize=True, tensor_lr=True, scaled=True),  # fallback visible
 }
 
 
