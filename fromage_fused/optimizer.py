@@ -159,10 +159,12 @@ class Fromage(Optimizer):
                 # Groups can be edited after construction (schedulers, users): check what costs no sync.
                 _check_lr(group["lr"], read_tensor=False)
                 _check_p_bound(group["p_bound"])
-                params = sharded.take(group, [p for p in group["params"] if p.grad is not None])
+                params = [p for p in group["params"] if p.grad is not None]
+                for device in dict.fromkeys(p.device for p in params):  # DTensor parameters included
+                    _training.check_capturable_lr(group["lr"], device)
+                params = sharded.take(group, params)
                 for device in dict.fromkeys(p.device for p in params):
                     on_device = [p for p in params if p.device == device]
-                    _training.check_capturable_lr(group["lr"], device)
                     for g in plan(on_device, [p.grad for p in on_device], None, backend=self._backend_for(device)):
                         if group["p_bound"] is not None:
                             g.max_norms = [self._max_norm(on_device[i]) for i in g.indices]

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import fromage_fused
-from fromage_fused import Fromage
+from fromage_fused import Fromage, _training
 from fromage_fused._math import UNSET_MAX_NORM
 from _oracle import MIXED_SHAPES, gradient_schedule, literal_step, mixed_tensors
 from tolerances import ORACLE_TOL, SR_STEP_TOL
 
-BACKENDS = fromage_fused.available_backends("cpu")
 #: Triton runs on CPU only under its interpreter, chosen when the kernels are imported: they are
 #: imported so at run time (not at collection, which would add triton to other modules' lists).
 INTERPRETED = "triton"
+BACKENDS = [b for b in fromage_fused.available_backends("cpu") if b != INTERPRETED]
 STEPS = 6
 LRS = (0.05, 0.2)  # the lr changes half-way (in place when it is a tensor)
 SCALE = 2.0 ** 10
@@ -158,3 +158,28 @@ def test_dtensor_route_takes_every_option_and_the_resolved_backend(mesh, backend
 
     monkeypatch.setattr(Fromage, "__init__", construct_then_refuse)
     _run(backend, torch.float32, OPTIONS["all"], wrap=lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+
+
+def _dtensor_model(mesh, lr, groups=({},)):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(5, 3, generator=gen), mesh, [Shard(0)])) for _ in groups]
+    opt = Fromage([dict(params=[p], **g) for p, g in zip(params, groups)], lr=lr, backend="foreach")
+
+    def grads():
+        for p in params:
+            p.grad = distribute_tensor(torch.randn(5, 3, generator=gen), mesh, [Shard(0)])
+    return params, opt, grads
+
+
+def test_dtensor_route_refuses_a_python_lr_under_capture(mesh, monkeypatch):
+    params, opt, grads = _dtensor_model(mesh, 0.05)
+    grads()
+    opt.step()  # warm, outside capture
+    grads()
+    before = [p.detach().to_local().clone() for p in params]
+    monkeypatch.setattr(_training, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="needs lr as a tensor"):
+        opt.step()
+    assert all(torch.equal(b, p.detach().to_local()) for b, p in zip(before, params))
