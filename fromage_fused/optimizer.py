@@ -154,7 +154,7 @@ class Fromage(Optimizer):
             # Plan (validate, group, find or create state) for every param group before any
             # parameter changes, and before any kernel is enqueued.
             planned = []
-            sharded = ShardedStep(self._backend_for)  # DTensor (FSDP2) parameters: see distributed.py
+            sharded = ShardedStep(self._backend_for, self._max_norm)  # DTensor (FSDP2) parameters: see distributed.py
             for group in self.param_groups:
                 # Groups can be edited after construction (schedulers, users): check what costs no sync.
                 _check_lr(group["lr"], read_tensor=False)
@@ -185,7 +185,7 @@ class Fromage(Optimizer):
                 )
                 if sr_seed is not None:
                     _training.advance_seed(sr_seed, found_inf)
-            sharded.step(self._max_norm, found_inf=found_inf, grad_scale=grad_scale)
+            sharded.step(found_inf=found_inf, grad_scale=grad_scale)
         return loss
 
     # State whose dtype is fixed by contract, whatever the parameter's dtype.

@@ -183,3 +183,21 @@ def test_dtensor_route_refuses_a_python_lr_under_capture(mesh, monkeypatch):
     with pytest.raises(RuntimeError, match="needs lr as a tensor"):
         opt.step()
     assert all(torch.equal(b, p.detach().to_local()) for b, p in zip(before, params))
+
+
+def test_dtensor_route_finds_its_state_before_anything_changes(mesh, monkeypatch):
+    # p_bound switched on after construction: the max_norm state is created by the step, which
+    # capture refuses; the other group's DTensor must not have been stepped by then.
+    params, opt, grads = _dtensor_model(mesh, torch.tensor(0.05), groups=({}, {}))
+    grads()
+    opt.step()
+    opt.param_groups[1]["p_bound"] = 1.0
+    grads()
+    before = [p.detach().to_local().clone() for p in params]
+    monkeypatch.setattr(_training, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
+        opt.step()
+    assert all(torch.equal(b, p.detach().to_local()) for b, p in zip(before, params))
+    monkeypatch.undo()
+    opt.step()
+    assert float(opt.state[params[1]]["max_norm"]) > 0
