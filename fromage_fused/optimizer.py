@@ -38,7 +38,8 @@ class Fromage(Optimizer):
             one of :func:`fromage_fused.available_backends`.
         stochastic_rounding: round bf16 parameters stochastically (unbiased) instead of to
             nearest, so that updates smaller than half a bf16 ulp survive in expectation.
-        seed: seed of the stochastic rounding (default: drawn from torch's generator).
+        seed: seed of the stochastic rounding (default: drawn from torch's generator, only when a
+            group rounds stochastically, so that other runs' random streams stay as they were).
 
     Works with ``torch.amp.GradScaler`` without an unscale pass, with CUDA-graph capture (``lr``
     as a device tensor, state created by eager warm-up steps) and with ``torch.compile``.
@@ -55,7 +56,9 @@ class Fromage(Optimizer):
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a name, got {backend!r}")
         self.backend = _backends.requested_name(backend)
-        self._sr_base = _training.initial_seed(seed)
+        # Drawn from torch's generator only for a group that rounds stochastically: constructing
+        # the optimizer must not shift the random stream of a run that does not use it.
+        self._sr_base = None if seed is None else _training.initial_seed(seed)
         self._device_backends: Dict[torch.device, _backends.Backend] = {}
         defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize), prefactor=bool(prefactor),
                         stochastic_rounding=stochastic_rounding)
@@ -69,6 +72,8 @@ class Fromage(Optimizer):
         rounding = param_group.get("stochastic_rounding", self.defaults["stochastic_rounding"])
         if not isinstance(rounding, bool):
             raise ValueError(f"stochastic_rounding must be True or False, got {rounding!r}")
+        if rounding and self._sr_base is None:
+            self._sr_base = _training.initial_seed(None)
         params = param_group["params"]
         if not isinstance(params, set):  # the base class refuses sets with its own message
             params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -109,8 +114,7 @@ class Fromage(Optimizer):
             group.setdefault("prefactor", True)
             group.setdefault("stochastic_rounding", False)
         self.__dict__.setdefault("backend", _backends.AUTO)
-        if "_sr_base" not in self.__dict__:
-            self._sr_base = _training.initial_seed(None)
+        self.__dict__.setdefault("_sr_base", None)
         self.__dict__.setdefault("_device_backends", {})
 
     def _backend_for(self, device: torch.device) -> _backends.Backend:
@@ -139,6 +143,8 @@ class Fromage(Optimizer):
         if "sr_seed" not in state:
             _training.refuse_new_state("sr_seed", device)
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            if self._sr_base is None:  # rounding switched on in a group after construction
+                self._sr_base = _training.initial_seed(None)
             value = _training.group_seed(self._sr_base, index, device)
             state["sr_seed"] = torch.full((), value, dtype=torch.int64, device=device)
         return state["sr_seed"]
