@@ -35,7 +35,8 @@ class Fromage(Optimizer):
         prefactor: divide by ``sqrt(1 + lr^2)`` (Fromage). ``False`` drops it, which gives the
             paper's LARS baseline (eq. 5), whose weight norms grow step after step.
         backend: ``"auto"`` (fastest that works here; ``$FROMAGE_FUSED_BACKEND`` overrides it) or
-            one of :func:`fromage_fused.available_backends`.
+            one of :func:`fromage_fused.available_backends`; resolved for each device when the
+            optimizer first sees a parameter there (at construction), not at every step.
         stochastic_rounding: round bf16 parameters stochastically (unbiased) instead of to
             nearest, so that updates smaller than half a bf16 ulp survive in expectation.
         seed: seed of the stochastic rounding (default: drawn from torch's generator, only when a
