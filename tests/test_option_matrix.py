@@ -44,14 +44,14 @@ def _local(p):
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-def _run(backend, dtype, options, *, stochastic_rounding=False, wrap=None):
-    """Step the mixed tensors with ``Fromage`` and check each step against the literal loop stepped
-    from the backend's previous values; return the parameters and their max_norm state."""
+def _run(backend, dtype, options, *, device="cpu", stochastic_rounding=False, wrap=None):
+    """Step the mixed tensors with ``Fromage`` and check each step (and max_norm) against the literal
+    loop stepped from the backend's previous values; return the final parameters (on the CPU)."""
     options = dict(options)
     tensor_lr, scaled = options.pop("tensor_lr", False), options.pop("scaled", False)
     wrap = wrap or (lambda t: t)
-    params = [torch.nn.Parameter(wrap(t)) for t in mixed_tensors(dtype, seed=7)]
-    lr = torch.tensor(LRS[0]) if tensor_lr else LRS[0]
+    params = [torch.nn.Parameter(wrap(t)) for t in mixed_tensors(dtype, device, seed=7)]
+    lr = torch.tensor(LRS[0], device=device) if tensor_lr else LRS[0]
     opt = Fromage(params, lr=lr, backend=backend, stochastic_rounding=stochastic_rounding, seed=11, **options)
     p_bound = options.get("p_bound")
     max_norms = [UNSET_MAX_NORM] * len(params)
@@ -67,11 +67,11 @@ def _run(backend, dtype, options, *, stochastic_rounding=False, wrap=None):
         grads = [None if g is None else g.to(dtype) for g in g64]
         skip = scaled and step in SKIPPED
         for p, g in zip(params, grads):
-            p.grad = None if g is None else wrap(g * SCALE if scaled else g)
-        before = [_local(p).double().clone() for p in params]
+            p.grad = None if g is None else wrap((g * SCALE if scaled else g).to(device))
+        before = [_local(p).double().cpu() for p in params]
         if scaled:
-            opt.grad_scale = torch.tensor(SCALE)
-            opt.found_inf = torch.tensor(1.0 if skip else 0.0)
+            opt.grad_scale = torch.tensor(SCALE, device=device)
+            opt.found_inf = torch.tensor(1.0 if skip else 0.0, device=device)
         opt.step()
         for name in ("grad_scale", "found_inf"):
             opt.__dict__.pop(name, None)
@@ -82,16 +82,16 @@ def _run(backend, dtype, options, *, stochastic_rounding=False, wrap=None):
         for i, (p, want) in enumerate(zip(params, before)):
             atol, rtol = tol
             scale = want.abs().max().item() if want.numel() else 0.0
-            torch.testing.assert_close(_local(p).double(), want, atol=atol + rtol * scale, rtol=0,
+            torch.testing.assert_close(_local(p).double().cpu(), want, atol=atol + rtol * scale, rtol=0,
                                        msg=lambda m: f"{backend} step {step} tensor {i}: {m}")
         if p_bound is not None:
             got = [float(opt.state[p]["max_norm"]) for p in params]
             assert got == pytest.approx(max_norms, rel=1e-6, abs=1e-7), f"{backend} step {step} max_norm"
-    return [_local(p) for p in params]
+    return [_local(p).cpu() for p in params]
 
 
-def _usable(backend):
-    if backend == INTERPRETED and backend not in fromage_fused.available_backends("cpu"):
+def _usable(backend, device="cpu"):
+    if device == "cpu" and backend == INTERPRETED and backend not in fromage_fused.available_backends("cpu"):
         pytest.importorskip("triton")
         if not torch.cuda.is_available():
             saved = os.environ.get("TRITON_INTERPRET")
@@ -109,16 +109,24 @@ def _usable(backend):
     return backend
 
 
-@pytest.mark.parametrize("backend", BACKENDS + [INTERPRETED])
+def cases():
+    for backend in BACKENDS + [INTERPRETED]:
+        yield pytest.param("cpu", backend, id=f"cpu-{backend}")
+    cuda = fromage_fused.available_backends("cuda") if torch.cuda.is_available() else ["foreach"]
+    for backend in cuda:
+        yield pytest.param("cuda", backend, id=f"cuda-{backend}", marks=pytest.mark.gpu)
+
+
+@pytest.mark.parametrize("device,backend", list(cases()))
 @pytest.mark.parametrize("case", list(OPTIONS))
-def test_each_option_through_each_backend(backend, case):
-    _run(_usable(backend), torch.float32, OPTIONS[case])
+def test_each_option_through_each_backend(device, backend, case):
+    _run(_usable(backend, device), torch.float32, OPTIONS[case], device=device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + [INTERPRETED])
-def test_bf16_stochastic_rounding_with_every_option(backend):
-    _usable(backend)
-    got = _run(backend, torch.bfloat16, OPTIONS["all"], stochastic_rounding=True)
+@pytest.mark.parametrize("device,backend", list(cases()))
+def test_bf16_stochastic_rounding_with_every_option(device, backend):
+    _usable(backend, device)
+    got = _run(backend, torch.bfloat16, OPTIONS["all"], device=device, stochastic_rounding=True)
     # the same seed through another backend: the shared recipe on fp32 results that agree to a
     # few fp32 ulps, so nearly every element is bit-identical
     want = _run("reference", torch.bfloat16, OPTIONS["all"], stochastic_rounding=True)
