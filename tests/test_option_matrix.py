@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fromage_fused
-from fromage_fused import Fromage, _training
+from fromage_fused import Fromage, _training, functional
 from fromage_fused._math import UNSET_MAX_NORM
 from _oracle import MIXED_SHAPES, gradient_schedule, literal_step, mixed_tensors
 from tolerances import ORACLE_TOL, SR_STEP_TOL
@@ -209,3 +209,39 @@ def test_dtensor_route_finds_its_state_before_anything_changes(mesh, monkeypatch
     monkeypatch.undo()
     opt.step()
     assert float(opt.state[params[1]]["max_norm"]) > 0
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p_bound", [None, 0.9])
+def test_functional_reduce_stats_steps_shards_as_whole_tensors(backend, p_bound):
+    # Two "ranks" hold the halves of every tensor; reduce_stats adds the other half's stats, as an
+    # all-reduce would. Each half must then move exactly as its part of the whole tensor does.
+    shapes = [(8, 5), (6,), (4, 3, 2)]
+    whole = mixed_tensors(torch.float32, seed=2, shapes=shapes)
+    grads = [t.flip(0) * 0.3 + 0.1 for t in mixed_tensors(torch.float32, seed=3, shapes=shapes)]
+    cut = [len(t) // 2 for t in whole]
+    halves = [[t[:c].clone() for t, c in zip(whole, cut)], [t[c:].clone() for t, c in zip(whole, cut)]]
+    ghalves = [[g[:c] for g, c in zip(grads, cut)], [g[c:] for g, c in zip(grads, cut)]]
+    mn = {k: None if p_bound is None else [torch.full((), UNSET_MAX_NORM) for _ in shapes] for k in ("whole", 0, 1)}
+    kw = dict(lr=0.1, p_bound=p_bound, maximize=True, prefactor=False, backend=backend)
+    calls = []
+
+    def add(stats, group, other):
+        calls.append((tuple(stats.shape), group.dtype))
+        return stats + other
+
+    for step in range(3):
+        local = [functional.run_stats(functional.plan(h, g, None, backend=backend)[0], inner=p_bound is not None)
+                 for h, g in zip(halves, ghalves)]
+        for rank in (0, 1):
+            functional.fromage(halves[rank], ghalves[rank], mn[rank], **kw,
+                               reduce_stats=lambda s, g, other=local[1 - rank]: add(s, g, other))
+        functional.fromage(whole, grads, mn["whole"], **kw)
+        for i, t in enumerate(whole):
+            torch.testing.assert_close(torch.cat([halves[0][i], halves[1][i]]), t, atol=1e-6, rtol=1e-5,
+                                       msg=lambda m: f"step {step} tensor {i}: {m}")
+        if p_bound is not None:
+            for rank in (0, 1):
+                torch.testing.assert_close(torch.stack(mn[rank]), torch.stack(mn["whole"]), atol=0, rtol=1e-6)
+    assert calls == [((len(shapes), 3), torch.float32)] * 6
