@@ -245,3 +245,17 @@ def test_functional_reduce_stats_steps_shards_as_whole_tensors(backend, p_bound)
             for rank in (0, 1):
                 torch.testing.assert_close(torch.stack(mn[rank]), torch.stack(mn["whole"]), atol=0, rtol=1e-6)
     assert calls == [((len(shapes), 3), torch.float32)] * 6
+
+
+def test_dtensor_route_refuses_stochastic_rounding_before_anything_changes(mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    plain = torch.nn.Parameter(torch.randn(6).to(torch.bfloat16))
+    sharded = torch.nn.Parameter(distribute_tensor(torch.randn(6, 2).to(torch.bfloat16), mesh, [Shard(0)]))
+    opt = Fromage([{"params": [plain]}, {"params": [sharded]}], lr=0.1, stochastic_rounding=True, backend="foreach")
+    plain.grad = torch.randn(6).to(torch.bfloat16)
+    sharded.grad = distribute_tensor(torch.randn(6, 2).to(torch.bfloat16), mesh, [Shard(0)])
+    before = [plain.detach().clone(), sharded.detach().to_local().clone()]
+    with pytest.raises(RuntimeError, match="stochastic_rounding is not supported for DTensor"):
+        opt.step()
+    assert torch.equal(before[0], plain.detach()) and torch.equal(before[1], sharded.detach().to_local())
