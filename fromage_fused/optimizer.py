@@ -61,7 +61,7 @@ class Fromage(Optimizer):
         # the optimizer must not shift the random stream of a run that does not use it.
         self._sr_base = None if seed is None else _training.initial_seed(seed)
         self._device_backends: Dict[torch.device, _backends.Backend] = {}
-        defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize), prefactor=bool(prefactor),
+        defaults = dict(lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
@@ -70,9 +70,12 @@ class Fromage(Optimizer):
             _check_lr(param_group["lr"])
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
+        for flag in ("maximize", "prefactor", "stochastic_rounding"):
+            # Strictly bools: bool("False") is True, so a string would silently do the opposite.
+            value = param_group.get(flag, self.defaults[flag])
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
         rounding = param_group.get("stochastic_rounding", self.defaults["stochastic_rounding"])
-        if not isinstance(rounding, bool):
-            raise ValueError(f"stochastic_rounding must be True or False, got {rounding!r}")
         if rounding and self._sr_base is None:
             self._sr_base = _training.initial_seed(None)
         params = param_group["params"]
