@@ -48,7 +48,8 @@ def main(argv=None):
     (xtr, ytr), (xte, yte) = load_digits(args.device)
     model = mlp().to(args.device)
     opt = Fromage(model.parameters(), lr=args.lr, p_bound=args.p_bound, backend=args.backend)
-    print(f"fromage_fused on {args.device}; backends here: {available_backends(args.device)}; using {args.backend}")
+    used = opt._backend_for(next(model.parameters()).device).name  # what "auto" resolved to
+    print(f"fromage_fused on {args.device}; backends here: {available_backends(args.device)}; using {used}")
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):

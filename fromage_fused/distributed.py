@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed
 
+from .backends import Backend
 from .functional import Group, plan, run_apply, run_stats
 
 __all__ = ["is_dtensor", "ShardedStep", "stats_bytes_per_step"]
@@ -122,19 +123,22 @@ class _Bucket:
 
     mesh: object
     dims: Tuple[int, ...]
-    # (param group, its DTensor params, the groups planned over their local shards)
-    work: List[Tuple[dict, List[torch.Tensor], List[Group]]] = field(default_factory=list)
+    # (param group, the groups planned over the local shards of its DTensor params)
+    work: List[Tuple[dict, List[Group]]] = field(default_factory=list)
 
 
 class ShardedStep:
     """Collects the DTensor parameters of a step, validates them, then steps them.
 
-    ``take`` is called once per param group before anything changes (bad input raises there);
-    ``step`` runs stats, one all-reduce per (mesh, sharded dims), and apply.
+    ``take`` is called once per param group before anything changes (bad input raises there, and
+    state is found or created there); ``step`` runs stats, one all-reduce per (mesh, sharded dims),
+    and apply. ``backend_for(device)`` is the optimizer's backend for a device, ``max_norm(p)`` the
+    state tensor of DTensor ``p``: the same the optimizer's plain tensors get.
     """
 
-    def __init__(self, backend: str):
-        self.backend = backend
+    def __init__(self, backend_for: Callable[[torch.device], Backend], max_norm: Callable[[torch.Tensor], torch.Tensor]):
+        self.backend_for = backend_for
+        self.max_norm = max_norm
         self.buckets: Dict[Tuple[object, Tuple[int, ...]], _Bucket] = {}
 
     def take(self, group: dict, params: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -161,29 +165,25 @@ class ShardedStep:
                 local_p, local_g = _local_pair(i, p, p.grad)
                 by_key.setdefault((p.device_mesh, _sharded_dims(p.placements)), []).append((p, local_p, local_g))
         for key, entries in by_key.items():
-            dtensors = [e[0] for e in entries]
-            groups = plan([e[1] for e in entries], [e[2] for e in entries], None, backend=self.backend)
             bucket = self.buckets.setdefault(key, _Bucket(*key))
-            bucket.work.append((group, dtensors, groups))
+            # Local shards may sit on another device than the mesh's (CPU offload).
+            for device in dict.fromkeys(e[1].device for e in entries):
+                here = [e for e in entries if e[1].device == device]
+                groups = plan([e[1] for e in here], [e[2] for e in here], None, backend=self.backend_for(device))
+                if group["p_bound"] is not None:
+                    for g in groups:
+                        g.max_norms = [self.max_norm(here[i][0]) for i in g.indices]
+                bucket.work.append((group, groups))
         return plain
 
-    def step(
-        self,
-        max_norm: Callable[[torch.Tensor], torch.Tensor],
-        *,
-        found_inf: Optional[torch.Tensor] = None,
-        grad_scale: Optional[torch.Tensor] = None,
-    ) -> None:
-        """Step every parameter taken; ``max_norm(p)`` returns the state tensor of DTensor ``p``."""
+    def step(self, *, found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None) -> None:
+        """Step every parameter taken."""
         for bucket in self.buckets.values():
-            flat = [(pg, dtensors, g) for pg, dtensors, groups in bucket.work for g in groups]
-            stats = [run_stats(g, inner=pg["p_bound"] is not None) for pg, _, g in flat]
+            flat = [(pg, g) for pg, groups in bucket.work for g in groups]
+            stats = [run_stats(g, inner=pg["p_bound"] is not None) for pg, g in flat]
             stats = all_reduce_stats(stats, bucket.mesh, bucket.dims)
-            for (pg, dtensors, g), s in zip(flat, stats):
-                p_bound = pg["p_bound"]
-                if p_bound is not None:
-                    g.max_norms = [max_norm(dtensors[i]) for i in g.indices]
+            for (pg, g), s in zip(flat, stats):
                 run_apply(
-                    g, s, lr=pg["lr"], p_bound=p_bound, maximize=pg["maximize"],
-                    prefactor=pg.get("prefactor", True), found_inf=found_inf, grad_scale=grad_scale,
+                    g, s, lr=pg["lr"], p_bound=pg["p_bound"], maximize=pg["maximize"],
+                    prefactor=pg["prefactor"], found_inf=found_inf, grad_scale=grad_scale,
                 )

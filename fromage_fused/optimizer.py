@@ -35,10 +35,12 @@ class Fromage(Optimizer):
         prefactor: divide by ``sqrt(1 + lr^2)`` (Fromage). ``False`` drops it, which gives the
             paper's LARS baseline (eq. 5), whose weight norms grow step after step.
         backend: ``"auto"`` (fastest that works here; ``$FROMAGE_FUSED_BACKEND`` overrides it) or
-            one of :func:`fromage_fused.available_backends`.
+            one of :func:`fromage_fused.available_backends`; resolved for each device when the
+            optimizer first sees a parameter there (at construction), not at every step.
         stochastic_rounding: round bf16 parameters stochastically (unbiased) instead of to
             nearest, so that updates smaller than half a bf16 ulp survive in expectation.
-        seed: seed of the stochastic rounding (default: drawn from torch's generator).
+        seed: seed of the stochastic rounding (default: drawn from torch's generator, only when a
+            group rounds stochastically, so that other runs' random streams stay as they were).
 
     Works with ``torch.amp.GradScaler`` without an unscale pass, with CUDA-graph capture (``lr``
     as a device tensor, state created by eager warm-up steps) and with ``torch.compile``.
@@ -55,9 +57,11 @@ class Fromage(Optimizer):
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a name, got {backend!r}")
         self.backend = _backends.requested_name(backend)
-        self._sr_base = _training.initial_seed(seed)
+        # Drawn from torch's generator only for a group that rounds stochastically: constructing
+        # the optimizer must not shift the random stream of a run that does not use it.
+        self._sr_base = None if seed is None else _training.initial_seed(seed)
         self._device_backends: Dict[torch.device, _backends.Backend] = {}
-        defaults = dict(lr=lr, p_bound=p_bound, maximize=bool(maximize), prefactor=bool(prefactor),
+        defaults = dict(lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
@@ -66,9 +70,14 @@ class Fromage(Optimizer):
             _check_lr(param_group["lr"])
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
+        for flag in ("maximize", "prefactor", "stochastic_rounding"):
+            # Strictly bools: bool("False") is True, so a string would silently do the opposite.
+            value = param_group.get(flag, self.defaults[flag])
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
         rounding = param_group.get("stochastic_rounding", self.defaults["stochastic_rounding"])
-        if not isinstance(rounding, bool):
-            raise ValueError(f"stochastic_rounding must be True or False, got {rounding!r}")
+        if rounding and self._sr_base is None:
+            self._sr_base = _training.initial_seed(None)
         params = param_group["params"]
         if not isinstance(params, set):  # the base class refuses sets with its own message
             params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -109,8 +118,7 @@ class Fromage(Optimizer):
             group.setdefault("prefactor", True)
             group.setdefault("stochastic_rounding", False)
         self.__dict__.setdefault("backend", _backends.AUTO)
-        if "_sr_base" not in self.__dict__:
-            self._sr_base = _training.initial_seed(None)
+        self.__dict__.setdefault("_sr_base", None)
         self.__dict__.setdefault("_device_backends", {})
 
     def _backend_for(self, device: torch.device) -> _backends.Backend:
@@ -139,6 +147,8 @@ class Fromage(Optimizer):
         if "sr_seed" not in state:
             _training.refuse_new_state("sr_seed", device)
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            if self._sr_base is None:  # rounding switched on in a group after construction
+                self._sr_base = _training.initial_seed(None)
             value = _training.group_seed(self._sr_base, index, device)
             state["sr_seed"] = torch.full((), value, dtype=torch.int64, device=device)
         return state["sr_seed"]
@@ -154,15 +164,17 @@ class Fromage(Optimizer):
             # Plan (validate, group, find or create state) for every param group before any
             # parameter changes, and before any kernel is enqueued.
             planned = []
-            sharded = ShardedStep(self.backend)  # DTensor (FSDP2) parameters: see distributed.py
+            sharded = ShardedStep(self._backend_for, self._max_norm)  # DTensor (FSDP2) parameters: see distributed.py
             for group in self.param_groups:
                 # Groups can be edited after construction (schedulers, users): check what costs no sync.
                 _check_lr(group["lr"], read_tensor=False)
                 _check_p_bound(group["p_bound"])
-                params = sharded.take(group, [p for p in group["params"] if p.grad is not None])
+                params = [p for p in group["params"] if p.grad is not None]
+                for device in dict.fromkeys(p.device for p in params):  # DTensor parameters included
+                    _training.check_capturable_lr(group["lr"], device)
+                params = sharded.take(group, params)
                 for device in dict.fromkeys(p.device for p in params):
                     on_device = [p for p in params if p.device == device]
-                    _training.check_capturable_lr(group["lr"], device)
                     for g in plan(on_device, [p.grad for p in on_device], None, backend=self._backend_for(device)):
                         if group["p_bound"] is not None:
                             g.max_norms = [self._max_norm(on_device[i]) for i in g.indices]
@@ -183,7 +195,7 @@ class Fromage(Optimizer):
                 )
                 if sr_seed is not None:
                     _training.advance_seed(sr_seed, found_inf)
-            sharded.step(self._max_norm, found_inf=found_inf, grad_scale=grad_scale)
+            sharded.step(found_inf=found_inf, grad_scale=grad_scale)
         return loss
 
     # State whose dtype is fixed by contract, whatever the parameter's dtype.

@@ -208,3 +208,17 @@ def test_add_param_group_validation():
     extra = nn.Parameter(torch.randn(2))
     opt.add_param_group({"params": extra, "lr": torch.tensor(0.5)})
     assert opt.param_groups[-1]["p_bound"] == 2.0 and opt.param_groups[-1]["maximize"] is False
+
+
+@pytest.mark.parametrize("flag", ["maximize", "prefactor", "stochastic_rounding"])
+@pytest.mark.parametrize("value", ["False", "yes", None, 1.0])
+def test_flags_must_be_bools(flag, value):
+    # bool("False") is True: a flag given as a string would silently do the opposite.
+    p = nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        Fromage([p], **{flag: value})
+    net, opt = trained()
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        opt.add_param_group({"params": [p], flag: value})
+    assert_unchanged(opt, snap)

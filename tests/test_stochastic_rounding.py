@@ -77,6 +77,27 @@ def test_fixed_seed_reproduces_and_seeds_differ():
     assert unseeded(3) == unseeded(3) != unseeded(4)
 
 
+def test_constructing_without_rounding_leaves_torch_generator_alone():
+    # A drop-in optimizer: building it must not shift the random stream a training run draws
+    # from afterwards (data order, dropout), unless stochastic rounding needs a seed from it.
+    def next_draw(**kwargs):
+        torch.manual_seed(5)
+        opt = Fromage([nn.Parameter(torch.ones(2))], **kwargs)
+        return torch.rand(()).item(), opt
+
+    torch.manual_seed(5)
+    untouched = torch.rand(()).item()
+    assert next_draw()[0] == untouched
+    assert next_draw(stochastic_rounding=True)[0] != untouched
+    # rounding switched on after construction: the seed is drawn when first needed
+    _, opt = next_draw()
+    low = nn.Parameter(torch.randn(5).to(torch.bfloat16))
+    opt.add_param_group({"params": [low], "stochastic_rounding": True})
+    low.grad = torch.randn(5).to(torch.bfloat16)
+    opt.step()
+    assert "sr_seed" in opt.state[low]
+
+
 def test_seed_advances_on_the_device_each_step():
     model, opt = run(7, steps=1)
     seed = opt.state[model.low]["sr_seed"]
