@@ -149,9 +149,10 @@ class ShardedStep:
                     "Fromage got an FSDP1 flat parameter: it holds a shard of many layers flattened together, so "
                     "per-tensor norms do not exist there; shard the model with FSDP2 (torch.distributed.fsdp.fully_shard)"
                 )
-        if _dtensor_type() is None:
+        dtensor = _dtensor_type()
+        if dtensor is None:
             return params
-        plain = [p for p in params if not is_dtensor(p)]
+        plain = [p for p in params if not isinstance(p, dtensor)]
         if len(plain) == len(params):
             return params
         if group.get("stochastic_rounding") and any(is_dtensor(p) and p.dtype == torch.bfloat16 for p in params):

@@ -65,6 +65,11 @@ def check_p_bound(p_bound) -> None:
         raise ValueError(f"invalid p_bound: {p_bound!r} (must be None or a finite number > 0)")
 
 
+_STRIDED = torch.strided
+_REAL_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
+_COMPLEX_DTYPES = frozenset((torch.complex64, torch.complex128, torch.complex32))
+
+
 def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -107,8 +112,16 @@ def plan(
         raise ValueError("p_bound is set: pass one max_norm tensor per parameter")
     groups: Dict[Tuple[torch.device, torch.dtype], Group] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
-        _check_pair(i, p, g)
-        p, g = _real(p), _real(g)
+        # The common case in a few attribute reads (this loop runs for every tensor of every
+        # step); anything else goes through the checks that explain what is wrong.
+        dtype = p.dtype
+        if not (
+            g.layout is _STRIDED and p.layout is _STRIDED and g.dtype is dtype
+            and dtype in _REAL_DTYPES and g.shape == p.shape and g.device == p.device
+        ):
+            _check_pair(i, p, g)
+            if dtype in _COMPLEX_DTYPES:
+                p, g = torch.view_as_real(p), torch.view_as_real(g)
         key = (p.device, p.dtype)
         group = groups.get(key)
         if group is None:
