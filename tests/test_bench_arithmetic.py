@@ -37,6 +37,8 @@ def test_byte_counts_per_contender_and_dtype():
     by_name = {c.name: c for c in C.all_contenders("cpu", C.Settings())}
     assert by_name["torch:sgd"].work == 12 and by_name["torch:adamw"].work == 28
     assert by_name["fromage:foreach"].traffic == 36 and by_name["loop"].traffic == 36
+    # an AMP step reads the gradients once more for GradScaler's inf check
+    assert by_name["amp:fromage"].work == 24 and by_name["amp:adamw"].work == 32
     assert all(c.work == 20 for n, c in by_name.items() if n.startswith(("fromage:", "loop", "compile:")))
     bounded = {c.name: c for c in C.all_contenders("cpu", C.Settings(p_bound=1.0))}
     assert bounded["fromage:foreach"].traffic == 36 + traffic.INNER_PRODUCT

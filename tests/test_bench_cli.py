@@ -45,7 +45,8 @@ def test_quick_run_writes_json_csv_and_plot(quick_run, capsys):
     data = json.loads((out / "bench-cpu-quick.json").read_text())
     assert data["columns"] == COLUMNS
     rows = data["rows"]
-    expected = {"loop", "compile:foreach", "torch:sgd", "torch:adamw"} | {f"fromage:{b}" for b in fromage_fused.available_backends("cpu")}
+    expected = {"loop", "compile:foreach", "torch:sgd", "torch:adamw", "amp:fromage", "amp:adamw"} | {
+        f"fromage:{b}" for b in fromage_fused.available_backends("cpu")}
     assert {r["contender"] for r in rows} == expected
     assert len(rows) == len(TINY) * len(expected)
     for r in rows:

@@ -123,3 +123,21 @@ def test_out_of_memory_is_a_skipped_row(monkeypatch):
     rows, _ = R.run(cfg, log=lambda msg: None)
     assert [r["status"] for r in rows] == ["skipped", "skipped"]
     assert all("no room for the tensors" in r["note"] for r in rows)
+
+
+def test_amp_fromage_step_equals_a_plain_step():
+    # Under GradScaler the gradients carry the scale; Fromage's step does not depend on it.
+    params, grads = _tensors(torch.float32)
+    plain = [p.clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g * 2.0 ** 16
+    for p, g in zip(plain, grads):
+        p.grad = g.clone()
+    amp = [c for c in C.all_contenders("cpu", C.Settings()) if c.name == "amp:fromage"][0]
+    step = amp.build(params, _ctx())
+    ref = Fromage(plain, lr=C.Settings().lr)
+    for _ in range(3):
+        step()
+        ref.step()
+    for a, b in zip(params, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

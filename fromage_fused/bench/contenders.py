@@ -24,6 +24,8 @@ FOREACH = "fromage:foreach"
 COMPILE = "compile:foreach"
 SGD = "torch:sgd"
 ADAMW = "torch:adamw"
+AMP_FROMAGE = "amp:fromage"
+AMP_ADAMW = "amp:adamw"
 #: The contenders every other is compared with, by the report's column name.
 BASELINES = {"vs_loop": LOOP, "vs_foreach": FOREACH, "vs_sgd": SGD, "vs_adamw": ADAMW}
 
@@ -139,6 +141,38 @@ def _torch_optimizer(cls, lr_key):
     return build
 
 
+def _amp(make_optimizer):
+    """An AMP step as training loops run it: GradScaler's inf check, the step, the scale update.
+
+    Both optimizers set ``_step_supports_amp_scaling``, so GradScaler skips its unscale pass and
+    hands them ``grad_scale`` / ``found_inf``; the gradients stay finite, so no step is skipped.
+    """
+
+    def build(params, ctx):
+        device = params[0].device
+        opt = make_optimizer(params, ctx)
+        if not getattr(opt, "_step_supports_amp_scaling", False):
+            ctx.notes.append("this optimizer lets GradScaler unscale the gradients first")
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16, growth_interval=10 ** 9)
+        scaler.scale(torch.ones((), device=device))  # creates the scale tensor on the device
+
+        def step():
+            scaler.step(opt)
+            scaler.update()
+
+        return step
+
+    return build
+
+
+def _amp_fromage(params, ctx):
+    return Fromage(params, lr=ctx.settings.lr, p_bound=ctx.settings.p_bound)
+
+
+def _amp_adamw(params, ctx):
+    return torch.optim.AdamW(params, lr=ctx.settings.adamw_lr, fused=True)
+
+
 def all_contenders(device, settings: Settings) -> List[Contender]:
     """Every contender for ``device``, the baselines included, in report order."""
     p_bound = settings.p_bound is not None
@@ -153,6 +187,11 @@ def all_contenders(device, settings: Settings) -> List[Contender]:
                            "torch.compile of the foreach step (nominal traffic: perfectly fused)"))
     found.append(Contender(SGD, traffic.SGD, traffic.SGD, _torch_optimizer(torch.optim.SGD, "lr"), "torch.optim.SGD(fused=True)"))
     found.append(Contender(ADAMW, traffic.ADAMW, traffic.ADAMW, _torch_optimizer(torch.optim.AdamW, "adamw_lr"), "torch.optim.AdamW(fused=True)"))
+    amp_fromage = traffic.FROMAGE_TWO_PHASE + traffic.AMP_CHECK
+    found.append(Contender(AMP_FROMAGE, amp_fromage, amp_fromage, _amp(_amp_fromage),
+                           "GradScaler step + update around Fromage (auto backend)"))
+    found.append(Contender(AMP_ADAMW, traffic.ADAMW + traffic.AMP_CHECK, traffic.ADAMW + traffic.AMP_CHECK, _amp(_amp_adamw),
+                           "GradScaler step + update around AdamW(fused=True)"))
     return found
 
 

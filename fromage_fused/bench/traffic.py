@@ -23,6 +23,8 @@ LOOP = 36
 #: The reference backend: (p*p).sum() and (g*g).sum() each write and reread a temporary (24);
 #: then t = a*g (8), u = p - t (12), v = s*u (8), p.copy_(v) (8).
 REFERENCE = 60
+#: GradScaler's inf/NaN check of the gradients before an AMP step reads g once more.
+AMP_CHECK = 4
 #: With p_bound, <p, g> as a separate product and sum costs this much more in the two torch paths.
 INNER_PRODUCT = 16
 #: The per-tensor loop measures the updated norm once more with p_bound.
