@@ -15,6 +15,11 @@ import torch
 UNSET_MAX_NORM = -1.0
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms, inner products and the update's arithmetic: fp64 for fp64 tensors, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def coefficients(
     stats: torch.Tensor,
     lr: torch.Tensor,

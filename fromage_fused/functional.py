@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import backends as _backends
-from ._math import UNSET_MAX_NORM
+from ._math import UNSET_MAX_NORM, accumulate_dtype
 from .backends import Backend
 
 __all__ = ["fromage", "check_lr", "check_p_bound", "Group", "plan", "run_stats", "run_apply", "step_groups", "UNSET_MAX_NORM"]
@@ -164,7 +164,7 @@ def run_apply(
     sr_seed: Optional[torch.Tensor] = None,
 ) -> None:
     """Phase 2 for one group: the update from (possibly all-reduced) stats."""
-    acc = torch.float64 if group.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(group.dtype)
     group.backend.apply(
         group.params,
         group.grads,

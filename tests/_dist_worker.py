@@ -14,6 +14,7 @@ from torch import nn
 
 from fromage_fused import Fromage
 from fromage_fused.distributed import stats_bytes_per_step
+from _host_reads import forbid_host_reads
 
 STEPS = 10
 LR = 0.05
@@ -76,21 +77,6 @@ def _full(model):
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
 
 
-@contextlib.contextmanager
-def no_host_sync():
-    """Reading any tensor value on the host during the step raises."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the optimizer step read a tensor value on the host")
-
-    names = ("item", "__bool__", "__float__", "__int__", "tolist")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, refuse)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def _counted_step(counts, guard=False):
@@ -99,7 +85,7 @@ def _counted_step(counts, guard=False):
     from torch.distributed.tensor.debug import CommDebugMode
 
     def step(opt):
-        with CommDebugMode() as mode, (no_host_sync() if guard else contextlib.nullcontext()):
+        with CommDebugMode() as mode, (forbid_host_reads() if guard else contextlib.nullcontext()):
             opt.step()
         counts.append({str(k): v for k, v in mode.get_comm_counts().items()})
 

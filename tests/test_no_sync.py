@@ -3,8 +3,6 @@
 Every Python-level way of reading a value is patched to raise while the step runs; the reference
 backend, which does read values, proves that the patch bites.
 """
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -12,25 +10,10 @@ from torch import nn
 import fromage_fused
 from fromage_fused import Fromage, functional
 from fromage_fused._math import UNSET_MAX_NORM
+from _host_reads import READERS, HostRead, forbid_host_reads
 
-READERS = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__",
-           "__array__", "__format__", "__repr__", "__str__"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 NON_REFERENCE = [(b, d) for d in DEVICES for b in fromage_fused.available_backends(d) if b != "reference"]
-
-
-class HostRead(AssertionError):
-    pass
-
-
-@contextlib.contextmanager
-def no_host_reads(monkeypatch):
-    with monkeypatch.context() as m:
-        for name in READERS:
-            def boom(self, *a, _name=name, **k):
-                raise HostRead(f"Tensor.{_name} called during the step")
-            m.setattr(torch.Tensor, name, boom)
-        yield
 
 
 def model(device):
@@ -58,7 +41,7 @@ def fill_grads(net, extra, step):
 @pytest.mark.parametrize("backend, device", NON_REFERENCE)
 @pytest.mark.parametrize("p_bound", [None, 1.0])
 @pytest.mark.parametrize("tensor_lr", [False, True])
-def test_optimizer_step_reads_nothing_on_the_host(monkeypatch, backend, device, p_bound, tensor_lr):
+def test_optimizer_step_reads_nothing_on_the_host(backend, device, p_bound, tensor_lr):
     net, extra = model(device)
     lr = torch.tensor(0.01, device=device) if tensor_lr else 0.01
     opt = Fromage([{"params": net.parameters()}, {"params": extra.parameters(), "lr": lr}],
@@ -66,19 +49,19 @@ def test_optimizer_step_reads_nothing_on_the_host(monkeypatch, backend, device, 
     for step in range(3):
         fill_grads(net, extra, step)
         before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
-        with no_host_reads(monkeypatch):
+        with forbid_host_reads():
             opt.step()
         assert any(not torch.equal(a, b.detach()) for a, b in zip(before, opt.param_groups[0]["params"]))
 
 
 @pytest.mark.parametrize("backend, device", NON_REFERENCE)
-def test_functional_with_loss_scaling_reads_nothing_on_the_host(monkeypatch, backend, device):
+def test_functional_with_loss_scaling_reads_nothing_on_the_host(backend, device):
     params = [torch.randn(5, device=device), torch.zeros(3, device=device), torch.randn(2, 2, device=device)]
     grads = [torch.randn_like(p) * 1024 for p in params]
     grads[2].zero_()
     mn = [torch.full((), UNSET_MAX_NORM, device=device) for _ in params]
     for found in (0.0, 1.0):
-        with no_host_reads(monkeypatch):
+        with forbid_host_reads():
             functional.fromage(params, grads, mn, lr=torch.tensor(0.01, device=device), p_bound=1.0,
                                maximize=False, backend=backend,
                                found_inf=torch.tensor(found, device=device),
@@ -86,22 +69,22 @@ def test_functional_with_loss_scaling_reads_nothing_on_the_host(monkeypatch, bac
 
 
 @pytest.mark.parametrize("p_bound", [None, 1.0])
-def test_the_patch_catches_the_reference_backend(monkeypatch, p_bound):
+def test_the_patch_catches_the_reference_backend(p_bound):
     net, extra = model("cpu")
     opt = Fromage(net.parameters(), p_bound=p_bound, backend="reference")
     fill_grads(net, extra, 0)
-    with no_host_reads(monkeypatch), pytest.raises(HostRead):
+    with forbid_host_reads(), pytest.raises(HostRead):
         opt.step()
 
 
-def test_the_patch_catches_each_reader(monkeypatch):
+def test_the_patch_catches_each_reader():
     t = torch.tensor([1.5])
     probes = {"item": lambda: t.item(), "tolist": lambda: t.tolist(), "numpy": lambda: t.numpy(), "__bool__": lambda: bool(t),
               "__float__": lambda: float(t), "__int__": lambda: int(t), "__index__": lambda: [0, 1][t.long()],
               "__complex__": lambda: complex(t), "__format__": lambda: f"{t:.2f}", "__repr__": lambda: repr(t),
               "__str__": lambda: str(t), "__array__": lambda: __import__("numpy").asarray(t)}
     assert set(probes) == set(READERS)
-    with no_host_reads(monkeypatch):
+    with forbid_host_reads():
         for name, probe in probes.items():
             with pytest.raises(HostRead):
                 probe()

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .._math import coefficients, stochastic_round_bf16
+from .._math import accumulate_dtype, coefficients, stochastic_round_bf16
 from ._base import Backend
-from .reference import accumulate_dtype
 
 
 def _upcast(tensors, dtype):

@@ -10,12 +10,8 @@ import math
 
 import torch
 
-from .._math import stochastic_round_bf16
+from .._math import accumulate_dtype, stochastic_round_bf16
 from ._base import Backend
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class ReferenceBackend(Backend):
