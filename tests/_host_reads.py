@@ -31,3 +31,14 @@ def forbid_host_reads():
     finally:
         for name, original in saved.items():
             setattr(torch.Tensor, name, original)
+
+
+@contextlib.contextmanager
+def forbid_cuda_sync():
+    """On a GPU: any CUDA call that would wait for the device raises while the block runs."""
+    torch.cuda.synchronize()  # work queued before the block is not the block's
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

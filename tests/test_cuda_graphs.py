@@ -4,6 +4,7 @@ same step logic runs on CPU in test_compile.py and test_amp.py."""
 import pytest
 import torch
 
+from _host_reads import forbid_cuda_sync
 from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, snapshot, training_backends
 
 pytestmark = pytest.mark.gpu
@@ -111,10 +112,6 @@ def test_eager_step_does_not_sync(backend):
         loss_of(model, step, DEVICE).backward()
         opt.grad_scale = torch.tensor(1024.0, device=DEVICE)  # as GradScaler sets them
         opt.found_inf = torch.zeros((), device=DEVICE)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with forbid_cuda_sync():
             opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     assert opt.state[model.lin.weight]["max_norm"].item() > 0

@@ -4,6 +4,7 @@ import torch
 
 from fromage_fused import backends, functional
 from fromage_fused._math import UNSET_MAX_NORM, stochastic_round_bf16
+from _host_reads import forbid_cuda_sync
 from _native import require_native
 from _oracle import compare_with_oracle
 from tolerances import ORACLE_TOL
@@ -136,12 +137,8 @@ def test_no_host_synchronisation_and_graph_capture():
     lr = torch.full((), 0.01, device="cuda")
     groups = functional.plan(params, grads, mn, backend="cuda", p_bound=1.0)
     functional.step_groups(groups, lr=lr, p_bound=1.0)  # warm-up (allocator, lazy init)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forbid_cuda_sync():
         functional.step_groups(groups, lr=lr, p_bound=1.0)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     eager = [p.clone() for p in params]
     functional.step_groups(functional.plan(eager, grads, [m.clone() for m in mn], backend="cuda", p_bound=1.0), lr=lr, p_bound=1.0)
     stream = torch.cuda.Stream()

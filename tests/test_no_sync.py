@@ -10,7 +10,7 @@ from torch import nn
 import fromage_fused
 from fromage_fused import Fromage, functional
 from fromage_fused._math import UNSET_MAX_NORM
-from _host_reads import READERS, HostRead, forbid_host_reads
+from _host_reads import READERS, HostRead, forbid_cuda_sync, forbid_host_reads
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 NON_REFERENCE = [(b, d) for d in DEVICES for b in fromage_fused.available_backends(d) if b != "reference"]
@@ -103,9 +103,5 @@ def test_cuda_step_does_not_synchronise(backend, p_bound):
     fill_grads(net, extra, 0)
     opt.step()  # first step: state creation and lazy loading happen outside the checked region
     fill_grads(net, extra, 1)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forbid_cuda_sync():
         opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
