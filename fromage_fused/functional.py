@@ -70,10 +70,6 @@ _REAL_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.fl
 _COMPLEX_DTYPES = frozenset((torch.complex64, torch.complex128, torch.complex32))
 
 
-def _real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
 def _check_pair(i: int, p: torch.Tensor, g: torch.Tensor) -> None:
     if g.is_sparse or g.layout != torch.strided:
         raise RuntimeError(
