@@ -96,26 +96,30 @@ void chunk_stats(const T* p, const T* g, int64_t n, bool inner, float* out) {
   out[2] = inner ? hsum(tpg) + spg : 0.f;
 }
 
+// fp32 and fp16: p <- round(round(cp * p) + round(cg * g)) (ff::update), vectorised. The
+// operators of at::vec are plain vector arithmetic, not fused: this file is compiled with
+// -ffp-contract=off.
 template <typename T>
-void chunk_apply(T* p, const T* g, int64_t n, float cp, float cg) {
+void chunk_apply(T* p, const T* g, int64_t n, const Coef& c) {
   constexpr int64_t K = 2 * Vec::size();
   const int64_t nvec = n - n % K;
-  const Vec vcp(cp), vcg(cg);
+  const Vec vcp(c.cp), vcg(c.cg);
   for (int64_t i = 0; i < nvec; i += K) {
     Vec p0, p1, g0, g1;
     load2(p + i, p0, p1);
     load2(g + i, g0, g1);
-    store2(p + i, at::vec::fmadd(vcp, p0, vcg * g0), at::vec::fmadd(vcp, p1, vcg * g1));
+    store2(p + i, vcp * p0 + vcg * g0, vcp * p1 + vcg * g1);
   }
   for (int64_t i = nvec; i < n; ++i)
-    p[i] = static_cast<T>(cp * static_cast<float>(p[i]) + cg * static_cast<float>(g[i]));
+    p[i] = static_cast<T>(update(c, static_cast<float>(p[i]), static_cast<float>(g[i])));
 }
 
-// bf16 with stochastic rounding: the fp32 result is cp*p + cg*g with each product rounded (this
-// file is compiled without FMA contraction), as torch computes it; `first` is the flat index of p[0].
-// Written as two branch-free loops over a small block so that the compiler vectorises both.
-void chunk_apply_sr(at::BFloat16* p, const at::BFloat16* g, int64_t n, float cp, float cg, int64_t first,
-                    uint32_t stream) {
+// bf16: the same fp32 result, rounded by the shared integer recipe (to nearest, or stochastically
+// with `stream`; `first` is the flat index of p[0]) rather than by at::vec's conversion, whose NaN
+// differs. Two branch-free loops over a small block, so that the compiler vectorises both.
+template <bool SR>
+void chunk_apply_bf16(at::BFloat16* p, const at::BFloat16* g, int64_t n, const Coef& c, int64_t first,
+                      uint32_t stream) {
   constexpr int64_t kBlock = 256;
   uint32_t bits[kBlock];
   for (int64_t base = 0; base < n; base += kBlock) {
@@ -127,14 +131,16 @@ void chunk_apply_sr(at::BFloat16* p, const at::BFloat16* g, int64_t n, float cp,
       const uint32_t pw = static_cast<uint32_t>(pb[i]) << 16, gw = static_cast<uint32_t>(gb[i]) << 16;
       std::memcpy(&pf, &pw, 4);
       std::memcpy(&gf, &gw, 4);
-      const float x = cp * pf;
-      const float y = cg * gf;
-      const float r = x + y;
+      const float r = update(c, pf, gf);
       std::memcpy(&bits[i], &r, 4);
     }
     uint16_t* out = reinterpret_cast<uint16_t*>(p + base);
-    const uint32_t idx0 = index_low(first + base);
-    for (int64_t i = 0; i < m; ++i) out[i] = bf16_bits_stochastic(bits[i], idx0 + static_cast<uint32_t>(i), stream);
+    if constexpr (SR) {
+      const uint32_t idx0 = index_low(first + base);
+      for (int64_t i = 0; i < m; ++i) out[i] = bf16_bits_stochastic(bits[i], idx0 + static_cast<uint32_t>(i), stream);
+    } else {
+      for (int64_t i = 0; i < m; ++i) out[i] = bf16_bits_rne(bits[i]);
+    }
   }
 }
 
@@ -231,12 +237,13 @@ void apply_impl(at::TensorList params, at::TensorList grads, const std::vector<C
     const T* g = grads[it.tensor].const_data_ptr<T>() + it.begin;
     const Coef& c = coef[it.tensor];
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (seed != nullptr) {
-        chunk_apply_sr(p, g, it.len, c.cp, c.cg, it.begin, streams[it.tensor]);
-        return;
-      }
+      if (seed != nullptr)
+        chunk_apply_bf16<true>(p, g, it.len, c, it.begin, streams[it.tensor]);
+      else
+        chunk_apply_bf16<false>(p, g, it.len, c, it.begin, 0u);
+    } else {
+      chunk_apply(p, g, it.len, c);
     }
-    chunk_apply(p, g, it.len, c.cp, c.cg);
   });
 }
 
@@ -281,7 +288,7 @@ std::vector<int64_t> plan_launches_op(std::vector<int64_t> numels, int64_t chunk
   return rows;
 }
 
-// Exposes the element rounding used by the apply kernels, for bit-exact tests of the recipe.
+// Expose the element roundings used by the apply kernels, for bit-exact tests of the recipe.
 at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, const at::Tensor& seed, int64_t tensor_index) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "fromage_fused: round_bf16_stochastic takes float32");
   check_scalar("seed", seed, at::kLong, x.device());
@@ -298,6 +305,20 @@ at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, const at::Tensor& seed
   return out;
 }
 
+at::Tensor round_bf16_nearest_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "fromage_fused: round_bf16_nearest takes float32");
+  const auto src = x.contiguous();
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  const float* in = src.const_data_ptr<float>();
+  auto* o = out.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < src.numel(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &in[i], sizeof bits);
+    o[i] = at::BFloat16(bf16_bits_rne(bits), at::BFloat16::from_bits());
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace ff
 
@@ -308,10 +329,12 @@ TORCH_LIBRARY(fromage_fused, m) {
       "bool maximize, bool prefactor, Tensor? found_inf, Tensor? grad_scale, Tensor? sr_seed) -> ()");
   m.def("plan_launches(int[] numels, int chunk, int max_tensors, int max_blocks) -> int[]", &ff::plan_launches_op);
   m.def("round_bf16_stochastic(Tensor x, Tensor seed, int tensor_index) -> Tensor");
+  m.def("round_bf16_nearest(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fromage_fused, CPU, m) {
   m.impl("stats", &ff::stats_cpu);
   m.impl("apply_", &ff::apply_cpu);
   m.impl("round_bf16_stochastic", &ff::round_bf16_stochastic_cpu);
+  m.impl("round_bf16_nearest", &ff::round_bf16_nearest_cpu);
 }

@@ -228,12 +228,12 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(Packed a, const float* 
       load_vec<Tr>(p + i, pv);
       load_vec<Tr>(g + i, gv);
 #pragma unroll
-      for (int j = 0; j < Tr::kVec; ++j) out[j] = round_to<Tr, SR>(c.cp * pv[j] + c.cg * gv[j], start + i + j, stream);
+      for (int j = 0; j < Tr::kVec; ++j) out[j] = round_to<Tr, SR>(update(c, pv[j], gv[j]), start + i + j, stream);
       store_vec<Tr>(p + i, out);
     }
   }
   for (int i = vec_end + threadIdx.x; i < len; i += kThreads)
-    p[i] = round_to<Tr, SR>(c.cp * Tr::to_f(p[i]) + c.cg * Tr::to_f(g[i]), start + i, stream);
+    p[i] = round_to<Tr, SR>(update(c, Tr::to_f(p[i]), Tr::to_f(g[i])), start + i, stream);
 }
 
 __global__ void round_bf16_kernel(const float* __restrict__ x, uint16_t* __restrict__ out, int64_t n,

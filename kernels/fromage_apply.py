@@ -1,15 +1,21 @@
 """Phase 2: ``p <- s*(p - a*g)`` for every tensor of a group in one launch, one program per chunk.
 
-Each program derives its tensor's ``a`` and ``s`` from the stats row, lr, max_norm and the flags,
-exactly as ``fromage_fused._math.coefficients`` does, so no per-tensor scalar is computed on the
-host. The first chunk of a tensor writes its max_norm when it was unset; every chunk computes the
-same value, so the others read either the old (unset) or the new value and agree.
+Each program derives its tensor's coefficients from the stats row, lr, max_norm and the flags with
+the operations of ``fromage_fused._math.coefficients``, one rounding each, in the same order, so no
+per-tensor scalar is computed on the host and the result is the other backends' bit for bit. The
+first chunk of a tensor writes its max_norm when it was unset; every chunk computes the same value,
+so the others read either the old (unset) or the new value and agree.
 """
 import triton
 import triton.language as tl
 
 from .fromage_round import nearest_bf16, round_bf16, sr_stream
 from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, chunk_of, device_function, tensor_addrs
+
+#: Options every launch of :func:`apply_kernel` must pass. Without multiply-add fusion each product
+#: and sum below is rounded on its own (mul.rn / add.rn in the PTX), as in every other backend; the
+#: interpreter (numpy) never fuses.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @device_function
@@ -21,8 +27,8 @@ def _update(pp, gp, mask, idx, cp, cg, stream, MASKED: tl.constexpr, SR: tl.cons
     else:
         x = tl.load(pp).to(tl.float32)
         y = tl.load(gp).to(tl.float32)
-    # An explicit fma: the same rounding whatever the compiler's contraction setting.
-    new = tl.fma(x, cp, y * cg)
+    # round(round(cp * p) + round(cg * g)): unfused under LAUNCH_OPTIONS.
+    new = x * cp + y * cg
     if SR:
         out = round_bf16(new, idx, stream)
     elif pp.dtype.element_ty == tl.bfloat16:
@@ -60,7 +66,8 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, f
         s_pg = tl.load(stats_ptr + 3 * t + 2)
         lr = tl.load(lr_ptr)
         both = (s_pp > 0) & (s_gg > 0)
-        scaled = tl.div_rn(lr * tl.sqrt_rn(s_pp), tl.sqrt_rn(tl.where(both, s_gg, 1.0)))
+        root_p = tl.sqrt_rn(s_pp)
+        scaled = tl.div_rn(lr * root_p, tl.sqrt_rn(tl.where(both, s_gg, 1.0)))
         fallback = lr
         if HAS_GRAD_SCALE:
             fallback = tl.div_rn(lr, tl.load(grad_scale_ptr))
@@ -73,8 +80,9 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, f
         if HAS_BOUND:
             mn_ptr = tl.load(max_norm_addrs_ptr + t).to(tl.pointer_type(tl.float32))
             mn = tl.load(mn_ptr)
-            mn = tl.where(mn < 0, p_bound * tl.sqrt_rn(s_pp), mn)
-            norm = tl.sqrt_rn(tl.maximum(s * s * (s_pp - 2.0 * a * s_pg + a * a * s_gg), 0.0))
+            mn = tl.where(mn < 0, p_bound * root_p, mn)
+            norm_sq = s * s * (s_pp - 2.0 * a * s_pg + a * a * s_gg)
+            norm = tl.sqrt_rn(tl.where(norm_sq > 0, norm_sq, 0.0))
             clamp = norm > mn
             s = tl.where(clamp, tl.div_rn(s * mn, tl.where(clamp, norm, 1.0)), s)
             if c == first:

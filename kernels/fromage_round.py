@@ -1,8 +1,9 @@
 """Rounding of fp32 results to bf16: to nearest even, or stochastically, in integer arithmetic.
 
-Stochastic rounding is bit for bit the recipe of ``fromage_fused._math``: everything is uint32
-arithmetic, whose wrap-around equals the torch recipe's ``& 0xFFFFFFFF``. Rounding to nearest is
-done on the bits too, because Triton's interpreter truncates on ``.to(tl.bfloat16)`` (and
+Both are the integer recipes of ``fromage_fused._math`` (``nearest_bf16``,
+``stochastic_round_bf16``), bit for bit: everything is uint32 arithmetic, whose wrap-around equals
+the torch recipe's ``& 0xFFFFFFFF``, and every NaN becomes the quiet NaN 0x7FC0. Rounding to nearest
+is done on the bits too, because Triton's interpreter truncates on ``.to(tl.bfloat16)`` (and
 mishandles subnormals); the result is the high half of the bits, the same on every platform.
 """
 import triton
@@ -31,8 +32,9 @@ def sr_stream(seed, t):
 
 @device_function
 def _to_bf16(y, bits):
-    """bf16 from fp32 bits whose low half is already rounded away; NaN becomes the quiet NaN."""
-    bits = tl.where(y == y, bits, 0x7FC00000 | (bits & 0x80000000))
+    """bf16 from fp32 bits whose low half is already rounded away; every NaN (whatever its sign
+    and payload) becomes the quiet NaN 0x7FC0."""
+    bits = tl.where(y == y, bits, 0x7FC00000)
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
@@ -63,3 +65,11 @@ def stochastic_round_bf16_kernel(x_ptr, out_ptr, seed_ptr, t, numel, BLOCK: tl.c
     y = tl.load(x_ptr + offs, mask=mask, other=0.0)
     stream = sr_stream(tl.load(seed_ptr), t)
     tl.store(out_ptr + offs, round_bf16(y, offs, stream), mask=mask)
+
+
+@triton.jit
+def nearest_bf16_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """Standalone form of :func:`nearest_bf16`, for checking it against the torch recipe."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    tl.store(out_ptr + offs, nearest_bf16(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)

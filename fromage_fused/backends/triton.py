@@ -253,7 +253,8 @@ class TritonBackend(Backend):
                     float(p_bound) if p_bound is not None else 0.0, n, DTYPE=_triton_dtype(dtype),
                     BLOCK=cfg.block, CHUNK=cfg.chunk, HAS_BOUND=p_bound is not None, MAXIMIZE=bool(maximize),
                     PREFACTOR=bool(prefactor), HAS_FOUND_INF=found_inf is not None,
-                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, num_warps=cfg.num_warps)
+                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, num_warps=cfg.num_warps,
+                    **apply_k.LAUNCH_OPTIONS)
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
