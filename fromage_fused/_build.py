@@ -14,7 +14,8 @@ CUDA_SOURCES = ["fromage_cuda_ops.cpp", "fromage_cuda.cu"]
 
 def cpu_compile_flags() -> List[str]:
     """C++ flags of the CPU kernels: the vector ISA of the building machine, and no FMA contraction
-    in scalar code (so stochastically rounded bf16 results equal the torch recipe's bit for bit)."""
+    (the apply phase rounds every product and sum, as every backend does: README, "Bit-identical
+    results")."""
     flags = ["-O3", "-ffp-contract=off"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
