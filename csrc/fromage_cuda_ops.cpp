@@ -77,10 +77,18 @@ Table upload(std::vector<int64_t> key, const at::Device& device, Build build) {
     Uploaded entry;
     entry.blocks = build(words);
     const int64_t size = static_cast<int64_t>(words.size());
-    entry.host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    std::memcpy(entry.host.data_ptr<int64_t>(), words.data(), words.size() * sizeof(int64_t));
-    entry.device = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
-    entry.device.copy_(entry.host, /*non_blocking=*/true);
+    try {
+      entry.host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      std::memcpy(entry.host.data_ptr<int64_t>(), words.data(), words.size() * sizeof(int64_t));
+      entry.device = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
+      entry.device.copy_(entry.host, /*non_blocking=*/true);
+    } catch (const c10::Error& e) {
+      if (!capturing) throw;
+      TORCH_CHECK(false, "fromage_fused: the cuda backend needed a new tensor table inside CUDA graph capture (new "
+                  "parameter or gradient storage) and could not upload it there: ", e.what_without_backtrace(),
+                  ". Keep the gradients' storage of the warm-up steps instead: call zero_grad(set_to_none=False) "
+                  "before capturing (or capture after a step on the same storage)");
+    }
     entry.streams.push_back(stream.id());
     hit = &cache().insert(std::move(key), std::move(entry), capturing);
   } else if (!capturing && std::find(hit->streams.begin(), hit->streams.end(), stream.id()) == hit->streams.end()) {

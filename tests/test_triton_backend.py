@@ -448,6 +448,21 @@ def test_cache_grows_past_its_size_only_with_held_tables(monkeypatch):
     assert len(backend._tables) == len(_held(backend)) == 4  # one layout, three address tables
 
 
+def test_failed_upload_inside_capture_says_what_to_do(monkeypatch):
+    backend = triton_backend.TritonBackend()
+    params, grads = _pair("cpu")
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton_backend._Table, "__init__", refuse)
+    before = [p.clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"inside CUDA graph capture.*zero_grad\(set_to_none=False\)"):
+        functional.fromage(params, grads, None, lr=0.01, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
 @pytest.mark.gpu
 def test_cuda_tables_come_from_pinned_buffers_owned_by_the_entry():
     backend = triton_backend.TritonBackend()

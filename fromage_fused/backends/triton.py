@@ -178,6 +178,12 @@ class _Table:
             self.streams.add(use.stream.cuda_stream)
 
 
+_CAPTURE_UPLOAD_FAILED = (
+    "the triton backend needed a new tensor table inside CUDA graph capture (new parameter or gradient "
+    "storage) and could not upload it there: {}. Keep the gradients' storage of the warm-up steps instead: "
+    "call zero_grad(set_to_none=False) before capturing (or capture after a step on the same storage)"
+)
+
 _INSTANCES: "weakref.WeakValueDictionary[int, TritonBackend]" = weakref.WeakValueDictionary()
 _TOKENS = itertools.count()
 
@@ -263,7 +269,13 @@ class TritonBackend(Backend):
             hit.used(use)
             return hit
         values, programs = build()
-        table = self._tables[key] = _Table(values, use, programs)
+        try:
+            table = _Table(values, use, programs)
+        except RuntimeError as exc:
+            if not use.capturing:
+                raise
+            raise RuntimeError(_CAPTURE_UPLOAD_FAILED.format(exc)) from exc
+        self._tables[key] = table
         if len(self._tables) > _CACHE_SIZE:
             for old in [k for k, t in self._tables.items() if not t.held][:len(self._tables) - _CACHE_SIZE]:
                 del self._tables[old]
