@@ -191,10 +191,8 @@ EOF
     rc=$?
     if [ "$rc" -ne 0 ]; then clear_build_locks "$FROMAGE_FUSED_EXT_DIR" >>"$OUT/setup.log"; fi
     grep -E '^backend ' "$OUT/setup.log" | tail -n 8 | sed 's/^/  /' >>"$WORK/notes"
-    # The kernels' spill check with this machine's nvcc (and the torch glue against its torch).
+    # The kernels' spill check with this machine's nvcc (the build above compiled the torch glue).
     if command -v nvcc >/dev/null; then
-        TORCH_INC=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null)
-        if [ "$MODE" = gpu ] && [ -n "$TORCH_INC" ]; then export TORCH_CUDA_INCLUDE=$TORCH_INC; fi
         run_stage nvcc setup.log "$(min 60 "$(left 30)")" bash .ci/nvcc_check.sh
         grep -E '^nvcc_check:' "$OUT/setup.log" | tail -n 3 | sed 's/^/  /' >>"$WORK/notes"
     fi

@@ -58,8 +58,9 @@ struct Table {
 
 std::mutex cache_mutex;
 TableCache<Uploaded>& cache() {
-  static TableCache<Uploaded> tables(kCachedTables);
-  return tables;
+  // Never destroyed: freeing CUDA memory from a static destructor at exit can outlive the allocator.
+  static auto* tables = new TableCache<Uploaded>(kCachedTables);
+  return *tables;
 }
 
 // The cached device copy of the table for `key`; on a miss `build(words)` fills it and returns its
