@@ -88,7 +88,7 @@ def test_non_contiguous_tensors_are_handled():
     _close([grid[:, ::2]], want, torch.float32)
 
 
-def test_many_tensors_in_one_group_span_several_launches():
+def test_many_tensors_and_a_multi_block_tensor_in_one_group():
     gen = torch.Generator().manual_seed(1)
     sizes = torch.randint(0, 5000, (350,), generator=gen).tolist() + [300_000]
     params = [torch.randn(n, device="cuda") for n in sizes]
