@@ -11,11 +11,12 @@
 # gpu-<device>-<YYYYMMDD>. The benchmark rows are also copied into $RESULTS_DIR (default
 # benchmarks/results; $OUT/results in a rehearsal), rows carrying device, versions and date.
 #
-# Time: the stages share GPU_CHECK_BUDGET seconds (default 540: one 10-minute call with room to
-# spare); each runs under `timeout -s INT` (pytest prints its failures and summary on SIGINT,
-# not on SIGTERM) with LIMIT_<STAGE> seconds at most: install 30, build 150, tests 240 (90 per
-# test), and the benchmark gets what is left (rows are saved as they finish). STAGES="tests bench"
-# runs a subset (e.g. a rerun of one stage); PYTEST_ARGS adds pytest arguments (e.g. -k name).
+# Time: the stages share GPU_CHECK_BUDGET seconds (default 480: one call of 8 minutes, which leaves
+# a 15-minute device session room for the machine's start and a shorter rerun). Each stage runs
+# under `timeout -s INT` (pytest prints its failures and summary on SIGINT, not on SIGTERM) with
+# LIMIT_<STAGE> seconds at most: install 30, build 150, nvcc 60, tests 240 (LIMIT_TEST=90 per
+# test), and the benchmark gets what is left (its rows are saved as they finish). STAGES="tests
+# bench" runs a subset (a rerun of what failed); PYTEST_ARGS adds pytest arguments (e.g. -k name).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -57,7 +58,7 @@ if [ -n "${GPU_CHECK_REHEARSAL:-}" ]; then
 else
     MODE=gpu
     DEVICE=${BENCH_DEVICE:-cuda}
-    BUDGET=${GPU_CHECK_BUDGET:-540}
+    BUDGET=${GPU_CHECK_BUDGET:-480}
     DEF_INSTALL=30; DEF_BUILD=150; DEF_TESTS=240; DEF_TEST_EACH=90
     RESULTS_DIR=${RESULTS_DIR:-$ROOT/benchmarks/results}
     # The presets of the goals first (a limit cuts the last rows), the contenders they compare.
@@ -171,14 +172,17 @@ fi
 
 if has_stage build; then
     clear_build_locks "$FROMAGE_FUSED_EXT_DIR" >>"$OUT/setup.log"
-    # Asking every backend whether it runs here loads (and if need be JIT-builds) the extension.
+    # Load (and if need be JIT-build) the extension, then ask every backend whether it runs here.
     run_stage build setup.log "$(min "${LIMIT_BUILD:-$DEF_BUILD}" "$(left 60)")" "$PY" - "$DEVICE" <<'EOF'
 import sys, time
 import torch, fromage_fused
 from fromage_fused import backends as B
+from fromage_fused.backends import native
 device = torch.device(sys.argv[1])
 name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", name)
+start = time.perf_counter()
+print("extension:", native.load(), "(%.1f s)" % (time.perf_counter() - start))
 for backend in B.backend_names():
     start = time.perf_counter()
     try:
@@ -190,10 +194,10 @@ print("available on", device, fromage_fused.available_backends(device))
 EOF
     rc=$?
     if [ "$rc" -ne 0 ]; then clear_build_locks "$FROMAGE_FUSED_EXT_DIR" >>"$OUT/setup.log"; fi
-    grep -E '^backend ' "$OUT/setup.log" | tail -n 8 | sed 's/^/  /' >>"$WORK/notes"
+    grep -E '^(extension:|backend )' "$OUT/setup.log" | tail -n 8 | sed 's/^/  /' >>"$WORK/notes"
     # The kernels' spill check with this machine's nvcc (the build above compiled the torch glue).
     if command -v nvcc >/dev/null; then
-        run_stage nvcc setup.log "$(min 60 "$(left 30)")" bash .ci/nvcc_check.sh
+        run_stage nvcc setup.log "$(min "${LIMIT_NVCC:-60}" "$(left 30)")" bash .ci/nvcc_check.sh
         grep -E '^nvcc_check:' "$OUT/setup.log" | tail -n 3 | sed 's/^/  /' >>"$WORK/notes"
     fi
     write_summary "after build"
