@@ -160,3 +160,10 @@ def test_cache_against_a_model(capacity, accesses):
                 model.remove(victim)
     assert hits == want
     assert entries == [tuple(e) for e in model]
+
+
+def test_empty_lists_never_reach_a_kernel():
+    # The dispatcher picks a kernel from the tensors in the lists: with none it refuses the call,
+    # so the device kernels need no empty-list path (a backend never sends an empty group).
+    with pytest.raises(NotImplementedError, match="no tensor arguments"):
+        torch.ops.fromage_fused.stats([], [], True)
