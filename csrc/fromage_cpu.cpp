@@ -16,7 +16,6 @@
 
 #include "fromage_checks.h"
 #include "fromage_common.h"
-#include "launch_plan.h"
 
 namespace ff {
 namespace {
@@ -276,18 +275,6 @@ void apply_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& st
     for (int64_t t = 0; t < n; ++t) *max_norms[t].data_ptr<float>() = coef[t].max_norm;
 }
 
-// Exposes the launch planning of the CUDA kernels: one (launch, slot, tensor, chunk) row per block.
-std::vector<int64_t> plan_launches_op(std::vector<int64_t> numels, int64_t chunk, int64_t max_tensors,
-                                      int64_t max_blocks) {
-  TORCH_CHECK(chunk > 0 && max_tensors > 0 && max_blocks > 0, "fromage_fused: plan sizes must be positive");
-  std::vector<int64_t> rows;
-  const auto launches = plan_launches(numels, chunk, max_tensors, max_blocks);
-  for (size_t l = 0; l < launches.size(); ++l)
-    for (const auto& b : launches[l].blocks)
-      rows.insert(rows.end(), {static_cast<int64_t>(l), b.slot, launches[l].tensors[b.slot], b.chunk});
-  return rows;
-}
-
 // Expose the element roundings used by the apply kernels, for bit-exact tests of the recipe.
 at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, const at::Tensor& seed, int64_t tensor_index) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "fromage_fused: round_bf16_stochastic takes float32");
@@ -327,7 +314,6 @@ TORCH_LIBRARY(fromage_fused, m) {
   m.def(
       "apply_(Tensor(a!)[] params, Tensor[] grads, Tensor stats, Tensor lr, Tensor(b!)[] max_norms, float? p_bound, "
       "bool maximize, bool prefactor, Tensor? found_inf, Tensor? grad_scale, Tensor? sr_seed) -> ()");
-  m.def("plan_launches(int[] numels, int chunk, int max_tensors, int max_blocks) -> int[]", &ff::plan_launches_op);
   m.def("round_bf16_stochastic(Tensor x, Tensor seed, int tensor_index) -> Tensor");
   m.def("round_bf16_nearest(Tensor x) -> Tensor");
 }

@@ -16,22 +16,22 @@ struct TensorRef {
   int64_t numel;
 };
 
-constexpr int64_t kCudaChunk = 65536;  // elements per block
+constexpr int64_t kCudaChunk = 65536;  // elements per CUDA block
 
-// Chunks of all tensors together (an empty tensor counts one): the size of the partials buffer / 3.
-int64_t cuda_total_chunks(const TensorRef* tensors, int64_t n);
+// Each returns 0 or a cudaError_t value. `stream` is a cudaStream_t. `table` is the device copy of
+// the tensor table of tensor_table.h for n tensors in `blocks` blocks (one launch of that many
+// CUDA blocks per phase).
+// stats: [n, 3] float32 written for every tensor; partials: 3 * blocks floats; counters: n
+// unsigned ints, zeroed here (on the stream) when a tensor has more than one block.
+int cuda_stats(const int64_t* table, int64_t n, int64_t blocks, DType dtype, bool inner, float* stats,
+               float* partials, unsigned* counters, void* stream);
 
-// Each returns 0 or a cudaError_t value. `stream` is a cudaStream_t.
-// stats: [n, 3] float32 written for every tensor; partials: 3 * cuda_total_chunks floats;
-// counters: n zeroed unsigned ints.
-int cuda_stats(const TensorRef* tensors, int64_t n, DType dtype, bool inner, float* stats, float* partials,
-               unsigned* counters, void* stream);
-
-// All scalars but p_bound and the flags live in device memory; found_inf, grad_scale and seed may
-// be nullptr.
-int cuda_apply(const TensorRef* tensors, int64_t n, DType dtype, const float* stats, const float* lr,
-               const float* found_inf, const float* grad_scale, const int64_t* seed, bool has_p_bound,
-               float p_bound, bool maximize, bool prefactor, void* stream);
+// `max_norms`: the device max_norm table (one float* per tensor) with p_bound, else nullptr. All
+// scalars but p_bound and the flags live in device memory; found_inf, grad_scale and seed may be
+// nullptr.
+int cuda_apply(const int64_t* table, const int64_t* max_norms, int64_t n, int64_t blocks, DType dtype,
+               const float* stats, const float* lr, const float* found_inf, const float* grad_scale,
+               const int64_t* seed, float p_bound, bool maximize, bool prefactor, void* stream);
 
 // The kernels' element rounding on its own, for bit-exact tests of the recipe.
 int cuda_round_bf16_stochastic(const float* x, uint16_t* out, int64_t n, const int64_t* seed, int64_t tensor_index,

@@ -1,17 +1,27 @@
-// torch glue of the CUDA kernels: validation, workspace from torch's allocator, the current stream
-// under a device guard, and the CUDA registrations of the ops defined in fromage_cpu.cpp.
+// torch glue of the CUDA kernels: validation, the tensor tables (built by tensor_table.h, uploaded
+// from pinned buffers and cached), workspace from torch's allocator, the current stream under a
+// device guard, and the CUDA registrations of the ops defined in fromage_cpu.cpp.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <mutex>
 #include <vector>
 
 #include "fromage_checks.h"
 #include "fromage_cuda.h"
+#include "tensor_table.h"
 
 namespace ff {
 namespace {
+
+constexpr size_t kCachedTables = 64;  // a group uses one tensor table and, with p_bound, one max_norm table
 
 DType dtype_of(at::ScalarType t) {
   return t == at::kFloat ? DType::F32 : (t == at::kBFloat16 ? DType::BF16 : DType::F16);
@@ -32,18 +42,112 @@ void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "fromage_fused: CUDA ", what, " launch failed: ", cuda_error_string(err));
 }
 
+// An uploaded table. `host` is the pinned staging buffer the upload copied from: it lives as long
+// as the entry, because a captured upload copies from it again at every replay.
+struct Uploaded {
+  at::Tensor host;
+  at::Tensor device;
+  int64_t blocks = 0;
+  std::vector<c10::StreamId> streams;  // streams that have read `device` (for torch's allocator)
+};
+
+struct Table {
+  at::Tensor device;  // held for the duration of the launch
+  int64_t blocks;
+};
+
+std::mutex cache_mutex;
+TableCache<Uploaded>& cache() {
+  // Never destroyed: freeing CUDA memory from a static destructor at exit can outlive the allocator.
+  static auto* tables = new TableCache<Uploaded>(kCachedTables);
+  return *tables;
+}
+
+// The cached device copy of the table for `key`; on a miss `build(words)` fills it and returns its
+// block count, and it is uploaded on the current stream. Capture-safe: inside CUDA-graph capture
+// the upload is captured from the entry's pinned buffer, and the entry is held for as long as the
+// process lives (the graph may replay at any time).
+template <class Build>
+Table upload(std::vector<int64_t> key, const at::Device& device, Build build) {
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  Uploaded* hit = cache().find(key, capturing);
+  if (hit == nullptr) {
+    std::vector<int64_t> words;
+    Uploaded entry;
+    entry.blocks = build(words);
+    const int64_t size = static_cast<int64_t>(words.size());
+    try {
+      entry.host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      std::memcpy(entry.host.data_ptr<int64_t>(), words.data(), words.size() * sizeof(int64_t));
+      entry.device = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
+      entry.device.copy_(entry.host, /*non_blocking=*/true);
+    } catch (const c10::Error& e) {
+      if (!capturing) throw;
+      TORCH_CHECK(false, "fromage_fused: the cuda backend needed a new tensor table inside CUDA graph capture (new "
+                  "parameter or gradient storage) and could not upload it there: ", e.what_without_backtrace(),
+                  ". Keep the gradients' storage of the warm-up steps instead: call zero_grad(set_to_none=False) "
+                  "before capturing (or capture after a step on the same storage)");
+    }
+    entry.streams.push_back(stream.id());
+    hit = &cache().insert(std::move(key), std::move(entry), capturing);
+  } else if (!capturing && std::find(hit->streams.begin(), hit->streams.end(), stream.id()) == hit->streams.end()) {
+    // Read on another stream than the one it was made on: when it is evicted, the allocator must
+    // wait for this stream's work too before reusing the memory.
+    c10::cuda::CUDACachingAllocator::recordStream(hit->device.storage().data_ptr(), stream);
+    hit->streams.push_back(stream.id());
+  }
+  return Table{hit->device, hit->blocks};
+}
+
+// Key: what the table holds (kind, device, addresses, sizes), so a hit is always a valid table.
+Table tensor_table(const std::vector<TensorRef>& r, const at::Device& device) {
+  std::vector<int64_t> key;
+  key.reserve(3 * r.size() + 2);
+  key.push_back(0);
+  key.push_back(device.index());
+  for (const auto& t : r) {
+    key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.p)));
+    key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.g)));
+    key.push_back(t.numel);
+  }
+  Table table = upload(std::move(key), device, [&](std::vector<int64_t>& words) {
+    return build_tensor_table(r.data(), static_cast<int64_t>(r.size()), kCudaChunk, words);
+  });
+  TORCH_CHECK(table.blocks <= std::numeric_limits<int32_t>::max(), "fromage_fused: a group of ", table.blocks,
+              " blocks of ", kCudaChunk, " elements exceeds one launch; split the parameters into several groups");
+  return table;
+}
+
+Table max_norm_table(const std::vector<TensorRef>& r, const at::Device& device) {
+  std::vector<int64_t> key;
+  key.reserve(r.size() + 2);
+  key.push_back(1);
+  key.push_back(device.index());
+  for (const auto& t : r) key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.max_norm)));
+  return upload(std::move(key), device, [&](std::vector<int64_t>& words) {
+    build_max_norm_table(r.data(), static_cast<int64_t>(r.size()), words);
+    return int64_t{0};
+  });
+}
+
+// The dispatcher sends a call here only when a CUDA tensor is in the lists, so they are not empty.
 at::Tensor stats_cuda(at::TensorList params, at::TensorList grads, bool inner) {
   check_lists(params, grads, c10::DeviceType::CUDA);
-  if (params.empty()) return at::zeros({0, 3}, at::kFloat);
+  TORCH_INTERNAL_ASSERT(!params.empty());
   c10::cuda::CUDAGuard guard(params[0].device());
   const int64_t n = static_cast<int64_t>(params.size());
   const auto r = refs(params, grads, {});
+  const Table table = tensor_table(r, params[0].device());
   const auto opts = params[0].options().dtype(at::kFloat);
   auto stats = at::empty({n, 3}, opts);
-  auto partials = at::empty({3 * cuda_total_chunks(r.data(), n)}, opts);
-  auto counters = at::zeros({n}, opts.dtype(at::kInt));
-  check_launch(cuda_stats(r.data(), n, dtype_of(params[0].scalar_type()), inner, stats.data_ptr<float>(),
-                          partials.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr<int32_t>()),
+  // Partials and counters serve tensors of several blocks only.
+  auto partials = at::empty({table.blocks > n ? 3 * table.blocks : 0}, opts);
+  auto counters = at::empty({table.blocks > n ? n : 0}, opts.dtype(at::kInt));
+  check_launch(cuda_stats(table.device.const_data_ptr<int64_t>(), n, table.blocks, dtype_of(params[0].scalar_type()),
+                          inner, stats.data_ptr<float>(), partials.data_ptr<float>(),
+                          reinterpret_cast<unsigned*>(counters.data_ptr<int32_t>()),
                           c10::cuda::getCurrentCUDAStream().stream()),
                "stats");
   return stats;
@@ -54,17 +158,20 @@ void apply_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& s
                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& sr_seed) {
   check_apply(params, grads, stats, lr, max_norms, p_bound, found_inf, grad_scale, sr_seed, c10::DeviceType::CUDA);
-  if (params.empty()) return;
+  TORCH_INTERNAL_ASSERT(!params.empty());
   c10::cuda::CUDAGuard guard(params[0].device());
   const int64_t n = static_cast<int64_t>(params.size());
   const auto r = refs(params, grads, p_bound.has_value() ? max_norms : at::TensorList());
+  const Table table = tensor_table(r, params[0].device());
+  const Table norms = p_bound.has_value() ? max_norm_table(r, params[0].device()) : Table{at::Tensor(), 0};
   const bool sr = sr_seed.has_value() && params[0].scalar_type() == at::kBFloat16;
-  check_launch(cuda_apply(r.data(), n, dtype_of(params[0].scalar_type()), stats.const_data_ptr<float>(),
-                          lr.const_data_ptr<float>(), found_inf ? found_inf->const_data_ptr<float>() : nullptr,
+  check_launch(cuda_apply(table.device.const_data_ptr<int64_t>(),
+                          p_bound.has_value() ? norms.device.const_data_ptr<int64_t>() : nullptr, n, table.blocks,
+                          dtype_of(params[0].scalar_type()), stats.const_data_ptr<float>(), lr.const_data_ptr<float>(),
+                          found_inf ? found_inf->const_data_ptr<float>() : nullptr,
                           grad_scale ? grad_scale->const_data_ptr<float>() : nullptr,
-                          sr ? sr_seed->const_data_ptr<int64_t>() : nullptr, p_bound.has_value(),
-                          static_cast<float>(p_bound.value_or(0.0)), maximize, prefactor,
-                          c10::cuda::getCurrentCUDAStream().stream()),
+                          sr ? sr_seed->const_data_ptr<int64_t>() : nullptr, static_cast<float>(p_bound.value_or(0.0)),
+                          maximize, prefactor, c10::cuda::getCurrentCUDAStream().stream()),
                "apply");
 }
 

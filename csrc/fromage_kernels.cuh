@@ -1,8 +1,8 @@
 // Multi-tensor CUDA kernels of the two phases. Only CUDA headers: see fromage_cuda.h.
 //
-// A launch carries the addresses and sizes of up to kMaxTensors tensors and the (slot, chunk) of
-// up to kMaxBlocks blocks by value in its arguments (no host-to-device copy, so a captured CUDA
-// graph replays it). Block b handles chunk a.chunk[b] of tensor a.slot[b].
+// A launch reads the group's tensors from a tensor table in device memory (tensor_table.h): one
+// CUDA block per table block, so each phase is one launch whatever the number of tensors. Block b
+// handles block b - first[t] of tensor t = owner[b].
 #pragma once
 
 #include <cuda_fp16.h>
@@ -12,27 +12,45 @@
 
 #include "fromage_common.h"
 #include "fromage_cuda.h"
+#include "tensor_table.h"
 
 namespace ff {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxTensors = 36;
-constexpr int kMaxBlocks = 320;
+// 16-byte vectors of each operand a thread loads before it uses any of them: without them in
+// registers first, each store waits for the loads before it (the compiler cannot move a load
+// above a store through pointers that may alias), and only 2-3 loads are in flight.
+constexpr int kStage = 4;
 
-struct Packed {
-  void* p[kMaxTensors];
-  const void* g[kMaxTensors];
-  float* max_norm[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int64_t partial_base[kMaxTensors];  // first partial (in units of 3 floats) of the tensor
-  int32_t index[kMaxTensors];         // position of the tensor in the op's lists
-  int32_t nchunks[kMaxTensors];
-  int32_t chunk[kMaxBlocks];
-  uint8_t slot[kMaxBlocks];
+// This block's place in the tensor table.
+struct Slot {
+  int32_t t;      // tensor (its position in the op's lists)
+  int64_t block;  // block of that tensor
+  int64_t blocks;
+  int64_t numel;
+  int64_t p, g;   // addresses
 };
-// The kernel parameter space is 4 KB (the other arguments take under 100 bytes).
-static_assert(sizeof(Packed) <= 3968, "Packed kernel arguments exceed the 4 KB parameter space");
+
+// Addresses read from the table are plain integers: promising that they point to global memory
+// lets the compiler use global loads and stores instead of generic ones.
+template <class T>
+__device__ __forceinline__ T* global_ptr(int64_t address, int64_t offset = 0) {
+  T* ptr = reinterpret_cast<T*>(address) + offset;
+  __builtin_assume(__isGlobal(ptr));
+  return ptr;
+}
+
+__device__ __forceinline__ Slot slot_of(const int64_t* __restrict__ table, int64_t n) {
+  Slot s;
+  s.t = reinterpret_cast<const int32_t*>(table + kColumns * n)[blockIdx.x];
+  s.block = static_cast<int64_t>(blockIdx.x) - table[kColFirst * n + s.t];
+  s.blocks = table[kColBlocks * n + s.t];
+  s.numel = table[kColNumel * n + s.t];
+  s.p = table[kColP * n + s.t];
+  s.g = table[kColG * n + s.t];
+  return s;
+}
 
 // Element formats: storage type, elements per 16-byte vector, conversions through fp32.
 struct F32 {
@@ -126,26 +144,45 @@ __device__ __forceinline__ void block_sum3(float& a, float& b, float& c) {
   __syncthreads();
 }
 
-// Phase 1. Each block writes the fp32 partial sums of its chunk; the last block of a tensor to
-// finish (an integer counter per tensor, no float atomics) sums the tensor's partials in a fixed
-// order and writes its stats row.
+// Phase 1. Each block sums its elements in fp32. A tensor of one block writes its stats row
+// directly; otherwise each block writes its partial sums and the last block of the tensor to
+// finish (an integer counter per tensor, no float atomics) adds the tensor's partials in a fixed
+// order and writes the row.
 template <class Tr>
-__global__ void __launch_bounds__(kThreads) stats_kernel(Packed a, float* __restrict__ stats,
-                                                         float* __restrict__ partials, unsigned* __restrict__ counters,
-                                                         int inner) {
+__global__ void __launch_bounds__(kThreads, 2) stats_kernel(const int64_t* __restrict__ table, int64_t n,
+                                                         float* __restrict__ stats, float* __restrict__ partials,
+                                                         unsigned* __restrict__ counters, int inner) {
   using S = typename Tr::S;
-  const int slot = a.slot[blockIdx.x];
-  const int64_t chunk = a.chunk[blockIdx.x];
-  const int64_t start = chunk * kCudaChunk;
-  const int64_t left = a.numel[slot] - start;
+  constexpr int kStep = kThreads * Tr::kVec;  // elements per pass of the whole block
+  const Slot at = slot_of(table, n);
+  const int64_t start = at.block * kCudaChunk;
+  const int64_t left = at.numel - start;
   const int len = static_cast<int>(left < kCudaChunk ? left : kCudaChunk);
-  const S* p = static_cast<const S*>(a.p[slot]) + start;
-  const S* g = static_cast<const S*>(a.g[slot]) + start;
+  const S* p = global_ptr<const S>(at.p, start);
+  const S* g = global_ptr<const S>(at.g, start);
   float pp = 0.f, gg = 0.f, pg = 0.f;
   int vec_end = 0;
   if (aligned16(p) && aligned16(g)) {
     vec_end = len - len % Tr::kVec;
-    for (int i = threadIdx.x * Tr::kVec; i < vec_end; i += kThreads * Tr::kVec) {
+    int i = threadIdx.x * Tr::kVec;
+    for (; i + (kStage - 1) * kStep < vec_end; i += kStage * kStep) {
+      float pv[kStage][Tr::kVec], gv[kStage][Tr::kVec];
+#pragma unroll
+      for (int s = 0; s < kStage; ++s) {
+        load_vec<Tr>(p + i + s * kStep, pv[s]);
+        load_vec<Tr>(g + i + s * kStep, gv[s]);
+      }
+#pragma unroll
+      for (int s = 0; s < kStage; ++s) {
+#pragma unroll
+        for (int j = 0; j < Tr::kVec; ++j) {
+          pp = fmaf(pv[s][j], pv[s][j], pp);
+          gg = fmaf(gv[s][j], gv[s][j], gg);
+          pg = fmaf(pv[s][j], gv[s][j], pg);
+        }
+      }
+    }
+    for (; i < vec_end; i += kStep) {
       float pv[Tr::kVec], gv[Tr::kVec];
       load_vec<Tr>(p + i, pv);
       load_vec<Tr>(g + i, gv);
@@ -164,29 +201,37 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(Packed a, float* __rest
     pg = fmaf(pf, gf, pg);
   }
   block_sum3(pp, gg, pg);
+  float* row = stats + 3 * static_cast<int64_t>(at.t);
+  if (at.blocks == 1) {
+    if (threadIdx.x == 0) {
+      row[0] = pp;
+      row[1] = gg;
+      row[2] = inner ? pg : 0.f;
+    }
+    return;
+  }
   __shared__ bool last;
   if (threadIdx.x == 0) {
-    float* out = partials + 3 * (a.partial_base[slot] + chunk);
+    float* out = partials + 3 * static_cast<int64_t>(blockIdx.x);
     out[0] = pp;
     out[1] = gg;
     out[2] = pg;
     __threadfence();
-    const unsigned done = atomicAdd(&counters[a.index[slot]], 1u);
-    last = done + 1 == static_cast<unsigned>(a.nchunks[slot]);
+    const unsigned done = atomicAdd(&counters[at.t], 1u);
+    last = done + 1 == static_cast<unsigned>(at.blocks);
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
-  const float* part = partials + 3 * a.partial_base[slot];
+  const float* part = partials + 3 * (static_cast<int64_t>(blockIdx.x) - at.block);
   pp = gg = pg = 0.f;
-  for (int k = threadIdx.x; k < a.nchunks[slot]; k += kThreads) {
+  for (int64_t k = threadIdx.x; k < at.blocks; k += kThreads) {
     pp += __ldcg(part + 3 * k);
     gg += __ldcg(part + 3 * k + 1);
     pg += __ldcg(part + 3 * k + 2);
   }
   block_sum3(pp, gg, pg);
   if (threadIdx.x == 0) {
-    float* row = stats + 3 * static_cast<int64_t>(a.index[slot]);
     row[0] = pp;
     row[1] = gg;
     row[2] = inner ? pg : 0.f;
@@ -194,35 +239,55 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(Packed a, float* __rest
 }
 
 // Phase 2. Every block derives its tensor's coefficients from the stats on the device. An unset
-// max_norm is written by the first chunk's block; the other blocks of the tensor read either the
-// unset value or the written one, and both lead to the same number.
+// max_norm is written by the first block of the tensor; its other blocks read either the unset
+// value or the written one, and both lead to the same number.
 template <class Tr, bool SR>
-__global__ void __launch_bounds__(kThreads) apply_kernel(Packed a, const float* __restrict__ stats,
+__global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __restrict__ table,
+                                                         const int64_t* __restrict__ max_norms, int64_t n,
+                                                         const float* __restrict__ stats,
                                                          const float* __restrict__ lr,
                                                          const float* __restrict__ found_inf,
                                                          const float* __restrict__ grad_scale,
-                                                         const int64_t* __restrict__ seed, int has_p_bound,
-                                                         float p_bound, int maximize, int prefactor) {
+                                                         const int64_t* __restrict__ seed, float p_bound,
+                                                         int maximize, int prefactor) {
   using S = typename Tr::S;
+  constexpr int kStep = kThreads * Tr::kVec;
   if (found_inf != nullptr && *found_inf != 0.f) return;
-  const int slot = a.slot[blockIdx.x];
-  const int64_t chunk = a.chunk[blockIdx.x];
-  const int index = a.index[slot];
-  const float* row = stats + 3 * static_cast<int64_t>(index);
-  const float old = has_p_bound ? *a.max_norm[slot] : 0.f;
+  const Slot at = slot_of(table, n);
+  const bool has_p_bound = max_norms != nullptr;
+  float* max_norm = has_p_bound ? global_ptr<float>(max_norms[at.t]) : nullptr;
+  const float* row = stats + 3 * static_cast<int64_t>(at.t);
+  const float old = has_p_bound ? *max_norm : 0.f;
   const Coef c = coefficients(row[0], row[1], row[2], *lr, grad_scale ? *grad_scale : 1.f, grad_scale != nullptr,
                               has_p_bound, p_bound, old, maximize, prefactor);
-  if (has_p_bound && chunk == 0 && threadIdx.x == 0 && old < 0.f) *a.max_norm[slot] = c.max_norm;
-  const uint32_t stream = SR ? sr_stream(*seed, index) : 0u;
-  const int64_t start = chunk * kCudaChunk;
-  const int64_t left = a.numel[slot] - start;
+  if (has_p_bound && at.block == 0 && threadIdx.x == 0 && old < 0.f) *max_norm = c.max_norm;
+  const uint32_t stream = SR ? sr_stream(*seed, at.t) : 0u;
+  const int64_t start = at.block * kCudaChunk;
+  const int64_t left = at.numel - start;
   const int len = static_cast<int>(left < kCudaChunk ? left : kCudaChunk);
-  S* p = static_cast<S*>(a.p[slot]) + start;
-  const S* g = static_cast<const S*>(a.g[slot]) + start;
+  S* p = global_ptr<S>(at.p, start);
+  const S* g = global_ptr<const S>(at.g, start);
   int vec_end = 0;
   if (aligned16(p) && aligned16(g)) {
     vec_end = len - len % Tr::kVec;
-    for (int i = threadIdx.x * Tr::kVec; i < vec_end; i += kThreads * Tr::kVec) {
+    int i = threadIdx.x * Tr::kVec;
+    for (; i + (kStage - 1) * kStep < vec_end; i += kStage * kStep) {
+      float pv[kStage][Tr::kVec], gv[kStage][Tr::kVec];
+#pragma unroll
+      for (int s = 0; s < kStage; ++s) {
+        load_vec<Tr>(p + i + s * kStep, pv[s]);
+        load_vec<Tr>(g + i + s * kStep, gv[s]);
+      }
+#pragma unroll
+      for (int s = 0; s < kStage; ++s) {
+        S out[Tr::kVec];
+#pragma unroll
+        for (int j = 0; j < Tr::kVec; ++j)
+          out[j] = round_to<Tr, SR>(c.cp * pv[s][j] + c.cg * gv[s][j], start + i + s * kStep + j, stream);
+        store_vec<Tr>(p + i + s * kStep, out);
+      }
+    }
+    for (; i < vec_end; i += kStep) {
       float pv[Tr::kVec], gv[Tr::kVec];
       S out[Tr::kVec];
       load_vec<Tr>(p + i, pv);

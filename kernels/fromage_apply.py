@@ -51,7 +51,7 @@ def _sweep(p, g, start, n_full, cp, cg, stream, BLOCK: tl.constexpr, SR: tl.cons
 
 @triton.jit
 def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, found_inf_ptr, grad_scale_ptr,
-                 seed_ptr, p_bound, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                 seed_ptr, p_bound, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_BOUND: tl.constexpr, MAXIMIZE: tl.constexpr, PREFACTOR: tl.constexpr,
                  HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
@@ -59,7 +59,7 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, f
     if HAS_FOUND_INF:
         go = tl.load(found_inf_ptr) == 0
     if go:
-        t, numel, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n)
+        t, start, end, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK)
         p_addr, g_addr = tensor_addrs(addrs_ptr, t, n)
         s_pp = tl.load(stats_ptr + 3 * t)
         s_gg = tl.load(stats_ptr + 3 * t + 1)
@@ -92,8 +92,6 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, f
         stream = tl.full((), 0, tl.uint32)
         if SR:
             stream = sr_stream(tl.load(seed_ptr), t)
-        start = (c - first) * CHUNK
-        end = tl.minimum(start + CHUNK, numel)
         n_full = tl.maximum(end - start, 0) // BLOCK
         if (flags & ALIGNED_FLAG) != 0:
             p = as_aligned_ptr(p_addr, DTYPE)

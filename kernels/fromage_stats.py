@@ -26,18 +26,16 @@ def _accumulate(p, g, n_full, acc_pp, acc_gg, acc_pg, BLOCK: tl.constexpr, INNER
 
 @triton.jit
 def partials_kernel(layout_ptr, addrs_ptr, partials_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                    CHUNK: tl.constexpr, INNER: tl.constexpr):
+                    INNER: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
-    t, numel, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n)
+    t, start, end, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK)
     p_addr, g_addr = tensor_addrs(addrs_ptr, t, n)
-    start = (c - first) * CHUNK
-    end = tl.minimum(start + CHUNK, numel)
     n_full = tl.maximum(end - start, 0) // BLOCK
     acc_pp = tl.full([BLOCK], 0.0, tl.float32)
     acc_gg = tl.full([BLOCK], 0.0, tl.float32)
     acc_pg = tl.full([BLOCK], 0.0, tl.float32)
     if (flags & ALIGNED_FLAG) != 0:
-        # Both bases are 16-byte aligned and chunks start at multiples of CHUNK elements: unmasked
+        # Both bases are 16-byte aligned and chunks start at multiples of BLOCK elements: unmasked
         # 16-byte vector loads.
         p = as_aligned_ptr(p_addr, DTYPE)
         g = as_aligned_ptr(g_addr, DTYPE)

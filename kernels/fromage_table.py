@@ -1,10 +1,11 @@
 """Device-side reading of the tensor tables built by ``fromage_fused.backends.triton``.
 
-Two int64 tables describe a group of ``n`` tensors cut into ``C`` chunks of ``CHUNK`` elements:
+Two int64 tables describe a group of ``n`` tensors cut into ``C`` chunks (``chunk`` elements each,
+chosen per tensor: a multiple of the kernels' ``BLOCK``):
 
 * ``layout`` (depends only on the sizes): ``[numel (n) | first_chunk (n) | n_chunks (n) |
-  chunk_tensor (C)]``. Every tensor owns at least one chunk, so an empty tensor still gets a
-  program (its max_norm must be set like any other).
+  chunk (n) | chunk_tensor (C)]``. Every tensor owns at least one chunk, so an empty tensor still
+  gets a program (its max_norm must be set like any other).
 * ``addrs`` (depends on the storages): ``[p address (n) | g address (n) | flags (n)]``; flag bit 0
   says both addresses are 16-byte aligned, which the host checked before promising it here.
 """
@@ -47,13 +48,19 @@ else:
 
 
 @device_function
-def chunk_of(layout_ptr, addrs_ptr, c, n):
-    """Tensor index, its size, its first chunk and this chunk's start element, its pointers' flags."""
-    t = tl.load(layout_ptr + 3 * n + c)
+def chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK: tl.constexpr):
+    """Tensor index, this chunk's start and end elements, the tensor's first chunk, its pointers' flags.
+
+    ``start`` is a multiple of ``BLOCK`` (every chunk size is): with a 16-byte aligned base, each
+    block of the chunk starts 16-byte aligned."""
+    t = tl.load(layout_ptr + 4 * n + c)
     numel = tl.load(layout_ptr + t)
     first = tl.load(layout_ptr + n + t)
+    chunk = tl.load(layout_ptr + 3 * n + t)
     flags = tl.load(addrs_ptr + 2 * n + t)
-    return t, numel, first, flags
+    start = tl.multiple_of((c - first) * chunk, BLOCK)
+    end = tl.minimum(start + chunk, numel)
+    return t, start, end, first, flags
 
 
 @device_function

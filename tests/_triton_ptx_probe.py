@@ -1,7 +1,8 @@
 """Compile the triton kernels for sm_90 on this machine (no GPU needed) and count vector accesses.
 
 Run as a script in a process without TRITON_INTERPRET; prints one JSON object
-``{kernel: {"ld_v": n, "st_v": n}}``. With ``--no-aligned-path`` the branch taken for 16-byte
+``{kernel: {"ld_v": n, "st_v": n, "ld_16": n, "st_16": n}}`` (vector accesses of any width, and
+the 16-byte ones). With ``--no-aligned-path`` the branch taken for 16-byte
 aligned tensors is compiled away first, so what remains is the path for everything else, which
 must not contain a single vector access (a misaligned one faults on a GPU; the interpreter cannot
 tell).
@@ -15,7 +16,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fromage_fused.backends.triton import CUDA_CONFIG
+import torch
+
+from fromage_fused.backends.triton import CUDA_CONFIGS
 from fromage_fused.kernels import fromage_apply, fromage_stats
 
 if "--no-aligned-path" in sys.argv:
@@ -24,28 +27,35 @@ if "--no-aligned-path" in sys.argv:
 
 TABLE = {"layout_ptr": "*i64", "addrs_ptr": "*i64"}
 STATS_SIG = {**TABLE, "partials_ptr": "*fp32", "n": "i64", "DTYPE": "constexpr", "BLOCK": "constexpr",
-             "CHUNK": "constexpr", "INNER": "constexpr"}
+             "INNER": "constexpr"}
 APPLY_SIG = {**TABLE, "max_norm_addrs_ptr": "*i64", "stats_ptr": "*fp32", "lr_ptr": "*fp32", "found_inf_ptr": "*fp32",
              "grad_scale_ptr": "*fp32", "seed_ptr": "*i64", "p_bound": "fp32", "n": "i64", "DTYPE": "constexpr",
-             "BLOCK": "constexpr", "CHUNK": "constexpr", "HAS_BOUND": "constexpr", "MAXIMIZE": "constexpr",
+             "BLOCK": "constexpr", "HAS_BOUND": "constexpr", "MAXIMIZE": "constexpr",
              "PREFACTOR": "constexpr", "HAS_FOUND_INF": "constexpr", "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr"}
 
 
-def count(fn, signature, constexprs):
+def count(fn, signature, constexprs, dtype):
+    cfg = CUDA_CONFIGS[dtype]
+    constexprs = {**constexprs, "BLOCK": cfg.block}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": CUDA_CONFIG.num_warps})
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
     ptx = kernel.asm["ptx"]
-    return {"ld_v": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)),
-            "st_v": len(re.findall(r"st\.global(?:\.\w+)*\.v[248]\.", ptx))}
+    # Any vector access (it needs more than the element's alignment), and the 16-byte ones.
+    vector, wide = r"\.v[248]\.", r"\.(?:v4\.[bfsu]32|v2\.[bfsu]64)"
+    return {"ld_v": len(re.findall(r"ld\.global(?:\.\w+)*" + vector, ptx)),
+            "st_v": len(re.findall(r"st\.global(?:\.\w+)*" + vector, ptx)),
+            "ld_16": len(re.findall(r"ld\.global(?:\.\w+)*" + wide, ptx)),
+            "st_16": len(re.findall(r"st\.global(?:\.\w+)*" + wide, ptx))}
 
 
 def main():
-    size = {"BLOCK": CUDA_CONFIG.block, "CHUNK": CUDA_CONFIG.chunk}
     apply_flags = {"HAS_BOUND": True, "MAXIMIZE": False, "PREFACTOR": True, "HAS_FOUND_INF": True, "HAS_GRAD_SCALE": True}
     out = {
-        "partials_fp32": count(fromage_stats.partials_kernel, STATS_SIG, {"DTYPE": tl.float32, "INNER": True, **size}),
-        "apply_bf16_sr": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.bfloat16, "SR": True, **apply_flags, **size}),
-        "apply_fp16": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.float16, "SR": False, **apply_flags, **size}),
+        "partials_fp32": count(fromage_stats.partials_kernel, STATS_SIG, {"DTYPE": tl.float32, "INNER": True}, torch.float32),
+        "partials_bf16": count(fromage_stats.partials_kernel, STATS_SIG, {"DTYPE": tl.bfloat16, "INNER": True}, torch.bfloat16),
+        "apply_fp32": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.float32, "SR": False, **apply_flags}, torch.float32),
+        "apply_bf16_sr": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.bfloat16, "SR": True, **apply_flags}, torch.bfloat16),
+        "apply_fp16": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.float16, "SR": False, **apply_flags}, torch.float16),
     }
     print(json.dumps(out))
 

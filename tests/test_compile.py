@@ -3,7 +3,8 @@ eager result. Small models, few compiles: compilation dominates the cost on CPU.
 import pytest
 import torch
 
-from fromage_fused import Fromage
+import _triton_interpreter  # noqa: F401  (the triton cases on a machine without CUDA)
+from fromage_fused import Fromage, available_backends
 
 from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, one_thread, snapshot, training_backends
 
@@ -30,6 +31,8 @@ def graph_cases():
     yield pytest.param("cpu", "foreach", False, id="cpu-foreach-creates-state")
     for backend in training_backends("cpu", reference=False):
         yield pytest.param("cpu", backend, True, id=f"cpu-{backend}-warm")
+    if "triton" in available_backends("cpu"):  # the interpreter: the same host code and custom ops as on CUDA
+        yield pytest.param("cpu", "triton", True, id="cpu-triton-interpreter-warm")
     for backend in training_backends("cuda", reference=False):
         yield pytest.param("cuda", backend, True, id=f"cuda-{backend}-warm", marks=pytest.mark.gpu)
 
@@ -45,6 +48,25 @@ def test_step_has_no_graph_breaks(device, backend, warm):
     breaks, reasons = _graph_breaks(opt.step)
     assert breaks == 0, reasons
     assert "max_norm" in opt.state[model.lin.weight] and "sr_seed" in opt.state[model.low]
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs Triton's interpreter")
+def test_compiled_triton_step_matches_eager():
+    # The triton phases are opaque custom ops to the compiler: fullgraph holds and the compiled step
+    # runs the same kernels (here under the interpreter) on the same tables.
+    runs = []
+    for compiled in (False, True):
+        model, opt = make("cpu", "triton", lr=torch.tensor(LR))
+        loss_of(model, 0).backward()
+        opt.step()  # state first: one compile
+        step = torch.compile(opt.step, backend="aot_eager", fullgraph=True) if compiled else opt.step
+        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+            for i in range(3):
+                opt.zero_grad(set_to_none=True)
+                loss_of(model, i + 1).backward()
+                step()
+        runs.append(snapshot(model, opt))
+    assert_same(runs[0], runs[1], exact=False, tol=COMPILE_TOL)
 
 
 def test_compiled_training_step_matches_eager():

@@ -4,6 +4,7 @@ same step logic runs on CPU in test_compile.py and test_amp.py."""
 import pytest
 import torch
 
+from fromage_fused import functional
 from _host_reads import forbid_cuda_sync
 from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, snapshot, training_backends
 
@@ -51,8 +52,19 @@ def warm_up(model, opt, static_x, static_y):
     torch.cuda.current_stream().wait_stream(side)
 
 
+def flood_table_cache(backend):
+    """Steps enough new tensor groups to evict every table cache entry that no graph holds; their
+    allocations reuse any device memory a wrongly evicted table had."""
+    for i in range(80):
+        ps = [torch.randn(3 + i, device=DEVICE), torch.randn(70_000, device=DEVICE)]
+        functional.fromage(ps, [torch.randn_like(p) for p in ps], None, lr=0.01, backend=backend)
+
+
+@pytest.mark.parametrize("pressure", [False, True], ids=["plain", "cache-pressure"])
 @pytest.mark.parametrize("backend", capture_backends())
-def test_replay_matches_eager(backend):
+def test_replay_matches_eager(backend, pressure):
+    # zero_grad(set_to_none=True) before the capture: the gradients are allocated inside it, so the
+    # tensor tables miss there and are uploaded (from pinned buffers) inside the graph.
     eager, eager_opt = eager_run(backend)
 
     model, opt = make(DEVICE, backend, lr=device_lr())
@@ -64,6 +76,8 @@ def test_replay_matches_eager(backend):
     with torch.cuda.graph(graph):
         loss_from(model, static_x, static_y).backward()
         opt.step()
+    if pressure:
+        flood_table_cache(backend)
     for step in range(WARMUP, WARMUP + STEPS):
         x, y = batch(step, DEVICE)
         static_x.copy_(x)

@@ -88,7 +88,7 @@ def test_non_contiguous_tensors_are_handled():
     _close([grid[:, ::2]], want, torch.float32)
 
 
-def test_many_tensors_in_one_group_span_several_launches():
+def test_many_tensors_and_a_multi_block_tensor_in_one_group():
     gen = torch.Generator().manual_seed(1)
     sizes = torch.randint(0, 5000, (350,), generator=gen).tolist() + [300_000]
     params = [torch.randn(n, device="cuda") for n in sizes]
@@ -99,6 +99,34 @@ def test_many_tensors_in_one_group_span_several_launches():
     functional.fromage(params, grads, mn, lr=0.02, p_bound=1.0, backend="cuda")
     _close(params, want, torch.float32)
     torch.testing.assert_close(torch.stack(mn).cpu(), torch.stack(mn_ref))
+
+
+@pytest.mark.parametrize("n", [1, 37, 321, 2048])
+def test_one_launch_per_phase_for_any_tensor_count(n):
+    # Sizes from 0 to ~70k: empty, one-block and two-block tensors (the stats counters' memset).
+    sizes = [(i * 977) % 70_000 for i in range(n)]
+    params = [torch.randn(s, device="cuda") for s in sizes]
+    grads = [torch.randn_like(p) for p in params]
+    mn = [torch.full((), UNSET_MAX_NORM, device="cuda") for _ in params]
+    lr = torch.full((), 0.01, device="cuda")
+
+    def step():
+        stats = torch.ops.fromage_fused.stats(params, grads, True)
+        torch.ops.fromage_fused.apply_(params, grads, stats, lr, mn, 1.0, False, True, None, None, None)
+
+    step()  # the tables are uploaded once
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize()
+    on_gpu = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = [k for k in on_gpu if "memcpy" in k.lower()]
+    memsets = [k for k in on_gpu if "memset" in k.lower()]
+    kernels = [k for k in on_gpu if k not in copies and k not in memsets]
+    assert not copies, f"cached tables were uploaded again: {copies}"
+    assert len(kernels) == 2, kernels
+    assert len(memsets) == (1 if max(sizes) > 65536 else 0), memsets
 
 
 def test_deterministic():

@@ -13,7 +13,9 @@ from fromage_fused._math import UNSET_MAX_NORM
 from _host_reads import READERS, HostRead, forbid_cuda_sync, forbid_host_reads
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-NON_REFERENCE = [(b, d) for d in DEVICES for b in fromage_fused.available_backends(d) if b != "reference"]
+# CUDA cases carry the gpu marker, so that `pytest -m gpu` (the GPU check) runs them.
+NON_REFERENCE = [pytest.param(b, d, marks=[pytest.mark.gpu] if d == "cuda" else [], id=f"{b}-{d}")
+                 for d in DEVICES for b in fromage_fused.available_backends(d) if b != "reference"]
 
 
 def model(device):

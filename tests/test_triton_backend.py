@@ -1,34 +1,21 @@
 """The triton backend against the float64 oracle and its own promises (launches, no sync, tables).
 
-On a machine without CUDA the kernels run under Triton's interpreter, which Triton chooses when a
-kernel is decorated: the kernels are imported here with ``TRITON_INTERPRET=1`` and the variable is
-put back afterwards, so that it does not reach other tests' subprocesses. Sizes stay small because
-the interpreter runs programs one after another in Python.
+On a machine without CUDA the kernels run under Triton's interpreter (``_triton_interpreter``).
+Sizes stay small because the interpreter runs programs one after another in Python.
 """
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-
-import torch
+import textwrap
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
-if not torch.cuda.is_available():
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import fromage_fused.kernels.fromage_apply  # noqa: F401
-        import fromage_fused.kernels.fromage_round  # noqa: F401
-        import fromage_fused.kernels.fromage_stats  # noqa: F401
-    finally:
-        if _saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _saved
+import _triton_interpreter  # noqa: E402,F401  (before anything imports the kernels)
 
 from _oracle import compare_with_oracle  # noqa: E402
 from tolerances import ORACLE_TOL  # noqa: E402
@@ -100,6 +87,29 @@ def test_many_chunks_per_tensor(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_large_tensors_take_large_chunks(device):
+    # Tensors of at least 4 large chunks are cut into large chunks, the others into small ones.
+    cfg = triton_backend.Config(block=16, chunk=64, large_chunk=256)
+    sizes = [1023, 1024, 3001, 5, 0, 17 * 61]
+    values, programs = triton_backend.layout_values(sizes, cfg)
+    n = len(sizes)
+    chunks, counts = values[3 * n:4 * n], values[2 * n:3 * n]
+    assert chunks == [64, 256, 256, 64, 64, 256]
+    assert counts == [16, 4, 12, 1, 1, 5] and programs == sum(counts) == len(values) - 4 * n
+    shapes = [(s,) for s in sizes[:-1]] + [(17, 61)]
+    compare_with_oracle(triton_backend.TritonBackend(cfg), torch.float32, device=_need(device), steps=3, p_bound=1.0,
+                        shapes=shapes, tol=ORACLE_TOL[torch.float32])
+
+
+def test_configs_keep_chunks_multiples_of_the_block():
+    # The kernels promise the compiler that every chunk starts at a multiple of BLOCK elements.
+    for cfg in list(triton_backend.CUDA_CONFIGS.values()) + [triton_backend.INTERPRETER_CONFIG]:
+        assert cfg.chunk % cfg.block == 0 and (cfg.large_chunk or cfg.block) % cfg.block == 0
+    with pytest.raises(ValueError, match="multiple of block"):
+        triton_backend.Config(block=16, chunk=64, large_chunk=100)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_many_tensors_in_one_group(device):
     shapes = [((k * 7) % 11 + 1,) for k in range(320)]
     compare_with_oracle("triton", torch.float32, device=_need(device), steps=2, p_bound=1.0, shapes=shapes,
@@ -159,14 +169,11 @@ def test_unaligned_views(device, dtype):
     assert torch.equal(base_p[4102:4200], untouched)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_aligned_flags_follow_data_ptr(device):
-    device = _need(device)
-    base = torch.zeros(64, device=device)
+def test_aligned_flags_follow_data_ptr():
+    base = torch.zeros(64)
     aligned, shifted = base[:8], base[1:9]
-    table = BACKEND._addresses((aligned.data_ptr(), shifted.data_ptr()), (aligned.data_ptr(), aligned.data_ptr()),
-                               torch.device(device)).cpu()
-    assert table[4:].tolist() == [1, 0]
+    values = triton_backend.address_values((aligned.data_ptr(), shifted.data_ptr()), (aligned.data_ptr(), aligned.data_ptr()))
+    assert values[4:] == [1, 0]
 
 
 @pytest.mark.parametrize("aligned_path", [True, False])
@@ -183,10 +190,12 @@ def test_sm90_code_vectorises_only_the_aligned_path(aligned_path, tmp_path):
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     for kernel, c in counts.items():
         if aligned_path:
-            assert c["ld_v"] > 0, f"{kernel}: no 16-byte loads on the aligned path"
-            assert kernel.startswith("partials") or c["st_v"] > 0, f"{kernel}: no 16-byte stores on the aligned path"
+            # Each thread moves two 16-byte vectors per operand and inner step, in every dtype
+            # (BLOCK is chosen per dtype for that).
+            assert c["ld_16"] >= 4, f"{kernel}: {c['ld_16']} 16-byte loads on the aligned path"
+            assert kernel.startswith("partials") or c["st_16"] >= 2, f"{kernel}: {c['st_16']} 16-byte stores"
         else:
-            assert c == {"ld_v": 0, "st_v": 0}, f"{kernel}: vector accesses outside the aligned path: {c}"
+            assert c == {"ld_v": 0, "st_v": 0, "ld_16": 0, "st_16": 0}, f"{kernel}: vector accesses outside the aligned path: {c}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -396,6 +405,98 @@ def test_optimizer_steps_with_new_grad_storage_each_step(device):
             opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _held(backend):
+    return {k for k, t in backend._tables.items() if t.held}
+
+
+def test_tables_used_under_capture_are_never_evicted(monkeypatch):
+    # Graph capture is simulated on the CPU: the bookkeeping is the same as on CUDA.
+    monkeypatch.setattr(triton_backend, "_CACHE_SIZE", 4)
+    backend = triton_backend.TritonBackend()
+    params, grads = _pair("cpu")
+    mn = [torch.full((), UNSET_MAX_NORM) for _ in params]
+    functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)  # eager: nothing held
+    assert not _held(backend)
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    grads = [g.clone() for g in grads]  # new gradient storage inside the capture: a table miss
+    functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)
+    held = _held(backend)
+    kinds = sorted(k[0] for k in held)
+    assert kinds == ["addrs", "layout", "max_norm"]  # hit under capture (layout, max_norm) or made there
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: False)
+    for _ in range(10):  # eager steps with new storage each time: the cache fills and evicts
+        grads = [g.clone() for g in grads]
+        functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)
+    assert held <= set(backend._tables)
+    assert len(backend._tables) == 4
+    # The held address table still describes the captured gradients.
+    want, _ = _reference_of(params, grads, lr=0.01)
+    functional.fromage(params, grads, None, lr=0.01, backend=backend)
+    _assert_step_close(params, want, torch.float32, "after eviction")
+
+
+def test_cache_grows_past_its_size_only_with_held_tables(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_CACHE_SIZE", 2)
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    backend = triton_backend.TritonBackend()
+    params, grads = _pair("cpu")
+    for _ in range(3):
+        grads = [g.clone() for g in grads]
+        functional.fromage(params, grads, None, lr=0.01, backend=backend)
+    assert len(backend._tables) == len(_held(backend)) == 4  # one layout, three address tables
+
+
+def test_failed_upload_inside_capture_says_what_to_do(monkeypatch):
+    backend = triton_backend.TritonBackend()
+    params, grads = _pair("cpu")
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton_backend._Table, "__init__", refuse)
+    before = [p.clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"inside CUDA graph capture.*zero_grad\(set_to_none=False\)"):
+        functional.fromage(params, grads, None, lr=0.01, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+@pytest.mark.gpu
+def test_cuda_tables_come_from_pinned_buffers_owned_by_the_entry():
+    backend = triton_backend.TritonBackend()
+    params, grads = _pair("cuda")
+    functional.fromage(params, grads, None, lr=0.01, backend=backend)
+    for table in backend._tables.values():
+        assert table.host is not None and table.host.is_pinned()
+        assert table.device.is_cuda and torch.equal(table.host, table.device.cpu())
+
+
+def test_empty_group_is_refused_clearly():
+    with pytest.raises(ValueError, match="non-empty group"):
+        BACKEND.stats([], [])
+
+
+def test_tables_need_no_numpy():
+    # The CPU torch wheel brings no numpy: importing the backend and building its tables must not
+    # need it (running the kernels on CPU does, through Triton's interpreter, but that is for tests).
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["numpy"] = None  # any import of numpy now raises ImportError
+        import torch
+        from fromage_fused.backends import triton as tb
+        backend = tb.TritonBackend()
+        params = [torch.randn(n) for n in (5, 0, 3000)]
+        grads = [torch.randn_like(p) for p in params]
+        layout, addrs = backend._tables_for(params, grads, torch.float32, tb.INTERPRETER_CONFIG, tb._Use(torch.device("cpu")))
+        assert layout.programs == 1 + 1 + 2, layout.programs
+        assert addrs.device.tolist()[:3] == [p.data_ptr() for p in params]
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 # -- availability and validation ------------------------------------------------------------------------------

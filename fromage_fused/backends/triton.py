@@ -1,11 +1,17 @@
 """The triton backend: host side of the kernels in ``fromage_fused.kernels``.
 
-A group of ``n`` tensors is cut into fixed-size chunks (every tensor gets at least one), so one
-program handles one chunk whether the group is one huge tensor or thousands of tiny ones. A step
-is three launches per group whatever ``n`` is: per-chunk partial sums, per-tensor reduction, and
-the update. The tensors are described to the kernels by two int64 tables in device memory (see
-``kernels/fromage_table.py``), cached by the sizes and by the storage addresses, so a new gradient
-storage (``zero_grad(set_to_none=True)``) costs one small host-to-device copy.
+A group of ``n`` tensors is cut into chunks (every tensor gets at least one; large tensors get
+larger chunks), so one program handles one chunk whether the group is one huge tensor or
+thousands of tiny ones. A step is three launches per group whatever ``n`` is: per-chunk partial
+sums, per-tensor reduction, and the update. The tensors are described to the kernels by int64
+tables in device memory (see ``kernels/fromage_table.py``), cached by the sizes and by the storage
+addresses, so a new gradient storage (``zero_grad(set_to_none=True)``) costs one small
+host-to-device copy, from a pinned buffer that the cache entry owns.
+
+CUDA graphs: a table used while a graph is captured is never evicted (every replay reads it, and
+a captured upload re-reads its pinned buffer), so a table miss inside capture just works.
+``torch.compile``: the two phases are custom ops (``fromage_fused_triton::stats`` / ``apply_``)
+with fake implementations, so a compiled step treats them as opaque and never traces the tables.
 
 On CUDA the kernels are compiled; on CPU they run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first use), which exists for tests and ranks below foreach.
@@ -14,38 +20,58 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import os
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
-import numpy as np
 import torch
 
 from ._base import Backend
 
 _ALIGN_BYTES = 16
-_ALIGNED_FLAG = 1  # kernels/fromage_table.py: ALIGNED_FLAG
-_CACHE_SIZE = 64  # entries per cache; a group uses two address tables and one layout
+_CACHE_SIZE = 64  # tables per backend; a group uses a layout, an address table and a max_norm table
+_LARGE_CHUNKS = 4  # a tensor of at least this many large chunks is cut into large chunks
+
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 @dataclass(frozen=True)
 class Config:
-    """Work split: ``block`` elements per inner step, ``chunk`` (a multiple of ``block``) per program."""
+    """Work split: ``block`` elements per inner step; ``chunk`` (a multiple of ``block``) per
+    program, or ``large_chunk`` for tensors of at least 4 large chunks (fewer, longer programs)."""
 
     block: int
     chunk: int
     num_warps: int = 4
     rblock: int = 128
+    large_chunk: Optional[int] = None
 
     def __post_init__(self):
         if self.block & (self.block - 1) or self.block < 8:
             raise ValueError(f"block must be a power of two >= 8, got {self.block}")
-        if self.chunk % self.block:
-            raise ValueError(f"chunk ({self.chunk}) must be a multiple of block ({self.block})")
+        for name in ("chunk", "large_chunk"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % self.block):
+                raise ValueError(f"{name} ({value}) must be a positive multiple of block ({self.block})")
+
+    def chunk_for(self, numel: int) -> int:
+        large = self.large_chunk
+        return large if large is not None and numel >= _LARGE_CHUNKS * large else self.chunk
 
 
-CUDA_CONFIG = Config(block=2048, chunk=16384, num_warps=8, rblock=1024)
+# Per dtype on CUDA: 8 warps, each thread loading two 16-byte vectors per operand and inner step
+# (8 fp32 or 16 bf16/fp16 elements).
+CUDA_CONFIGS = {
+    torch.float32: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
+    torch.bfloat16: Config(block=4096, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
+    torch.float16: Config(block=4096, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
+}
+CUDA_CONFIG = CUDA_CONFIGS[torch.float32]
 INTERPRETER_CONFIG = Config(block=512, chunk=2048, num_warps=4, rblock=128)
 
 
@@ -77,14 +103,89 @@ def _launch(kernel, grid, *args, **meta):
     kernel[grid](*args, **meta)
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream (of the current device, set by ``_on``) is being captured."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _triton_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _flat(t: torch.Tensor) -> bool:
-    return t.is_contiguous()
+def _dense(tensors):
+    """Kernels see flat storage: a strided view goes through a contiguous copy (one C-level pass
+    when every tensor is contiguous, the common case)."""
+    if all(map(_is_contiguous, tensors)):
+        return tensors
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+def layout_values(numels, cfg: Config):
+    """``(layout table as ints, number of programs)`` for tensors of these sizes (see
+    ``kernels/fromage_table.py``)."""
+    chunks = [cfg.chunk_for(size) for size in numels]
+    counts = [max(1, -(-size // chunk)) for size, chunk in zip(numels, chunks)]
+    first = list(itertools.accumulate(counts, initial=0))
+    owner = [t for t, count in enumerate(counts) for _ in range(count)]
+    return list(numels) + first[:-1] + counts + chunks + owner, first[-1]
+
+
+def address_values(ptrs_p, ptrs_g):
+    # The kernels promise 16-byte alignment to the compiler only where this holds.
+    flags = [int(a % _ALIGN_BYTES == 0 and b % _ALIGN_BYTES == 0) for a, b in zip(ptrs_p, ptrs_g)]
+    return list(ptrs_p) + list(ptrs_g) + flags
+
+
+class _Use:
+    """Where a phase runs: its device, whether the stream is being captured, the stream itself."""
+
+    __slots__ = ("device", "capturing", "stream")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.capturing = _capturing(device)
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+class _Table:
+    """An int64 table in device memory and the pinned host buffer it was uploaded from (kept as
+    long as the entry: a captured upload copies from it again at every replay)."""
+
+    __slots__ = ("device", "host", "programs", "held", "streams")
+
+    def __init__(self, values, use: _Use, programs: int):
+        self.programs = programs
+        self.held = use.capturing  # a captured graph reads it: never evicted
+        if use.stream is not None:
+            self.host = torch.tensor(values, dtype=torch.int64, pin_memory=True)
+            self.device = torch.empty(len(values), dtype=torch.int64, device=use.device)
+            self.device.copy_(self.host, non_blocking=True)
+            self.streams = {use.stream.cuda_stream}
+        else:  # the interpreter reads host memory
+            self.host = None
+            self.device = torch.tensor(values, dtype=torch.int64)
+            self.streams = set()
+
+    def used(self, use: _Use) -> None:
+        if use.capturing:
+            self.held = True
+        elif use.stream is not None and use.stream.cuda_stream not in self.streams:
+            # Read on another stream than the one it was made on: when it is evicted, the
+            # allocator must wait for this stream's work too before reusing the memory.
+            self.device.record_stream(use.stream)
+            self.streams.add(use.stream.cuda_stream)
+
+
+_CAPTURE_UPLOAD_FAILED = (
+    "the triton backend needed a new tensor table inside CUDA graph capture (new parameter or gradient "
+    "storage) and could not upload it there: {}. Keep the gradients' storage of the warm-up steps instead: "
+    "call zero_grad(set_to_none=False) before capturing (or capture after a step on the same storage)"
+)
+
+_INSTANCES: "weakref.WeakValueDictionary[int, TritonBackend]" = weakref.WeakValueDictionary()
+_TOKENS = itertools.count()
 
 
 class TritonBackend(Backend):
@@ -94,9 +195,11 @@ class TritonBackend(Backend):
 
     def __init__(self, config: Optional[Config] = None):
         self.config = config
-        self._layouts: "OrderedDict[tuple, tuple]" = OrderedDict()
-        self._addrs: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self._tables: "OrderedDict[tuple, _Table]" = OrderedDict()
+        self._admitted = set()  # (device, dtype) pairs checked to run here
         self.table_builds = 0
+        self.token = next(_TOKENS)
+        _INSTANCES[self.token] = self
 
     # -- availability -------------------------------------------------------------------------
 
@@ -125,139 +228,186 @@ class TritonBackend(Backend):
         # The interpreter is for tests: on CPU, foreach is always the better choice.
         return self.priority if torch.device(device).type == "cuda" else 5
 
-    def _config(self, device: torch.device) -> Config:
+    def _config(self, device: torch.device, dtype: torch.dtype) -> Config:
         if self.config is not None:
             return self.config
-        return CUDA_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
+        return CUDA_CONFIGS[dtype] if device.type == "cuda" else INTERPRETER_CONFIG
 
-    # -- tables ---------------------------------------------------------------------------------
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _group(self, params, grads):
+        """``(device, dtype)`` of a group. The step plan hands over validated groups; a direct call
+        is checked here once per (device, dtype), and tensor by tensor whenever its tables are
+        built (a cached table stands for tensors that were checked)."""
+        if not params or len(params) != len(grads):
+            raise ValueError(f"the triton backend steps a non-empty group of (parameter, gradient) pairs, "
+                             f"got {len(params)} parameters and {len(grads)} gradients")
+        device, dtype = params[0].device, params[0].dtype
+        if (device, dtype) not in self._admitted:
+            if not self.supports_dtype(dtype):
+                raise TypeError(f"the triton backend steps {[str(d) for d in self.dtypes]} tensors, not {dtype}")
+            reason = self.unavailable_reason(device)
+            if reason is not None:
+                raise RuntimeError(f"the triton backend cannot run on {device}: {reason}")
+            self._admitted.add((device, dtype))
+        return device, dtype
 
     @staticmethod
-    def _remember(cache: OrderedDict, key, value):
-        cache[key] = value
-        if len(cache) > _CACHE_SIZE:
-            cache.popitem(last=False)
-        return value
-
-    def _layout(self, numels, device, cfg):
-        """``(layout table, number of chunks)`` for these sizes."""
-        key = (device, cfg.chunk, numels)
-        hit = self._layouts.get(key)
-        if hit is not None:
-            self._layouts.move_to_end(key)
-            return hit
-        sizes = np.asarray(numels, dtype=np.int64)
-        counts = np.maximum((sizes + cfg.chunk - 1) // cfg.chunk, 1)
-        first = np.zeros_like(counts)
-        np.cumsum(counts[:-1], out=first[1:])
-        owner = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
-        table = torch.from_numpy(np.concatenate([sizes, first, counts, owner])).to(device, non_blocking=True)
-        return self._remember(self._layouts, key, (table, int(counts.sum())))
-
-    def _addresses(self, ptrs_p, ptrs_g, device):
-        key = (device, ptrs_p, ptrs_g)
-        hit = self._addrs.get(key)
-        if hit is not None:
-            self._addrs.move_to_end(key)
-            return hit
-        self.table_builds += 1
-        p = np.asarray(ptrs_p, dtype=np.uint64).astype(np.int64)
-        g = np.asarray(ptrs_g, dtype=np.uint64).astype(np.int64)
-        # The kernels promise 16-byte alignment to the compiler only where this holds.
-        flags = (((p % _ALIGN_BYTES) == 0) & ((g % _ALIGN_BYTES) == 0)).astype(np.int64) * _ALIGNED_FLAG
-        table = torch.from_numpy(np.concatenate([p, g, flags])).to(device, non_blocking=True)
-        return self._remember(self._addrs, key, table)
-
-    def _tables(self, params, grads, device, cfg):
-        layout, chunks = self._layout(tuple(t.numel() for t in params), device, cfg)
-        addrs = self._addresses(tuple(t.data_ptr() for t in params), tuple(t.data_ptr() for t in grads), device)
-        return layout, chunks, addrs
-
-    def _max_norm_table(self, max_norms, device):
-        ptrs = tuple(m.data_ptr() for m in max_norms)
-        key = (device, "max_norm", ptrs)
-        hit = self._addrs.get(key)
-        if hit is not None:
-            self._addrs.move_to_end(key)
-            return hit
-        self.table_builds += 1
-        table = torch.from_numpy(np.asarray(ptrs, dtype=np.uint64).astype(np.int64)).to(device, non_blocking=True)
-        return self._remember(self._addrs, key, table)
-
-    # -- checks -----------------------------------------------------------------------------------
-
-    def _check(self, params, grads):
-        dtype, device = params[0].dtype, params[0].device
-        if not self.supports_dtype(dtype):
-            raise TypeError(f"the triton backend steps {[str(d) for d in self.dtypes]} tensors, not {dtype}")
-        reason = self.unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"the triton backend cannot run on {device}: {reason}")
+    def _check_tensors(params, grads, device, dtype):
         for i, (p, g) in enumerate(zip(params, grads)):
             if p.dtype != dtype or g.dtype != dtype or p.device != device or g.device != device:
                 raise RuntimeError(f"tensor {i} of a triton group is not {dtype} on {device} like the first")
             if p.shape != g.shape:
                 raise RuntimeError(f"tensor {i}: parameter shape {tuple(p.shape)} != gradient shape {tuple(g.shape)}")
-        return dtype, device
+
+    # -- tables ---------------------------------------------------------------------------------
+
+    def _table(self, key, use: _Use, build):
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            hit.used(use)
+            return hit
+        values, programs = build()
+        try:
+            table = _Table(values, use, programs)
+        except RuntimeError as exc:
+            if not use.capturing:
+                raise
+            raise RuntimeError(_CAPTURE_UPLOAD_FAILED.format(exc)) from exc
+        self._tables[key] = table
+        if len(self._tables) > _CACHE_SIZE:
+            for old in [k for k, t in self._tables.items() if not t.held][:len(self._tables) - _CACHE_SIZE]:
+                del self._tables[old]
+        return table
+
+    def _tables_for(self, params, grads, dtype, cfg, use: _Use):
+        """``(layout, addresses)`` tables of a group: one pass over the tensors for the keys."""
+        device = use.device
+        numels = tuple(map(_numel, params))
+        ptrs_p = tuple(map(_data_ptr, params))
+        ptrs_g = tuple(map(_data_ptr, grads))
+
+        def layout():
+            self._check_tensors(params, grads, device, dtype)
+            return layout_values(numels, cfg)
+
+        def addresses():
+            self._check_tensors(params, grads, device, dtype)
+            self.table_builds += 1
+            return address_values(ptrs_p, ptrs_g), 0
+
+        lay = self._table(("layout", device, cfg, numels), use, layout)
+        addrs = self._table(("addrs", device, dtype, ptrs_p, ptrs_g), use, addresses)
+        return lay, addrs
+
+    def _max_norm_table(self, max_norms, use: _Use):
+        device = use.device
+        ptrs = tuple(map(_data_ptr, max_norms))
+
+        def build():
+            for i, m in enumerate(max_norms):
+                if m.dtype != torch.float32 or m.numel() != 1 or m.device != device:
+                    raise RuntimeError(f"max_norm {i} must be a one-element float32 tensor on {device}")
+            self.table_builds += 1
+            return list(ptrs), 0
+
+        return self._table(("max_norm", device, ptrs), use, build)
 
     # -- the two phases -----------------------------------------------------------------------------
 
     def stats(self, params, grads, *, inner=True):
-        if not params:
-            return torch.zeros(0, 3)
-        dtype, device = self._check(params, grads)
-        # Kernels see flat storage: a strided view is read through a contiguous copy.
-        params = [p if _flat(p) else p.contiguous() for p in params]
-        grads = [g if _flat(g) else g.contiguous() for g in grads]
-        stats_k, _ = _kernels()
-        cfg = self._config(device)
-        layout, chunks, addrs = self._tables(params, grads, device, cfg)
-        n = len(params)
-        partials = torch.empty(chunks, 3, dtype=torch.float32, device=device)
-        stats = torch.empty(n, 3, dtype=torch.float32, device=device)
-        with _on(device):
-            _launch(stats_k.partials_kernel, (chunks,), layout, addrs, partials, n, DTYPE=_triton_dtype(dtype),
-                    BLOCK=cfg.block, CHUNK=cfg.chunk, INNER=bool(inner), num_warps=cfg.num_warps)
-            _launch(stats_k.reduce_kernel, (n,), layout, partials, stats, n, RBLOCK=cfg.rblock, num_warps=4)
-        return stats
+        if torch.compiler.is_compiling():
+            return torch.ops.fromage_fused_triton.stats(list(params), list(grads), bool(inner), self.token)
+        return self._stats(params, grads, inner)
 
     def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True,
               found_inf=None, grad_scale=None, sr_seed=None):
-        if not params:
+        if torch.compiler.is_compiling():
+            torch.ops.fromage_fused_triton.apply_(
+                list(params), list(grads), stats, lr, [] if max_norms is None else list(max_norms),
+                None if p_bound is None else float(p_bound), bool(maximize), bool(prefactor),
+                found_inf, grad_scale, sr_seed, self.token)
             return
-        dtype, device = self._check(params, grads)
+        self._apply(params, grads, stats, lr, max_norms, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed)
+
+    def _stats(self, params, grads, inner):
+        device, dtype = self._group(params, grads)
+        params, grads = _dense(params), _dense(grads)
+        stats_k, _ = _kernels()
+        cfg = self._config(device, dtype)
+        n = len(params)
+        with _on(device):
+            layout, addrs = self._tables_for(params, grads, dtype, cfg, _Use(device))
+            partials = torch.empty(layout.programs, 3, dtype=torch.float32, device=device)
+            stats = torch.empty(n, 3, dtype=torch.float32, device=device)
+            _launch(stats_k.partials_kernel, (layout.programs,), layout.device, addrs.device, partials, n,
+                    DTYPE=_triton_dtype(dtype), BLOCK=cfg.block, INNER=bool(inner), num_warps=cfg.num_warps)
+            _launch(stats_k.reduce_kernel, (n,), layout.device, partials, stats, n, RBLOCK=cfg.rblock, num_warps=4)
+        return stats
+
+    def _apply(self, params, grads, stats, lr, max_norms, p_bound, maximize, prefactor, found_inf, grad_scale,
+               sr_seed):
+        device, dtype = self._group(params, grads)
         n = len(params)
         if tuple(stats.shape) != (n, 3) or stats.device != device:
             raise RuntimeError(f"stats must be an [{n}, 3] tensor on {device}, got {tuple(stats.shape)} on {stats.device}")
         if p_bound is not None and (max_norms is None or len(max_norms) != n):
             raise ValueError("p_bound is set: pass one max_norm tensor per parameter")
-        if p_bound is not None:
-            for i, m in enumerate(max_norms):
-                if m.dtype != torch.float32 or m.numel() != 1 or m.device != device:
-                    raise RuntimeError(f"max_norm {i} must be a one-element float32 tensor on {device}")
         # Strided parameters are updated in a contiguous copy and written back afterwards.
-        work = [p if _flat(p) else p.contiguous() for p in params]
-        grads = [g if _flat(g) else g.contiguous() for g in grads]
+        work, grads = _dense(params), _dense(grads)
         _, apply_k = _kernels()
-        cfg = self._config(device)
-        layout, chunks, addrs = self._tables(work, grads, device, cfg)
+        cfg = self._config(device, dtype)
         stats = stats.to(torch.float32).contiguous()
         lr = lr.to(device=device, dtype=torch.float32).reshape(())
-        mn_table = self._max_norm_table(max_norms, device) if p_bound is not None else addrs
         use_sr = sr_seed is not None and dtype == torch.bfloat16
-        seed = sr_seed.to(device=device, dtype=torch.int64).reshape(()) if use_sr else addrs
-        fi = found_inf.to(device=device, dtype=torch.float32).reshape(()) if found_inf is not None else lr
-        gs = grad_scale.to(device=device, dtype=torch.float32).reshape(()) if grad_scale is not None else lr
         with _on(device):
-            _launch(apply_k.apply_kernel, (chunks,), layout, addrs, mn_table, stats, lr, fi, gs, seed,
-                    float(p_bound) if p_bound is not None else 0.0, n, DTYPE=_triton_dtype(dtype),
-                    BLOCK=cfg.block, CHUNK=cfg.chunk, HAS_BOUND=p_bound is not None, MAXIMIZE=bool(maximize),
+            use = _Use(device)
+            layout, addrs = self._tables_for(work, grads, dtype, cfg, use)
+            mn_table = self._max_norm_table(max_norms, use).device if p_bound is not None else addrs.device
+            seed = sr_seed.to(device=device, dtype=torch.int64).reshape(()) if use_sr else addrs.device
+            fi = found_inf.to(device=device, dtype=torch.float32).reshape(()) if found_inf is not None else lr
+            gs = grad_scale.to(device=device, dtype=torch.float32).reshape(()) if grad_scale is not None else lr
+            _launch(apply_k.apply_kernel, (layout.programs,), layout.device, addrs.device, mn_table, stats, lr, fi, gs,
+                    seed, float(p_bound) if p_bound is not None else 0.0, n, DTYPE=_triton_dtype(dtype),
+                    BLOCK=cfg.block, HAS_BOUND=p_bound is not None, MAXIMIZE=bool(maximize),
                     PREFACTOR=bool(prefactor), HAS_FOUND_INF=found_inf is not None,
                     HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, num_warps=cfg.num_warps,
                     **apply_k.LAUNCH_OPTIONS)
-        for p, w in zip(params, work):
-            if w is not p:
-                p.copy_(w)
+        if work is not params:
+            for p, w in zip(params, work):
+                if w is not p:
+                    p.copy_(w)
+
+
+# -- the phases as custom ops: what torch.compile sees (opaque, with fake implementations) -----------
+
+@torch.library.custom_op("fromage_fused_triton::stats", mutates_args=(),
+                         schema="(Tensor[] params, Tensor[] grads, bool inner, int backend) -> Tensor")
+def _stats_op(params: List[torch.Tensor], grads: List[torch.Tensor], inner: bool, backend: int) -> torch.Tensor:
+    return _INSTANCES[backend]._stats(params, grads, inner)
+
+
+@_stats_op.register_fake
+def _(params, grads, inner, backend):
+    return params[0].new_empty((len(params), 3), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "fromage_fused_triton::apply_", mutates_args=("params", "max_norms"),
+    schema="(Tensor(a!)[] params, Tensor[] grads, Tensor stats, Tensor lr, Tensor(b!)[] max_norms, float? p_bound, "
+           "bool maximize, bool prefactor, Tensor? found_inf, Tensor? grad_scale, Tensor? sr_seed, int backend) -> ()")
+def _apply_op(params: List[torch.Tensor], grads: List[torch.Tensor], stats: torch.Tensor, lr: torch.Tensor,
+              max_norms: List[torch.Tensor], p_bound: Optional[float], maximize: bool, prefactor: bool,
+              found_inf: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor], sr_seed: Optional[torch.Tensor],
+              backend: int) -> None:
+    _INSTANCES[backend]._apply(params, grads, stats, lr, max_norms if p_bound is not None else None, p_bound, maximize,
+                               prefactor, found_inf, grad_scale, sr_seed)
+
+
+@_apply_op.register_fake
+def _(params, grads, stats, lr, max_norms, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed, backend):
+    return None
 
 
 BACKEND = TritonBackend()
