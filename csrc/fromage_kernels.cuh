@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __res
         S out[Tr::kVec];
 #pragma unroll
         for (int j = 0; j < Tr::kVec; ++j)
-          out[j] = round_to<Tr, SR>(c.cp * pv[s][j] + c.cg * gv[s][j], start + i + s * kStep + j, stream);
+          out[j] = round_to<Tr, SR>(update(c, pv[s][j], gv[s][j]), start + i + s * kStep + j, stream);
         store_vec<Tr>(p + i + s * kStep, out);
       }
     }
