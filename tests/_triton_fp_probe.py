@@ -9,12 +9,13 @@ square root (``div.rn``/``sqrt.rn``, no ``approx``/``full``), and no flushing of
 import json
 import re
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fromage_fused.backends.triton import CUDA_CONFIG
+from fromage_fused.backends.triton import CUDA_CONFIGS
 from fromage_fused.kernels import fromage_apply
 from _triton_ptx_probe import APPLY_SIG
 
@@ -32,7 +33,8 @@ PATTERNS = {
 
 
 def counts(constexprs):
-    options = {"num_warps": CUDA_CONFIG.num_warps, **getattr(fromage_apply, "LAUNCH_OPTIONS", {})}
+    constexprs = dict(constexprs)
+    options = {"num_warps": constexprs.pop("_num_warps"), **getattr(fromage_apply, "LAUNCH_OPTIONS", {})}
     kernel = triton.compile(ASTSource(fn=fromage_apply.apply_kernel, signature=APPLY_SIG, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32), options=options)
     ptx = kernel.asm["ptx"]
@@ -40,11 +42,15 @@ def counts(constexprs):
 
 
 def main():
-    size = {"BLOCK": CUDA_CONFIG.block, "CHUNK": CUDA_CONFIG.chunk}
     flags = {"HAS_BOUND": True, "MAXIMIZE": True, "PREFACTOR": True, "HAS_FOUND_INF": True, "HAS_GRAD_SCALE": True}
+
+    def size(dtype):  # the block and warps the backend launches this dtype with
+        cfg = CUDA_CONFIGS[dtype]
+        return {"BLOCK": cfg.block, "_num_warps": cfg.num_warps}
+
     out = {
-        "fp32": counts({"DTYPE": tl.float32, "SR": False, **flags, **size}),
-        "bf16_sr": counts({"DTYPE": tl.bfloat16, "SR": True, **flags, **size}),
+        "fp32": counts({"DTYPE": tl.float32, "SR": False, **flags, **size(torch.float32)}),
+        "bf16_sr": counts({"DTYPE": tl.bfloat16, "SR": True, **flags, **size(torch.bfloat16)}),
     }
     print(json.dumps(out))
 
