@@ -129,6 +129,12 @@ class Fromage(Optimizer):
             backend = self._device_backends[device] = _backends.resolve(self.backend, device)
         return backend
 
+    def backends(self) -> Dict[torch.device, str]:
+        """The backend that steps each device's parameters, by name ({device: name}); why others
+        cannot run there: ``fromage_fused.backend_report(device)``."""
+        devices = dict.fromkeys(p.device for group in self.param_groups for p in group["params"])
+        return {device: self._backend_for(device).name for device in devices}
+
     def _max_norm(self, p: torch.Tensor) -> torch.Tensor:
         # Created on the host without reading any value: the step itself sets an unset one.
         state = self.state[p]

@@ -46,6 +46,17 @@ else:
         return tl.sum(x, axis=0)
 
 
+if INTERPRETED:
+    def loop_bound(x):
+        # The interpreter's scalars are 1-element arrays, which range() refuses on some Triton
+        # versions (3.0-3.6 with a current numpy): hand it a Python int.
+        return int(x.handle.data.reshape(-1)[0])
+else:
+    @triton.jit
+    def loop_bound(x):
+        return x
+
+
 @device_function
 def chunk_of(layout_ptr, addrs_ptr, c, n):
     """Tensor index, its size, its first chunk and this chunk's start element, its pointers' flags."""

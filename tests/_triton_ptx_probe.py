@@ -31,8 +31,15 @@ APPLY_SIG = {**TABLE, "max_norm_addrs_ptr": "*i64", "stats_ptr": "*fp32", "lr_pt
              "PREFACTOR": "constexpr", "HAS_FOUND_INF": "constexpr", "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr"}
 
 
+def _source(fn, signature, constexprs):
+    try:
+        return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    except TypeError:  # Triton before 3.3 calls them constants
+        return ASTSource(fn=fn, signature=signature, constants=constexprs)
+
+
 def count(fn, signature, constexprs):
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    kernel = triton.compile(_source(fn, signature, constexprs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": CUDA_CONFIG.num_warps})
     ptx = kernel.asm["ptx"]
     return {"ld_v": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)),
