@@ -152,7 +152,9 @@ class Fromage(Optimizer):
         state = self.state[anchor]
         if "sr_seed" not in state:
             _training.refuse_new_state("sr_seed", device)
-            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            # The group that holds the anchor (a parameter is in one group only): torch 2.6-2.7's
+            # compile cannot trace `is` between two param-group dicts.
+            index = next(i for i, g in enumerate(self.param_groups) if any(q is anchor for q in g["params"]))
             if self._sr_base is None:  # rounding switched on in a group after construction
                 self._sr_base = _training.initial_seed(None)
             value = _training.group_seed(self._sr_base, index, device)
