@@ -75,9 +75,13 @@ def _extension_kwargs():
 
     class BuildWithRecord(BuildExtension):
         def run(self):
+            records = [Path(self.get_ext_fullpath(e.name)).with_name("_C.json") for e in self.extensions]
+            # setuptools keeps a binary whose sources did not change, even if it was compiled for
+            # another torch (a second install from the same tree): rebuild unless the record matches.
+            if any(not path.is_file() or json.loads(path.read_text()) != record for path in records):
+                self.force = True
             super().run()
-            for extension in self.extensions:
-                path = Path(self.get_ext_fullpath(extension.name)).with_name("_C.json")
+            for path in records:
                 path.write_text(json.dumps(record, indent=1) + "\n")
 
     return dict(ext_modules=[ext], cmdclass={"build_ext": BuildWithRecord})
