@@ -85,15 +85,22 @@ def cpu_flags_here() -> Optional[Set[str]]:
     return None
 
 
-def missing_cpu_flags(isa: Optional[str]) -> Set[str]:
-    """What a binary compiled for ``isa`` needs that this CPU lacks (empty if it runs here)."""
+def cpu_mismatch(isa: Optional[str]) -> Optional[str]:
+    """Why a binary compiled for ``isa`` must not run on this CPU, or None if it can. Both the
+    kernel's flags (/proc/cpuinfo) and torch's own run-time detection (cpuid) must agree that the
+    CPU has what the binary executes."""
     needed = required_cpu_flags(isa)
     if not needed:
-        return set()
+        return None
     have = cpu_flags_here()
-    if have is None:  # no /proc/cpuinfo: trust torch's own detection
-        return set() if cpu_isa() == isa else needed
-    return needed - have
+    missing = sorted(needed - have) if have is not None else []
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if cpu_isa() != isa:
+        import torch
+
+        return f"torch detects CPU capability {torch.backends.cpu.get_cpu_capability()} here"
+    return None
 
 
 def cuda_unbuildable_reason() -> Optional[str]:

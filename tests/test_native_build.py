@@ -224,6 +224,9 @@ def test_a_prebuilt_binary_is_loaded_only_where_it_fits(tmp_path, monkeypatch):
     monkeypatch.setattr(_build, "cpu_flags_here", lambda: {"sse2", "sse4_2", "avx"})  # no AVX2
     assert native.prebuilt_problem(_record(tmp_path, isa="avx2")) == "it was compiled for avx2 and this CPU lacks avx2, f16c, fma"
     assert native.prebuilt_problem(_record(tmp_path, isa=None)) is None
+    monkeypatch.setattr(_build, "cpu_flags_here", lambda: set(_build.AVX2_CPU_FLAGS))
+    monkeypatch.setattr(_build, "cpu_isa", lambda: None)  # cpuid (torch) disagrees, or ATEN_CPU_CAPABILITY
+    assert "torch detects CPU capability" in native.prebuilt_problem(_record(tmp_path, isa="avx2"))
     (tmp_path / "_C.json").unlink()
     assert "no readable build record" in native.prebuilt_problem(str(tmp_path / "_C.so"))
 

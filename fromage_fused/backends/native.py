@@ -116,9 +116,9 @@ def prebuilt_problem(origin: str) -> Optional[str]:
         return f"it was built for torch {info.get('torch')} and this is torch {torch.__version__}"
     if _build.source_files() and info.get("sources") != _build.sources_hash():
         return f"it was built from other sources than those in {_build.CSRC}"
-    missing = _build.missing_cpu_flags(info.get("isa"))
-    if missing:
-        return f"it was compiled for {info.get('isa')} and this CPU lacks {', '.join(sorted(missing))}"
+    mismatch = _build.cpu_mismatch(info.get("isa"))
+    if mismatch:
+        return f"it was compiled for {info.get('isa')} and {mismatch}"
     return None
 
 
