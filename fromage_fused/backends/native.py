@@ -243,8 +243,8 @@ def _compile(variant: str, info: dict, directory: Path, why: str) -> None:
     from torch.utils.cpp_extension import load
 
     what, how_long = ("C++/CUDA", "a few minutes") if variant == "cuda" else ("C++", "about a minute")
-    print(f"building the fromage_fused {what} extension for torch {torch.__version__} ({why}, {how_long})...",
-          file=sys.stderr, flush=True)
+    when = f"{why}, {how_long}" if why == "first use" else f"{how_long}; {why}"
+    print(f"building the fromage_fused {what} extension for torch {torch.__version__} ({when})...", file=sys.stderr, flush=True)
     start = time.monotonic()
     sources = CPU_SOURCES + (CUDA_SOURCES if variant == "cuda" else [])
     try:
