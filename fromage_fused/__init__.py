@@ -1,8 +1,8 @@
 """fromage_fused: the Fromage optimizer as a couple of multi-tensor launches per step."""
-from .backends import available_backends, backend_names
+from .backends import available_backends, backend_names, backend_report
 from .optimizer import Fromage
 from . import functional
 from .trust import deep_relative_trust, max_safe_lr, relative_changes
 
-__all__ = ["Fromage", "available_backends", "backend_names", "functional", "deep_relative_trust", "relative_changes", "max_safe_lr"]
+__all__ = ["Fromage", "available_backends", "backend_names", "backend_report", "functional", "deep_relative_trust", "relative_changes", "max_safe_lr"]
 __version__ = "0.1.0"

@@ -1,23 +1,67 @@
-"""How the C++/CUDA extension of ``csrc/`` is compiled; shared by setup.py (ahead of time) and
-``backends/native.py`` (JIT). Imports nothing from the package, so setup.py can load it alone."""
+"""How the C++/CUDA extension is compiled and what a build depends on; shared by setup.py (ahead of
+time) and ``backends/native.py`` (JIT). Imports nothing from the package, so setup.py can load it
+alone, and imports torch only inside the functions that need it.
+
+The sources are ``csrc/`` of the source tree; an installed package carries a copy as
+``fromage_fused/csrc`` (package data), so a plain ``pip install`` can JIT-build them.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Set
 
-import torch
-
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CPU_SOURCES = ["fromage_cpu.cpp", "fromage_table_hook.cpp"]
 CUDA_SOURCES = ["fromage_cuda_ops.cpp", "fromage_cuda.cu"]
+SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
+# What the AVX2 build of the CPU kernels executes; a CPU lacking one of these would die with an
+# illegal instruction, so a binary built with them is loaded only where /proc/cpuinfo lists them.
+AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
-def cpu_compile_flags() -> List[str]:
-    """C++ flags of the CPU kernels: the vector ISA of the building machine, and no FMA contraction
-    (the apply phase rounds every product and sum, as every backend does: README, "Bit-identical
-    results")."""
+def _find_csrc() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):  # installed package, then source tree
+        if (candidate / CPU_SOURCES[0]).is_file():
+            return candidate
+    return here / "csrc"
+
+
+CSRC = _find_csrc()
+
+
+def source_files(csrc: Optional[Path] = None) -> List[Path]:
+    csrc = CSRC if csrc is None else csrc
+    return sorted(p for p in csrc.iterdir() if p.suffix in SOURCE_SUFFIXES) if csrc.is_dir() else []
+
+
+def sources_hash(csrc: Optional[Path] = None) -> str:
+    """sha256 over the names and bytes of every source and header: a build is only ever reused for
+    exactly the sources it was compiled from."""
+    digest = hashlib.sha256()
+    for path in source_files(csrc):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def cpu_isa() -> Optional[str]:
+    """The vector ISA the CPU kernels are compiled for on this machine: ``"avx2"`` or None."""
+    import torch
+
+    return "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else None
+
+
+def cpu_compile_flags(isa: Optional[str] = "detect") -> List[str]:
+    """C++ flags of the CPU kernels: the vector ISA (of this machine unless given), and no FMA
+    contraction (the apply phase rounds every product and sum, as every backend does: README,
+    "Bit-identical results")."""
+    if isa == "detect":
+        isa = cpu_isa()
     flags = ["-O3", "-ffp-contract=off"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    if isa == "avx2":
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return flags
 
@@ -26,8 +70,44 @@ def cuda_compile_flags() -> List[str]:
     return ["-O3", "-lineinfo"]
 
 
+def required_cpu_flags(isa: Optional[str]) -> Set[str]:
+    return set(AVX2_CPU_FLAGS) if isa == "avx2" else set()
+
+
+def cpu_flags_here() -> Optional[Set[str]]:
+    """The CPU feature flags of this machine from /proc/cpuinfo; None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_mismatch(isa: Optional[str]) -> Optional[str]:
+    """Why a binary compiled for ``isa`` must not run on this CPU, or None if it can. Both the
+    kernel's flags (/proc/cpuinfo) and torch's own run-time detection (cpuid) must agree that the
+    CPU has what the binary executes."""
+    needed = required_cpu_flags(isa)
+    if not needed:
+        return None
+    have = cpu_flags_here()
+    missing = sorted(needed - have) if have is not None else []
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if cpu_isa() != isa:
+        import torch
+
+        return f"torch detects CPU capability {torch.backends.cpu.get_cpu_capability()} here"
+    return None
+
+
 def cuda_unbuildable_reason() -> Optional[str]:
     """None if the CUDA kernels can be compiled here, else why not."""
+    import torch
+
     if torch.version.cuda is None:
         return "torch is a CPU-only build"
     from torch.utils.cpp_extension import CUDA_HOME
@@ -35,3 +115,29 @@ def cuda_unbuildable_reason() -> Optional[str]:
     if CUDA_HOME is None:
         return "nvcc / CUDA_HOME not found"
     return None
+
+
+def build_info(variant: str, isa: Optional[str] = "detect") -> Dict[str, object]:
+    """Everything a build of ``variant`` ('cpu' or 'cuda') depends on; its hash names the build."""
+    import torch
+
+    if isa == "detect":
+        isa = cpu_isa()
+    return {
+        "variant": variant,
+        "sources": sources_hash(),
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", ""),
+        "cuda": torch.version.cuda if variant == "cuda" else None,
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "machine": platform.machine(),
+        "isa": isa,
+        "cxx": os.environ.get("CXX", ""),
+        "cflags": cpu_compile_flags(isa),
+        "cuda_cflags": cuda_compile_flags() if variant == "cuda" else [],
+    }
+
+
+def build_key(info: Dict[str, object]) -> str:
+    digest = hashlib.sha256(repr(sorted(info.items())).encode())
+    return digest.hexdigest()[:16]

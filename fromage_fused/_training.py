@@ -9,8 +9,7 @@
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -18,22 +17,28 @@ _SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
 _MASK63 = (1 << 63) - 1
 
 
-@contextlib.contextmanager
-def scaler_attributes(optimizer) -> Iterator[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
-    """Yield ``(grad_scale, found_inf)`` as GradScaler (or a user) set them on ``optimizer``.
+class scaler_attributes:
+    """``with scaler_attributes(optimizer) as (grad_scale, found_inf)``: the two as GradScaler (or a
+    user) set them on ``optimizer``.
 
     GradScaler deletes both after ``step()`` returns, but not when it raises; it would then read a
     stale ``grad_scale`` at the next ``scaler.step`` (multiplying it in, or taking it for the scale
     of already unscaled gradients) and a plain ``step()`` would skip or rescale on old flags. So a
-    step that raises removes them itself.
+    step that raises removes them itself. A class, not a generator: torch.compile before torch
+    2.7 traces a class's ``__enter__``/``__exit__`` into the graph but stops at a generator's.
     """
-    values = tuple(getattr(optimizer, name, None) for name in _SCALER_ATTRIBUTES)
-    try:
-        yield values
-    except BaseException:
-        for name in _SCALER_ATTRIBUTES:
-            optimizer.__dict__.pop(name, None)
-        raise
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def __enter__(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return tuple(getattr(self.optimizer, name, None) for name in _SCALER_ATTRIBUTES)
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if kind is not None:
+            for name in _SCALER_ATTRIBUTES:
+                self.optimizer.__dict__.pop(name, None)
+        return False
 
 
 def capturing(device: torch.device) -> bool:

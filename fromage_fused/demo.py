@@ -1,6 +1,8 @@
 """Train a small MLP on scikit-learn's digits (shipped with the package) with Fromage, lr 0.01.
 
     python -m fromage_fused.demo [--epochs N] [--backend NAME] [--p-bound X]
+
+Needs scikit-learn: ``pip install "fromage_fused[examples]"``.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from . import Fromage, available_backends
 
 
 def load_digits(device="cpu"):
-    from sklearn.datasets import load_digits as _load
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError:
+        raise SystemExit('the demo trains on scikit-learn\'s digits: pip install "fromage_fused[examples]"') from None
 
     data = _load()
     x = torch.tensor(data.data, dtype=torch.float32, device=device) / 16.0
@@ -48,7 +53,7 @@ def main(argv=None):
     (xtr, ytr), (xte, yte) = load_digits(args.device)
     model = mlp().to(args.device)
     opt = Fromage(model.parameters(), lr=args.lr, p_bound=args.p_bound, backend=args.backend)
-    used = opt._backend_for(next(model.parameters()).device).name  # what "auto" resolved to
+    (used,) = opt.backends().values()  # what "auto" chose for the model's one device
     print(f"fromage_fused on {args.device}; backends here: {available_backends(args.device)}; using {used}")
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()

@@ -129,6 +129,12 @@ class Fromage(Optimizer):
             backend = self._device_backends[device] = _backends.resolve(self.backend, device)
         return backend
 
+    def backends(self) -> Dict[torch.device, str]:
+        """The backend that steps each device's parameters, by name ({device: name}); why others
+        cannot run there: ``fromage_fused.backend_report(device)``."""
+        devices = dict.fromkeys(p.device for group in self.param_groups for p in group["params"])
+        return {device: self._backend_for(device).name for device in devices}
+
     def _max_norm(self, p: torch.Tensor) -> torch.Tensor:
         # Created on the host without reading any value: the step itself sets an unset one.
         state = self.state[p]
@@ -146,7 +152,9 @@ class Fromage(Optimizer):
         state = self.state[anchor]
         if "sr_seed" not in state:
             _training.refuse_new_state("sr_seed", device)
-            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            # The group that holds the anchor (a parameter is in one group only): torch 2.6-2.7's
+            # compile cannot trace `is` between two param-group dicts.
+            index = next(i for i, g in enumerate(self.param_groups) if any(q is anchor for q in g["params"]))
             if self._sr_base is None:  # rounding switched on in a group after construction
                 self._sr_base = _training.initial_seed(None)
             value = _training.group_seed(self._sr_base, index, device)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .fromage_round import nearest_bf16, round_bf16, sr_stream
-from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, chunk_of, device_function, tensor_addrs
+from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, chunk_of, device_function, loop_bound, tensor_addrs
 
 #: Options every launch of :func:`apply_kernel` must pass. Without multiply-add fusion each product
 #: and sum below is rounded on its own (mul.rn / add.rn in the PTX), as in every other backend; the
@@ -45,7 +45,7 @@ def _update(pp, gp, mask, idx, cp, cg, stream, MASKED: tl.constexpr, SR: tl.cons
 def _sweep(p, g, start, n_full, cp, cg, stream, BLOCK: tl.constexpr, SR: tl.constexpr):
     """Unmasked full blocks; ``p`` and ``g`` point at the chunk's first element, ``start``."""
     lanes = tl.arange(0, BLOCK)
-    for off in range(0, n_full * BLOCK, BLOCK):
+    for off in range(0, loop_bound(n_full) * BLOCK, BLOCK):
         _update(p + off + lanes, g + off + lanes, None, start + off + lanes, cp, cg, stream, False, SR)
 
 

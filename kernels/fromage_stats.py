@@ -7,14 +7,14 @@ the result does not depend on scheduling.
 import triton
 import triton.language as tl
 
-from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, block_sum, chunk_of, device_function, tensor_addrs
+from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, block_sum, chunk_of, device_function, loop_bound, tensor_addrs
 
 
 @device_function
 def _accumulate(p, g, n_full, acc_pp, acc_gg, acc_pg, BLOCK: tl.constexpr, INNER: tl.constexpr):
     """Unmasked full blocks from ``p`` and ``g``, which point at the chunk's first element."""
     lanes = tl.arange(0, BLOCK)
-    for off in range(0, n_full * BLOCK, BLOCK):
+    for off in range(0, loop_bound(n_full) * BLOCK, BLOCK):
         x = tl.load(p + off + lanes).to(tl.float32)
         y = tl.load(g + off + lanes).to(tl.float32)
         acc_pp += x * x
@@ -68,7 +68,7 @@ def reduce_kernel(layout_ptr, partials_ptr, stats_ptr, n, RBLOCK: tl.constexpr):
     acc_gg = tl.full([RBLOCK], 0.0, tl.float32)
     acc_pg = tl.full([RBLOCK], 0.0, tl.float32)
     lanes = tl.arange(0, RBLOCK)
-    for k in range(0, count, RBLOCK):
+    for k in range(0, loop_bound(count), RBLOCK):
         mask = k + lanes < count
         row = 3 * (first + k + lanes)
         acc_pp += tl.load(partials_ptr + row, mask=mask, other=0.0)

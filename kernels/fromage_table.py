@@ -47,6 +47,17 @@ else:
         return tl.sum(x, axis=0)
 
 
+if INTERPRETED:
+    def loop_bound(x):
+        # The interpreter's scalars are 1-element arrays, which range() refuses on some Triton
+        # versions (3.0-3.6 with a current numpy): hand it a Python int.
+        return int(x.handle.data.reshape(-1)[0])
+else:
+    @triton.jit
+    def loop_bound(x):
+        return x
+
+
 @device_function
 def chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK: tl.constexpr):
     """Tensor index, this chunk's start and end elements, the tensor's first chunk, its pointers' flags.

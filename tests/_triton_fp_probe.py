@@ -13,11 +13,10 @@ import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from fromage_fused.backends.triton import CUDA_CONFIGS
 from fromage_fused.kernels import fromage_apply
-from _triton_ptx_probe import APPLY_SIG
+from _triton_ptx_probe import APPLY_SIG, _source
 
 PATTERNS = {
     "fma": r"\bfma\.\S*f32",
@@ -35,7 +34,7 @@ PATTERNS = {
 def counts(constexprs):
     constexprs = dict(constexprs)
     options = {"num_warps": constexprs.pop("_num_warps"), **getattr(fromage_apply, "LAUNCH_OPTIONS", {})}
-    kernel = triton.compile(ASTSource(fn=fromage_apply.apply_kernel, signature=APPLY_SIG, constexprs=constexprs),
+    kernel = triton.compile(_source(fromage_apply.apply_kernel, APPLY_SIG, constexprs),
                             target=GPUTarget("cuda", 90, 32), options=options)
     ptx = kernel.asm["ptx"]
     return {k: len(re.findall(p, ptx)) for k, p in PATTERNS.items()}

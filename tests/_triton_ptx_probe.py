@@ -34,10 +34,17 @@ APPLY_SIG = {**TABLE, "max_norm_addrs_ptr": "*i64", "stats_ptr": "*fp32", "lr_pt
              "PREFACTOR": "constexpr", "HAS_FOUND_INF": "constexpr", "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr"}
 
 
+def _source(fn, signature, constexprs):
+    try:
+        return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    except TypeError:  # Triton before 3.3 calls them constants
+        return ASTSource(fn=fn, signature=signature, constants=constexprs)
+
+
 def count(fn, signature, constexprs, dtype):
     cfg = CUDA_CONFIGS[dtype]
     constexprs = {**constexprs, "BLOCK": cfg.block}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    kernel = triton.compile(_source(fn, signature, constexprs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
     ptx = kernel.asm["ptx"]
     # Any vector access (it needs more than the element's alignment), and the 16-byte ones.

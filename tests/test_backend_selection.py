@@ -1,4 +1,6 @@
 """Which backend runs: the registry's order, auto, the environment override, and fallbacks."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -110,3 +112,62 @@ def test_env_override_naming_a_broken_backend_raises(broken, monkeypatch):
     monkeypatch.setenv(registry.ENV_VAR, "broken-test")
     with pytest.raises(RuntimeError, match="missing compiler"):
         Fromage([nn.Parameter(torch.randn(4))])
+
+
+def test_a_backend_module_that_fails_to_import_is_unavailable_with_its_reason(monkeypatch, tmp_path):
+    (tmp_path / "needs_a_missing_module.py").write_text("import fromage_no_such_dependency\n")
+    monkeypatch.setattr(registry, "__path__", list(registry.__path__) + [str(tmp_path)])
+    registry._registry.cache_clear()
+    try:
+        names = fromage_fused.backend_names()
+        assert "needs_a_missing_module" in names and names[-1] == "needs_a_missing_module"
+        report = fromage_fused.backend_report("cpu")
+        assert "fromage_no_such_dependency" in report["needs_a_missing_module"]
+        assert "needs_a_missing_module" not in fromage_fused.available_backends("cpu")
+        p = nn.Parameter(torch.randn(4))
+        p.grad = torch.randn(4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a missing optional dependency is no failed load
+            Fromage([p], lr=0.1).step()
+        with pytest.raises(RuntimeError, match="needs_a_missing_module.*fromage_no_such_dependency"):
+            Fromage([p], backend="needs_a_missing_module")
+    finally:
+        monkeypatch.undo()
+        registry._registry.cache_clear()
+    assert "needs_a_missing_module" not in fromage_fused.backend_names()
+
+
+def test_without_numpy_the_package_still_steps_on_every_other_backend():
+    """The CPU torch wheel brings no numpy; only a backend that needs it may go."""
+    code = """
+import sys
+sys.modules["numpy"] = None
+import torch
+import fromage_fused
+from fromage_fused import Fromage
+p = torch.nn.Parameter(torch.randn(5))
+p.grad = torch.randn(5)
+for name in ["auto"] + [b for b in fromage_fused.available_backends("cpu")]:
+    Fromage([p], lr=0.1, backend=name).step()
+print(sorted(fromage_fused.backend_report("cpu")))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {"foreach", "reference", "triton"} <= set(eval(done.stdout.strip().splitlines()[-1]))
+
+
+def test_opt_backends_names_the_backend_of_each_device():
+    p = nn.Parameter(torch.randn(3))
+    assert Fromage([p]).backends() == {torch.device("cpu"): registry.resolve("auto", "cpu").name}
+    assert Fromage([p], backend="reference").backends() == {torch.device("cpu"): "reference"}
+    two = Fromage([{"params": [p]}, {"params": [nn.Parameter(torch.randn(2))]}], backend="foreach")
+    assert two.backends() == {torch.device("cpu"): "foreach"}
+
+
+def test_backend_report_covers_every_backend_and_agrees_with_available_backends():
+    for device in ("cpu", "cuda"):
+        report = fromage_fused.backend_report(device)
+        assert set(report) == set(fromage_fused.backend_names())
+        usable = [name for name, says in report.items() if says.startswith("available")]
+        assert usable == fromage_fused.available_backends(device)
+        assert all(isinstance(says, str) and says for says in report.values())

@@ -12,6 +12,9 @@ from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, on
 #: after a one-ulp fp32 difference (a reordered reduction).
 COMPILE_TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (0.0, 2 ** -6)}
 STEPS = 12
+#: fail on a second compile (torch >= 2.7 names these recompile_limit, 2.6 cache_size_limit)
+ONE_COMPILE = (dict(recompile_limit=1, fail_on_recompile_limit_hit=True) if hasattr(torch._dynamo.config, "recompile_limit")
+               else dict(cache_size_limit=1, fail_on_cache_limit_hit=True))
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +89,7 @@ def test_compiled_training_step_matches_eager():
 
         train_step(*batch(STEPS))  # an eager step creates the state: one compile, not two
         fn = torch.compile(train_step, backend="aot_eager") if compiled else train_step
-        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(**ONE_COMPILE):
             for step in range(STEPS):
                 fn(*batch(step))
                 sched.step()
@@ -108,7 +111,7 @@ def test_inductor_step_matches_eager():
         p.grad = grads[STEPS]
         opt.step()  # state first: one compile
         step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(**ONE_COMPILE):
             for i in range(STEPS):
                 p.grad = grads[i]
                 step()

@@ -3,6 +3,12 @@
 A backend joins by adding one module to this package that defines ``BACKEND``, an instance of
 :class:`~fromage_fused.backends._base.Backend`. ``auto`` tries them by descending ``priority``;
 the environment variable ``FROMAGE_FUSED_BACKEND`` replaces ``auto`` with a named backend.
+
+A module that fails to import (an optional dependency missing, say) becomes a backend of the
+module's name that is unavailable everywhere with the import error as its reason; nothing else
+changes. Two optional hooks of a backend: ``prepare(device)`` does the slow work of its first use
+(the native backends build their extension there) and runs when a backend is chosen, never in a
+query; ``pending(device)`` says what that first use will do (or None when nothing is left to do).
 """
 from __future__ import annotations
 
@@ -19,8 +25,26 @@ from ._base import Backend, BackendUnavailable
 
 ENV_VAR = "FROMAGE_FUSED_BACKEND"
 AUTO = "auto"
+AVAILABLE = "available"
 
-__all__ = ["Backend", "BackendUnavailable", "available_backends", "backend_names", "get", "resolve", "ENV_VAR"]
+__all__ = ["Backend", "BackendUnavailable", "available_backends", "backend_names", "backend_report", "get", "resolve",
+           "ENV_VAR"]
+
+
+class Unimportable(Backend):
+    """Stands for a backend module that could not be imported: unavailable, with the reason."""
+
+    priority = -100
+
+    def __init__(self, name: str, error: BaseException):
+        self.name = name
+        self.error = f"its module fromage_fused.backends.{name} cannot be imported ({type(error).__name__}: {error})"
+
+    def unavailable_reason(self, device):
+        return self.error
+
+    def priority_on(self, device):
+        return self.priority
 
 
 @lru_cache(maxsize=None)
@@ -29,7 +53,11 @@ def _registry() -> Dict[str, Backend]:
     for info in pkgutil.iter_modules(__path__):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
+        try:
+            module = importlib.import_module(f"{__name__}.{info.name}")
+        except Exception as exc:  # a missing optional dependency, or a broken one
+            found[info.name] = Unimportable(info.name, exc)
+            continue
         backend = getattr(module, "BACKEND", None)
         if isinstance(backend, Backend):
             found[backend.name] = backend
@@ -63,9 +91,19 @@ def _device(device: Union[str, torch.device]) -> torch.device:
 _warned = set()
 
 
-def _usable(backend: Backend, device: torch.device, *, warn: bool) -> bool:
+def _prepare(backend: Backend, device: torch.device) -> None:
+    hook = getattr(backend, "prepare", None)
+    if hook is not None:
+        hook(device)
+
+
+def _usable(backend: Backend, device: torch.device, *, warn: bool, prepare: bool = False) -> bool:
     try:
-        return backend.unavailable_reason(device) is None
+        if backend.unavailable_reason(device) is not None:
+            return False
+        if prepare:
+            _prepare(backend, device)
+        return True
     except BackendUnavailable as exc:
         if warn and (backend.name, device.type) not in _warned:
             _warned.add((backend.name, device.type))
@@ -74,9 +112,32 @@ def _usable(backend: Backend, device: torch.device, *, warn: bool) -> bool:
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
-    """Names of the backends that work on ``device`` here, fastest first."""
+    """Names of the backends that can run on ``device`` here, fastest first.
+
+    Cheap: it builds nothing. A native backend whose extension is not built yet is listed (it
+    builds on first use); :func:`backend_report` says so, and a build that then fails makes
+    ``auto`` fall back with one warning."""
     device = _device(device)
     return [b.name for b in _ranked(device) if _usable(b, device, warn=False)]
+
+
+def backend_report(device: Union[str, torch.device] = "cpu") -> Dict[str, str]:
+    """For every known backend, fastest first on ``device``: ``"available"``, ``"available, "``
+    followed by what its first use will do (``"available, not built yet: ..."``), or why it cannot
+    run there. Cheap, like :func:`available_backends`; it never raises for a backend."""
+    device = _device(device)
+    report = {}
+    for backend in _ranked(device):
+        try:
+            reason = backend.unavailable_reason(device)
+            if reason is None:
+                hook = getattr(backend, "pending", None)
+                todo = hook(device) if hook is not None else None
+                reason = AVAILABLE if todo is None else f"{AVAILABLE}, {todo}"
+        except Exception as exc:  # BackendUnavailable, or RuntimeError under FROMAGE_FUSED_REQUIRE_EXT
+            reason = str(exc)
+        report[backend.name] = reason
+    return report
 
 
 def requested_name(name: str) -> str:
@@ -89,11 +150,14 @@ def requested_name(name: str) -> str:
 
 
 def check(name: str, device: Union[str, torch.device]) -> None:
-    """Raise ``RuntimeError`` saying why the named backend cannot run on ``device``."""
+    """Make the named backend ready on ``device`` (building what its first use needs), or raise
+    ``RuntimeError`` saying why it cannot run there."""
     backend = get(name)
     device = _device(device)
     try:
         reason = backend.unavailable_reason(device)
+        if reason is None:
+            _prepare(backend, device)
     except BackendUnavailable as exc:
         reason = str(exc)
     if reason is not None:
@@ -101,13 +165,14 @@ def check(name: str, device: Union[str, torch.device]) -> None:
 
 
 def resolve(name: str, device: Union[str, torch.device]) -> Backend:
-    """The backend that runs a step on ``device`` for the requested ``name`` (``auto`` allowed)."""
+    """The backend that runs a step on ``device`` for the requested ``name`` (``auto`` allowed),
+    ready to run: the first use of a native backend builds its extension here."""
     name = requested_name(name)
     device = _device(device)
     if name != AUTO:
         check(name, device)
         return get(name)
     for backend in _ranked(device):
-        if _usable(backend, device, warn=True):
+        if _usable(backend, device, warn=True, prepare=True):
             return backend
     raise RuntimeError(f"no fromage_fused backend runs on {device}")

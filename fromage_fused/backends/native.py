@@ -1,9 +1,22 @@
 """Loads the C++/CUDA extension of ``csrc/`` and wraps its ops as the ``cpu`` and ``cuda`` backends.
 
-The extension is used prebuilt when ``FROMAGE_FUSED_BUILD_EXT=1 pip install --no-build-isolation -e .``
-built ``fromage_fused._C``; otherwise it is built on first use with ``torch.utils.cpp_extension.load``
-and ninja into ``$FROMAGE_FUSED_EXT_DIR`` (default ``~/.cache/fromage_fused``) and loaded from there
-afterwards. The CUDA kernels are part of it only where torch is a CUDA build and nvcc is found.
+Where the ops come from, in order:
+
+1. ``fromage_fused._C``, prebuilt by ``FROMAGE_FUSED_BUILD_EXT=1 pip install .``, when its build
+   record (``_C.json`` beside it) says it was compiled for this torch, from the installed sources,
+   for an instruction set this CPU has; otherwise it is left alone and the reason is printed;
+2. a JIT build cached in ``$FROMAGE_FUSED_EXT_DIR/<variant>-<key>`` (default
+   ``~/.cache/fromage_fused``), where ``<key>`` hashes the sources, the flags, torch and Python:
+   two checkouts or two installed versions never share a build, and a build is never loaded for
+   other sources;
+3. a JIT build now, with ``torch.utils.cpp_extension.load`` and ninja: one line to stderr when it
+   starts and one when it ends.
+
+The build is lazy: it runs when a step first needs the backend (``auto`` choosing it at
+construction, or a step), never inside a query such as ``available_backends``. The CUDA kernels
+are part of it only where CUDA is available, torch is a CUDA build and nvcc is found; a failed
+CUDA build falls back to the CPU-only build and its reason is what ``backend_report`` says for
+``cuda``.
 
 When it cannot be built, ``auto`` falls back to another backend with one warning; naming ``cpu`` or
 ``cuda`` raises with the reason. ``FROMAGE_FUSED_REQUIRE_EXT=1`` turns a failed build into an error
@@ -11,32 +24,110 @@ everywhere (CI sets it, so that a broken build fails the tests instead of hiding
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Iterator, List, Optional
 
 import torch
 
-from .._build import CPU_SOURCES, CSRC, CUDA_SOURCES, cpu_compile_flags, cuda_compile_flags, cuda_unbuildable_reason
+from .. import _build
+from .._build import CPU_SOURCES, CUDA_SOURCES, cuda_compile_flags, cuda_unbuildable_reason
 from ._base import Backend, BackendUnavailable
 
 REQUIRE_ENV = "FROMAGE_FUSED_REQUIRE_EXT"
 DIR_ENV = "FROMAGE_FUSED_EXT_DIR"
+VERBOSE_ENV = "FROMAGE_FUSED_VERBOSE_BUILD"
+WAIT_ENV = "FROMAGE_FUSED_BUILD_WAIT"
+WAIT_S = 1800.0  # how long to wait for another process's build before giving up
+STALE_S = 3600.0  # where file locks do not work, a torch build lock older than this is stale
+NOT_BUILT = "not built yet: builds on first use (about a minute)"
+_LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None, "cuda_error": None}
 _fakes_registered = []
 
 
-def _cache_dir(variant: str) -> Path:
-    root = Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "fromage_fused")
-    tag = f"torch{torch.__version__}".replace("+", "_")
-    path = root / tag / variant
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _required() -> bool:
+    return os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0")
 
+
+def _fail(message: str):
+    """A backend that should work here cannot: an error under ``$FROMAGE_FUSED_REQUIRE_EXT``, else
+    ``BackendUnavailable`` (``auto`` falls back with a warning)."""
+    if _required():
+        raise RuntimeError(f"{REQUIRE_ENV} is set and {message}")
+    raise BackendUnavailable(message)
+
+
+def _say(message: str) -> None:
+    print(f"fromage_fused: {message}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    if os.environ.get(DIR_ENV):
+        return Path(os.environ[DIR_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fromage_fused"
+
+
+def _library_name(variant: str) -> str:
+    return f"fromage_fused_native_{variant}"
+
+
+def build_dir(variant: str) -> Path:
+    """Where the JIT build of ``variant`` ('cpu' or 'cuda') of the current sources lives."""
+    return cache_root() / f"{variant}-{_build.build_key(_build.build_info(variant))}"
+
+
+def _built(directory: Path, variant: str) -> Optional[Path]:
+    """The library of a finished build in ``directory`` (its record is written last), or None."""
+    library = directory / f"{_library_name(variant)}{_LIB_SUFFIX}"
+    return library if (directory / "built.json").is_file() and library.is_file() else None
+
+
+def _variants() -> List[str]:
+    """The builds to try, best first: never the CUDA one where CUDA is not available."""
+    if torch.cuda.is_available() and cuda_unbuildable_reason() is None:
+        return ["cuda", "cpu"]
+    return ["cpu"]
+
+
+# --- the prebuilt extension ------------------------------------------------------------------
+
+def _prebuilt_origin() -> Optional[str]:
+    spec = importlib.util.find_spec("fromage_fused._C")
+    return spec.origin if spec is not None and spec.origin else None
+
+
+def prebuilt_problem(origin: str) -> Optional[str]:
+    """Why the prebuilt library at ``origin`` must not be loaded here, or None if it fits."""
+    record = Path(origin).with_name("_C.json")
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return f"it has no readable build record ({record.name})"
+    if info.get("torch") != torch.__version__:
+        return f"it was built for torch {info.get('torch')} and this is torch {torch.__version__}"
+    if _build.source_files() and info.get("sources") != _build.sources_hash():
+        return f"it was built from other sources than those in {_build.CSRC}"
+    mismatch = _build.cpu_mismatch(info.get("isa"))
+    if mismatch:
+        return f"it was compiled for {info.get('isa')} and {mismatch}"
+    return None
+
+
+def _usable_prebuilt() -> Optional[str]:
+    origin = _prebuilt_origin()
+    return origin if origin is not None and prebuilt_problem(origin) is None else None
+
+
+# --- the JIT build ---------------------------------------------------------------------------
 
 def _ninja_on_path() -> None:
     """torch runs ``ninja`` from PATH; a virtual environment that is not activated has it beside
@@ -48,7 +139,7 @@ def _ninja_on_path() -> None:
         import ninja
 
         candidates.insert(0, ninja.BIN_DIR)
-    except ImportError:
+    except (ImportError, AttributeError):
         pass
     for directory in candidates:
         if shutil.which("ninja", path=directory):
@@ -56,25 +147,123 @@ def _ninja_on_path() -> None:
             return
 
 
-def _jit(variant: str) -> None:
+def _prerequisite_problem(variant: str) -> Optional[str]:
+    """Why a JIT build of ``variant`` cannot even start here (cheap checks), or None."""
+    sources = CPU_SOURCES + (CUDA_SOURCES if variant == "cuda" else [])
+    missing = [s for s in sources if not (_build.CSRC / s).is_file()]
+    if missing:
+        return (f"the extension's sources {missing} are missing from {_build.CSRC}; reinstall fromage_fused "
+                "(its wheel and sdist carry them)")
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler found ({compiler!r} is not on PATH; install g++ or clang, or set CXX)"
+    _ninja_on_path()
+    if shutil.which("ninja") is None:
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[bool]:
+    """Hold ``directory/build.lock`` while building; yield whether the lock is really held.
+
+    An OS file lock, released by the kernel when its holder dies however it dies, so no lock can
+    outlive the process that builds. While this lock is held, torch's own ``lock`` file (which a
+    killed build leaves behind, and which makes every later build wait for ever) can only be stale.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): the age bound in _clear_stale_baton applies
+        yield False
+        return
+    with open(directory / "build.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            limit = float(os.environ.get(WAIT_ENV) or WAIT_S)
+            _say(f"waiting for another process (pid {owner}) that is building the extension in {directory}")
+            deadline = time.monotonic() + limit
+            while True:
+                time.sleep(0.5)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise BackendUnavailable(
+                            f"another process (pid {owner}) has been building the extension in {directory} for "
+                            f"over {limit:.0f} s (${WAIT_ENV} sets this limit)") from None
+        except OSError:  # a file system without locks
+            yield False
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _clear_stale_baton(directory: Path, locked: bool) -> None:
+    """Remove torch's ``lock`` file left by a build that was killed (else torch waits for ever)."""
+    baton = directory / "lock"
+    try:
+        age = time.time() - baton.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if locked or age > STALE_S:
+        baton.unlink(missing_ok=True)
+        _say(f"removed a stale build lock left by an interrupted build ({baton}, {age:.0f} s old)")
+
+
+def _jit(variant: str, why: str = "first use") -> None:
+    """Load the JIT build of ``variant``, building it first unless a finished build is cached."""
+    problem = _prerequisite_problem(variant)
+    if problem is not None:
+        raise BackendUnavailable(problem)
+    info = _build.build_info(variant)
+    directory = cache_root() / f"{variant}-{_build.build_key(info)}"
+    library = _built(directory, variant)
+    if library is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        with _build_lock(directory) as locked:
+            library = _built(directory, variant)  # another process may have finished it meanwhile
+            if library is None:
+                _clear_stale_baton(directory, locked)
+                _compile(variant, info, directory, why)
+                return  # torch's load() has loaded it
+    torch.ops.load_library(str(library))
+
+
+def _compile(variant: str, info: dict, directory: Path, why: str) -> None:
     from torch.utils.cpp_extension import load
 
-    _ninja_on_path()
-
+    what, how_long = ("C++/CUDA", "a few minutes") if variant == "cuda" else ("C++", "about a minute")
+    when = f"{why}, {how_long}" if why == "first use" else f"{how_long}; {why}"
+    print(f"building the fromage_fused {what} extension for torch {torch.__version__} ({when})...", file=sys.stderr, flush=True)
+    start = time.monotonic()
     sources = CPU_SOURCES + (CUDA_SOURCES if variant == "cuda" else [])
-    missing = [s for s in sources if not (CSRC / s).is_file()]
-    if missing:
-        raise BackendUnavailable(f"extension sources not found in {CSRC} ({missing}); install from a source tree")
-    load(
-        name=f"fromage_fused_native_{variant}",
-        sources=[str(CSRC / s) for s in sources],
-        extra_include_paths=[str(CSRC)],
-        extra_cflags=cpu_compile_flags(),
-        extra_cuda_cflags=cuda_compile_flags(),
-        build_directory=str(_cache_dir(variant)),
-        is_python_module=False,
-        verbose=bool(os.environ.get("FROMAGE_FUSED_VERBOSE_BUILD")),
-    )
+    try:
+        load(
+            name=_library_name(variant),
+            sources=[str(_build.CSRC / s) for s in sources],
+            extra_include_paths=[str(_build.CSRC)],
+            extra_cflags=list(info["cflags"]),
+            extra_cuda_cflags=cuda_compile_flags(),
+            build_directory=str(directory),
+            with_cuda=variant == "cuda",
+            is_python_module=False,
+            verbose=bool(os.environ.get(VERBOSE_ENV)),
+        )
+    except BaseException:
+        _say(f"the {what} build failed after {time.monotonic() - start:.0f} s")
+        raise
+    (directory / "built.json").write_text(json.dumps(info, indent=1))
+    _say(f"built the {what} extension in {time.monotonic() - start:.0f} s (cached in {directory})")
 
 
 def _summary(exc: Exception) -> str:
@@ -84,40 +273,42 @@ def _summary(exc: Exception) -> str:
     return " | ".join((errors or lines or [repr(exc)])[:3])
 
 
+# --- loading ---------------------------------------------------------------------------------
+
 def _load_once() -> str:
     """Load the ops into ``torch.ops.fromage_fused``; return how ('prebuilt', 'jit-cuda', 'jit-cpu')."""
-    spec = importlib.util.find_spec("fromage_fused._C")
     errors = []
-    if spec is not None and spec.origin:
+    why = "first use"
+    origin = _prebuilt_origin()
+    if origin is not None:
+        problem = prebuilt_problem(origin)
+        if problem is None:
+            try:
+                torch.ops.load_library(origin)
+                return "prebuilt"
+            except OSError as exc:
+                problem = f"it failed to load ({exc})"
+        why = f"the prebuilt extension is not used: {problem}"
+        errors.append(f"prebuilt {origin} not used: {problem}")
+    for variant in _variants():
         try:
-            torch.ops.load_library(spec.origin)
-            return "prebuilt"
-        except OSError as exc:  # built against another torch: rebuild below
-            errors.append(f"prebuilt {spec.origin} failed to load ({exc})")
-    variants = ["cuda", "cpu"] if cuda_unbuildable_reason() is None else ["cpu"]
-    for variant in variants:
-        try:
-            _jit(variant)
+            _jit(variant, why)
             return f"jit-{variant}"
         except BackendUnavailable:
             raise
-        except Exception as exc:  # compiler missing, compile error, ninja missing
+        except Exception as exc:  # compile error, a failed load
             errors.append(f"JIT build ({variant}) failed: {_summary(exc)}")
             if variant == "cuda":
                 _state["cuda_error"] = errors[-1]
     raise BackendUnavailable(
         "the C++ extension could not be built: " + "; ".join(errors) +
-        " (needs a C++ compiler and ninja; FROMAGE_FUSED_VERBOSE_BUILD=1 shows the build log)"
+        f" ({VERBOSE_ENV}=1 shows the build log)"
     )
 
 
-def _required() -> bool:
-    return os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0")
-
-
 def load() -> str:
-    """Load the extension once per process; raise ``BackendUnavailable`` (or ``RuntimeError`` under
-    ``$FROMAGE_FUSED_REQUIRE_EXT``) with the reason when it cannot be built."""
+    """Load the extension once per process, building it if needed; raise ``BackendUnavailable``
+    (``RuntimeError`` under ``$FROMAGE_FUSED_REQUIRE_EXT``) with the reason when it cannot be built."""
     with _lock:
         if _state["loaded"] is None and _state["error"] is None:
             try:
@@ -126,9 +317,7 @@ def load() -> str:
             except BackendUnavailable as exc:
                 _state["error"] = exc
         if _state["error"] is not None:
-            if _required():
-                raise RuntimeError(f"{REQUIRE_ENV} is set and {_state['error']}")
-            raise _state["error"]
+            _fail(str(_state["error"]))
         return _state["loaded"]
 
 
@@ -140,6 +329,42 @@ def _ensure_loaded() -> None:
 
 def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fromage_fused::apply_", "CUDA")
+
+
+def _no_cuda_kernels() -> str:
+    why = _state.get("cuda_error") or "it was built where torch was CPU-only or nvcc was missing"
+    return f"the extension has no CUDA kernels: {why}"
+
+
+def status(device_type: str) -> Optional[str]:
+    """Cheap: None if the backend for ``device_type`` can run here (loaded, loadable, or buildable
+    on first use), a reason if it cannot; raises (see ``_fail``) if it should but failed."""
+    if _state["loaded"] is not None:
+        if device_type == "cuda" and not has_cuda_kernels():
+            _fail(_no_cuda_kernels())
+        return None
+    if _state["error"] is not None:
+        _fail(str(_state["error"]))
+    prebuilt = _usable_prebuilt()
+    if device_type == "cuda":
+        reason = cuda_unbuildable_reason()
+        if reason is not None and prebuilt is None:
+            return f"the CUDA kernels cannot be built here: {reason}"
+    if prebuilt is None and _built(build_dir(_variants()[0]), _variants()[0]) is None:
+        problem = _prerequisite_problem(_variants()[0])
+        if problem is not None:
+            _fail(f"the C++ extension cannot be built: {problem}")
+    return None
+
+
+def pending(device_type: str) -> Optional[str]:
+    """``NOT_BUILT`` if the first use of the backend will compile the extension, else None."""
+    if _state["loaded"] is not None or _usable_prebuilt() is not None:
+        return None
+    variant = _variants()[0]
+    if _built(build_dir(variant), variant) is not None:
+        return None
+    return NOT_BUILT.replace("about a minute", "a few minutes") if variant == "cuda" else NOT_BUILT
 
 
 def _register_fakes() -> None:
@@ -180,23 +405,23 @@ class NativeBackend(Backend):
         return self.priority if torch.device(device).type == self.device_type else -1
 
     def unavailable_reason(self, device):
+        # Cheap: never builds (see ``prepare``); raises when a build failed or cannot start.
         device = torch.device(device)
         if device.type != self.device_type:
             return f"runs on {self.device_type} tensors only"
-        if self.device_type == "cuda":
-            if not torch.cuda.is_available():
-                return "CUDA is not available"
-            reason = cuda_unbuildable_reason()
-            if reason is not None and importlib.util.find_spec("fromage_fused._C") is None:
-                return f"the CUDA kernels cannot be built here: {reason}"
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available"
+        return status(self.device_type)
+
+    def pending(self, device):
+        """What the first use will do first (compile the extension), or None if it is ready."""
+        return pending(self.device_type)
+
+    def prepare(self, device):
+        """Load the extension, building it on first use; the registry calls this before a step."""
         load()
         if self.device_type == "cuda" and not has_cuda_kernels():
-            why = _state.get("cuda_error") or "no nvcc or no CUDA torch when it was built"
-            message = f"the extension has no CUDA kernels: {why}"
-            if _required():
-                raise RuntimeError(f"{REQUIRE_ENV} is set and {message}")
-            raise BackendUnavailable(message)
-        return None
+            _fail(_no_cuda_kernels())
 
     def stats(self, params, grads, *, inner=True):
         if not params:

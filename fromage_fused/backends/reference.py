@@ -2,7 +2,7 @@
 
 It is the test oracle (run on float64 copies) and the only backend allowed to synchronise. It
 keeps the two phases so that it also serves sharded tensors, but every decision is a Python
-``if`` on a number, written to be read against the contract in DESIGN.md.
+``if`` on a number, written to be read against the step in docs/design.md.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ Writes DIR/NAME.json, NAME.csv and NAME.png and prints a table at the end.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -65,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    needed = ([] if args.from_json or args.list else ["tqdm"]) + ([] if args.no_plot or args.list else ["matplotlib"])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"fromage-bench: needs {' and '.join(missing)}: pip install \"fromage_fused[bench]\"", file=sys.stderr)
+        return 2
     if args.from_json:
         rows, meta = report.load_json(args.from_json)
         if not args.no_plot and rows:

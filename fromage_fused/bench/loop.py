@@ -1,6 +1,6 @@
 """Fromage as most users run it today: a Python loop over tensors that reads norms on the host.
 
-Written for the benchmark from the algorithm in DESIGN.md, with the same per-tensor work and the
+Written for the benchmark from the algorithm in docs/design.md, with the same per-tensor work and the
 same host synchronisations as the published per-tensor implementation (a tensor compared in a
 Python ``if`` and ``.item()`` for the bound), so its time is what a user switching to the fused
 optimizer starts from.
