@@ -2,7 +2,7 @@
 from .backends import available_backends, backend_names
 from .optimizer import Fromage
 from . import functional
-from .trust import deep_relative_trust, max_safe_lr, relative_changes
+from .trust import deep_relative_trust, gradient_breakdown, max_safe_lr, relative_changes
 
-__all__ = ["Fromage", "available_backends", "backend_names", "functional", "deep_relative_trust", "relative_changes", "max_safe_lr"]
+__all__ = ["Fromage", "available_backends", "backend_names", "functional", "deep_relative_trust", "relative_changes", "max_safe_lr", "gradient_breakdown"]
 __version__ = "0.1.0"
