@@ -11,10 +11,9 @@ from fromage_fused import deep_relative_trust, max_safe_lr, relative_changes
 from _oracle import MIXED_SHAPES, ZERO_INIT, mixed_tensors
 from _host_reads import forbid_host_reads
 
-BACKENDS = [b for b in fromage_fused.available_backends("cpu") if b != "reference"] + ["reference"]
-# float32/bf16/fp16 norms accumulate in fp32 (the stats contract); the relative error of a ratio
-# of two such norms of tensors up to 4097 elements stays well below these.
-TRUST_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+# float32/bf16/fp16 tensors are measured in float64 and the ratio rounded once to float32
+# (2^-24 relative); float64 tensors' ratios carry the rounding of sums of a few thousand squares.
+TRUST_RTOL = {torch.float64: 1e-13, torch.float32: 1.2e-7, torch.bfloat16: 1.2e-7, torch.float16: 1.2e-7}
 
 
 def _direct(a, b):
@@ -71,11 +70,10 @@ def _pair(dtype, seed=0):
     return a, b
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", list(TRUST_RTOL))
-def test_relative_changes_match_float64(backend, dtype):
+def test_relative_changes_match_float64(dtype):
     a, b = _pair(dtype)
-    got = relative_changes(a, b, backend=backend)
+    got = relative_changes(a, b)
     want = torch.tensor(_direct(a, b), dtype=torch.float64)
     assert got.shape == (len(a),)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -131,12 +129,11 @@ EXTREMES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(EXTREMES))
-def test_extremes_match_exact(case, backend):
+def test_extremes_match_exact(case):
     a, b = EXTREMES[case]
     want = _exact(a, b)
-    got = relative_changes(a, b, backend=backend).double().tolist()
+    got = relative_changes(a, b).double().tolist()
     out_dtype = torch.float64 if a[0].dtype == torch.float64 else torch.float32
     want = [torch.tensor(w, dtype=out_dtype).item() for w in want]  # the truth, rounded to the result's dtype
     for g, w in zip(got, want):
@@ -144,7 +141,7 @@ def test_extremes_match_exact(case, backend):
             assert g == w
         else:
             assert g == pytest.approx(w, rel=TRUST_RTOL[out_dtype]), (g, w)
-    drt = deep_relative_trust(a, b, backend=backend).item()
+    drt = deep_relative_trust(a, b).item()
     assert drt == pytest.approx(math.prod(1 + w for w in want) - 1, rel=TRUST_RTOL[out_dtype])
 
 
@@ -174,16 +171,14 @@ def test_random_magnitudes_match_exact(dtype, seed):
         a.append(x)
         b.append(y)
     want = _exact(a, b)
-    for backend in BACKENDS:
-        got = relative_changes(a, b, backend=backend).double().tolist()
-        assert got == pytest.approx(want, rel=TRUST_RTOL[dtype]), backend
+    got = relative_changes(a, b).double().tolist()
+    assert got == pytest.approx(want, rel=TRUST_RTOL[dtype])
 
 
 def test_non_finite_inputs_are_never_finite():
     for a, b in [([torch.tensor([1.0, math.nan])], [torch.ones(2)]), ([torch.tensor([1.0, math.inf])], [torch.ones(2)]),
                  ([torch.ones(2)], [torch.tensor([1.0, math.inf])]), ([torch.zeros(2)], [torch.tensor([0.0, math.nan])])]:
-        for backend in BACKENDS:
-            assert not math.isfinite(relative_changes(a, b, backend=backend).item())
+        assert not math.isfinite(relative_changes(a, b).item())
 
 
 def test_matrices_only_leaves_out_biases():
@@ -251,8 +246,8 @@ def test_fromage_step_changes_each_tensor_by_lr():
 def test_no_host_sync():
     a, b = _pair(torch.float32)
     with forbid_host_reads():
-        r = relative_changes(a, b, backend="foreach")
-        d = deep_relative_trust(a, b, backend="foreach")
+        r = relative_changes(a, b)
+        d = deep_relative_trust(a, b)
     assert r.shape == (len(a),) and math.isfinite(d.item())
 
 
