@@ -9,9 +9,11 @@ optimizer. Here: scikit-learn's digits (1437 training images of 64 pixels) inste
 128 instead of 784, and 2000 steps instead of their 24,000 (100 epochs), to fit a CPU.
 
 Ablations, labelled in their output folder's name: ``--init he`` (He-normal weights, zero
-biases) and ``--no-bias``.
+biases) and ``--no-bias``. Each finished run is appended to ``runs.jsonl`` in the output folder
+and reused by a later call with the same settings, so an interrupted study resumes (``--fresh``
+ignores it).
 
-    python examples/depth.py [--quick] [--out DIR] [--init he] [--no-bias] [--steps N] [--width W]
+    python examples/depth.py [--quick] [--out DIR] [--init he] [--no-bias] [--steps N] [--width W] [--fresh]
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from _common import (AUTHORS_EPOCH, COLORS, OPTIMIZER_NAMES, Clock, authors_mlp,
                      make_optimizer, out_dir, parser, write_summary)
 
 LRS = {"SGD": [1.0, 0.1, 0.01], "Adam": [1e-2, 1e-3, 1e-4], "Fromage": [0.1, 0.01, 0.001]}
-DEPTHS = [2, 5, 10, 20, 25, 30, 40, 50]
+DEPTHS = [2, 5, 10, 20, 25, 30, 50]
 AUTHORS_STEPS = 100 * AUTHORS_EPOCH
 BATCH = 250
 CHANCE = 0.1
@@ -70,6 +72,7 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depths", type=lambda s: [int(v) for v in s.split(",")], default=DEPTHS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="ignore the runs recorded in the output folder's runs.jsonl")
     args = p.parse_args(argv)
     lrs = LRS
     if args.quick:
@@ -79,10 +82,23 @@ def main(argv=None) -> dict:
     x, y, _, _ = digits(args.seed)
     clock = Clock()
     results = {n: {} for n in OPTIMIZER_NAMES}  # name -> depth -> lr -> (score or None, curve)
+    cache_path = os.path.join(path, "runs.jsonl")
+    cache = {}
+    if os.path.exists(cache_path) and not args.fresh:
+        with open(cache_path) as f:
+            for line in f:
+                rec = json.loads(line)
+                cache[rec["key"]] = (rec["score"], rec["curve"])
     for depth in args.depths:
         for name in OPTIMIZER_NAMES:
             for lr in lrs[name]:
-                score, curve = run(depth, name, lr, args, x, y)
+                key = f"depth={depth} {name} lr={lr:g} width={args.width} steps={args.steps} init={args.init} bias={not args.no_bias} seed={args.seed}"
+                if key in cache:
+                    score, curve = cache[key]
+                else:
+                    score, curve = run(depth, name, lr, args, x, y)
+                    with open(cache_path, "a") as f:
+                        f.write(json.dumps({"key": key, "score": score, "curve": curve}) + "\n")
                 results[name].setdefault(depth, {})[lr] = (score, curve)
                 shown = "diverged" if score is None else f"{score:.3f}"
                 print(f"depth {depth:2d} {name:7s} lr {lr:g}: last-epoch train acc {shown}  [{clock}]", flush=True)

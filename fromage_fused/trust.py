@@ -32,7 +32,6 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tup
 
 import torch
 
-
 __all__ = ["deep_relative_trust", "relative_changes", "max_safe_lr", "gradient_breakdown", "Breakdown"]
 
 Params = Union[torch.nn.Module, Iterable[torch.Tensor]]
@@ -309,16 +308,15 @@ def gradient_breakdown(
         loss0, grads0 = _loss_and_grads(model, loss_fn, inputs, targets, params)
         steps = []  # per parameter: the change per unit eta, -||W||/||g|| * g (zero if either norm is)
         for w, g in zip(saved, grads0):
-            wide = torch.float64 if w.dtype == torch.float64 or w.device.type != "mps" else torch.float32
-            w_norm = torch.linalg.vector_norm(w.to(wide)) if w.numel() else torch.zeros((), dtype=wide, device=w.device)
-            g_norm = torch.linalg.vector_norm(g.to(wide)) if g.numel() else torch.zeros((), dtype=wide, device=w.device)
+            wide = _wide(w.device)
+            w_norm, g_norm = torch.linalg.vector_norm(w.to(wide)), torch.linalg.vector_norm(g.to(wide))
             coef = torch.where((w_norm > 0) & (g_norm > 0), -w_norm / g_norm, torch.zeros_like(w_norm))
-            steps.append((g.to(wide) * coef))
+            steps.append((g.to(wide) * coef).to(w.dtype))
         losses, changes = [], []
         for eta in etas:
             with torch.no_grad():
                 for p, w, step in zip(params, saved, steps):
-                    p.copy_(w.to(step.dtype) + eta * step)
+                    p.copy_(w + eta * step)
             for b, b0 in buffers:
                 b.copy_(b0)
             loss, grads = _loss_and_grads(model, loss_fn, inputs, targets, params)
