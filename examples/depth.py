@@ -83,22 +83,26 @@ def main(argv=None) -> dict:
     clock = Clock()
     results = {n: {} for n in OPTIMIZER_NAMES}  # name -> depth -> lr -> (score or None, curve)
     cache_path = os.path.join(path, "runs.jsonl")
-    cache = {}
+    cache, reused, seconds = {}, 0, []
     if os.path.exists(cache_path) and not args.fresh:
         with open(cache_path) as f:
             for line in f:
                 rec = json.loads(line)
-                cache[rec["key"]] = (rec["score"], rec["curve"])
+                cache[rec["key"]] = (rec["score"], rec["curve"], rec.get("seconds"))
     for depth in args.depths:
         for name in OPTIMIZER_NAMES:
             for lr in lrs[name]:
                 key = f"depth={depth} {name} lr={lr:g} width={args.width} steps={args.steps} init={args.init} bias={not args.no_bias} seed={args.seed}"
                 if key in cache:
-                    score, curve = cache[key]
+                    score, curve, took = cache[key]
+                    reused += 1
                 else:
+                    start = clock.seconds()
                     score, curve = run(depth, name, lr, args, x, y)
+                    took = round(clock.seconds() - start, 1)
                     with open(cache_path, "a") as f:
-                        f.write(json.dumps({"key": key, "score": score, "curve": curve}) + "\n")
+                        f.write(json.dumps({"key": key, "score": score, "curve": curve, "seconds": took}) + "\n")
+                seconds.append(took)
                 results[name].setdefault(depth, {})[lr] = (score, curve)
                 shown = "diverged" if score is None else f"{score:.3f}"
                 print(f"depth {depth:2d} {name:7s} lr {lr:g}: last-epoch train acc {shown}  [{clock}]", flush=True)
@@ -120,7 +124,7 @@ def main(argv=None) -> dict:
         deepest = depths[-1]
         _, lr = best(name, deepest)
         curve = results[name][deepest][lr][1]
-        axes[2].plot([AUTHORS_EPOCH * (i + 1) for i in range(len(curve))], curve, "o-", color=COLORS[name], label=f"{name} lr {lr:g}")
+        axes[2].plot([min(AUTHORS_EPOCH * (i + 1), args.steps) for i in range(len(curve))], curve, "o-", color=COLORS[name], label=f"{name} lr {lr:g}")
     for ax in axes[:2]:
         ax.set_xlabel("depth (hidden layers)")
         ax.set_ylabel("last-epoch minibatch train accuracy")
@@ -128,11 +132,11 @@ def main(argv=None) -> dict:
         ax.axhline(CHANCE, color="gray", lw=0.8, ls=":")
     axes[0].set_title("best lr of each optimizer's grid")
     axes[1].set_title("every lr (darker = earlier in grid; x = diverged)")
-    axes[1].legend(fontsize=6, ncol=3)
+    axes[1].legend(fontsize=6, ncol=3, loc="center right")
     axes[0].legend()
     axes[2].set_title(f"depth {depths[-1]}: training curve at the best lr")
     axes[2].set_xlabel("step")
-    axes[2].set_ylabel(f"mean minibatch train accuracy per {AUTHORS_EPOCH} steps")
+    axes[2].set_ylabel(f"mean minibatch train accuracy, per {AUTHORS_EPOCH} steps")
     axes[2].set_ylim(0, 1.02)
     axes[2].legend(fontsize=8)
     label = {"default": "PyTorch default init", "he": "He init (ablation)"}[args.init] + (", no biases (ablation)" if args.no_bias else ", biases")
@@ -175,7 +179,10 @@ def main(argv=None) -> dict:
     else:
         verdict = "contradicted here: SGD or Adam trains deeper than Fromage at this scale"
     lines.append(f"verdict: {verdict}.")
-    lines.append(f"wall time {clock} on {torch.get_num_threads()} CPU thread(s){', --quick' if args.quick else ''}; seed {args.seed}")
+    timed = [t for t in seconds if t is not None]
+    lines.append(f"wall time {sum(timed):.0f} s summed over the {len(timed)} of {len(seconds)} runs whose time was recorded, on "
+                 f"{torch.get_num_threads()} CPU thread(s){', --quick' if args.quick else ''}; seed {args.seed}"
+                 + (f"; {reused} runs reused from runs.jsonl (written by earlier calls of this command)" if reused else ""))
     write_summary(path, lines)
     return {n: {d: {lr: s for lr, (s, _) in by_lr.items()} for d, by_lr in r.items()} for n, r in results.items()}
 

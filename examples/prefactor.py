@@ -16,8 +16,10 @@ statistics.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import statistics
 import sys
 
 import matplotlib.pyplot as plt
@@ -30,6 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 RUNS = [("float32", 0.01), ("float32", 0.1), ("bfloat16", 0.1), ("float16", 0.1)]
 QUICK_RUNS = [("float32", 0.1), ("float16", 1.0)]
 DEPTH, WIDTH, BATCH = 4, 64, 128
+CHANCE_LOSS = math.log(10)  # the loss of a constant output: what a net whose BatchNorm overflowed computes
 
 
 def scale_invariant_mlp(seed: int, dtype: torch.dtype) -> torch.nn.Sequential:
@@ -59,13 +62,17 @@ def run(name, lr, dtype, steps, every, x, y, seed):
     xd = x.to(DTYPES[dtype])
     start = norms(net)
     opt = make_optimizer(name, net.parameters(), lr)
-    rec = {"steps": [], "norms": [], "loss": [], "overflow": None, "start": start}
+    rec = {"steps": [], "norms": [], "largest": [], "loss": [], "overflow": None, "dead": None, "start": start}
     stream = batches(len(x), BATCH, seed)
 
     def record(step):
         rec["steps"].append(step)
-        rec["norms"].append([n / n0 for n, n0 in zip(norms(net), start)])
+        now = norms(net)
+        rec["norms"].append([n / n0 for n, n0 in zip(now, start)])
+        rec["largest"].append(max(now))
         rec["loss"].append(full_batch_loss(net, xd, y))
+        if rec["dead"] is None and abs(rec["loss"][-1] - CHANCE_LOSS) < 1e-4:
+            rec["dead"] = step
 
     for step in range(steps):
         if step % every == 0:
@@ -109,28 +116,30 @@ def main(argv=None) -> dict:
     for (name, lr, dtype), rec in results.items():
         ls = styles.get((dtype, lr), "-")
         label = f"{name} lr {lr:g} {dtype}"
-        top = [max(n) if all(math.isfinite(v) for v in n) else math.nan for n in rec["norms"]]
+        top = [v if math.isfinite(v) else math.nan for v in rec["largest"]]
         axes[0].plot(rec["steps"], top, ls, color=COLORS[name], label=label)
         loss = [v if math.isfinite(v) else math.nan for v in rec["loss"]]
         axes[1].plot(rec["steps"], loss, ls, color=COLORS[name], label=label, alpha=0.8)
         if rec["overflow"] is not None:
-            finite = [(s, v) for s, v in zip(rec["steps"], top) if math.isfinite(v)]
-            axes[0].plot([rec["overflow"]], [finite[-1][1]], "x", color=COLORS[name], ms=10, mew=2)
-            axes[1].axvline(rec["overflow"], color=COLORS[name], ls=ls, lw=0.8)
-    s0 = min(min(r["start"]) for r in results.values())
-    axes[0].axhline(torch.finfo(torch.float32).max / s0, color="k", lw=0.6)
-    axes[0].text(0, torch.finfo(torch.float32).max / s0 * 2, "float32 / bf16 max", fontsize=7)
-    axes[0].axhline(torch.finfo(torch.float16).max / s0, color="k", lw=0.6)
-    axes[0].text(0, torch.finfo(torch.float16).max / s0 * 2, "float16 max", fontsize=7)
+            finite = [v for v in top if math.isfinite(v)]
+            axes[0].plot([rec["overflow"]], [finite[-1]], "x", color=COLORS[name], ms=10, mew=2)
+            axes[1].plot([rec["overflow"]], [CHANCE_LOSS * 1.1], "x", color=COLORS[name], ms=10, mew=2)
+        if rec["dead"] is not None:
+            axes[0].plot([rec["dead"]], [rec["largest"][rec["steps"].index(rec["dead"])]], "o", mfc="none", color=COLORS[name], ms=10, mew=1.5)
+    axes[0].axhline(math.sqrt(torch.finfo(torch.float32).max), color="k", lw=0.6)
+    axes[0].text(0, math.sqrt(torch.finfo(torch.float32).max) * 3, "1.8e19: squares overflow float32 / bfloat16", fontsize=7)
+    axes[0].axhline(torch.finfo(torch.float16).max, color="k", lw=0.6)
+    axes[0].text(0, torch.finfo(torch.float16).max * 3, "65504: float16 max", fontsize=7)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
-    axes[0].set_ylabel("largest ||W_l|| / ||W_l at start|| (x: overflow)")
+    axes[0].set_ylabel("largest ||W_l|| (o: output constant, x: inf/NaN)")
     axes[0].set_title("weight norms")
     axes[0].legend(fontsize=7)
+    axes[1].axhline(CHANCE_LOSS, color="gray", lw=0.6, ls=":")
     axes[1].set_yscale("log")
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("training loss, full-batch BatchNorm statistics")
-    axes[1].set_title("loss (vertical line: that run overflowed)")
+    axes[1].set_title("loss (dotted: ln 10, a constant output; x: inf/NaN)")
     axes[1].legend(fontsize=7)
     fig.suptitle(f"Scale-invariant MLP (depth {DEPTH}, BatchNorm after every layer) on digits: LARS (no prefactor) vs Fromage")
     fig.tight_layout()
@@ -148,29 +157,48 @@ def main(argv=None) -> dict:
         "  loss measured on the whole training set in one batch (full-batch statistics), every %d steps" % every,
         "results:",
     ]
+    def broken(rec):
+        """The first step at which the run had stopped computing: output constant, or inf/NaN."""
+        events = [e for e in (rec["dead"], rec["overflow"]) if e is not None]
+        return min(events) if events else None
+
     for (name, lr, dtype), rec in results.items():
-        n = rec["norms"][-2] if rec["overflow"] is not None and len(rec["norms"]) > 1 else rec["norms"][-1]
-        t = rec["steps"][-2] if rec["overflow"] is not None and len(rec["steps"]) > 1 else rec["steps"][-1]
-        theory = (1 + lr * lr) ** (t / 2)
-        end = f"overflows to inf/NaN at step {rec['overflow']}" if rec["overflow"] is not None else f"finite for all {args.steps} steps"
-        finite_loss = [v for v in rec["loss"] if math.isfinite(v)]
-        lines.append(f"  {name:7s} lr {lr:<4g} {dtype:8s}: {end}; weight norm / start at step {t}: {min(n):.4g}..{max(n):.4g} "
-                     f"(LARS theory (1+lr^2)^(t/2) = {theory:.4g}); last finite full-batch loss {finite_loss[-1]:.4g}")
+        last = len(rec["steps"]) - (2 if rec["overflow"] is not None and len(rec["steps"]) > 1 else 1)
+        n, t = rec["norms"][last], rec["steps"][last]
+        events = []
+        if rec["dead"] is not None:
+            events.append(f"output constant (loss ln 10) from step {rec['dead']}")
+        if rec["overflow"] is not None:
+            events.append(f"inf/NaN at step {rec['overflow']}")
+        end = "; ".join(events) if events else f"finite and training for all {args.steps} steps"
+        lines.append(f"  {name:7s} lr {lr:<4g} {dtype:8s}: {end}; largest ||W|| {rec['largest'][last]:.3g} at step {t}, "
+                     f"||W|| / start {min(n):.4g}..{max(n):.4g} (LARS theory (1+lr^2)^(t/2) = {(1 + lr * lr) ** (t / 2):.4g}); "
+                     f"full-batch loss there {rec['loss'][last]:.4g}")
     for dtype, lr in runs:
+        # The two compute the same function up to BatchNorm's eps, so their losses agree until
+        # LARS's arithmetic gives way; "departs": the first record where LARS's loss is 1.5x Fromage's.
         lars, fro = results[("LARS", lr, dtype)], results[("Fromage", lr, dtype)]
-        pairs = [(a, b) for s, a, b in zip(lars["steps"], lars["loss"], fro["loss"]) if lars["overflow"] is None or s < lars["overflow"]]
-        gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in pairs if math.isfinite(a) and math.isfinite(b))
-        lines.append(f"  lr {lr:g} {dtype}: largest relative difference of the LARS and Fromage losses before LARS overflowed: {gap:.2g}")
-    overflowed = [k for k, r in results.items() if r["overflow"] is not None]
-    bounded = all(r["overflow"] is None and max(r["norms"][-1]) < 1.1 for (n, _, _), r in results.items() if n == "Fromage")
-    lars_big = [k for k in overflowed if k[0] == "LARS" and k[1] >= 0.1]
-    if lars_big and bounded and not any(k[0] == "Fromage" for k in overflowed):
-        verdict = ("the paper's claim holds: LARS's norms grow by sqrt(1+lr^2) per step until they overflow ("
-                   + ", ".join(f"{k[2]} at lr {k[1]:g}: step {results[k]['overflow']}" for k in lars_big)
-                   + "), while Fromage's stay within 10% of their start and its loss stays finite")
+        rows = list(zip(lars["steps"], lars["loss"], fro["loss"], lars["largest"]))
+        depart = next(((st, big) for st, a, b, big in rows if not (math.isfinite(a) and a <= 1.5 * b)), None)
+        before = [abs(a - b) / b for st, a, b, _ in rows if depart is None or st < depart[0]]
+        where = f"departs at step {depart[0]} (largest ||W|| {depart[1]:.3g})" if depart else "never departs"
+        lines.append(f"  lr {lr:g} {dtype}: LARS's loss {where}; {'before that ' if depart else ''}its relative difference from Fromage's "
+                     f"is {statistics.median(before):.2g} (median), {max(before):.2g} (max)")
+    lars_big = {k: broken(r) for k, r in results.items() if k[0] == "LARS" and k[1] >= 0.1}
+    fromage_ok = all(broken(r) is None and max(r["norms"][-1]) < 10 for (n, _, _), r in results.items() if n == "Fromage")
+    if lars_big and all(v is not None for v in lars_big.values()) and fromage_ok:
+        verdict = ("the paper's claim holds: LARS's norms grow by sqrt(1+lr^2) per step until the arithmetic overflows ("
+                   + ", ".join(f"{k[2]} at lr {k[1]:g}: step {v}" for k, v in lars_big.items())
+                   + "), while Fromage's stay within a factor 10 of their start and it keeps training")
     else:
-        verdict = "not shown by this run: " + ("no LARS run overflowed" if not lars_big else "a Fromage run overflowed or its norms drifted")
+        verdict = "not shown by this run: " + ("a LARS run at lr >= 0.1 kept computing" if not all(v is not None for v in lars_big.values())
+                                               else "a Fromage run broke down or its norms grew tenfold")
     lines.append(f"verdict: {verdict}.")
+    with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump([{"optimizer": n, "lr": lr, "dtype": dt, **{k: v for k, v in r.items() if k != "norms"},
+                    "loss": [v if math.isfinite(v) else None for v in r["loss"]],
+                    "largest": [v if math.isfinite(v) else None for v in r["largest"]]}
+                   for (n, lr, dt), r in results.items()], f)
     lines.append(f"wall time {clock} on {torch.get_num_threads()} CPU thread(s){', --quick' if args.quick else ''}; seed {args.seed}")
     write_summary(path, lines)
     return results

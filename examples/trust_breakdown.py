@@ -8,8 +8,11 @@ linear grid from 0 to 0.1, and the full-batch loss and the relative change of th
 gradient are measured (``fromage_fused.trust.gradient_breakdown``); plus a residual variant. Deep
 relative trust models that change as ``(1 + eta)^L - 1`` for L layers: a modelling assumption,
 not a bound, and the measurement says how well it describes the network. Here: scikit-learn's
-digits (1437 training images of 64 pixels, all of them in each full batch) instead of MNIST, an
-epoch of 240 steps of batch 250 (the authors' MNIST epoch), 4 epochs.
+digits (1437 training images of 64 pixels, all of them in each full batch) instead of MNIST;
+an epoch is a pass over digits (6 steps of batch 250), checkpoints at epochs 0 to 6. (At width 784
+digits is learnt far faster than MNIST: with epochs of the authors' 240 steps the nets fit the
+training set to a loss of 1e-7 or exactly 0 within two epochs, where a gradient has no
+direction left to trust.)
 
     python examples/trust_breakdown.py [--quick] [--out DIR] [--width W] [--epochs E]
 """
@@ -24,7 +27,7 @@ import torch
 
 from fromage_fused import Fromage, max_safe_lr
 from fromage_fused.trust import gradient_breakdown
-from _common import AUTHORS_EPOCH, Clock, batches, command, decay_every, digits, out_dir, parser, write_summary
+from _common import Clock, batches, command, decay_every, digits, out_dir, parser, write_summary
 
 BATCH = 250
 CONFIGS = [("mlp", 2), ("mlp", 16), ("residual", 16)]  # (architecture, L = number of weight matrices)
@@ -72,15 +75,16 @@ def first_at_least(etas, values, level):
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=784)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    configs, epoch_steps, points = CONFIGS, AUTHORS_EPOCH, 21
+    configs, points = CONFIGS, 21
     if args.quick:
-        configs, epoch_steps, points, args.width, args.epochs = [("mlp", 2), ("mlp", 4), ("residual", 4)], 5, 5, 32, 1
-    etas = [0.1 * i / (points - 1) for i in range(points)]
+        configs, points, args.width, args.epochs = [("mlp", 2), ("mlp", 4), ("residual", 4)], 5, 32, 1
+    etas = [round(0.1 * i / (points - 1), 6) for i in range(points)]
     path = out_dir(args, "trust_breakdown")
     x, y, _, _ = digits(args.seed)
+    epoch_steps = math.ceil(len(x) / BATCH)
     clock = Clock()
     results = {}  # (arch, depth) -> epoch -> Breakdown
     for arch, depth in configs:
@@ -132,7 +136,8 @@ def main(argv=None) -> dict:
         "protocol (here | the authors'):",
         "  data: digits, all 1437 training images in the full batch | MNIST",
         f"  width {args.width}, biases, PyTorch default init | the same (width 784)",
-        f"  Fromage lr 0.01 x0.9 per epoch of {epoch_steps} steps of batch {BATCH}, checkpoints at epochs 0..{args.epochs} | the same, epochs of MNIST",
+        f"  Fromage lr 0.01 x0.9 per epoch (a pass over digits: {epoch_steps} steps of batch {BATCH}), checkpoints at epochs 0..{args.epochs}"
+        " | the same, epochs of MNIST (240 steps)",
         f"  every tensor perturbed along the fixed full-batch gradient, eta = 0, {etas[1]:g}, ..., {etas[-1]:g} | the same",
         "  architectures: plain MLP of L linear layers, and a residual MLP (h + ReLU(Linear(h)) blocks) | MLP and a residual variant",
         "results (L = weight matrices; change = relative change of the first layer's gradient):",
@@ -158,15 +163,17 @@ def main(argv=None) -> dict:
         + (": deep relative trust is a model of how gradients change, not an upper bound on it." if any(above) else ".")
     )
 
-    def typical(key):
-        hits = [u for u in breaks.get(key, []) if u is not None]
-        return min(hits) if hits else None
-
     if ("mlp", 2) in breaks and ("mlp", 16) in breaks:
-        shallow, deep = typical(("mlp", 2)), typical(("mlp", 16))
-        if deep is not None and (shallow is None or deep < shallow):
-            lines.append(f"verdict: the paper's depth effect holds: the first layer's gradient changes by 100% at eta {deep:g} in the "
-                         f"16-layer MLP but {'not within eta <= 0.1' if shallow is None else f'only at eta {shallow:g}'} in the 2-layer one.")
+        # None: no breakdown within the grid, i.e. beyond 0.1
+        later = lambda v: math.inf if v is None else v
+        pairs = list(zip(breaks[("mlp", 2)], breaks[("mlp", 16)]))
+        sooner = sum(later(deep) < later(shallow) for shallow, deep in pairs)
+        shown = ", ".join(f"epoch {e}: L=2 {'>0.1' if s is None else s}, L=16 {'>0.1' if d is None else d}" for e, (s, d) in enumerate(pairs))
+        lines.append(f"eta at which the first layer's gradient changes by 100%: {shown}")
+        if sooner == len(pairs):
+            lines.append("verdict: the paper's depth effect holds: at every checkpoint the 16-layer MLP's gradient breaks down at a smaller eta than the 2-layer one's.")
+        elif sooner:
+            lines.append(f"verdict: the depth effect holds at {sooner} of {len(pairs)} checkpoints (the 16-layer MLP's gradient breaks down at a smaller eta).")
         else:
             lines.append("verdict: the depth effect is not shown at this scale: the deep MLP's gradient does not break down sooner.")
     lines.append(f"wall time {clock} on {torch.get_num_threads()} CPU thread(s){', --quick' if args.quick else ''}; seed {args.seed}")
