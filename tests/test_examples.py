@@ -75,3 +75,12 @@ def test_shipped_text_is_there():
     text = _load("lr_transfer").shipped_text()
     assert len(text) > 20000 and "digits" in text.lower()
     assert math.isfinite(len(set(text)))
+
+
+def test_depth_ablations_are_labelled(tmp_path):
+    module = _load("depth")
+    module.main(["--quick", "--init", "he", "--no-bias", "--out", str(tmp_path)])
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "He-normal, zero biases (ablation)" in summary and "biases: no (ablation)" in summary
+    args = type("Args", (), {"init": "he", "no_bias": True})
+    assert module.name_of(args) == "depth-he-init-no-bias"
