@@ -144,12 +144,4 @@ def log_grid(lo: float, hi: float, n: int) -> List[float]:
     return [float(f"{v:.3g}") for v in np.logspace(math.log10(lo), math.log10(hi), n)]
 
 
-def finite(v: float) -> bool:
-    return v is not None and math.isfinite(v)
-
-
-def fmt_lr(lr: float) -> str:
-    return f"{lr:g}"
-
-
 OPTIMIZER_NAMES = ["SGD", "Adam", "Fromage"]
