@@ -1,82 +1,206 @@
-"""Figure 2 at small scale: why Fromage divides by sqrt(1 + lr^2).
+"""Figure 2 on digits: without Fromage's 1/sqrt(1+lr^2) prefactor, weight norms compound until they overflow.
 
-A scale-invariant MLP (every linear layer followed by a BatchNorm without affine parameters) on
-scikit-learn's digits, trained with the paper's LARS baseline (Fromage without the prefactor,
-``Fromage(..., prefactor=False)``) and with Fromage, at a few learning rates. The gradient of a
-scale-invariant layer is orthogonal to its weights, so each LARS step multiplies the weight norm
-by sqrt(1 + lr^2): it compounds. Plots each layer's weight norm over the steps, and the loss.
+The paper's claim: in a scale-invariant layer the gradient is orthogonal to the weights, so each
+LARS step (Fromage without the prefactor, ``Fromage(..., prefactor=False)``; the authors' LARS
+baseline, no weight decay or momentum) multiplies the weight norm by sqrt(1 + lr^2); the growth
+compounds and ends in numerical overflow, while Fromage keeps the norms fixed. The authors showed
+it in a spectrally normalised class-conditional GAN on CIFAR-10; here the scale-invariant network
+is an MLP whose every linear layer (no biases) is followed by a BatchNorm without affine
+parameters. Such a network computes the same function at any scale of its weights, so LARS and
+Fromage follow the same trajectory of functions and have the same loss until LARS overflows: equal
+losses are expected, not a finding. BatchNorm always uses the statistics of the batch at hand
+(no running statistics), so the loss of the whole training set is measured with full-batch
+statistics.
 
-    python examples/prefactor.py [--quick] [--out DIR]
+    python examples/prefactor.py [--quick] [--out DIR] [--steps N]
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+import statistics
 import sys
 
 import matplotlib.pyplot as plt
 import torch
 
-from fromage_fused import Fromage
-from _common import COLORS, Clock, digits, evaluate, mlp, out_dir, parse_args, train, weights, write_summary
+from _common import COLORS, Clock, batches, command, digits, linear_weights, make_optimizer, out_dir, parser, write_summary
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (dtype, lr) of the full run; LARS and Fromage each
+RUNS = [("float32", 0.01), ("float32", 0.1), ("bfloat16", 0.1), ("float16", 0.1)]
+QUICK_RUNS = [("float32", 0.1), ("float16", 1.0)]
+DEPTH, WIDTH, BATCH = 4, 64, 128
+CHANCE_LOSS = math.log(10)  # the loss of a constant output: what a net whose BatchNorm overflowed computes
+
+
+def scale_invariant_mlp(seed: int, dtype: torch.dtype) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    sizes = [64] + [WIDTH] * (DEPTH - 1) + [10]
+    layers = []
+    for i in range(DEPTH):
+        layers += [torch.nn.Linear(sizes[i], sizes[i + 1], bias=False),
+                   torch.nn.BatchNorm1d(sizes[i + 1], affine=False, track_running_stats=False)]
+        if i < DEPTH - 1:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+def norms(net):
+    return [w.detach().double().norm().item() for w in linear_weights(net)]
+
+
+@torch.no_grad()
+def full_batch_loss(net, x, y) -> float:
+    out = net(x).float()
+    return torch.nn.functional.cross_entropy(out, y).item()
+
+
+def run(name, lr, dtype, steps, every, x, y, seed):
+    net = scale_invariant_mlp(seed, DTYPES[dtype])
+    xd = x.to(DTYPES[dtype])
+    start = norms(net)
+    opt = make_optimizer(name, net.parameters(), lr)
+    rec = {"steps": [], "norms": [], "largest": [], "loss": [], "overflow": None, "dead": None, "start": start}
+    stream = batches(len(x), BATCH, seed)
+
+    def record(step):
+        rec["steps"].append(step)
+        now = norms(net)
+        rec["norms"].append([n / n0 for n, n0 in zip(now, start)])
+        rec["largest"].append(max(now))
+        rec["loss"].append(full_batch_loss(net, xd, y))
+        if rec["dead"] is None and abs(rec["loss"][-1] - CHANCE_LOSS) < 1e-4:
+            rec["dead"] = step
+
+    for step in range(steps):
+        if step % every == 0:
+            record(step)
+        idx = next(stream)
+        loss = torch.nn.functional.cross_entropy(net(xd[idx]).float(), y[idx])
+        weights_ok = all(torch.isfinite(w).all() for w in linear_weights(net))
+        if not (torch.isfinite(loss) and weights_ok):
+            rec["overflow"] = step
+            record(step)
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    else:
+        record(steps)
+    return rec
 
 
 def main(argv=None) -> dict:
-    args = parse_args(__doc__.splitlines()[0], argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    runs, every = RUNS, 50
+    if args.quick:
+        runs, args.steps, every = QUICK_RUNS, 60, 5
     path = out_dir(args, "prefactor")
-    depth, width = (3, 16) if args.quick else (4, 64)
-    steps, every = (20, 5) if args.quick else (3000, 25)
-    lrs = [0.1] if args.quick else [0.01, 0.03, 0.1]
     x, y, _, _ = digits(args.seed)
     clock = Clock()
-    results = {}  # (name, lr) -> {"steps", "norms" (per layer, relative to start), "loss"}
-    for lr in lrs:
-        for name, prefactor in (("LARS", False), ("Fromage", True)):
-            net = mlp(depth, width, batchnorm=True, seed=args.seed, init=args.init)
-            start = [w.detach().norm().item() for w in weights(net)]
-            rec = {"steps": [], "norms": [], "loss": []}
-
-            def hook(step, net):
-                rec["steps"].append(step)
-                rec["norms"].append([w.detach().norm().item() / n0 for w, n0 in zip(weights(net), start)])
-                net.eval()
-                rec["loss"].append(evaluate(net, x, y)[0])
-                net.train()
-
-            train(net, Fromage(net.parameters(), lr=lr, prefactor=prefactor), x, y, steps=steps, seed=args.seed, every=every, hook=hook)
-            results[(name, lr)] = rec
-            print(f"{name:7s} lr {lr:g}: final norm ratios {[round(v, 3) for v in rec['norms'][-1]]}, loss {rec['loss'][-1]:.3g} [{clock}]", flush=True)
-
-    fig, axes = plt.subplots(2, len(lrs), figsize=(4.5 * len(lrs), 7), squeeze=False)
-    for col, lr in enumerate(lrs):
+    results = {}  # (name, lr, dtype) -> record
+    for dtype, lr in runs:
         for name in ("LARS", "Fromage"):
-            rec = results[(name, lr)]
-            for layer in range(depth):
-                axes[0][col].plot(rec["steps"], [n[layer] for n in rec["norms"]], color=COLORS[name], alpha=0.4 + 0.6 * layer / max(depth - 1, 1),
-                                  label=name if layer == 0 else None)
-            axes[1][col].plot(rec["steps"], rec["loss"], color=COLORS[name], label=name)
-        s = results[("LARS", lr)]["steps"]
-        axes[0][col].plot(s, [(1 + lr * lr) ** (t / 2) for t in s], "k--", lw=1, label="(1+lr^2)^(t/2)")
-        axes[0][col].set_yscale("log")
-        axes[0][col].set_title(f"lr {lr:g}: ||W_l|| / ||W_l at start||")
-        axes[1][col].set_yscale("log")
-        axes[1][col].set_title(f"lr {lr:g}: training loss (eval mode)")
-        for row in axes:
-            row[col].set_xlabel("step")
-            row[col].legend(fontsize=7)
-    fig.suptitle(f"Scale-invariant MLP (BatchNorm, depth {depth}) on digits: LARS (no prefactor) vs Fromage")
+            rec = run(name, lr, dtype, args.steps, every, x, y, args.seed)
+            results[(name, lr, dtype)] = rec
+            end = "overflow (inf/NaN) at step %d" % rec["overflow"] if rec["overflow"] is not None else f"finite after {args.steps} steps"
+            print(f"{name:7s} lr {lr:g} {dtype:8s}: {end}; max norm ratio {max(rec['norms'][-2 if rec['overflow'] is not None else -1]):.3g} [{clock}]", flush=True)
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    styles = {("float32", 0.01): ":", ("float32", 0.1): "-", ("bfloat16", 0.1): "-.", ("float16", 0.1): "--", ("float16", 1.0): "--"}
+    for (name, lr, dtype), rec in results.items():
+        ls = styles.get((dtype, lr), "-")
+        label = f"{name} lr {lr:g} {dtype}"
+        top = [v if math.isfinite(v) else math.nan for v in rec["largest"]]
+        axes[0].plot(rec["steps"], top, ls, color=COLORS[name], label=label)
+        loss = [v if math.isfinite(v) else math.nan for v in rec["loss"]]
+        axes[1].plot(rec["steps"], loss, ls, color=COLORS[name], label=label, alpha=0.8)
+        if rec["overflow"] is not None:
+            finite = [v for v in top if math.isfinite(v)]
+            axes[0].plot([rec["overflow"]], [finite[-1]], "x", color=COLORS[name], ms=10, mew=2)
+            axes[1].plot([rec["overflow"]], [CHANCE_LOSS * 1.1], "x", color=COLORS[name], ms=10, mew=2)
+        if rec["dead"] is not None:
+            axes[0].plot([rec["dead"]], [rec["largest"][rec["steps"].index(rec["dead"])]], "o", mfc="none", color=COLORS[name], ms=10, mew=1.5)
+    axes[0].axhline(math.sqrt(torch.finfo(torch.float32).max), color="k", lw=0.6)
+    axes[0].text(0, math.sqrt(torch.finfo(torch.float32).max) * 3, "1.8e19: squares overflow float32 / bfloat16", fontsize=7)
+    axes[0].axhline(torch.finfo(torch.float16).max, color="k", lw=0.6)
+    axes[0].text(0, torch.finfo(torch.float16).max * 3, "65504: float16 max", fontsize=7)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("largest ||W_l|| (o: output constant, x: inf/NaN)")
+    axes[0].set_title("weight norms")
+    axes[0].legend(fontsize=7)
+    axes[1].axhline(CHANCE_LOSS, color="gray", lw=0.6, ls=":")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("training loss, full-batch BatchNorm statistics")
+    axes[1].set_title("loss (dotted: ln 10, a constant output; x: inf/NaN)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"Scale-invariant MLP (depth {DEPTH}, BatchNorm after every layer) on digits: LARS (no prefactor) vs Fromage")
     fig.tight_layout()
     fig.savefig(os.path.join(path, "prefactor.png"), dpi=90)
     plt.close(fig)
 
-    lines = [f"prefactor: depth {depth}, width {width}, BatchNorm(affine=False) after every layer, {steps} steps of batch 128"]
-    for (name, lr), rec in results.items():
-        norms = rec["norms"][-1]
-        lines.append(
-            f"{name:7s} lr {lr:<5g}: weight norm / initial after {steps} steps: min {min(norms):.4g} max {max(norms):.4g} "
-            f"(LARS theory (1+lr^2)^(T/2) = {(1 + lr * lr) ** (steps / 2):.4g}); final loss {rec['loss'][-1]:.4g}, best {min(rec['loss']):.4g}"
-        )
-    lines.append(f"wall time {clock}")
-    write_summary(path, lines, args)
+    lines = [
+        "Prefactor study (paper Figure 2) on scikit-learn's digits.",
+        f"command: {command('prefactor.py', argv)}",
+        "protocol (here | the authors'):",
+        f"  network: MLP depth {DEPTH}, width {WIDTH}, no biases, BatchNorm(affine=False, batch statistics) after every linear layer"
+        " | spectrally normalised class-conditional GAN on CIFAR-10",
+        f"  training: batch {BATCH}, constant lr, up to {args.steps} steps, stopped at the first inf/NaN | their GAN schedule",
+        "  as the authors: LARS = Fromage without the prefactor, no weight decay or momentum",
+        "  loss measured on the whole training set in one batch (full-batch statistics), every %d steps" % every,
+        "results:",
+    ]
+    def broken(rec):
+        """The first step at which the run had stopped computing: output constant, or inf/NaN."""
+        events = [e for e in (rec["dead"], rec["overflow"]) if e is not None]
+        return min(events) if events else None
+
+    for (name, lr, dtype), rec in results.items():
+        last = len(rec["steps"]) - (2 if rec["overflow"] is not None and len(rec["steps"]) > 1 else 1)
+        n, t = rec["norms"][last], rec["steps"][last]
+        events = []
+        if rec["dead"] is not None:
+            events.append(f"output constant (loss ln 10) from step {rec['dead']}")
+        if rec["overflow"] is not None:
+            events.append(f"inf/NaN at step {rec['overflow']}")
+        end = "; ".join(events) if events else f"finite and training for all {args.steps} steps"
+        lines.append(f"  {name:7s} lr {lr:<4g} {dtype:8s}: {end}; largest ||W|| {rec['largest'][last]:.3g} at step {t}, "
+                     f"||W|| / start {min(n):.4g}..{max(n):.4g} (LARS theory (1+lr^2)^(t/2) = {(1 + lr * lr) ** (t / 2):.4g}); "
+                     f"full-batch loss there {rec['loss'][last]:.4g}")
+    for dtype, lr in runs:
+        # The two compute the same function up to BatchNorm's eps, so their losses agree until
+        # LARS's arithmetic gives way; "departs": the first record where LARS's loss is 1.5x Fromage's.
+        lars, fro = results[("LARS", lr, dtype)], results[("Fromage", lr, dtype)]
+        rows = list(zip(lars["steps"], lars["loss"], fro["loss"], lars["largest"]))
+        depart = next(((st, big) for st, a, b, big in rows if not (math.isfinite(a) and a <= 1.5 * b)), None)
+        before = [abs(a - b) / b for st, a, b, _ in rows if depart is None or st < depart[0]]
+        where = f"departs at step {depart[0]} (largest ||W|| {depart[1]:.3g})" if depart else "never departs"
+        lines.append(f"  lr {lr:g} {dtype}: LARS's loss {where}; {'before that ' if depart else ''}its relative difference from Fromage's "
+                     f"is {statistics.median(before):.2g} (median), {max(before):.2g} (max)")
+    lars_big = {k: broken(r) for k, r in results.items() if k[0] == "LARS" and k[1] >= 0.1}
+    fromage_ok = all(broken(r) is None and max(r["norms"][-1]) < 10 for (n, _, _), r in results.items() if n == "Fromage")
+    if lars_big and all(v is not None for v in lars_big.values()) and fromage_ok:
+        verdict = ("the paper's claim holds: LARS's norms grow by sqrt(1+lr^2) per step until the arithmetic overflows ("
+                   + ", ".join(f"{k[2]} at lr {k[1]:g}: step {v}" for k, v in lars_big.items())
+                   + "), while Fromage's stay within a factor 10 of their start and it keeps training")
+    else:
+        verdict = "not shown by this run: " + ("a LARS run at lr >= 0.1 kept computing" if not all(v is not None for v in lars_big.values())
+                                               else "a Fromage run broke down or its norms grew tenfold")
+    lines.append(f"verdict: {verdict}.")
+    with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump([{"optimizer": n, "lr": lr, "dtype": dt, **{k: v for k, v in r.items() if k != "norms"},
+                    "loss": [v if math.isfinite(v) else None for v in r["loss"]],
+                    "largest": [v if math.isfinite(v) else None for v in r["largest"]]}
+                   for (n, lr, dt), r in results.items()], f)
+    lines.append(f"wall time {clock} on {torch.get_num_threads()} CPU thread(s){', --quick' if args.quick else ''}; seed {args.seed}")
+    write_summary(path, lines)
     return results
 
 

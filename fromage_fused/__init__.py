@@ -2,7 +2,8 @@
 from .backends import available_backends, backend_names, backend_report
 from .optimizer import Fromage
 from . import functional
-from .trust import deep_relative_trust, max_safe_lr, relative_changes
+from .trust import deep_relative_trust, gradient_breakdown, max_safe_lr, relative_changes
 
-__all__ = ["Fromage", "available_backends", "backend_names", "backend_report", "functional", "deep_relative_trust", "relative_changes", "max_safe_lr"]
+__all__ = ["Fromage", "available_backends", "backend_names", "backend_report", "functional", "deep_relative_trust",
+           "relative_changes", "max_safe_lr", "gradient_breakdown"]
 __version__ = "0.1.0"
