@@ -170,6 +170,8 @@ class NativeBackend(Backend):
 
     syncs = False
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    #: The ops' namespace; None: ``torch.ops.fromage_fused`` (the benchmark stubs it to time the host side).
+    _ops = None
 
     def __init__(self, name: str, device_type: str, priority: int):
         self.name = name
@@ -202,7 +204,7 @@ class NativeBackend(Backend):
         if not params:
             return torch.zeros(0, 3)
         _ensure_loaded()
-        return torch.ops.fromage_fused.stats(_dense(params), _dense(grads), inner)
+        return (self._ops or torch.ops.fromage_fused).stats(_dense(params), _dense(grads), inner)
 
     def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
         if not params:
@@ -210,7 +212,7 @@ class NativeBackend(Backend):
         _ensure_loaded()
         # Non-contiguous tensors are stepped through contiguous copies, written back after the op.
         work = _dense(params)
-        torch.ops.fromage_fused.apply_(
+        (self._ops or torch.ops.fromage_fused).apply_(
             work, _dense(grads), stats.to(torch.float32).contiguous(), lr.to(torch.float32).reshape(()),
             [] if max_norms is None else list(max_norms), None if p_bound is None else float(p_bound), bool(maximize), bool(prefactor),
             None if found_inf is None else found_inf.to(torch.float32),
