@@ -14,10 +14,9 @@ def _upcast(tensors, dtype):
 class ForeachBackend(Backend):
     name = "foreach"
     priority = 10
+    dense_only = False
 
     def stats(self, params, grads, *, inner=True):
-        if not params:
-            return torch.zeros(0, 3)
         acc = accumulate_dtype(params[0].dtype)
         device = params[0].device
         p_norm = torch._foreach_norm(params, 2, dtype=acc)
@@ -31,8 +30,6 @@ class ForeachBackend(Backend):
         return torch.stack(columns, dim=1)
 
     def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
-        if not params:
-            return
         old_max = torch.stack(list(max_norms)) if p_bound is not None else None
         coef_p, coef_g, new_max = coefficients(
             stats, lr, max_norm=old_max, p_bound=p_bound, maximize=maximize, prefactor=prefactor, grad_scale=grad_scale
