@@ -8,7 +8,7 @@ from typing import List, Optional
 import torch
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
-CPU_SOURCES = ["fromage_cpu.cpp"]
+CPU_SOURCES = ["fromage_cpu.cpp", "fromage_plan.cpp"]
 CUDA_SOURCES = ["fromage_cuda_ops.cpp", "fromage_cuda.cu"]
 
 

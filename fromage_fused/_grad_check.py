@@ -6,13 +6,15 @@ Every step brings new gradient tensors (``zero_grad()`` sets them to None, backw
 so every step checks, for every parameter of the list:
 
 - it is the same tensor object as when the plan was built, and has a gradient exactly when it had;
-- a stepped parameter still has its storage address, shape and contiguity (``p.data = ...``,
-  ``module.to(...)`` change them);
+- a stepped parameter still has its storage address, dtype, device and contiguity (``p.data = ...``
+  and ``module.to(...)`` change them; a new shape on the same storage needs no new plan, the plan
+  holds the parameter itself);
 - its gradient is strided, of the parameter's dtype, device and shape, and as contiguous as then.
 
 Anything else means "build the plan again" (which explains what is wrong, if anything is).
 :class:`Record` does these checks in one C++ call per list when the extension is loaded
-(``csrc/fromage_plan.cpp``), else with ``map`` over the lists in Python; both check the same.
+(``csrc/fromage_plan.cpp``: it holds the tensors, so no list is converted on the way in), else
+with ``map`` over the lists in Python; both check the same.
 """
 from __future__ import annotations
 
@@ -34,15 +36,22 @@ _CONTIGUOUS = torch.Tensor.is_contiguous
 _is = operator.is_
 
 
-def native_available() -> bool:
-    """Whether the C++ checks are loaded (never loads the extension: a step that does not use a
-    native backend must not start a build)."""
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def native_available(params: Sequence[torch.Tensor]) -> bool:
+    """Whether the C++ checks can take ``params``: the extension is loaded (this never loads it: a
+    step that uses no native backend must not start a build) and has them, and every parameter is
+    a plain tensor (a tensor subclass could intercept the op)."""
+    if not all(type(p) in _PLAIN for p in params):
+        return False
     try:
         from .backends import native
 
         if native._state["loaded"] is None:
             return False
-        return hasattr(torch.ops.fromage_fused, "plan_grads")
+        torch.classes.fromage_fused.PlanRecord  # noqa: B018 (raises when the extension predates it)
+        return True
     except Exception:  # no extension, or one built from older sources without the op
         return False
 
@@ -63,14 +72,10 @@ class Record:
         self.absent = [p for i, p in enumerate(self.params) if i not in planned]
         self.native = None
         if native:
-            slots = [-1] * self.count
-            for slot, i in enumerate(order):
-                slots[i] = slot
-            self.native = torch.ops.fromage_fused.plan_record(self.params, slots)
+            self.native = torch.classes.fromage_fused.PlanRecord(self.planned, self.absent)
             return
         grads = list(map(_GRAD, self.planned))
         self.ptrs = list(map(_PTR, self.planned))
-        self.shapes = list(map(_SHAPE, self.planned))
         self.dtypes = list(map(_DTYPE, self.planned))
         self.devices = list(map(_DEVICE, self.planned))
         self.contiguous = list(map(_CONTIGUOUS, self.planned))
@@ -79,30 +84,31 @@ class Record:
 
     def grads(self, params: Sequence[torch.Tensor]) -> Optional[List[torch.Tensor]]:
         """The gradients of the planned parameters, or None if the plan no longer fits."""
-        if len(params) != self.count:
+        if len(params) != self.count or not all(map(_is, params, self.params)):
             return None
         if self.native is not None:
-            grads, same = torch.ops.fromage_fused.plan_grads(params, self.native)
+            grads, same = self.native.grads()
             return grads if same else None
-        if not all(map(_is, params, self.params)):
-            return None
         if not all(map(_is, map(_GRAD, self.absent), repeat(None))):
             return None
         planned = self.planned
         grads = list(map(_GRAD, planned))
         if any(map(_is, grads, repeat(None))):
             return None
-        same = (
-            list(map(_PTR, planned)) == self.ptrs
-            and list(map(_SHAPE, planned)) == self.shapes
-            and list(map(_CONTIGUOUS, planned)) == self.contiguous
+        return grads if self._fits(planned, grads) else None
+
+    def _fits(self, params, grads) -> bool:
+        return (
+            list(map(_PTR, params)) == self.ptrs
             and list(map(_LAYOUT, grads)) == self.layouts
+            and list(map(_DTYPE, params)) == self.dtypes
             and list(map(_DTYPE, grads)) == self.dtypes
+            and list(map(_DEVICE, params)) == self.devices
             and list(map(_DEVICE, grads)) == self.devices
-            and list(map(_SHAPE, grads)) == self.shapes
+            and list(map(_SHAPE, grads)) == list(map(_SHAPE, params))
+            and list(map(_CONTIGUOUS, params)) == self.contiguous
             and list(map(_CONTIGUOUS, grads)) == self.grad_contiguous
         )
-        return grads if same else None
 
     def pairs(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> bool:
         """For tensors whose gradients are not in ``.grad`` (DTensor shards): whether ``params``
@@ -111,16 +117,7 @@ class Record:
             return False
         if any(map(_is, grads, repeat(None))):
             return False
-        return (
-            list(map(_PTR, params)) == self.ptrs
-            and list(map(_SHAPE, params)) == self.shapes
-            and list(map(_CONTIGUOUS, params)) == self.contiguous
-            and list(map(_LAYOUT, grads)) == self.layouts
-            and list(map(_DTYPE, grads)) == self.dtypes
-            and list(map(_DEVICE, grads)) == self.devices
-            and list(map(_SHAPE, grads)) == self.shapes
-            and list(map(_CONTIGUOUS, grads)) == self.grad_contiguous
-        )
+        return self._fits(params, grads)
 
 
 def record_pairs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> Record:
@@ -132,7 +129,6 @@ def record_pairs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) 
     rec.absent = []
     rec.native = None
     rec.ptrs = list(map(_PTR, params))
-    rec.shapes = list(map(_SHAPE, params))
     rec.dtypes = list(map(_DTYPE, params))
     rec.devices = list(map(_DEVICE, params))
     rec.contiguous = list(map(_CONTIGUOUS, params))

@@ -68,6 +68,39 @@ class _Pending:
             self.state[p][key] = value
 
 
+class _Feed:
+    """How one group gets its tensors each step from the parameters it was built for."""
+
+    def __init__(self, group: Group, sources: List[torch.Tensor], grads: List[torch.Tensor]):
+        self.group = group
+        self.sources = sources  # the parameters (or DTensor local shards) as their owners hold them
+        dense = group.backend.dense_only
+        self.complex = [j for j, t in enumerate(sources) if t.is_complex()]
+        self.strided = [j for j, t in enumerate(sources) if dense and not t.is_contiguous()]
+        self.strided_grads = [j for j, g in enumerate(grads) if dense and not g.is_contiguous()]
+        self.views = bool(self.complex or self.strided)
+
+    def feed(self, grads: List[torch.Tensor]) -> None:
+        """Hand the group this step's gradients (real views, contiguous copies where needed)."""
+        for j in self.complex:
+            grads[j] = torch.view_as_real(grads[j])
+        for j in self.strided_grads:
+            grads[j] = grads[j].contiguous()
+        group = self.group
+        group.grads = grads
+        if self.views:
+            # Viewed anew each step: the plan holds the parameter, not a view of its current shape.
+            params, sources = group.params, self.sources
+            for j in self.complex:
+                params[j] = torch.view_as_real(sources[j])
+            writeback = []
+            for j in self.strided:
+                view = torch.view_as_real(sources[j]) if sources[j].is_complex() else sources[j]
+                params[j] = view.contiguous()
+                writeback.append((j, view))
+            group.writeback = writeback
+
+
 class _GroupPlan:
     """The plan of one param group: its groups of tensors and what tells whether they still fit."""
 
@@ -76,18 +109,19 @@ class _GroupPlan:
         self.hyper = _hyper(pg)
         self.devices: List[torch.device] = []
         self.groups: List[Group] = []
-        # Plain tensors: the record of pg["params"]; slices of its gradients feed the groups.
+        # Plain tensors: the record of pg["params"]; each group's gradients are one slice of what
+        # it returns.
         self.record: Optional[Record] = None
-        self.spans: List[Tuple[Group, int, int, List[int], List[int]]] = []
+        self.spans: List[Tuple[_Feed, int, int]] = []
         # DTensor parameters with gradients, the record of their local shards, and their groups.
         self.dtensors: List[torch.Tensor] = []
         self.absent_dtensors: List[torch.Tensor] = []
         self.local_record: Optional[Record] = None
-        self.local_spans: List[Tuple[Group, List[int], List[int]]] = []
-        # (state entries, key, the tensors the groups hold): a replaced entry rebuilds.
-        self.state_refs: List[Tuple[List[torch.Tensor], str, List[torch.Tensor]]] = []
+        self.local_feeds: List[Tuple[_Feed, List[int]]] = []
+        # (the parameters' state dicts, key, the tensors the groups hold): a replaced entry rebuilds.
+        self.state_refs: List[Tuple[List[dict], str, List[torch.Tensor]]] = []
 
-    def refresh(self, state) -> bool:
+    def refresh(self) -> bool:
         """Check this part of the plan and hand its groups this step's gradients; False: rebuild."""
         pg = self.pg
         if _hyper(pg) != self.hyper:
@@ -100,36 +134,24 @@ class _GroupPlan:
             grads = self.record.grads(pg["params"])
             if grads is None:
                 return False
-            for group, start, end, real, dense in self.spans:
-                mine = grads[start:end]
-                for i in real:
-                    mine[i] = torch.view_as_real(mine[i])
-                for i in dense:
-                    mine[i] = mine[i].contiguous()
-                group.grads = mine
+            for feed, start, end in self.spans:
+                feed.feed(grads[start:end])
         if self.dtensors or self.absent_dtensors:
             if any(p.grad is None for p in self.dtensors) or any(p.grad is not None for p in self.absent_dtensors):
                 return False
             local_p, local_g = local_pairs(self.dtensors)
             if not self.local_record.pairs(local_p, local_g):
                 return False
-            for group, members, real in self.local_spans:
-                mine = [local_g[i] for i in members]
-                for j in real:
-                    mine[j] = torch.view_as_real(mine[j])
-                group.grads = mine
-                if group.backend.dense_only:
-                    group.grads = [g if g.is_contiguous() else g.contiguous() for g in mine]
+            for feed, members in self.local_feeds:
+                feed.feed([local_g[i] for i in members])
         for entries, key, held in self.state_refs:
             try:
-                if not all(map(_is, [state[p][key] for p in entries], held)):
+                if not all(map(_is, map(operator.itemgetter(key), entries), held)):
                     return False
             except KeyError:
                 return False
         for group in self.groups:
             group.lr = lr
-            for i, original in group.writeback:
-                group.params[i] = original.contiguous()
         return True
 
 
@@ -141,6 +163,7 @@ class StepPlan:
         self.param_groups = opt.param_groups
         self.pgs = list(opt.param_groups)
         self.state = opt.state
+        self.state_values = list(opt.state.values())
         self.parts = parts
         self.groups = [g for part in parts for g in part.groups]
         self.seeds = seeds
@@ -153,11 +176,15 @@ class StepPlan:
             or len(opt.param_groups) != len(self.pgs)
             or not all(map(_is, opt.param_groups, self.pgs))
             or opt.state is not self.state
+            # Each parameter's state dict is where it was (none replaced, added or removed); the
+            # entries the plan holds are checked per key below. (By position: hashing a tensor
+            # key is a Python call per parameter.)
+            or len(opt.state) != len(self.state_values)
+            or not all(map(_is, opt.state.values(), self.state_values))
         ):
             return False
-        state = opt.state
         for part in self.parts:
-            if not part.refresh(state):
+            if not part.refresh():
                 return False
         return True
 
@@ -173,7 +200,6 @@ def build(opt, *, keep: bool = True) -> StepPlan:
     pending = _Pending(opt.state)
     parts: List[_GroupPlan] = []
     seeds: List[torch.Tensor] = []
-    native = keep and native_available()
     dtensor = _dtensor_type()
     for index, pg in enumerate(param_groups):
         # Groups can be edited after construction (schedulers, users): check what costs no sync.
@@ -206,12 +232,10 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             start = 0
             for g in groups:
                 end = start + len(g.indices)
-                real = [j for j, i in enumerate(g.indices) if plain[i].is_complex()]
-                dense = [j for j, i in enumerate(g.indices) if g.backend.dense_only and not plain[i].grad.is_contiguous()]
-                part.spans.append((g, start, end, real, dense))
+                part.spans.append((_Feed(g, [plain[i] for i in g.indices], [plain[i].grad for i in g.indices]), start, end))
                 start = end
             if keep:
-                part.record = Record(params, stepped, native=native and not part.dtensors)
+                part.record = Record(params, stepped, native=not part.dtensors and native_available(params))
             if bound:
                 part.state_refs.append(([plain[i] for g in groups for i in g.indices], "max_norm",
                                         [m for g in groups for m in g.max_norms]))
@@ -223,7 +247,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             max_norms = [opt._max_norm(p, lp.device, pending) for p, lp in zip(part.dtensors, local_p)] if bound else None
             groups = local_groups(part.dtensors, local_p, local_g, max_norms, opt._backend_for, opt._fallback)
             part.local_record = record_pairs(local_p, local_g)
-            part.local_spans = [(g, list(g.indices), [j for j, i in enumerate(g.indices) if local_p[i].is_complex()])
+            part.local_feeds = [(_Feed(g, [local_p[i] for i in g.indices], [local_g[i] for i in g.indices]), list(g.indices))
                                 for g in groups]
             if bound:
                 part.state_refs.append(([part.dtensors[i] for g in groups for i in g.indices], "max_norm",
@@ -240,5 +264,8 @@ def build(opt, *, keep: bool = True) -> StepPlan:
                 part.state_refs.append(([anchor], "sr_seed", [g.sr_seed]))
         parts.append(part)
     pending.commit()
+    state = opt.state
+    for part in parts:
+        part.state_refs = [([state[p] for p in entries], key, held) for entries, key, held in part.state_refs]
     return StepPlan(opt, parts, seeds)
 
