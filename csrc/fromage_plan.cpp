@@ -4,8 +4,9 @@
 // others of one list; grads() returns the stepped parameters' gradients in plan order, and whether
 // everything still matches: the others still have no gradient; each stepped parameter has the same
 // storage address, dtype, device and contiguity, and a gradient that is strided, of its dtype,
-// device and shape, and as contiguous as it was. Host metadata only; the tensors are held as
-// Python holds them (autograd metadata included), so .grad() reads what p.grad would.
+// device and shape, as contiguous as it was, and lazily negated or conjugated exactly when it was.
+// Host metadata only; the tensors are held as Python holds them (autograd metadata included), so
+// .grad() reads what p.grad would.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -20,11 +21,13 @@ int64_t data_address(const at::Tensor& t) {
 }
 
 // dtype | device type << 8 | (device index + 1) << 16 | contiguous << 32 | gradient contiguous << 33
+// | gradient lazily negated << 34 | gradient lazily conjugated << 35
 int64_t metadata(const at::Tensor& p, const at::Tensor& g) {
   const auto device = p.device();
   return static_cast<int64_t>(p.scalar_type()) | (static_cast<int64_t>(device.type()) << 8) |
          (static_cast<int64_t>(device.index() + 1) << 16) | (static_cast<int64_t>(p.is_contiguous()) << 32) |
-         (static_cast<int64_t>(g.is_contiguous()) << 33);
+         (static_cast<int64_t>(g.is_contiguous()) << 33) | (static_cast<int64_t>(g.is_neg()) << 34) |
+         (static_cast<int64_t>(g.is_conj()) << 35);
 }
 
 // The parameters of one list (one param group) as the plan was built for them. It holds the tensors

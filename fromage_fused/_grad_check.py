@@ -9,7 +9,8 @@ so every step checks, for every parameter of the list:
 - a stepped parameter still has its storage address, dtype, device and contiguity (``p.data = ...``
   and ``module.to(...)`` change them; a new shape on the same storage needs no new plan, the plan
   holds the parameter itself);
-- its gradient is strided, of the parameter's dtype, device and shape, and as contiguous as then.
+- its gradient is strided, of the parameter's dtype, device and shape, as contiguous as then, and
+  lazily negated or conjugated exactly when it was then.
 
 Anything else means "build the plan again" (which explains what is wrong, if anything is).
 :class:`Record` does these checks in one C++ call per list when the extension is loaded
@@ -33,6 +34,8 @@ _SHAPE = operator.attrgetter("shape")
 _LAYOUT = operator.attrgetter("layout")
 _PTR = torch.Tensor.data_ptr
 _CONTIGUOUS = torch.Tensor.is_contiguous
+_NEG = torch.Tensor.is_neg
+_CONJ = torch.Tensor.is_conj
 _is = operator.is_
 
 
@@ -80,7 +83,14 @@ class Record:
         self.devices = list(map(_DEVICE, self.planned))
         self.contiguous = list(map(_CONTIGUOUS, self.planned))
         self.grad_contiguous = list(map(_CONTIGUOUS, grads))
+        self._lazy(grads)
         self.layouts = [torch.strided] * len(grads)
+
+    def _lazy(self, grads) -> None:
+        # Lazily negated (or, for complex tensors, conjugated) gradients are materialised by the
+        # plan; which ones are is part of what it was built for.
+        self.neg = list(map(_NEG, grads))
+        self.conj = list(map(_CONJ, grads)) if any(d.is_complex for d in self.dtypes) else None
 
     def grads(self, params: Sequence[torch.Tensor]) -> Optional[List[torch.Tensor]]:
         """The gradients of the planned parameters, or None if the plan no longer fits."""
@@ -108,6 +118,8 @@ class Record:
             and list(map(_SHAPE, grads)) == list(map(_SHAPE, params))
             and list(map(_CONTIGUOUS, params)) == self.contiguous
             and list(map(_CONTIGUOUS, grads)) == self.grad_contiguous
+            and list(map(_NEG, grads)) == self.neg
+            and (self.conj is None or list(map(_CONJ, grads)) == self.conj)
         )
 
     def pairs(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> bool:
@@ -133,5 +145,6 @@ def record_pairs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) 
     rec.devices = list(map(_DEVICE, params))
     rec.contiguous = list(map(_CONTIGUOUS, params))
     rec.grad_contiguous = list(map(_CONTIGUOUS, grads))
+    rec._lazy(grads)
     rec.layouts = [torch.strided] * len(grads)
     return rec

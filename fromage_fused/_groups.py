@@ -97,6 +97,14 @@ def _check_pair(i: int, p: torch.Tensor, g: torch.Tensor) -> None:
         raise RuntimeError(f"parameter {i} is {p.dtype} but its gradient is {g.dtype}; cast the gradient to the parameter's dtype")
     if g.device != p.device:
         raise RuntimeError(f"parameter {i} is on {p.device} but its gradient is on {g.device}")
+    if p.is_conj() or p.is_neg():
+        raise RuntimeError(f"parameter {i} is a lazily conjugated or negated view; step the tensor it views "
+                           "(or resolve it with .resolve_conj() / .resolve_neg())")
+
+
+def _resolved(g: torch.Tensor) -> torch.Tensor:
+    """A gradient without a lazy conjugate or negative bit (kernels read raw storage)."""
+    return g.resolve_conj().resolve_neg()
 
 
 def group_tensors(
@@ -119,8 +127,10 @@ def group_tensors(
         if not (
             g.layout is _STRIDED and p.layout is _STRIDED and g.dtype is dtype
             and dtype in _REAL and g.shape == p.shape and g.device == p.device
+            and not (g.is_neg() or p.is_neg())
         ):
             _check_pair(i, p, g)
+            g = _resolved(g)
             if dtype in _COMPLEX:
                 p, g = torch.view_as_real(p), torch.view_as_real(g)
         key = (p.device, p.dtype)

@@ -77,11 +77,15 @@ class _Feed:
         dense = group.backend.dense_only
         self.complex = [j for j, t in enumerate(sources) if t.is_complex()]
         self.strided = [j for j, t in enumerate(sources) if dense and not t.is_contiguous()]
+        # Lazily conjugated or negated gradients are materialised for every backend.
+        self.lazy = [j for j, g in enumerate(grads) if g.is_conj() or g.is_neg()]
         self.strided_grads = [j for j, g in enumerate(grads) if dense and not g.is_contiguous()]
         self.views = bool(self.complex or self.strided)
 
     def feed(self, grads: List[torch.Tensor]) -> None:
         """Hand the group this step's gradients (real views, contiguous copies where needed)."""
+        for j in self.lazy:
+            grads[j] = grads[j].resolve_conj().resolve_neg()
         for j in self.complex:
             grads[j] = torch.view_as_real(grads[j])
         for j in self.strided_grads:

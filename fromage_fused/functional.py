@@ -29,6 +29,8 @@ def check_lr(lr, *, read_tensor: bool = True) -> None:
             raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
         if not lr.is_floating_point():
             raise ValueError(f"a tensor lr must be floating point, got {lr.dtype}")
+        if lr.device.type == "meta":
+            raise ValueError("a tensor lr must hold a value; got a meta tensor")
         if not read_tensor:
             return
         value = float(lr.detach().cpu())  # at construction only: a step never reads it

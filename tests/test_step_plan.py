@@ -104,6 +104,15 @@ def _grad_sparse(params, opt):
     params[1].grad = params[1].grad.to_sparse()
 
 
+def _grad_negated(params, opt):
+    # a lazily negated view: kernels that read raw storage would see the values un-negated
+    params[4].grad = torch._neg_view(-params[4].grad)
+
+
+def _grad_conjugated(params, opt):
+    params[2].grad = params[2].grad.conj().conj().conj()  # a lazy conjugate of the conjugate
+
+
 def _grad_strided(params, opt):
     g = params[4].grad
     params[4].grad = g.t().contiguous().t()  # same values, column-major
@@ -189,6 +198,8 @@ CASES = {
     "grad_other_dtype": (_grad_other_dtype, {}),
     "grad_sparse": (_grad_sparse, {}),
     "grad_strided": (_grad_strided, {}),
+    "grad_negated": (_grad_negated, {}),
+    "grad_conjugated": (_grad_conjugated, {}),
     "param_new_storage": (_param_new_storage_complex, {}),
     "param_to_float64": (_param_to_float64, {}),
     "param_transposed": (_param_transposed, {}),
