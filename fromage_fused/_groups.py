@@ -79,7 +79,7 @@ class Group:
     _lr_tensor: Optional[torch.Tensor] = None
 
 
-def _check_pair(i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+def _check_pair(i: int, p: torch.Tensor, g: torch.Tensor, eager: bool = True) -> None:
     """Raise the error that explains what is wrong with parameter ``i`` and its gradient."""
     if g.is_sparse or g.layout != _STRIDED:
         raise RuntimeError(
@@ -97,7 +97,7 @@ def _check_pair(i: int, p: torch.Tensor, g: torch.Tensor) -> None:
         raise RuntimeError(f"parameter {i} is {p.dtype} but its gradient is {g.dtype}; cast the gradient to the parameter's dtype")
     if g.device != p.device:
         raise RuntimeError(f"parameter {i} is on {p.device} but its gradient is on {g.device}")
-    if p.is_conj() or p.is_neg():
+    if eager and (p.is_conj() or p.is_neg()):
         raise RuntimeError(f"parameter {i} is a lazily conjugated or negated view; step the tensor it views "
                            "(or resolve it with .resolve_conj() / .resolve_neg())")
 
@@ -120,6 +120,9 @@ def group_tensors(
     ``fallback()``. Raises before any tensor is touched, so a bad step leaves everything as it was.
     """
     groups: Dict[Tuple[torch.device, torch.dtype], Group] = {}
+    # Lazy negation bits exist only in eager mode (torch.compile traces through them, and cannot
+    # trace the query).
+    eager = not torch.compiler.is_compiling()
     for i, (p, g) in enumerate(zip(params, grads)):
         # The common case in a few attribute reads; anything else goes through the checks that
         # explain what is wrong.
@@ -127,10 +130,11 @@ def group_tensors(
         if not (
             g.layout is _STRIDED and p.layout is _STRIDED and g.dtype is dtype
             and dtype in _REAL and g.shape == p.shape and g.device == p.device
-            and not (g.is_neg() or p.is_neg())
+            and not (eager and (g.is_neg() or p.is_neg()))
         ):
-            _check_pair(i, p, g)
-            g = _resolved(g)
+            _check_pair(i, p, g, eager)
+            if eager:
+                g = _resolved(g)
             if dtype in _COMPLEX:
                 p, g = torch.view_as_real(p), torch.view_as_real(g)
         key = (p.device, p.dtype)

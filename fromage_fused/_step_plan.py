@@ -233,12 +233,12 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             # The record lists the stepped parameters group by group, so each group's gradients
             # are one slice of what it returns.
             stepped = [plain_order[i] for g in groups for i in g.indices]
-            start = 0
-            for g in groups:
-                end = start + len(g.indices)
-                part.spans.append((_Feed(g, [plain[i] for i in g.indices], [plain[i].grad for i in g.indices]), start, end))
-                start = end
             if keep:
+                start = 0
+                for g in groups:
+                    end = start + len(g.indices)
+                    part.spans.append((_Feed(g, [plain[i] for i in g.indices], [plain[i].grad for i in g.indices]), start, end))
+                    start = end
                 part.record = Record(params, stepped, native=not part.dtensors and native_available(params))
             if bound:
                 part.state_refs.append(([plain[i] for g in groups for i in g.indices], "max_norm",
@@ -250,9 +250,10 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             local_p, local_g = local_pairs(part.dtensors)
             max_norms = [opt._max_norm(p, lp.device, pending) for p, lp in zip(part.dtensors, local_p)] if bound else None
             groups = local_groups(part.dtensors, local_p, local_g, max_norms, opt._backend_for, opt._fallback)
-            part.local_record = record_pairs(local_p, local_g)
-            part.local_feeds = [(_Feed(g, [local_p[i] for i in g.indices], [local_g[i] for i in g.indices]), list(g.indices))
-                                for g in groups]
+            if keep:
+                part.local_record = record_pairs(local_p, local_g)
+                part.local_feeds = [(_Feed(g, [local_p[i] for i in g.indices], [local_g[i] for i in g.indices]), list(g.indices))
+                                    for g in groups]
             if bound:
                 part.state_refs.append(([part.dtensors[i] for g in groups for i in g.indices], "max_norm",
                                         [m for g in groups for m in g.max_norms]))
