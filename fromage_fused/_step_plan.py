@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import _training
-from ._grad_check import Record, native_available, record_pairs
+from . import _grad_check
+from ._grad_check import Record, record_pairs
 from ._groups import Group, group_tensors
 from .distributed import _dtensor_type, local_pairs, local_groups, refuse_flat_parameters, refuse_stochastic_rounding
 from .functional import check_flags, check_lr, check_p_bound
@@ -239,7 +240,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
                     end = start + len(g.indices)
                     part.spans.append((_Feed(g, [plain[i] for i in g.indices], [plain[i].grad for i in g.indices]), start, end))
                     start = end
-                part.record = Record(params, stepped, native=not part.dtensors and native_available(params))
+                part.record = Record(params, stepped, native=not part.dtensors and _grad_check.native_available(params))
             if bound:
                 part.state_refs.append(([plain[i] for g in groups for i in g.indices], "max_norm",
                                         [m for g in groups for m in g.max_norms]))

@@ -227,6 +227,18 @@ def test_a_changed_plan_steps_as_a_fresh_one(case, backend, checker, monkeypatch
     assert _same(got, want), (got[0], want[0])
 
 
+@pytest.mark.parametrize("checker", CHECKERS)
+def test_the_checker_asked_for_is_the_one_used(checker, monkeypatch):
+    if checker == "native" and not _grad_check.native_available([]):
+        pytest.skip("the extension is not loaded here")
+    if checker == "python":
+        monkeypatch.setattr(_grad_check, "native_available", lambda params: False)
+    params, opt = _model("foreach")
+    _fill(params, 0)
+    opt.step()
+    assert all((part.record.native is not None) == (checker == "native") for part in opt._plan.parts)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_case_catches_a_wrongly_reused_plan(case, monkeypatch):
     change, kw = CASES[case]
