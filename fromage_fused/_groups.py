@@ -74,6 +74,8 @@ class Group:
     reduce: Optional[Tuple[object, str]] = None
     #: (position in params, the strided tensor a contiguous copy stands for): written back after apply.
     writeback: List[Tuple[int, torch.Tensor]] = field(default_factory=list)
+    #: The tensors as the caller holds them (complex, strided, DTensor), one per entry of ``params``.
+    sources: List[torch.Tensor] = field(default_factory=list)
     # The last float lr and its device tensor: a new tensor only when the value changes.
     _lr_value: object = None
     _lr_tensor: Optional[torch.Tensor] = None
@@ -127,6 +129,7 @@ def group_tensors(
         # The common case in a few attribute reads; anything else goes through the checks that
         # explain what is wrong.
         dtype = p.dtype
+        source = p
         if not (
             g.layout is _STRIDED and p.layout is _STRIDED and g.dtype is dtype
             and dtype in _REAL and g.shape == p.shape and g.device == p.device
@@ -147,6 +150,7 @@ def group_tensors(
         group.params.append(p)
         group.grads.append(g)
         group.indices.append(i)
+        group.sources.append(source)
         if max_norms is not None:
             m = max_norms[i]
             if m.dtype != torch.float32 or m.dim() != 0 or m.device != p.device:
@@ -232,25 +236,37 @@ def execute(
     found_inf: Optional[torch.Tensor] = None,
     grad_scale: Optional[torch.Tensor] = None,
     reduce_stats: Optional[Callable[[torch.Tensor, Group], torch.Tensor]] = None,
+    monitor: Optional[list] = None,
 ) -> None:
     """Step ``groups``: whole tensors one group at a time; the shards of each process group with
     one combination of their stats between the phases (``distributed.all_reduce_stats``).
-    ``reduce_stats(stats, group)``, when given, replaces each group's stats before its apply."""
+    ``reduce_stats(stats, group)``, when given, replaces each group's stats before its apply.
+    ``monitor``: a list that receives one ``_monitor.Record`` per group (the stats then include
+    ``<p, g>``)."""
+    inner = None if monitor is None else True
     pending: Dict[object, List[Group]] = {}
     for group in groups:
         if group.reduce is not None:
             pending.setdefault(group.reduce, []).append(group)
             continue
-        stats = run_stats(group)
+        stats = run_stats(group, inner=inner)
         if reduce_stats is not None:
             stats = _as(reduce_stats(stats, group), stats)
-        run_apply(group, stats, found_inf=found_inf, grad_scale=grad_scale)
+        _apply(group, stats, found_inf, grad_scale, monitor)
     if pending:
         from .distributed import all_reduce_stats
 
         for (process_group, device_type), members in pending.items():
-            stats = all_reduce_stats([run_stats(g) for g in members], process_group, device_type)
+            stats = all_reduce_stats([run_stats(g, inner=inner) for g in members], process_group, device_type)
             for group, s in zip(members, stats):
                 if reduce_stats is not None:
                     s = _as(reduce_stats(s, group), s)
-                run_apply(group, s, found_inf=found_inf, grad_scale=grad_scale)
+                _apply(group, s, found_inf, grad_scale, monitor)
+
+
+def _apply(group: Group, stats: torch.Tensor, found_inf, grad_scale, monitor) -> None:
+    if monitor is not None:
+        from . import _monitor
+
+        monitor.append(_monitor.record(group, stats, _lr_of(group), found_inf, grad_scale))
+    run_apply(group, stats, found_inf=found_inf, grad_scale=grad_scale)

@@ -251,6 +251,8 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             local_p, local_g = local_pairs(part.dtensors)
             max_norms = [opt._max_norm(p, lp.device, pending) for p, lp in zip(part.dtensors, local_p)] if bound else None
             groups = local_groups(part.dtensors, local_p, local_g, max_norms, opt._backend_for, opt._fallback)
+            for g in groups:
+                g.sources = [part.dtensors[i] for i in g.indices]
             if keep:
                 part.local_record = record_pairs(local_p, local_g)
                 part.local_feeds = [(_Feed(g, [local_p[i] for i in g.indices], [local_g[i] for i in g.indices]), list(g.indices))

@@ -42,6 +42,8 @@ class Fromage(Optimizer):
             nearest, so that updates smaller than half a bf16 ulp survive in expectation.
         seed: seed of the stochastic rounding (default: drawn from torch's generator, only when a
             group rounds stochastically, so that other runs' random streams stay as they were).
+        monitor: keep per-parameter statistics of each step, read with :meth:`last_stats`
+            (``opt.monitor`` switches it at any time; costs nothing when off).
 
     Works with ``torch.amp.GradScaler`` without an unscale pass, with CUDA-graph capture (``lr``
     as a device tensor, state created by eager warm-up steps) and with ``torch.compile``.
@@ -52,9 +54,14 @@ class Fromage(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, prefactor: bool = True,
-                 backend: str = "auto", stochastic_rounding: bool = False, seed: Optional[int] = None):
+                 backend: str = "auto", stochastic_rounding: bool = False, seed: Optional[int] = None,
+                 monitor: bool = False):
         _check_lr(lr)
         _check_p_bound(p_bound)
+        _check_flags(monitor=monitor)
+        #: Keep each step's per-parameter statistics for :meth:`last_stats` (see ``_monitor.py``).
+        self.monitor = monitor
+        self._last_records = None
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a name, got {backend!r}")
         self.backend = _backends.requested_name(backend)
@@ -116,7 +123,7 @@ class Fromage(Optimizer):
         # belong to the optimizer too (resolved backends and the plan are not copied: they are
         # found again).
         state = super().__getstate__()
-        state.update(backend=self.backend, _sr_base=self._sr_base)
+        state.update(backend=self.backend, _sr_base=self._sr_base, monitor=self.monitor)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -129,6 +136,8 @@ class Fromage(Optimizer):
         self.__dict__.setdefault("backend", _backends.AUTO)
         self.__dict__.setdefault("_sr_base", None)
         self.__dict__.setdefault("_device_backends", {})
+        self.__dict__.setdefault("monitor", False)
+        self.__dict__.setdefault("_last_records", None)
         self._invalidate_plan()
 
     def _backend_for(self, device: torch.device) -> _backends.Backend:
@@ -198,13 +207,24 @@ class Fromage(Optimizer):
             # Validates every param group (and finds or creates state) before any parameter
             # changes, and before any kernel is enqueued.
             plan = self._planned()
-            execute(plan.groups, found_inf=found_inf, grad_scale=grad_scale)
+            records = [] if self.monitor else None
+            execute(plan.groups, found_inf=found_inf, grad_scale=grad_scale, monitor=records)
+            self._last_records = records
             for seed in plan.seeds:
                 _training.advance_seed(seed, found_inf)
         except BaseException:
             _training.drop_scaler_attributes(self)
             raise
         return loss
+
+    def last_stats(self):
+        """Per-parameter statistics of the last step, one :class:`~fromage_fused._monitor.StepStats`
+        per group of tensors stepped together (device and dtype within a param group): ``||p||``,
+        ``||g||``, ``cos(p, g)``, the step's relative change and whether the ``p_bound`` clamp
+        acted, as device tensors (nothing is read on the host). Empty unless ``monitor`` was on."""
+        from ._monitor import summarize
+
+        return [summarize(r) for r in (self._last_records or [])]
 
     # State whose dtype is fixed by contract, whatever the parameter's dtype.
     _STATE_DTYPES = {"max_norm": torch.float32, "sr_seed": torch.int64}
