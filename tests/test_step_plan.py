@@ -303,3 +303,19 @@ def test_a_step_that_raises_keeps_no_plan_and_changes_no_state(monkeypatch):
         opt.step()
     assert opt._plan is None
     assert all(float(opt.state[p]["max_norm"]) == UNSET_MAX_NORM for p in params)
+
+
+def test_backends_never_get_an_empty_group(monkeypatch):
+    # a param group whose parameters have no gradients makes no group at all (backends/_base.py)
+    calls = []
+    backend = fromage_fused.backends.get("foreach")
+    real_stats, real_apply = type(backend).stats, type(backend).apply
+    monkeypatch.setattr(type(backend), "stats", lambda self, p, g, **kw: calls.append(len(p)) or real_stats(self, p, g, **kw))
+    monkeypatch.setattr(type(backend), "apply", lambda self, p, g, s, **kw: calls.append(len(p)) or real_apply(self, p, g, s, **kw))
+    params, opt = _model("foreach")
+    _fill(params, 0)
+    for p in opt.param_groups[1]["params"]:
+        p.grad = None
+    opt.step()
+    opt.step()
+    assert calls and 0 not in calls
