@@ -24,7 +24,7 @@ step is traced through a fresh build (tracing runs it once; the graph keeps none
 from __future__ import annotations
 
 import operator
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 

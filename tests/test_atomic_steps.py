@@ -3,7 +3,6 @@ param groups and hyper-parameters, on every backend that runs on CPU (Triton und
 included). Every drawn input is known to be valid or not, so the property is exact both ways: the
 step raises exactly when something invalid was drawn, and then no parameter, no state and no param
 group has changed."""
-import copy
 import importlib
 import math
 import os
@@ -121,9 +120,10 @@ def _set_grad(p, kind, seed):
         p.grad = g
 
 
-def _lr(value, dtype=torch.float32):
-    return {"tensor": torch.tensor(0.05), "two_elements": torch.tensor([0.05, 0.1]), "int_tensor": torch.tensor(1)}.get(value, value) \
-        if isinstance(value, str) and value in ("tensor", "two_elements", "int_tensor") else value
+def _lr(value):
+    tensors = {"tensor": lambda: torch.tensor(0.05), "two_elements": lambda: torch.tensor([0.05, 0.1]),
+               "int_tensor": lambda: torch.tensor(1)}
+    return tensors[value]() if isinstance(value, str) and value in tensors else value
 
 
 def _snapshot(opt):

@@ -38,7 +38,7 @@ def _with_backend(params, backend, *, p_bound=None, lr=0.01):
     # The optimizer resolves a backend per device once; a stub takes the place of that choice.
     opt = Fromage(params, lr=lr, p_bound=p_bound, backend="foreach")
     opt._device_backends[params[0].device] = backend
-    getattr(opt, "_invalidate_plan", lambda: None)()  # the plan holds the backend it was built with
+    opt._invalidate_plan()  # the plan holds the backend it was built with
     return opt
 
 
@@ -93,6 +93,11 @@ def _stub_cuda(contenders):
     def build(params, ctx):
         _only_here(ctx, contenders)
         from ..backends import native
+
+        try:
+            native.load()  # the wrapper checks that the extension is there before each call
+        except Exception as exc:
+            raise contenders.Skip(f"the C++ extension is not available here ({str(exc)[:120]})") from None
 
         class Stubbed(native.NativeBackend):
             """The cuda backend's Python side on CPU tensors; the two extension calls are stubs."""
