@@ -2,7 +2,7 @@
 
 - ``torch.amp.GradScaler`` sets ``optimizer.grad_scale`` and ``optimizer.found_inf`` right before
   ``step()`` and deletes them after a step that returns; a step that raises must not leave them
-  behind for a later step (see :func:`scaler_attributes`).
+  behind for a later step (see :func:`drop_scaler_attributes`).
 - Inside CUDA-graph capture nothing may be created that must outlive the replay (state tensors)
   and no Python number may be baked into the graph where it is meant to change (``lr``).
 - Stochastic rounding takes one int64 seed tensor per (param group, device), kept in the state.
@@ -17,28 +17,19 @@ _SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
 _MASK63 = (1 << 63) - 1
 
 
-class scaler_attributes:
-    """``with scaler_attributes(optimizer) as (grad_scale, found_inf)``: the two as GradScaler (or a
-    user) set them on ``optimizer``.
+def scaler_attributes(optimizer) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(grad_scale, found_inf)`` as GradScaler (or a user) set them on ``optimizer``."""
+    return getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
 
-    GradScaler deletes both after ``step()`` returns, but not when it raises; it would then read a
-    stale ``grad_scale`` at the next ``scaler.step`` (multiplying it in, or taking it for the scale
-    of already unscaled gradients) and a plain ``step()`` would skip or rescale on old flags. So a
-    step that raises removes them itself. A class, not a generator: torch.compile before torch
-    2.7 traces a class's ``__enter__``/``__exit__`` into the graph but stops at a generator's.
-    """
 
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-    def __enter__(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        return tuple(getattr(self.optimizer, name, None) for name in _SCALER_ATTRIBUTES)
-
-    def __exit__(self, kind, value, traceback) -> bool:
-        if kind is not None:
-            for name in _SCALER_ATTRIBUTES:
-                self.optimizer.__dict__.pop(name, None)
-        return False
+def drop_scaler_attributes(optimizer) -> None:
+    """For a step that raises: GradScaler deletes both attributes after ``step()`` returns, but not
+    when it raises; it would then read a stale ``grad_scale`` at the next ``scaler.step``
+    (multiplying it in, or taking it for the scale of already unscaled gradients) and a plain
+    ``step()`` would skip or rescale on old flags. (A plain try/except in ``step``, not a context
+    manager: ``fullgraph`` compilation of ``step`` stops at a contextlib manager on older torch.)"""
+    for name in _SCALER_ATTRIBUTES:
+        optimizer.__dict__.pop(name, None)
 
 
 def capturing(device: torch.device) -> bool:

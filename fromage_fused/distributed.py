@@ -9,21 +9,21 @@ communication (every replica already holds the same shard). The apply phase then
 shards with the full tensors' stats, so ``max_norm`` is the full tensor's norm, identical on every
 rank. Uneven and empty shards need nothing special: an empty shard contributes zeros.
 
-Plain tensors (DDP, single process) never come here.
+Plain tensors (DDP, single process) never come here. The groups made here are the same
+:class:`~fromage_fused._groups.Group` as any other, with ``reduce`` naming the process group and the
+device type of its collectives; ``_groups.execute`` issues the one all-reduce per ``reduce``.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed
 
-from .backends import Backend
-from .functional import Group, plan, run_apply, run_stats
+from ._groups import Group, group_tensors
 
-__all__ = ["is_dtensor", "ShardedStep", "stats_bytes_per_step"]
+__all__ = ["is_dtensor", "local_groups", "all_reduce_stats", "stats_bytes_per_step"]
 
 
 def _dtensor_type():
@@ -61,38 +61,38 @@ def _local_pair(i: int, p, g) -> Tuple[torch.Tensor, torch.Tensor]:
     return p.to_local(), g.to_local()
 
 
-_flat_groups: Dict[Tuple[object, Tuple[int, ...]], object] = {}
-
-
 def _process_group(mesh, dims: Tuple[int, ...]):
-    """The process group spanning mesh dimensions ``dims`` (one collective for all of them)."""
+    """The process group spanning mesh dimensions ``dims`` (one collective for all of them).
+
+    Several dimensions are flattened with torch's own ``DeviceMesh._flatten``, which caches the
+    flattened mesh on the mesh it came from: the group lives exactly as long as its mesh, and a mesh
+    built after ``destroy_process_group`` and a new ``init_process_group`` gets its own.
+    """
     if len(dims) == 1:
         return mesh.get_group(dims[0])
-    key = (mesh, dims)
-    if key not in _flat_groups:
-        names = mesh.mesh_dim_names
-        if not names:
-            raise RuntimeError(
-                f"a DTensor parameter is sharded over mesh dimensions {dims} of a mesh without dimension names; "
-                "name the mesh dimensions (init_device_mesh(..., mesh_dim_names=...)) so they can be flattened into one group"
-            )
-        sub = mesh if len(dims) == mesh.ndim else mesh[tuple(names[d] for d in dims)]
-        _flat_groups[key] = sub._flatten().get_group()
-    return _flat_groups[key]
+    names = mesh.mesh_dim_names
+    if not names:
+        raise RuntimeError(
+            f"a DTensor parameter is sharded over mesh dimensions {dims} of a mesh without dimension names; "
+            "name the mesh dimensions (init_device_mesh(..., mesh_dim_names=...)) so they can be flattened into one group"
+        )
+    sub = mesh if len(dims) == mesh.ndim else mesh[tuple(names[d] for d in dims)]
+    return sub._flatten().get_group()
 
 
-def all_reduce_stats(stats: List[torch.Tensor], mesh, dims: Tuple[int, ...]) -> List[torch.Tensor]:
-    """Sum each ``[n_i, 3]`` stats tensor over the ranks of ``dims`` with one collective."""
-    if not dims or not stats:
+def all_reduce_stats(stats: List[torch.Tensor], process_group, device_type: str) -> List[torch.Tensor]:
+    """Sum each ``[n_i, 3]`` stats tensor over the ranks of ``process_group`` with one collective
+    that runs on ``device_type`` (the mesh's)."""
+    if not stats:
         return stats
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in stats) else torch.float32
     flat = torch.cat([s.to(dtype).reshape(-1) for s in stats])
     home = flat.device
-    if home.type != mesh.device_type:
+    if home.type != device_type:
         # Shards offloaded to the host (FSDP2 CPUOffloadPolicy) on a mesh whose collectives run on
         # an accelerator: the stats travel through the mesh's device.
-        flat = flat.to(mesh.device_type)
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=_process_group(mesh, dims))
+        flat = flat.to(device_type)
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=process_group)
     flat = flat.to(home)
     out, start = [], 0
     for s in stats:
@@ -117,74 +117,56 @@ def stats_bytes_per_step(params: Sequence) -> Dict[Tuple[str, Tuple[int, ...]], 
     return {k: 3 * n * width for k, (n, width) in counts.items()}
 
 
-@dataclass
-class _Bucket:
-    """The DTensor parameters of one (mesh, sharded dims): one all-reduce per step."""
-
-    mesh: object
-    dims: Tuple[int, ...]
-    # (param group, the groups planned over the local shards of its DTensor params)
-    work: List[Tuple[dict, List[Group]]] = field(default_factory=list)
-
-
-class ShardedStep:
-    """Collects the DTensor parameters of a step, validates them, then steps them.
-
-    ``take`` is called once per param group before anything changes (bad input raises there, and
-    state is found or created there); ``step`` runs stats, one all-reduce per (mesh, sharded dims),
-    and apply. ``backend_for(device)`` is the optimizer's backend for a device, ``max_norm(p)`` the
-    state tensor of DTensor ``p``: the same the optimizer's plain tensors get.
-    """
-
-    def __init__(self, backend_for: Callable[[torch.device], Backend], max_norm: Callable[[torch.Tensor], torch.Tensor]):
-        self.backend_for = backend_for
-        self.max_norm = max_norm
-        self.buckets: Dict[Tuple[object, Tuple[int, ...]], _Bucket] = {}
-
-    def take(self, group: dict, params: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Keep the DTensor parameters of ``params`` (which have gradients); return the others."""
-        for p in params:
-            if getattr(p, "_is_flat_param", False):
-                raise RuntimeError(
-                    "Fromage got an FSDP1 flat parameter: it holds a shard of many layers flattened together, so "
-                    "per-tensor norms do not exist there; shard the model with FSDP2 (torch.distributed.fsdp.fully_shard)"
-                )
-        dtensor = _dtensor_type()
-        if dtensor is None:
-            return params
-        plain = [p for p in params if not isinstance(p, dtensor)]
-        if len(plain) == len(params):
-            return params
-        if group.get("stochastic_rounding") and any(is_dtensor(p) and p.dtype == torch.bfloat16 for p in params):
+def refuse_flat_parameters(params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        if getattr(p, "_is_flat_param", False):
             raise RuntimeError(
-                "stochastic_rounding is not supported for DTensor (FSDP2) parameters yet; "
-                "keep fp32 master weights (FSDP2's MixedPrecisionPolicy) or turn it off for that group"
+                "Fromage got an FSDP1 flat parameter: it holds a shard of many layers flattened together, so "
+                "per-tensor norms do not exist there; shard the model with FSDP2 (torch.distributed.fsdp.fully_shard)"
             )
-        by_key: Dict[Tuple[object, Tuple[int, ...]], List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        for i, p in enumerate(params):
-            if is_dtensor(p):
-                local_p, local_g = _local_pair(i, p, p.grad)
-                by_key.setdefault((p.device_mesh, _sharded_dims(p.placements)), []).append((p, local_p, local_g))
-        for key, entries in by_key.items():
-            bucket = self.buckets.setdefault(key, _Bucket(*key))
-            # Local shards may sit on another device than the mesh's (CPU offload).
-            for device in dict.fromkeys(e[1].device for e in entries):
-                here = [e for e in entries if e[1].device == device]
-                groups = plan([e[1] for e in here], [e[2] for e in here], None, backend=self.backend_for(device))
-                if group["p_bound"] is not None:
-                    for g in groups:
-                        g.max_norms = [self.max_norm(here[i][0]) for i in g.indices]
-                bucket.work.append((group, groups))
-        return plain
 
-    def step(self, *, found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None) -> None:
-        """Step every parameter taken."""
-        for bucket in self.buckets.values():
-            flat = [(pg, g) for pg, groups in bucket.work for g in groups]
-            stats = [run_stats(g, inner=pg["p_bound"] is not None) for pg, g in flat]
-            stats = all_reduce_stats(stats, bucket.mesh, bucket.dims)
-            for (pg, g), s in zip(flat, stats):
-                run_apply(
-                    g, s, lr=pg["lr"], p_bound=pg["p_bound"], maximize=pg["maximize"],
-                    prefactor=pg["prefactor"], found_inf=found_inf, grad_scale=grad_scale,
-                )
+
+def refuse_stochastic_rounding(params: Sequence[torch.Tensor]) -> None:
+    if any(p.dtype == torch.bfloat16 for p in params):
+        raise RuntimeError(
+            "stochastic_rounding is not supported for DTensor (FSDP2) parameters yet; "
+            "keep fp32 master weights (FSDP2's MixedPrecisionPolicy) or turn it off for that group"
+        )
+
+
+def local_pairs(params: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The local shards of DTensor ``params`` (all with gradients) and of their gradients."""
+    pairs = [_local_pair(i, p, p.grad) for i, p in enumerate(params)]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def local_groups(
+    params: Sequence[torch.Tensor],
+    local_p: Sequence[torch.Tensor],
+    local_g: Sequence[torch.Tensor],
+    max_norms: Optional[Sequence[torch.Tensor]],
+    backend_for: Callable[[torch.device], object],
+    fallback: Callable[[], object],
+) -> List[Group]:
+    """Groups of the local shards ``local_p``, ``local_g`` (from :func:`local_pairs`) of DTensor
+    ``params``, each with the process group over which its stats are partial sums (None for
+    replicated tensors: their stats are whole). ``max_norms``: the state of each parameter (None
+    without p_bound). Validates everything before anything changes."""
+    keys = {}
+    for p in params:
+        spec = (p.device_mesh, tuple(p.placements))
+        if spec not in keys:
+            dims = _sharded_dims(p.placements)
+            keys[spec] = (_process_group(p.device_mesh, dims), p.device_mesh.device_type) if dims else None
+    by_key: Dict[object, List[int]] = {}
+    for i, p in enumerate(params):
+        by_key.setdefault((keys[(p.device_mesh, tuple(p.placements))], local_p[i].device), []).append(i)
+    groups = []
+    for (reduce, _), members in by_key.items():
+        made = group_tensors([local_p[i] for i in members], [local_g[i] for i in members],
+                             None if max_norms is None else [max_norms[i] for i in members], backend_for, fallback)
+        for g in made:
+            g.reduce = reduce
+            g.indices = [members[j] for j in g.indices]
+        groups += made
+    return groups

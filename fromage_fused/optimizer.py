@@ -1,15 +1,16 @@
 """``Fromage``: the torch.optim.Optimizer users construct. It owns hyper-parameters and state."""
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, Optional
 
 import torch
 from torch.optim import Optimizer
 
-from . import _training
+from . import _step_plan, _training
 from . import backends as _backends
-from .distributed import ShardedStep
-from .functional import UNSET_MAX_NORM, check_lr as _check_lr, check_p_bound as _check_p_bound, plan, step_groups
+from ._groups import FALLBACK, dtype_refusal, execute
+from .functional import UNSET_MAX_NORM, check_flags as _check_flags, check_lr as _check_lr, check_p_bound as _check_p_bound
 
 __all__ = ["Fromage"]
 
@@ -41,6 +42,8 @@ class Fromage(Optimizer):
             nearest, so that updates smaller than half a bf16 ulp survive in expectation.
         seed: seed of the stochastic rounding (default: drawn from torch's generator, only when a
             group rounds stochastically, so that other runs' random streams stay as they were).
+        monitor: keep per-parameter statistics of each step, read with :meth:`last_stats`
+            (``opt.monitor`` switches it at any time; costs nothing when off).
 
     Works with ``torch.amp.GradScaler`` without an unscale pass, with CUDA-graph capture (``lr``
     as a device tensor, state created by eager warm-up steps) and with ``torch.compile``.
@@ -51,9 +54,14 @@ class Fromage(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, prefactor: bool = True,
-                 backend: str = "auto", stochastic_rounding: bool = False, seed: Optional[int] = None):
+                 backend: str = "auto", stochastic_rounding: bool = False, seed: Optional[int] = None,
+                 monitor: bool = False):
         _check_lr(lr)
         _check_p_bound(p_bound)
+        _check_flags(monitor=monitor)
+        #: Keep each step's per-parameter statistics for :meth:`last_stats` (see ``_monitor.py``).
+        self.monitor = monitor
+        self._last_records = None
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a name, got {backend!r}")
         self.backend = _backends.requested_name(backend)
@@ -61,6 +69,8 @@ class Fromage(Optimizer):
         # the optimizer must not shift the random stream of a run that does not use it.
         self._sr_base = None if seed is None else _training.initial_seed(seed)
         self._device_backends: Dict[torch.device, _backends.Backend] = {}
+        self._plan = None
+        self._plan_generation = 0
         defaults = dict(lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
@@ -70,20 +80,18 @@ class Fromage(Optimizer):
             _check_lr(param_group["lr"])
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
-        for flag in ("maximize", "prefactor", "stochastic_rounding"):
-            # Strictly bools: bool("False") is True, so a string would silently do the opposite.
-            value = param_group.get(flag, self.defaults[flag])
-            if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        _check_flags(**{flag: param_group.get(flag, self.defaults[flag]) for flag in _FLAGS})
         rounding = param_group.get("stochastic_rounding", self.defaults["stochastic_rounding"])
-        if rounding and self._sr_base is None:
-            self._sr_base = _training.initial_seed(None)
         params = param_group["params"]
         if not isinstance(params, set):  # the base class refuses sets with its own message
             params = [params] if isinstance(params, torch.Tensor) else list(params)
             for p in params:
-                if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
-                    raise ValueError(f"Fromage steps floating-point and complex tensors only, got a {p.dtype} parameter")
+                # torch's named form: (name, tensor) pairs, as model.named_parameters() yields them.
+                t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+                if isinstance(t, torch.Tensor):
+                    refusal = dtype_refusal(t.dtype)
+                    if refusal is not None:
+                        raise ValueError(refusal)
             param_group["params"] = params
         super().add_param_group(param_group)
         try:
@@ -92,7 +100,10 @@ class Fromage(Optimizer):
         except Exception:
             self.param_groups.pop()  # a group whose backend cannot run is not added
             raise
+        if rounding and self._sr_base is None:
+            self._sr_base = _training.initial_seed(None)
         self._create_max_norms(self.param_groups[-1])
+        self._invalidate_plan()
 
     def _create_max_norms(self, group: Dict[str, Any]) -> None:
         # Unset max_norm state exists from the start so that torch.distributed.checkpoint's
@@ -100,26 +111,34 @@ class Fromage(Optimizer):
         # which would set max_norm from the weights of that moment and clamp them to it.
         if group["p_bound"] is not None:
             for p in group["params"]:
-                self._max_norm(p)
+                self.state[p]["max_norm"] = self._max_norm(p, _local_device(p))
+
+    def _invalidate_plan(self) -> None:
+        """The next step builds its plan again (anything the plan is derived from may have changed)."""
+        self.__dict__["_plan"] = None
+        self.__dict__["_plan_generation"] = self.__dict__.get("_plan_generation", 0) + 1
 
     def __getstate__(self) -> Dict[str, Any]:
         # torch keeps only defaults, state and param_groups; the backend choice and the seed
-        # belong to the optimizer too (resolved backends are not copied: they are found again).
+        # belong to the optimizer too (resolved backends and the plan are not copied: they are
+        # found again).
         state = super().__getstate__()
-        state.update(backend=self.backend, _sr_base=self._sr_base)
+        state.update(backend=self.backend, _sr_base=self._sr_base, monitor=self.monitor)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Groups saved before a hyper-parameter existed (or by another Fromage) get its default.
+        # Groups saved before a hyper-parameter existed, or by another implementation of Fromage,
+        # take this optimizer's defaults, as torch does for its own optimizers' new options.
         for group in self.param_groups:
-            group.setdefault("p_bound", None)
-            group.setdefault("maximize", False)
-            group.setdefault("prefactor", True)
-            group.setdefault("stochastic_rounding", False)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         self.__dict__.setdefault("backend", _backends.AUTO)
         self.__dict__.setdefault("_sr_base", None)
         self.__dict__.setdefault("_device_backends", {})
+        self.__dict__.setdefault("monitor", False)
+        self.__dict__.setdefault("_last_records", None)
+        self._invalidate_plan()
 
     def _backend_for(self, device: torch.device) -> _backends.Backend:
         # Resolved once per device, eagerly: the registry's lookups are host work that a compiled
@@ -135,31 +154,52 @@ class Fromage(Optimizer):
         devices = dict.fromkeys(p.device for group in self.param_groups for p in group["params"])
         return {device: self._backend_for(device).name for device in devices}
 
-    def _max_norm(self, p: torch.Tensor) -> torch.Tensor:
-        # Created on the host without reading any value: the step itself sets an unset one.
-        state = self.state[p]
-        if "max_norm" not in state:
-            _training.refuse_new_state("max_norm", p.device)
-            state["max_norm"] = torch.full((), UNSET_MAX_NORM, dtype=torch.float32, device=p.device)
-        elif state["max_norm"].device != p.device:  # created before the model moved (.to(device))
-            state["max_norm"] = state["max_norm"].to(p.device)
-        return state["max_norm"]
+    @staticmethod
+    def _fallback() -> _backends.Backend:
+        return _backends.get(FALLBACK)
 
-    def _sr_seed(self, group: Dict[str, Any], device: torch.device) -> torch.Tensor:
-        # One seed per (param group, device), kept in the state of that group's first bf16
-        # parameter on the device: a fixed place, whichever parameters have gradients this step.
-        anchor = next(p for p in group["params"] if p.dtype == torch.bfloat16 and p.device == device)
-        state = self.state[anchor]
-        if "sr_seed" not in state:
+    def _max_norm(self, p: torch.Tensor, device: torch.device, pending=None) -> torch.Tensor:
+        """The max_norm state of ``p``, on ``device`` (its local shard's for a DTensor). Created
+        unset on the host without reading any value (the step sets it); one that stayed behind
+        when the model moved is moved. With ``pending``, a new or moved tensor is stored there, to
+        reach the state only when the whole step has validated."""
+        current = pending.get(p, "max_norm") if pending is not None else self.state.get(p, {}).get("max_norm")
+        if current is not None and current.device == device:
+            return current
+        if current is None:
+            _training.refuse_new_state("max_norm", device)
+            value = torch.full((), UNSET_MAX_NORM, dtype=torch.float32, device=device)
+        else:  # created before the model moved (.to(device))
+            value = current.to(device)
+        return value if pending is None else pending.put(p, "max_norm", value)
+
+    def _sr_seed(self, group: Dict[str, Any], index: int, device: torch.device, pending):
+        """``(anchor, seed)``: one seed per (param group, device), kept in the state of that group's
+        first bf16 parameter on the device (a fixed place, whichever parameters have gradients
+        this step), on that device like the parameter (moved with it, as max_norm is)."""
+        anchor = next(p for p in group["params"] if p.dtype == torch.bfloat16 and _local_device(p) == device)
+        current = pending.get(anchor, "sr_seed")
+        if current is not None and current.device == device:
+            return anchor, current
+        if current is None:
             _training.refuse_new_state("sr_seed", device)
-            # The group that holds the anchor (a parameter is in one group only): torch 2.6-2.7's
-            # compile cannot trace `is` between two param-group dicts.
-            index = next(i for i, g in enumerate(self.param_groups) if any(q is anchor for q in g["params"]))
             if self._sr_base is None:  # rounding switched on in a group after construction
                 self._sr_base = _training.initial_seed(None)
-            value = _training.group_seed(self._sr_base, index, device)
-            state["sr_seed"] = torch.full((), value, dtype=torch.int64, device=device)
-        return state["sr_seed"]
+            value = torch.full((), _training.group_seed(self._sr_base, index, device), dtype=torch.int64, device=device)
+        else:
+            value = current.to(device)
+        return anchor, pending.put(anchor, "sr_seed", value)
+
+    def _planned(self):
+        if torch.compiler.is_compiling():
+            return _step_plan.build(self, keep=False)
+        plan = self._plan
+        if plan is not None and plan.refresh(self):
+            return plan
+        self._plan = None
+        plan = _step_plan.build(self)
+        self._plan = plan
+        return plan
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -168,59 +208,71 @@ class Fromage(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with _training.scaler_attributes(self) as (grad_scale, found_inf):
-            # Plan (validate, group, find or create state) for every param group before any
-            # parameter changes, and before any kernel is enqueued.
-            planned = []
-            sharded = ShardedStep(self._backend_for, self._max_norm)  # DTensor (FSDP2) parameters: see distributed.py
-            for group in self.param_groups:
-                # Groups can be edited after construction (schedulers, users): check what costs no sync.
-                _check_lr(group["lr"], read_tensor=False)
-                _check_p_bound(group["p_bound"])
-                params = [p for p in group["params"] if p.grad is not None]
-                for device in dict.fromkeys(p.device for p in params):  # DTensor parameters included
-                    _training.check_capturable_lr(group["lr"], device)
-                params = sharded.take(group, params)
-                for device in dict.fromkeys(p.device for p in params):
-                    on_device = [p for p in params if p.device == device]
-                    for g in plan(on_device, [p.grad for p in on_device], None, backend=self._backend_for(device)):
-                        if group["p_bound"] is not None:
-                            g.max_norms = [self._max_norm(on_device[i]) for i in g.indices]
-                        sr_seed = None
-                        if group["stochastic_rounding"] and g.dtype == torch.bfloat16:
-                            sr_seed = self._sr_seed(group, g.device)
-                        planned.append((group, g, sr_seed))
-            for group, g, sr_seed in planned:
-                step_groups(
-                    [g],
-                    lr=group["lr"],
-                    p_bound=group["p_bound"],
-                    maximize=group["maximize"],
-                    prefactor=group["prefactor"],
-                    found_inf=found_inf,
-                    grad_scale=grad_scale,
-                    sr_seed=sr_seed,
-                )
-                if sr_seed is not None:
-                    _training.advance_seed(sr_seed, found_inf)
-            sharded.step(found_inf=found_inf, grad_scale=grad_scale)
+        grad_scale, found_inf = _training.scaler_attributes(self)
+        try:
+            # Validates every param group (and finds or creates state) before any parameter
+            # changes, and before any kernel is enqueued.
+            plan = self._planned()
+            records = [] if self.monitor else None
+            execute(plan.groups, found_inf=found_inf, grad_scale=grad_scale, monitor=records)
+            self._last_records = records
+            for seed in plan.seeds:
+                _training.advance_seed(seed, found_inf)
+        except BaseException:
+            _training.drop_scaler_attributes(self)
+            raise
         return loss
+
+    def last_stats(self):
+        """Per-parameter statistics of the last step, one :class:`~fromage_fused._monitor.StepStats`
+        per group of tensors stepped together (device and dtype within a param group): ``||p||``,
+        ``||g||``, ``cos(p, g)``, the step's relative change and whether the ``p_bound`` clamp
+        acted, as device tensors (nothing is read on the host). Empty unless ``monitor`` was on."""
+        from ._monitor import summarize
+
+        return [summarize(r) for r in (self._last_records or [])]
 
     # State whose dtype is fixed by contract, whatever the parameter's dtype.
     _STATE_DTYPES = {"max_norm": torch.float32, "sr_seed": torch.int64}
+    #: The reference implementation keeps the bound as state["max"], a Python float.
+    _AUTHORS_MAX = "max"
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         # torch casts every state tensor of a floating parameter to the parameter's dtype (bf16,
         # complex...), which would round max_norm and destroy the int64 seed: put the saved values
-        # back after the base class has loaded.
-        saved = {
-            k: {key: v[key] for key in self._STATE_DTYPES if key in v}
-            for k, v in state_dict["state"].items() if isinstance(v, dict)
-        }
+        # back after the base class has loaded. A checkpoint of the reference implementation keeps
+        # the bound as a float under "max": it becomes max_norm.
+        saved, converted = {}, set()
+        for k, v in state_dict["state"].items():
+            if not isinstance(v, dict):
+                continue
+            entry = {key: v[key] for key in self._STATE_DTYPES if key in v}
+            authors = v.get(self._AUTHORS_MAX)
+            if "max_norm" not in entry and isinstance(authors, numbers.Real) and not isinstance(authors, bool):
+                entry["max_norm"] = float(authors)
+                converted.add(k)
+            saved[k] = entry
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
-            for key, value in saved.get(pid, {}).items():
+            if pid not in saved:
+                continue
+            state = self.state[p]
+            if pid in converted:
+                state.pop(self._AUTHORS_MAX, None)
+            for key, value in saved[pid].items():
                 dtype = self._STATE_DTYPES[key]
-                self.state[p][key] = torch.as_tensor(value).detach().to(device=p.device, dtype=dtype).clone().reshape(())
+                state[key] = torch.as_tensor(value).detach().to(device=_local_device(p), dtype=dtype).clone().reshape(())
+        for group in self.param_groups:
+            self._create_max_norms(group)  # a bounded group whose checkpoint had no bound yet
+        self._invalidate_plan()
+
+
+_FLAGS = ("maximize", "prefactor", "stochastic_rounding")
+
+
+def _local_device(p: torch.Tensor) -> torch.device:
+    """Where ``p``'s values live: a DTensor's local shard may sit elsewhere than its mesh (CPU offload)."""
+    local = getattr(p, "_local_tensor", None)
+    return (local if isinstance(local, torch.Tensor) else p).device

@@ -22,8 +22,12 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _no_backend_override(monkeypatch):
-    # Tests choose their backends; a developer's override must not leak into them.
+    # Tests choose their backends; a developer's override must not leak into them. Nor may a
+    # backend the functional API resolved (and keeps) under another test's registry or loader.
     monkeypatch.delenv("FROMAGE_FUSED_BACKEND", raising=False)
+    from fromage_fused import functional
+
+    functional._resolved.clear()
 
 
 @pytest.fixture

@@ -183,14 +183,16 @@ def test_bad_max_norm_functional():
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
-def test_integer_parameters(dtype):
+@pytest.mark.parametrize("named", [False, True], ids=["bare", "named"])
+def test_integer_parameters(dtype, named):
     t = torch.zeros(3, dtype=dtype)
+    given = [("w", t)] if named else [t]  # named: as model.named_parameters() gives them
     with pytest.raises(ValueError, match="floating-point"):
-        Fromage([t])
+        Fromage(given)
     net, opt = trained()
     snap = snapshot(opt)
     with pytest.raises(ValueError, match="floating-point"):
-        opt.add_param_group({"params": [t]})
+        opt.add_param_group({"params": given})
     assert_unchanged(opt, snap)
     with pytest.raises(RuntimeError, match="floating-point"):
         functional.fromage([t], [torch.ones(3, dtype=dtype)], None, lr=0.01, backend="foreach")
@@ -221,4 +223,47 @@ def test_flags_must_be_bools(flag, value):
     snap = snapshot(opt)
     with pytest.raises(ValueError, match=f"{flag} must be True or False"):
         opt.add_param_group({"params": [p], flag: value})
+    assert_unchanged(opt, snap)
+
+
+#: Every dtype a step cannot handle: float8 and float4 formats (no arithmetic of their own in torch),
+#: complex32 (no real view every backend steps).
+UNSTEPPABLE = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                                           "float8_e8m0fnu", "float4_e2m1fn_x2") if hasattr(torch, n)] + [torch.complex32]
+
+
+def _unsteppable(dtype, shape=(4,)):
+    return torch.zeros(shape, dtype=torch.uint8).view(dtype) if dtype.itemsize == 1 else torch.zeros(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", UNSTEPPABLE, ids=str)
+@pytest.mark.parametrize("named", [False, True], ids=["bare", "named"])
+def test_unsteppable_float_dtypes_are_refused_up_front(dtype, named):
+    t = _unsteppable(dtype)
+    given = [("w", t)] if named else [t]
+    with pytest.raises(ValueError, match=f"cannot step {dtype}.*(bfloat16 or float32 master weights)"):
+        Fromage(given)
+    net, opt = trained()
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="cannot step"):
+        opt.add_param_group({"params": given})
+    assert_unchanged(opt, snap)
+    # the functional API: refused before any other tensor is touched
+    params = [torch.randn(3), t, torch.randn(2)]
+    before = [p.clone() for p in params]
+    with pytest.raises(RuntimeError, match="cannot step"):
+        functional.fromage(params, [torch.ones(3), _unsteppable(dtype), torch.ones(2)], None, lr=0.01, backend="foreach")
+    assert torch.equal(params[0], before[0]) and torch.equal(params[2], before[2])
+
+
+@pytest.mark.parametrize("dtype", UNSTEPPABLE[:2], ids=str)
+def test_a_parameter_cast_to_float8_after_construction_is_refused_before_any_group_steps(dtype):
+    net, opt = trained()
+    w = net[1].weight
+    w.data = w.data.to(dtype)
+    w.grad = None
+    w.grad = torch.zeros(w.shape).to(dtype)
+    snap = snapshot(opt)
+    with pytest.raises(RuntimeError, match="cannot step"):
+        opt.step()
     assert_unchanged(opt, snap)

@@ -59,8 +59,8 @@ def test_prefactor_is_saved_and_old_state_dicts_load():
     fresh.load_state_dict(sd)
     assert fresh.param_groups[0]["prefactor"] is False
     old = copy.deepcopy(sd)
-    del old["param_groups"][0]["prefactor"]  # saved before the option existed
-    fresh = Fromage([p], lr=0.02, prefactor=False)
+    del old["param_groups"][0]["prefactor"]  # saved before the option existed: the constructor's value
+    fresh = Fromage([p], lr=0.02)
     fresh.load_state_dict(old)
     assert fresh.param_groups[0]["prefactor"] is True
     p.grad = torch.randn(4, 3)

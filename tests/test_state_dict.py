@@ -126,17 +126,59 @@ def test_tensor_lr_round_trip():
     assert torch.is_tensor(got) and got.dtype == torch.float64 and torch.equal(got, lr)
 
 
-def test_state_dict_without_newer_hyper_parameters_loads():
-    # e.g. written by a Fromage that had no maximize/p_bound group entries
+def test_missing_group_keys_take_the_constructors_defaults():
+    # e.g. written by a Fromage that had no maximize/p_bound group entries: as torch does for its
+    # own optimizers' new options, a missing key takes the value this optimizer was built with
     net = make()
     opt = Fromage(net.parameters(), lr=0.02)
     sd = copy.deepcopy(opt.state_dict())
     for g in sd["param_groups"]:
         del g["maximize"], g["p_bound"]
-    opt2 = Fromage(make().parameters(), lr=0.5, p_bound=3.0, maximize=True)
+    net2 = make()
+    opt2 = Fromage(net2.parameters(), lr=0.5, p_bound=3.0, maximize=True)
     opt2.load_state_dict(sd)
-    assert opt2.param_groups[0]["maximize"] is False and opt2.param_groups[0]["p_bound"] is None
-    train(net, opt2, 1, seed=0)
+    group = opt2.param_groups[0]
+    assert group["maximize"] is True and group["p_bound"] == 3.0 and group["lr"] == 0.02
+    # the bounded group has its (unset) max_norm state, as one built with the bound would
+    assert all(float(opt2.state[p]["max_norm"]) == -1.0 for p in group["params"])
+    train(net2, opt2, 1, seed=0)
+    assert all(float(opt2.state[p]["max_norm"]) > 0 for p in group["params"] if p.abs().sum() > 0)
+
+
+def _authors_state_dict(params, lr, max_norms):
+    """A state_dict in the reference implementation's format: groups hold lr and params only, and a
+    parameter stepped with p_bound set keeps the bound as a Python float under "max"."""
+    return {"state": {i: {"max": m} for i, m in enumerate(max_norms) if m is not None},
+            "param_groups": [{"lr": lr, "params": list(range(len(params)))}]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_authors_checkpoint_keeps_its_bound(backend):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))]
+    # their run: p_bound = 1.0, so max = ||p|| at the first step; the last tensor was never stepped
+    bounds = [float(params[0].detach().norm()) * 1.02, float(params[1].detach().norm()), None]
+    opt = Fromage(params, lr=0.5, p_bound=1.0, maximize=True, backend=backend)
+    opt.load_state_dict(_authors_state_dict(params, 0.1, bounds))
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.1 and group["p_bound"] == 1.0 and group["maximize"] is True
+    for p, m in zip(params[:2], bounds[:2]):
+        assert "max" not in opt.state[p]
+        got = opt.state[p]["max_norm"]
+        assert got.dtype == torch.float32 and got.shape == () and got.item() == torch.tensor(m, dtype=torch.float32).item()
+    assert float(opt.state[params[2]]["max_norm"]) == -1.0  # unset: set at its first step here
+    first = float(params[2].detach().norm())
+    for _ in range(20):  # ascent along each tensor's own direction grows its norm every step
+        for p in params:
+            p.grad = p.detach().clone()
+        opt.step()
+    for p, m in zip(params[:2], bounds[:2]):
+        assert float(p.norm()) <= m * (1 + 1e-6)
+        assert float(p.norm()) > 0.99 * m  # it did grow up to the bound
+    assert float(params[2].norm()) <= first * (1 + 1e-6)
+    # and the state round-trips in this implementation's format
+    sd = save_load(opt.state_dict())
+    assert all(set(v) == {"max_norm"} for v in sd["state"].values())
 
 
 @pytest.mark.gpu

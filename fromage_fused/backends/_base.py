@@ -1,4 +1,27 @@
-"""The op contract every backend implements: two phases over one (device, dtype) group of tensors."""
+"""The op contract every backend implements: two phases over one (device, dtype) group of tensors.
+
+What a backend may rely on when the step plan (``_groups.Group``, built by the optimizer, the
+functional API and the DTensor route alike) calls it, so that it need not check again:
+
+- ``params`` and ``grads`` are non-empty lists of equal length; every tensor is strided, of one
+  dtype (real: complex tensors come as their ``view_as_real``) that ``supports_dtype`` accepts, and
+  on one device; each gradient has its parameter's shape; no two parameters overlap.
+- With ``dense_only`` (the default) every tensor is contiguous: the plan steps contiguous copies of
+  strided parameters and writes them back after ``apply``; of strided gradients, copies.
+- ``stats`` passed to ``apply`` is what ``stats`` returned for the same lists, or its sum over the
+  ranks holding shards of the same tensors (same shape and dtype, contiguous, on the device).
+- ``lr`` is a 0-d tensor on the device in the accumulation dtype (float64 for float64 groups, else
+  float32); ``found_inf`` and ``grad_scale`` are None or 0-d float32 tensors on the device;
+  ``sr_seed`` is None or a 0-d int64 tensor on the device, given only to bfloat16 groups;
+  ``max_norms`` is None without ``p_bound``, else one 0-d float32 tensor per parameter on the device.
+- Across steps, while the optimizer's plan holds, the same ``params`` list object comes back with
+  the same tensors, each with the same storage address, shape, dtype and device (any change builds
+  a new plan and a new list); only ``grads`` (a new list each step) and the values change. A backend
+  may key host-side caches (address tables) on the list. Without contiguous copies in play
+  (strided parameters of a ``dense_only`` backend), the list is never modified.
+- Calls run in stats-then-apply order per group, on the host thread of the step, with no host
+  synchronisation expected (``syncs`` backends excepted).
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -17,12 +40,15 @@ class Backend:
 
     ``priority``: higher runs first under ``backend="auto"`` (the registry sorts by it).
     ``syncs``: True only for the reference backend, which may read tensor values on the host.
+    ``dense_only``: see the module docstring.
     """
 
     name: str = ""
     priority: int = 0
     syncs: bool = False
     dtypes: tuple = FLOAT_DTYPES
+    #: Receive contiguous tensors only (the plan makes the copies); False: any strided layout.
+    dense_only: bool = True
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """Why this backend cannot run on ``device`` here, or None if it can.

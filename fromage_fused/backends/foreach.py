@@ -1,59 +1,212 @@
-"""The foreach backend: ``torch._foreach_*`` over a group, every scalar kept on the device."""
+"""The foreach backend: ``torch._foreach_*`` over a group, every scalar kept on the device.
+
+Host work: the per-tensor coefficients are written into one ``[n, 3]`` buffer per step and handed
+to the foreach ops as views of it made once (per device, dtype, group size and thread), not as
+``n`` new 0-d tensors per step; ``<p, g>`` comes from two ``_foreach_norm(ord=1)`` passes over the
+products (``sum(x) = 2 sum(max(x, 0)) - sum(|x|)``), not from a ``.sum()`` per tensor.
+
+Memory: a float32 step without ``found_inf`` updates in place (``p *= c_p; p += c_g g``) and
+allocates nothing per element. Everything that needs temporaries (the products of the stats, the
+float32 copies of bf16/fp16 tensors, the ``found_inf`` selection) runs over bounded pieces: runs of
+whole tensors, and slices of one large contiguous tensor, of at most ``max(the largest tensor's
+bytes, 16 MiB)`` of temporaries at a time. Stochastic rounding works on whole tensors (its hash
+needs each element's index in its tensor), one at a time.
+"""
 from __future__ import annotations
+
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .._math import accumulate_dtype, coefficients, stochastic_round_bf16
 from ._base import Backend
 
+#: Temporaries of one step at a time, in bytes, at least (below it, splitting only adds launches).
+FLOOR_BYTES = 16 * 2**20
+_LOW = (torch.bfloat16, torch.float16)
 
-def _upcast(tensors, dtype):
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+class _Piece:
+    """A run of (parameter, gradient) pieces; ``owner[k]`` is the tensor index of piece ``k``."""
+
+    __slots__ = ("params", "grads", "owner")
+
+    def __init__(self, params, grads, owner):
+        self.params, self.grads, self.owner = params, grads, owner
+
+
+def _budget(params) -> int:
+    return max(FLOOR_BYTES, max(p.numel() * p.element_size() for p in params))
+
+
+def _runs(params, grads, temp_per_element: int, *, split: bool = True, indices: Optional[Sequence[int]] = None) -> List[_Piece]:
+    """Runs of (parameter, gradient) pieces whose temporaries (``temp_per_element`` bytes per
+    element) stay within the budget; a contiguous tensor larger than that is cut into flat slices
+    (``split``). The whole group is one run when it fits, the common case."""
+    budget = _budget(params)
+    limit = max(1, budget // max(temp_per_element, 1))
+    indices = range(len(params)) if indices is None else indices
+    total = sum(p.numel() for p in params)
+    if total <= limit:
+        return [_Piece(list(params), list(grads), list(indices))]
+    runs, ps, gs, owner, size = [], [], [], [], 0
+    for i, p, g in zip(indices, params, grads):
+        n = p.numel()
+        if split and n > limit and p.is_contiguous() and g.is_contiguous():
+            if ps:
+                runs.append(_Piece(ps, gs, owner))
+                ps, gs, owner, size = [], [], [], 0
+            fp, fg = p.view(-1), g.view(-1)
+            for start in range(0, n, limit):
+                runs.append(_Piece([fp[start:start + limit]], [fg[start:start + limit]], [i]))
+            continue
+        if ps and size + n > limit:
+            runs.append(_Piece(ps, gs, owner))
+            ps, gs, owner, size = [], [], [], 0
+        ps.append(p)
+        gs.append(g)
+        owner.append(i)
+        size += n
+    if ps:
+        runs.append(_Piece(ps, gs, owner))
+    return runs
+
+
+def _combine(values: torch.Tensor, owner: List[int], n: int) -> torch.Tensor:
+    """Per-piece sums (``[pieces]``) to per-tensor ones (``[n]``): the slices of a tensor add up."""
+    if len(owner) == n:
+        return values
+    parts = values.unbind()
+    out: List[Optional[torch.Tensor]] = [None] * n
+    for i, v in zip(owner, parts):
+        out[i] = v if out[i] is None else out[i] + v
+    return torch.stack(out)
+
+
+class _Coefficients(threading.local):
+    """Per thread: one ``[n, 3]`` buffer per (device, dtype, n, stream) and its column views, made
+    once; a step writes its coefficients into the buffer with one copy and the foreach ops read
+    them through the views. (A CUDA stream of its own per key: steps on two streams never share.)"""
+
+    def __init__(self):
+        self.cache: Dict[Tuple, Tuple[torch.Tensor, List[List[torch.Tensor]]]] = {}
+
+    def views(self, columns: torch.Tensor) -> List[List[torch.Tensor]]:
+        n, k = columns.shape
+        device = columns.device
+        stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
+        key = (device, columns.dtype, n, k, stream)
+        hit = self.cache.get(key)
+        if hit is None:
+            if len(self.cache) >= 64:
+                self.cache.clear()
+            buffer = torch.empty(n, k, dtype=columns.dtype, device=device)
+            hit = self.cache[key] = (buffer, [list(buffer[:, j].unbind()) for j in range(k)])
+        hit[0].copy_(columns)
+        return hit[1]
+
+
+_coefficients = _Coefficients()
+
+
+def _column_views(columns: torch.Tensor) -> List[List[torch.Tensor]]:
+    if torch.compiler.is_compiling():  # traced once; a cache would only add guards
+        return [list(c.unbind()) for c in columns.unbind(1)]
+    return _coefficients.views(columns)
 
 
 class ForeachBackend(Backend):
     name = "foreach"
     priority = 10
+    dense_only = False
 
     def stats(self, params, grads, *, inner=True):
-        if not params:
-            return torch.zeros(0, 3)
-        acc = accumulate_dtype(params[0].dtype)
-        device = params[0].device
-        p_norm = torch._foreach_norm(params, 2, dtype=acc)
-        g_norm = torch._foreach_norm(grads, 2, dtype=acc)
-        columns = [torch.stack(p_norm).square(), torch.stack(g_norm).square()]
+        dtype = params[0].dtype
+        acc = accumulate_dtype(dtype)
+        low = dtype in _LOW
+        n = len(params)
+        # Norms in the accumulation dtype; on CPU a bf16/fp16 norm upcasts each tensor inside the
+        # op, one at a time, so large ones go in slices.
+        p_norms, g_norms, owner = [], [], []
+        for run in _runs(params, grads, 4 if low else 0):
+            p_norms += torch._foreach_norm(run.params, 2, dtype=acc)
+            g_norms += torch._foreach_norm(run.grads, 2, dtype=acc)
+            owner += run.owner
+        columns = [_combine(torch.stack(p_norms).square(), owner, n), _combine(torch.stack(g_norms).square(), owner, n)]
         if inner:
-            products = torch._foreach_mul(_upcast(params, acc), _upcast(grads, acc))
-            columns.append(torch.stack([x.sum() for x in products]))
+            columns.append(self._inner(params, grads, acc, low, n))
         else:
-            columns.append(torch.zeros(len(params), dtype=acc, device=device))
+            columns.append(torch.zeros(n, dtype=acc, device=params[0].device))
         return torch.stack(columns, dim=1)
 
+    @staticmethod
+    def _inner(params, grads, acc, low, n) -> torch.Tensor:
+        """``<p, g>`` per tensor: sum(x) = 2 sum(max(x, 0)) - sum(|x|) over the products x, with
+        two L1 norms (an absolute error of a few ulps of ||p|| ||g||, which is what the clamp reads)."""
+        totals, positives, owner = [], [], []
+        for run in _runs(params, grads, 8 if low else 4):
+            if low:  # products of bf16/fp16 values are exact in fp32
+                prods = [p.to(acc) for p in run.params]
+                torch._foreach_mul_(prods, run.grads)
+            else:
+                prods = torch._foreach_mul(run.params, run.grads)
+            totals += torch._foreach_norm(prods, 1, dtype=acc)
+            torch._foreach_clamp_min_(prods, 0.0)
+            positives += torch._foreach_norm(prods, 1, dtype=acc)
+            del prods
+            owner += run.owner
+        return _combine(2 * torch.stack(positives) - torch.stack(totals), owner, n)
+
     def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
-        if not params:
-            return
         old_max = torch.stack(list(max_norms)) if p_bound is not None else None
         coef_p, coef_g, new_max = coefficients(
             stats, lr, max_norm=old_max, p_bound=p_bound, maximize=maximize, prefactor=prefactor, grad_scale=grad_scale
         )
-        acc = stats.dtype
-        work = _upcast(params, acc)
-        if work[0] is params[0] and found_inf is not None:
-            work = torch._foreach_mul(work, 1.0)
-        torch._foreach_mul_(work, list(coef_p.unbind()))
-        torch._foreach_add_(work, torch._foreach_mul(_upcast(grads, acc), list(coef_g.unbind())))
+        keep = None
         if found_inf is not None:
-            skip = found_inf != 0
-            work = [torch.where(skip, p.to(acc), w) for p, w in zip(params, work)]
+            keep = found_inf == 0
             if new_max is not None:
-                new_max = torch.where(skip, old_max.to(new_max.dtype), new_max)
-        if sr_seed is not None and params[0].dtype == torch.bfloat16:
-            work = [stochastic_round_bf16(w, sr_seed, i) for i, w in enumerate(work)]
-        if work[0] is not params[0]:
-            torch._foreach_copy_(params, work)
+                new_max = torch.where(keep, new_max, old_max.to(new_max.dtype))
+        columns = [coef_p, coef_g] + ([new_max] if new_max is not None else [])
+        views = _column_views(torch.stack(columns, dim=1))
+        vp, vg = views[0], views[1]
+        acc = stats.dtype
+        rounding = sr_seed is not None and params[0].dtype == torch.bfloat16
+        if keep is None and not rounding and params[0].dtype == acc:
+            # p <- c_p p + c_g g in place: no temporaries.
+            torch._foreach_mul_(params, vp)
+            torch._foreach_addcmul_(params, grads, vg)
+        else:
+            self._apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed if rounding else None)
         if new_max is not None:
-            torch._foreach_copy_(list(max_norms), list(new_max.to(torch.float32).unbind()))
+            torch._foreach_copy_(list(max_norms), views[2])
+
+    @staticmethod
+    def _apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed):
+        """The update through temporaries (an accumulation-dtype copy, the found_inf selection),
+        over bounded pieces; with stochastic rounding, whole tensors."""
+        low = params[0].dtype != acc
+        # bytes per element alive at once: the accumulation-dtype copy, the gradient's upcast
+        # inside the mixed-dtype op (low precision), and for found_inf the rounded copy and the
+        # where's own output buffer (its output is an input)
+        temp = (8 if low else 4) + ((4 if low else 4) if keep is not None else 0)
+        whole = len(vp)
+        for run in _runs(params, grads, temp, split=sr_seed is None):
+            cp = vp if len(run.owner) == whole else [vp[i] for i in run.owner]
+            cg = vg if len(run.owner) == whole else [vg[i] for i in run.owner]
+            work = [p.to(acc, copy=True) for p in run.params] if low else torch._foreach_mul(run.params, cp)
+            if low:
+                torch._foreach_mul_(work, cp)
+            torch._foreach_addcmul_(work, run.grads, cg)
+            if sr_seed is not None:
+                work = [stochastic_round_bf16(w, sr_seed, i) for w, i in zip(work, run.owner)]
+            if keep is None:
+                torch._foreach_copy_(run.params, work)
+            else:
+                for p, w in zip(run.params, work):
+                    torch.where(keep, w if w.dtype == p.dtype else w.to(p.dtype), p, out=p)
+            del work
 
 
 BACKEND = ForeachBackend()

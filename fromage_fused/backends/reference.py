@@ -18,6 +18,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     priority = 0
     syncs = True
+    dense_only = False
 
     def stats(self, params, grads, *, inner=True):
         rows = []
@@ -26,8 +27,6 @@ class ReferenceBackend(Backend):
             p_, g_ = p.to(acc), g.to(acc)
             pg = (p_ * g_).sum() if inner else torch.zeros((), dtype=acc, device=p.device)
             rows.append(torch.stack([(p_ * p_).sum(), (g_ * g_).sum(), pg]))
-        if not rows:
-            return torch.zeros(0, 3)
         return torch.stack(rows)
 
     def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):

@@ -94,13 +94,13 @@ def main(argv=None) -> int:
     if args.list:
         for p in _presets.PRESETS.values():
             print(f"preset     {p.name:<14} {p.about}")
-        for c in _contenders.all_contenders(device, settings):
+        for c in _contenders.all_contenders(device, settings, list(_presets.PRESETS)):
             print(f"contender  {c.name:<18} {c.about} (work {c.work} B/param, traffic {c.traffic} B/param at fp32)")
         return 0
     names = _csv(args.presets) or (_presets.QUICK[device.type] if args.quick else list(_presets.PRESETS))
     try:
         chosen = _presets.select(names)
-        _contenders.select(_contenders.all_contenders(device, settings), _csv(args.contenders))
+        _contenders.select(_contenders.all_contenders(device, settings, names), _csv(args.contenders))
     except ValueError as exc:
         print(f"fromage-bench: {exc}", file=sys.stderr)
         return 2

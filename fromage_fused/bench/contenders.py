@@ -8,6 +8,7 @@ alternatives and yardsticks.
 from __future__ import annotations
 
 import fnmatch
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
@@ -16,7 +17,7 @@ import torch
 
 from .. import Fromage, available_backends
 from .. import backends as _backends
-from . import traffic
+from . import host, traffic
 from .loop import LoopFromage
 
 LOOP = "loop"
@@ -34,6 +35,10 @@ Step = Callable[[], None]
 
 class Skip(Exception):
     """This contender cannot run on these tensors; the message says why."""
+
+
+class NotHere(Skip):
+    """This contender is not meant for this preset: the runner records no row for it."""
 
 
 @dataclass
@@ -173,8 +178,9 @@ def _amp_adamw(params, ctx):
     return torch.optim.AdamW(params, lr=ctx.settings.adamw_lr, fused=True)
 
 
-def all_contenders(device, settings: Settings) -> List[Contender]:
-    """Every contender for ``device``, the baselines included, in report order."""
+def all_contenders(device, settings: Settings, presets: Sequence[str] = ()) -> List[Contender]:
+    """Every contender for ``device``, the baselines included, in report order; with the
+    host-overhead preset among ``presets``, also its host-work contenders (see ``host.py``)."""
     p_bound = settings.p_bound is not None
     found = [Contender(LOOP, traffic.FROMAGE_TWO_PHASE, traffic.LOOP + (traffic.LOOP_BOUND_NORM if p_bound else 0), _loop,
                        "per-tensor loop with host syncs, as users run it today")]
@@ -192,6 +198,8 @@ def all_contenders(device, settings: Settings) -> List[Contender]:
                            "GradScaler step + update around Fromage (auto backend)"))
     found.append(Contender(AMP_ADAMW, traffic.ADAMW + traffic.AMP_CHECK, traffic.ADAMW + traffic.AMP_CHECK, _amp(_amp_adamw),
                            "GradScaler step + update around AdamW(fused=True)"))
+    if host.PRESET in presets:
+        found += host.contenders_for(device, settings, sys.modules[__name__])
     return found
 
 

@@ -100,6 +100,8 @@ _ALL = [
        lambda: many_small(2048, 65536), lambda: many_small(2048, 4096)),
     _p("few-huge", "4 tensors of 256M elements (CPU: 4M)",
        lambda: few_huge(4, 256 * 2**20), lambda: few_huge(4, 4 * 2**20)),
+    _p("host-overhead", "2048 tensors of 16 elements: the step is host work (read us_per_tensor)",
+       lambda: [(16,)] * 2048, lambda: [(16,)] * 2048),
 ]
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in _ALL}
@@ -107,8 +109,8 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in _ALL}
 #: What ``--quick`` runs: on CPU a subset that finishes in about a minute on two cores; on a GPU
 #: every preset (a GPU steps even the largest in milliseconds), with fewer repeats, and the one
 #: that also runs torch.compile last, so that a time limit cuts the compile first.
-QUICK = {"cpu": ["resnet50", "many-small"],
-         "cuda": ["resnet50", "vit-b16", "gpt2-medium", "decoder-1b", "many-small", "few-huge", "gpt2-small"]}
+QUICK = {"cpu": ["resnet50", "many-small", "host-overhead"],
+         "cuda": ["resnet50", "vit-b16", "gpt2-medium", "decoder-1b", "many-small", "few-huge", "host-overhead", "gpt2-small"]}
 
 
 def select(names: Sequence[str]) -> List[Preset]:

@@ -15,7 +15,7 @@ import torch
 COLUMNS = [
     "date", "device", "device_name", "torch", "triton", "cuda", "threads", "dtype",
     "preset", "variant", "n_tensors", "n_params", "param_sets", "fresh_grads", "p_bound",
-    "contender", "status", "note", "repeats", "median_ms", "q1_ms", "q3_ms",
+    "contender", "status", "note", "repeats", "median_ms", "q1_ms", "q3_ms", "us_per_tensor",
     "work_bytes_per_param", "traffic_bytes_per_param", "gbps", "traffic_gbps", "copy_gbps", "frac_copy",
     "vs_loop", "vs_foreach", "vs_sgd", "vs_adamw",
 ]
@@ -84,7 +84,7 @@ def format_table(rows: Sequence[Dict], meta: Optional[Dict] = None) -> str:
     if meta and meta.get("copy_gbps"):
         lines.append(f"copy bandwidth {meta['copy_gbps']:.1f} GB/s ({meta['copy_bytes'] / 2**20:.0f} MiB buffer, read + write)")
     lines.append("ratios: how many times faster than the named contender (> 1 faster); GB/s at each contender's work bytes")
-    head = f"{'contender':<18} {'median ms':>10} {'q1-q3 ms':>17} {'GB/s':>7} {'x copy':>6} {'vs loop':>8} {'vs fe':>7} {'vs SGD':>7} {'vs AdamW':>8}  note"
+    head = f"{'contender':<20} {'median ms':>10} {'q1-q3 ms':>17} {'us/tensor':>9} {'GB/s':>7} {'x copy':>6} {'vs loop':>8} {'vs fe':>7} {'vs SGD':>7} {'vs AdamW':>8}  note"
     preset = None
     for r in rows:
         if r["preset"] != preset:
@@ -92,11 +92,11 @@ def format_table(rows: Sequence[Dict], meta: Optional[Dict] = None) -> str:
             lines += ["", f"{preset} ({r['variant']}): {r['n_params'] / 1e6:.2f}M params in {r['n_tensors']} tensors, "
                           f"{r['param_sets']} set(s) rotated{', fresh grads' if r.get('fresh_grads') else ''}", head]
         if r["status"] != "ok":
-            lines.append(f"{r['contender']:<18} {'skipped':>10}  {r['note']}")
+            lines.append(f"{r['contender']:<20} {'skipped':>10}  {r['note']}")
             continue
         quart = f"{r['q1_ms']:.3f}-{r['q3_ms']:.3f}"
         lines.append(
-            f"{r['contender']:<18} {r['median_ms']:>10.3f} {quart:>17} {_num(r['gbps'], '.1f'):>7} {_num(r['frac_copy'], '.2f'):>6} "
+            f"{r['contender']:<20} {r['median_ms']:>10.3f} {quart:>17} {_num(r.get('us_per_tensor'), '.2f'):>9} {_num(r['gbps'], '.1f'):>7} {_num(r['frac_copy'], '.2f'):>6} "
             f"{_num(r['vs_loop'], '.2f'):>8} {_num(r['vs_foreach'], '.2f'):>7} {_num(r['vs_sgd'], '.2f'):>7} {_num(r['vs_adamw'], '.2f'):>8}  {r['note'] or ''}"
         )
     return "\n".join(lines)

@@ -70,6 +70,7 @@ def _row(env, cfg: Config, preset: Preset, shapes, sets: int, contender, *, note
         row.update(repeats=len(timing.times), median_ms=timing.median * 1e3, q1_ms=timing.q1 * 1e3, q3_ms=timing.q3 * 1e3,
                    gbps=traffic.gbps(n, work, timing.median), traffic_gbps=traffic.gbps(n, design, timing.median))
         row["frac_copy"] = traffic.fraction(row["gbps"], copy_gbps)
+        row["us_per_tensor"] = timing.median * 1e6 / len(shapes)
     return row
 
 
@@ -109,6 +110,8 @@ def _measure_row(env, cfg: Config, preset: Preset, shapes, sets: int, contender,
         timing = measure.time_step(lambda: steps[data.turn](), data.prepare, cfg.device,
                                    warmup=cfg.warmup, repeats=cfg.repeats, budget_s=cfg.budget_s)
         return _row(env, cfg, preset, shapes, sets, contender, note="; ".join(ctx.notes), timing=timing, copy_gbps=copy)
+    except _contenders.NotHere:
+        return None
     except _contenders.Skip as why:
         note = str(why)
     except _OUT_OF_MEMORY as exc:
@@ -124,7 +127,8 @@ def run(cfg: Config, log=print) -> Tuple[List[Dict], Dict]:
 
     device = cfg.device
     env = report.environment(device)
-    candidates = _contenders.select(_contenders.all_contenders(device, cfg.settings), cfg.contender_patterns)
+    candidates = _contenders.select(_contenders.all_contenders(device, cfg.settings, [p.name for p in cfg.presets]),
+                                    cfg.contender_patterns)
     copy = measure.copy_bandwidth(device, cfg.copy_bytes)
     meta = dict(env, copy_gbps=copy, copy_bytes=cfg.copy_bytes, contenders={c.name: c.about for c in candidates},
                 presets={p.name: p.about for p in cfg.presets})
@@ -149,7 +153,9 @@ def run(cfg: Config, log=print) -> Tuple[List[Dict], Dict]:
                 if data is None:
                     rows.append(_row(env, cfg, preset, shapes, sets, contender, note=note, copy_gbps=copy))
                 else:
-                    rows.append(_measure_row(env, cfg, preset, shapes, sets, contender, data, copy, log))
+                    row = _measure_row(env, cfg, preset, shapes, sets, contender, data, copy, log)
+                    if row is not None:
+                        rows.append(row)
                 _free(device)
                 add_ratios(rows)
                 _save(cfg, rows, meta)
