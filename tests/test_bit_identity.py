@@ -176,10 +176,13 @@ OPTIONS = {
 
 def _run_apply(name, device, params, grads, stats, *, lr, p_bound=None, maximize=False, prefactor=True,
                grad_scale=None, max_norms=None, sr_seed=None):
-    ps = [p.clone() for p in params]
+    backend = backends.get(name)
+    # What the step plan hands a backend: contiguous copies of strided tensors for a dense_only one.
+    fmt = torch.contiguous_format if backend.dense_only else torch.preserve_format
+    ps = [p.clone(memory_format=fmt) for p in params]
     mn = None if max_norms is None else [m.clone() for m in max_norms]
-    backends.get(name).apply(
-        ps, [g.clone() for g in grads], stats.clone(), lr=torch.tensor(lr, device=device), max_norms=mn,
+    backend.apply(
+        ps, [g.clone(memory_format=fmt) for g in grads], stats.clone(), lr=torch.tensor(lr, device=device), max_norms=mn,
         p_bound=p_bound, maximize=maximize, prefactor=prefactor,
         grad_scale=None if grad_scale is None else torch.tensor(grad_scale, device=device),
         sr_seed=None if sr_seed is None else torch.tensor(sr_seed, device=device))
@@ -225,7 +228,7 @@ def _tensors(device, dtype, gen):
     params[7].zero_()
     grads[7].zero_()
     grid = torch.randn(40, 66, generator=gen).to(dtype)
-    params.append(grid.t())   # a strided view: stepped through a contiguous copy
+    params.append(grid.t())   # a strided view (a dense_only backend gets a contiguous copy)
     grads.append(torch.randn(66, 40, generator=gen).to(dtype))
     stats = backends.get("foreach").stats([p.to(device) for p in params], [g.to(device) for g in grads])
     specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 3.3e38, -3.3e38, 1e-39, -1e-40,

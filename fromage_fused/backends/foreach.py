@@ -5,12 +5,16 @@ to the foreach ops as views of it made once (per device, dtype, group size and t
 ``n`` new 0-d tensors per step; ``<p, g>`` comes from two ``_foreach_norm(ord=1)`` passes over the
 products (``sum(x) = 2 sum(max(x, 0)) - sum(|x|)``), not from a ``.sum()`` per tensor.
 
-Memory: a float32 step without ``found_inf`` updates in place (``p *= c_p; p += c_g g``) and
-allocates nothing per element. Everything that needs temporaries (the products of the stats, the
+Arithmetic: ``p <- round(round(c_p p) + round(c_g g))``, a product and a sum each rounded on its
+own, as in every backend (README, "Bit-identical results"): never ``addcmul``, which torch may
+compute with a fused multiply-add.
+
+Memory: everything that needs temporaries (the product ``c_g g``, the products of the stats, the
 float32 copies of bf16/fp16 tensors, the ``found_inf`` selection) runs over bounded pieces: runs of
 whole tensors, and slices of one large contiguous tensor, of at most ``max(the largest tensor's
-bytes, 16 MiB)`` of temporaries at a time. Stochastic rounding works on whole tensors (its hash
-needs each element's index in its tensor), one at a time.
+bytes, 16 MiB)`` of temporaries at a time. A float32 step without ``found_inf`` updates ``p`` in
+place and allocates only the product. Stochastic rounding works on whole tensors (its hash needs
+each element's index in its tensor), one at a time.
 """
 from __future__ import annotations
 
@@ -173,32 +177,40 @@ class ForeachBackend(Backend):
         vp, vg = views[0], views[1]
         acc = stats.dtype
         rounding = sr_seed is not None and params[0].dtype == torch.bfloat16
-        if keep is None and not rounding and params[0].dtype == acc:
-            # p <- c_p p + c_g g in place: no temporaries.
-            torch._foreach_mul_(params, vp)
-            torch._foreach_addcmul_(params, grads, vg)
-        else:
-            self._apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed if rounding else None)
+        self._apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed if rounding else None)
         if new_max is not None:
             torch._foreach_copy_(list(max_norms), views[2])
 
     @staticmethod
     def _apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed):
-        """The update through temporaries (an accumulation-dtype copy, the found_inf selection),
-        over bounded pieces; with stochastic rounding, whole tensors."""
+        """The update over bounded pieces: in place for float32 without found_inf, else through an
+        accumulation-dtype copy; with stochastic rounding, whole tensors."""
         low = params[0].dtype != acc
-        # bytes per element alive at once: the accumulation-dtype copy, the gradient's upcast
-        # inside the mixed-dtype op (low precision), and for found_inf the rounded copy and the
-        # where's own output buffer (its output is an input)
-        temp = (8 if low else 4) + ((4 if low else 4) if keep is not None else 0)
+        in_place = not low and keep is None and sr_seed is None
+        width = torch.empty((), dtype=acc).element_size()
+        # bytes per element alive at once: the product c_g g; the accumulation-dtype copy of p
+        # unless updating in place; for found_inf the where's output in the parameter's dtype
+        temp = width * (1 if in_place else 2) + (params[0].element_size() if keep is not None else 0)
         whole = len(vp)
         for run in _runs(params, grads, temp, split=sr_seed is None):
             cp = vp if len(run.owner) == whole else [vp[i] for i in run.owner]
             cg = vg if len(run.owner) == whole else [vg[i] for i in run.owner]
-            work = [p.to(acc, copy=True) for p in run.params] if low else torch._foreach_mul(run.params, cp)
-            if low:
+            if in_place:
+                work = run.params
                 torch._foreach_mul_(work, cp)
-            torch._foreach_addcmul_(work, run.grads, cg)
+            elif low:
+                work = [p.to(acc, copy=True) for p in run.params]
+                torch._foreach_mul_(work, cp)
+            else:
+                work = torch._foreach_mul(run.params, cp)
+            # A bf16/fp16 gradient times a float32 0-d tensor would stay bf16/fp16: upcast first.
+            prods = [g.to(acc, copy=True) for g in run.grads] if low else torch._foreach_mul(run.grads, cg)
+            if low:
+                torch._foreach_mul_(prods, cg)
+            torch._foreach_add_(work, prods)
+            del prods
+            if in_place:
+                continue
             if sr_seed is not None:
                 work = [stochastic_round_bf16(w, sr_seed, i) for w, i in zip(work, run.owner)]
             if keep is None:
