@@ -22,7 +22,7 @@ import torch
 
 from ._math import accumulate_dtype
 
-__all__ = ["Group", "SUPPORTED_DTYPES", "dtype_refusal", "group_tensors", "execute", "run_stats", "run_apply"]
+__all__ = ["Group", "PlanList", "SUPPORTED_DTYPES", "dtype_refusal", "group_tensors", "execute", "run_stats", "run_apply"]
 
 #: What a step can handle. Complex tensors step through their real view (of the matching real dtype).
 REAL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -34,6 +34,19 @@ _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 _STRIDED = torch.strided
 #: The backend that steps a dtype another backend does not take (float64 in the kernel backends).
 FALLBACK = "foreach"
+
+
+class PlanList(list):
+    """A tensor list of a persistent step plan that stays as it is while the list is alive: the same
+    tensors, each with the same storage address, shape, dtype and device (the plan hands a new list
+    when any of that changes). ``memo`` is where a backend keeps what it derives from them (address
+    tables, sizes), so that it is derived once per list instead of once per phase or per step."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self, tensors=()):
+        super().__init__(tensors)
+        self.memo = {}
 
 
 def dtype_refusal(dtype: torch.dtype) -> Optional[str]:

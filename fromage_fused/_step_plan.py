@@ -31,7 +31,7 @@ import torch
 from . import _training
 from . import _grad_check
 from ._grad_check import Record, record_pairs
-from ._groups import Group, group_tensors
+from ._groups import Group, PlanList, group_tensors
 from .distributed import _dtensor_type, local_pairs, local_groups, refuse_flat_parameters, refuse_stochastic_rounding
 from .functional import check_flags, check_lr, check_p_bound
 
@@ -82,6 +82,10 @@ class _Feed:
         self.lazy = [j for j, g in enumerate(grads) if g.is_conj() or g.is_neg()]
         self.strided_grads = [j for j, g in enumerate(grads) if dense and not g.is_contiguous()]
         self.views = bool(self.complex or self.strided)
+        if not self.views:  # the list and its tensors stay as they are while the plan holds
+            group.params = PlanList(group.params)
+            if group.max_norms is not None:
+                group.max_norms = PlanList(group.max_norms)
 
     def feed(self, grads: List[torch.Tensor]) -> None:
         """Hand the group this step's gradients (real views, contiguous copies where needed)."""
@@ -92,7 +96,7 @@ class _Feed:
         for j in self.strided_grads:
             grads[j] = grads[j].contiguous()
         group = self.group
-        group.grads = grads
+        group.grads = PlanList(grads)  # unchanged between this step's two phases
         if self.views:
             # Viewed anew each step: the plan holds the parameter, not a view of its current shape.
             params, sources = group.params, self.sources

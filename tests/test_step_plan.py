@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import _triton_interpreter  # noqa: F401  (triton among the backends on a machine without CUDA)
 import fromage_fused
 from fromage_fused import Fromage, _grad_check, _step_plan
 from fromage_fused._math import UNSET_MAX_NORM

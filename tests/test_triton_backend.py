@@ -357,6 +357,35 @@ def test_launches_per_group_are_constant(device, launches, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_plans_table_keys_are_read_once_per_plan_and_follow_a_new_one(device, monkeypatch):
+    """Through the optimizer's step plan the parameters' sizes and addresses are read once per plan
+    (its lists keep them), the gradients' once per step; a parameter given new storage builds a
+    new plan, whose tables carry the new address."""
+    device = _need(device)
+    backend = triton_backend.TritonBackend()
+    params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (5, 70, 3)]
+    opt = fromage_fused.Fromage(params, lr=0.05, p_bound=1.0, backend="foreach")
+    opt._device_backends[torch.device(device)] = backend
+    reads = []
+    real = triton_backend._numel
+    monkeypatch.setattr(triton_backend, "_numel", lambda t: (reads.append(t), real(t))[1])
+    twin = [p.detach().clone() for p in params]
+    twin_mn = [torch.full((), UNSET_MAX_NORM, device=device) for _ in params]
+    for step in range(4):
+        grads = [torch.randn(p.shape, device=device) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()  # new storage every step, as zero_grad() and backward give
+        if step == 2:
+            params[1].data = torch.randn(70, device=device)  # new storage: a new plan
+            twin[1] = params[1].detach().clone()
+        opt.step()
+        functional.fromage(twin, grads, twin_mn, lr=0.05, p_bound=1.0, backend="reference")
+        for got, want in zip(params, twin):
+            torch.testing.assert_close(got.detach(), want, atol=1e-6, rtol=1e-5)
+    assert len(reads) == 2 * len(params)  # the first plan and the one after the new storage
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_no_host_sync_during_step(device):
     device = _need(device)
     params, grads = _pair(device, torch.bfloat16)

@@ -16,9 +16,11 @@ functional API and the DTensor route alike) calls it, so that it need not check 
   ``max_norms`` is None without ``p_bound``, else one 0-d float32 tensor per parameter on the device.
 - Across steps, while the optimizer's plan holds, the same ``params`` list object comes back with
   the same tensors, each with the same storage address, shape, dtype and device (any change builds
-  a new plan and a new list); only ``grads`` (a new list each step) and the values change. A backend
-  may key host-side caches (address tables) on the list. Without contiguous copies in play
-  (strided parameters of a ``dense_only`` backend), the list is never modified.
+  a new plan and a new list); only ``grads`` (a new list each step) and the values change. Without
+  views in play (complex parameters, contiguous copies of strided ones) the lists are
+  ``_groups.PlanList``s: their ``memo`` dict is where a backend keeps what it derives from the
+  tensors (sizes, addresses), once per plan for ``params`` and ``max_norms``, once per step for
+  ``grads``. Direct calls (tests, the functional API) pass plain lists, which carry no such promise.
 - Calls run in stats-then-apply order per group, on the host thread of the step, with no host
   synchronisation expected (``syncs`` backends excepted).
 """

@@ -29,6 +29,7 @@ from typing import List, Optional
 
 import torch
 
+from .._groups import PlanList
 from ._base import Backend
 
 _ALIGN_BYTES = 16
@@ -116,10 +117,23 @@ def _triton_dtype(dtype: torch.dtype):
 
 def _dense(tensors):
     """Kernels see flat storage: a strided view goes through a contiguous copy (one C-level pass
-    when every tensor is contiguous, the common case)."""
-    if all(map(_is_contiguous, tensors)):
+    when every tensor is contiguous, the common case; none for a step plan's list, contiguous by
+    the contract of ``_base.py``)."""
+    if type(tensors) is PlanList or all(map(_is_contiguous, tensors)):
         return tensors
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+def _memo(tensors, key, derive):
+    """``derive()`` of a tensor list, kept in the list's memo when it is a step plan's
+    (``_groups.PlanList``: its tensors and their addresses do not change while it lives), so the
+    table keys of a group are read once per plan (parameters) or per step (gradients)."""
+    if type(tensors) is not PlanList:
+        return derive()
+    value = tensors.memo.get(key)
+    if value is None:
+        value = tensors.memo[key] = derive()
+    return value
 
 
 def layout_values(numels, cfg: Config):
@@ -284,9 +298,8 @@ class TritonBackend(Backend):
     def _tables_for(self, params, grads, dtype, cfg, use: _Use):
         """``(layout, addresses)`` tables of a group: one pass over the tensors for the keys."""
         device = use.device
-        numels = tuple(map(_numel, params))
-        ptrs_p = tuple(map(_data_ptr, params))
-        ptrs_g = tuple(map(_data_ptr, grads))
+        numels, ptrs_p = _memo(params, (self.token, "params"), lambda: (tuple(map(_numel, params)), tuple(map(_data_ptr, params))))
+        ptrs_g = _memo(grads, (self.token, "grads"), lambda: tuple(map(_data_ptr, grads)))
 
         def layout():
             self._check_tensors(params, grads, device, dtype)
@@ -303,7 +316,7 @@ class TritonBackend(Backend):
 
     def _max_norm_table(self, max_norms, use: _Use):
         device = use.device
-        ptrs = tuple(map(_data_ptr, max_norms))
+        ptrs = _memo(max_norms, (self.token, "max_norms"), lambda: tuple(map(_data_ptr, max_norms)))
 
         def build():
             for i, m in enumerate(max_norms):
