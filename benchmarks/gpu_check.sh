@@ -166,6 +166,18 @@ echo "gpu_check $MODE: $OUT (budget ${BUDGET}s); device: ${GPU_LINE:-$GPU_NAME}"
 write_summary "starting"
 
 if has_stage install; then
+    # An editable install from pyproject.toml needs setuptools >= 64 (PEP 660) in this environment.
+    TOOLS=$("$PY" - 2>&1 <<'EOF'
+from importlib import metadata
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+print("pip", version("pip"), "setuptools", version("setuptools"), "wheel", version("wheel"))
+EOF
+)
+    printf '  install tools: %s (the editable install needs setuptools >= 64)\n' "$TOOLS" >>"$WORK/notes"
     run_stage install setup.log "$(min "${LIMIT_INSTALL:-$DEF_INSTALL}" "$(left 60)")" \
         "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi

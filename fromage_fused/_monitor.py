@@ -87,8 +87,11 @@ def summarize(rec: Record) -> StepStats:
     delta_sq = ((cp - 1) ** 2 * s_pp + 2 * (cp - 1) * cg * s_pg + cg * cg * s_gg).clamp(min=0)
     relative = torch.where(delta_sq > 0, delta_sq.sqrt() / p_norm, torch.zeros_like(p_norm))
     if rec.p_bound is not None:
-        s = torch.rsqrt(1 + rec.lr.to(stats.dtype) ** 2) if rec.prefactor else torch.ones_like(p_norm)
-        clamped = cp < s
+        # The same coefficients without the bound: the clamp acted where it made c_p smaller
+        # (computed by the same operations, so no rounding difference can flag a tensor it missed).
+        free, _, _ = coefficients(stats, rec.lr, maximize=rec.maximize, prefactor=rec.prefactor,
+                                  grad_scale=rec.grad_scale)
+        clamped = cp < free
     else:
         clamped = torch.zeros_like(p_norm, dtype=torch.bool)
     if rec.found_inf is not None:
