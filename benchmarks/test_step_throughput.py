@@ -34,7 +34,9 @@ def test_step(benchmark, preset, contender, preset_data):
     def prepare():  # pytest-benchmark reads a returned value as the step's arguments
         data.prepare()
 
-    benchmark.pedantic(step, setup=prepare, rounds=20 if DEVICE.type == "cuda" else 5, warmup_rounds=2, iterations=1)
+    # Warm-up rounds cover every parameter set's first step (state, Fromage's step plan), as in the CLI.
+    benchmark.pedantic(step, setup=prepare, rounds=20 if DEVICE.type == "cuda" else 5,
+                       warmup_rounds=len(steps) + 2, iterations=1)
     n = numel(shapes)
     benchmark.extra_info.update(n_params=n, n_tensors=len(shapes), note="; ".join(ctx.notes),
                                 work_bytes_per_param=contender.work,

@@ -3,7 +3,6 @@ param groups and hyper-parameters, on every backend that runs on CPU (Triton und
 included). Every drawn input is known to be valid or not, so the property is exact both ways: the
 step raises exactly when something invalid was drawn, and then no parameter, no state and no param
 group has changed."""
-import importlib
 import math
 import os
 
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 import fromage_fused
 from fromage_fused import Fromage, functional
 from fromage_fused._math import UNSET_MAX_NORM
+from _interpreter_kernels import triton_on_cpu
 
 SETTINGS = settings(max_examples=int(os.environ.get("FROMAGE_HYPOTHESIS_EXAMPLES", 25)), deadline=None,
                     derandomize=bool(os.environ.get("CI")),
@@ -44,23 +44,8 @@ def _backends():
 @pytest.fixture(params=_backends())
 def backend(request):
     name = request.param
-    if name == TRITON and TRITON not in fromage_fused.available_backends("cpu"):
-        # Triton chooses its interpreter when the kernels are imported: import them so now (at run
-        # time, not collection, which would add triton to other modules' backend lists).
-        pytest.importorskip("triton")
-        if not torch.cuda.is_available():
-            saved = os.environ.get("TRITON_INTERPRET")
-            os.environ["TRITON_INTERPRET"] = "1"
-            try:
-                for module in ("fromage_apply", "fromage_stats"):
-                    importlib.import_module(f"fromage_fused.kernels.{module}")
-            finally:
-                if saved is None:
-                    del os.environ["TRITON_INTERPRET"]
-                else:
-                    os.environ["TRITON_INTERPRET"] = saved
-        if TRITON not in fromage_fused.available_backends("cpu"):
-            pytest.skip("triton does not run on CPU here")
+    if name == TRITON:
+        triton_on_cpu()  # at run time, not collection (see _interpreter_kernels.py)
     return name
 
 

@@ -93,3 +93,21 @@ def test_stress_presets():
     assert len(small) >= 2000 and max(math.prod(s) for s in small) <= 65536 and min(math.prod(s) for s in small) == 1
     assert PRESETS["few-huge"].full() == [(256 * 2**20,)] * 4
     assert len(many_small(10, 64)) == 10
+
+
+def test_every_parameter_set_takes_its_first_step_before_the_timed_ones(monkeypatch):
+    """A first step (state, Fromage's step plan, compilation) is not a sample: the runner warms up
+    every parameter set once before the warm-up proper and the timed steps."""
+    from fromage_fused.bench import runner
+
+    sets, seen, timed_from = 6, [], []
+    data = runner._Data([(3,)], sets, runner.Config(device=torch.device("cpu"), presets=[]))
+    real = measure.time_cpu
+    monkeypatch.setattr(measure, "time_cpu", lambda step, prepare, repeats: (timed_from.append(len(seen)), real(step, prepare, repeats))[1])
+
+    probe = C.Contender("probe", 12.0, 12.0, lambda params, ctx: lambda: seen.append(data.turn))
+    cfg = runner.Config(device=torch.device("cpu"), presets=[], warmup=1, repeats=4, budget_s=10)
+    row = runner._measure_row({}, cfg, PRESETS["resnet50"], [(3,)], sets, probe, data, 1.0, print)
+    assert row is not None and timed_from, "the row was not timed"
+    assert timed_from[0] == sets + 1, f"untimed steps before the timed ones: {seen[:timed_from[0]]}"
+    assert set(seen[:timed_from[0]]) == set(range(sets)), f"sets first stepped while timed: {seen}"

@@ -24,22 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    # Triton picks its interpreter when a kernel is decorated (see test_triton_backend.py); Triton
-    # itself is imported first, without it, as there (its own library must stay compiled).
-    import triton  # noqa: F401
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import fromage_fused.kernels.fromage_apply  # noqa: F401
-        import fromage_fused.kernels.fromage_round  # noqa: F401
-        import fromage_fused.kernels.fromage_stats  # noqa: F401
-    finally:
-        if _saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _saved
-
+import _triton_interpreter  # noqa: E402,F401  (the triton cases on a machine without CUDA)
 import _bit_model as model  # noqa: E402
 from fromage_fused import available_backends, backends, functional  # noqa: E402
 from fromage_fused._math import UNSET_MAX_NORM, nearest_bf16, stochastic_round_bf16  # noqa: E402

@@ -84,18 +84,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def warm_up(step: Fn, prepare: Fn, device: torch.device, count: int) -> float:
-    """Run ``count`` steps; return the wall time of the slowest after the first (seconds)."""
-    slowest = 0.0
-    for i in range(max(count, 1)):
+def warm_up(step: Fn, prepare: Fn, device: torch.device, count: int, first: int = 1) -> float:
+    """Run ``first`` first steps (one per parameter set: state, plans, compilation), then ``count``
+    more; return the wall time of the slowest of those ``count`` (seconds; of all, if none)."""
+    slowest = slowest_first = 0.0
+    for i in range(max(first, 1) + count):
         prepare()
         _synchronize(device)
         start = time.perf_counter()
         step()
         _synchronize(device)
-        if i or count <= 1:
-            slowest = max(slowest, time.perf_counter() - start)
-    return slowest
+        took = time.perf_counter() - start
+        if i < max(first, 1):
+            slowest_first = max(slowest_first, took)
+        else:
+            slowest = max(slowest, took)
+    return slowest if count > 0 else slowest_first
 
 
 def time_cuda(step: Fn, prepare: Fn, device: torch.device, repeats: int) -> Timing:
@@ -119,8 +123,11 @@ def time_cpu(step: Fn, prepare: Fn, repeats: int) -> Timing:
     return Timing([timer.timeit(1).times[0] for _ in range(repeats)])
 
 
-def time_step(step: Fn, prepare: Fn, device: torch.device, *, warmup: int, repeats: int, budget_s: float) -> Timing:
-    slowest = warm_up(step, prepare, device, warmup)
+def time_step(step: Fn, prepare: Fn, device: torch.device, *, warmup: int, repeats: int, budget_s: float,
+              first: int = 1) -> Timing:
+    """``first`` untimed first steps (one per parameter set), ``warmup`` untimed steps, then
+    ``repeats`` timed ones (fewer when a step is slow: ``budget_s`` per row)."""
+    slowest = warm_up(step, prepare, device, warmup, first)
     repeats = repeats_within(budget_s, slowest, repeats)
     if device.type == "cuda":
         return time_cuda(step, prepare, device, repeats)

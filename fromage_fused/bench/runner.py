@@ -107,8 +107,10 @@ def _measure_row(env, cfg: Config, preset: Preset, shapes, sets: int, contender,
     steps = []
     try:
         steps = [contender.build(params, ctx) for params in data.params]
+        # Every set's first step (an optimizer's state, Fromage's step plan) happens in the
+        # warm-up, before the warm-up proper: otherwise first steps would be timed as samples.
         timing = measure.time_step(lambda: steps[data.turn](), data.prepare, cfg.device,
-                                   warmup=cfg.warmup, repeats=cfg.repeats, budget_s=cfg.budget_s)
+                                   warmup=cfg.warmup, repeats=cfg.repeats, budget_s=cfg.budget_s, first=len(steps))
         return _row(env, cfg, preset, shapes, sets, contender, note="; ".join(ctx.notes), timing=timing, copy_gbps=copy)
     except _contenders.NotHere:
         return None
