@@ -215,7 +215,10 @@ class Fromage(Optimizer):
             plan = self._planned()
             records = [] if self.monitor else None
             execute(plan.groups, found_inf=found_inf, grad_scale=grad_scale, monitor=records)
-            self._last_records = records
+            if records is not None or self._last_records is not None:
+                # Only when there is something to keep or to drop: torch.compile before 2.7
+                # cannot trace an attribute set on the optimizer.
+                self._last_records = records
             for seed in plan.seeds:
                 _training.advance_seed(seed, found_inf)
         except BaseException:

@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 from .fromage_round import nearest_bf16, round_bf16, sr_stream
-from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, chunk_of, device_function, loop_bound, tensor_addrs
+from .fromage_table import (ALIGNED_FLAG, as_aligned_ptr, as_ptr, chunk_of, device_function, div_rn, loop_bound, sqrt_rn,
+                            tensor_addrs)
 
 #: Options every launch of :func:`apply_kernel` must pass. Without multiply-add fusion each product
 #: and sum below is rounded on its own (mul.rn / add.rn in the PTX), as in every other backend; the
@@ -66,25 +67,25 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, f
         s_pg = tl.load(stats_ptr + 3 * t + 2)
         lr = tl.load(lr_ptr)
         both = (s_pp > 0) & (s_gg > 0)
-        root_p = tl.sqrt_rn(s_pp)
-        scaled = tl.div_rn(lr * root_p, tl.sqrt_rn(tl.where(both, s_gg, 1.0)))
+        root_p = sqrt_rn(s_pp)
+        scaled = div_rn(lr * root_p, sqrt_rn(tl.where(both, s_gg, tl.full((), 1.0, tl.float32))))
         fallback = lr
         if HAS_GRAD_SCALE:
-            fallback = tl.div_rn(lr, tl.load(grad_scale_ptr))
+            fallback = div_rn(lr, tl.load(grad_scale_ptr))
         a = tl.where(both, scaled, fallback)
         if MAXIMIZE:
             a = -a
         s = tl.full((), 1.0, tl.float32)
         if PREFACTOR:
-            s = tl.div_rn(1.0, tl.sqrt_rn(1.0 + lr * lr))
+            s = div_rn(tl.full((), 1.0, tl.float32), sqrt_rn(1.0 + lr * lr))
         if HAS_BOUND:
             mn_ptr = tl.load(max_norm_addrs_ptr + t).to(tl.pointer_type(tl.float32))
             mn = tl.load(mn_ptr)
             mn = tl.where(mn < 0, p_bound * root_p, mn)
             norm_sq = s * s * (s_pp - 2.0 * a * s_pg + a * a * s_gg)
-            norm = tl.sqrt_rn(tl.where(norm_sq > 0, norm_sq, 0.0))
+            norm = sqrt_rn(tl.where(norm_sq > 0, norm_sq, tl.full((), 0.0, tl.float32)))
             clamp = norm > mn
-            s = tl.where(clamp, tl.div_rn(s * mn, tl.where(clamp, norm, 1.0)), s)
+            s = tl.where(clamp, div_rn(s * mn, tl.where(clamp, norm, tl.full((), 1.0, tl.float32))), s)
             if c == first:
                 tl.store(mn_ptr, mn)
         cp = s

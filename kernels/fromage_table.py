@@ -48,6 +48,27 @@ else:
 
 
 if INTERPRETED:
+    def sqrt_rn(x):
+        return tl.sqrt_rn(x)
+
+    def div_rn(x, y):
+        return tl.div_rn(x, y)
+else:
+    # Correctly rounded and subnormal-preserving fp32 square root and division, written as the PTX
+    # instructions themselves: tl.sqrt_rn / tl.div_rn go through libdevice, which some Triton
+    # versions (3.2) link with flush-to-zero (sqrt.rn.ftz / div.rn.ftz), so a subnormal operand or
+    # result would differ from every other backend's.
+    @triton.jit
+    def sqrt_rn(x):
+        return tl.inline_asm_elementwise("sqrt.rn.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def div_rn(x, y):
+        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+if INTERPRETED:
     def loop_bound(x):
         # The interpreter's scalars are 1-element arrays, which range() refuses on some Triton
         # versions (3.0-3.6 with a current numpy): hand it a Python int.

@@ -63,7 +63,7 @@ def test_compiled_triton_step_matches_eager():
         loss_of(model, 0).backward()
         opt.step()  # state first: one compile
         step = torch.compile(opt.step, backend="aot_eager", fullgraph=True) if compiled else opt.step
-        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(**ONE_COMPILE):
             for i in range(3):
                 opt.zero_grad(set_to_none=True)
                 loss_of(model, i + 1).backward()
