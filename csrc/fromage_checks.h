@@ -41,7 +41,7 @@ inline void check_lists(at::TensorList params, at::TensorList grads, c10::Device
 }
 
 inline void check_apply(at::TensorList params, at::TensorList grads, const at::Tensor& stats, const at::Tensor& lr,
-                        at::TensorList max_norms, std::optional<double> p_bound,
+                        const std::optional<at::Tensor>& max_norm, std::optional<double> p_bound,
                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& sr_seed, c10::DeviceType type) {
   check_lists(params, grads, type);
@@ -53,14 +53,13 @@ inline void check_apply(at::TensorList params, at::TensorList grads, const at::T
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.device() == device && stats.is_contiguous(),
               "fromage_fused: stats must be a contiguous float32 tensor on ", device);
   check_scalar("lr", lr, at::kFloat, device);
-  if (p_bound.has_value()) {
-    TORCH_CHECK(static_cast<int64_t>(max_norms.size()) == n, "fromage_fused: p_bound is set: pass ", n,
-                " max_norm tensors, got ", max_norms.size());
-  } else {
-    TORCH_CHECK(max_norms.empty() || static_cast<int64_t>(max_norms.size()) == n, "fromage_fused: pass ", n,
-                " max_norm tensors or none, got ", max_norms.size());
+  TORCH_CHECK(max_norm.has_value() || !p_bound.has_value(), "fromage_fused: p_bound is set: pass the max_norm tensor");
+  if (max_norm.has_value()) {
+    const auto& m = *max_norm;
+    TORCH_CHECK(m.dim() == 1 && m.size(0) == n, "fromage_fused: max_norm must be [", n, "], got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kFloat && m.device() == device && m.is_contiguous(),
+                "fromage_fused: max_norm must be a contiguous float32 tensor on ", device);
   }
-  for (const auto& m : max_norms) check_scalar("max_norm", m, at::kFloat, device);
   if (found_inf.has_value()) check_scalar("found_inf", *found_inf, at::kFloat, device);
   if (grad_scale.has_value()) check_scalar("grad_scale", *grad_scale, at::kFloat, device);
   if (sr_seed.has_value()) check_scalar("sr_seed", *sr_seed, at::kLong, device);

@@ -247,10 +247,10 @@ void apply_impl(at::TensorList params, at::TensorList grads, const std::vector<C
 }
 
 void apply_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& stats, const at::Tensor& lr,
-               at::TensorList max_norms, std::optional<double> p_bound, bool maximize, bool prefactor,
-               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& max_norm, std::optional<double> p_bound, bool maximize,
+               bool prefactor, const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& sr_seed) {
-  check_apply(params, grads, stats, lr, max_norms, p_bound, found_inf, grad_scale, sr_seed, c10::DeviceType::CPU);
+  check_apply(params, grads, stats, lr, max_norm, p_bound, found_inf, grad_scale, sr_seed, c10::DeviceType::CPU);
   if (params.empty()) return;
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f) return;
   const int64_t n = static_cast<int64_t>(params.size());
@@ -258,9 +258,10 @@ void apply_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& st
   const float scale = grad_scale.has_value() ? *grad_scale->const_data_ptr<float>() : 1.f;
   const float* s = stats.const_data_ptr<float>();
   const bool bounded = p_bound.has_value();
+  float* mn = bounded ? max_norm->data_ptr<float>() : nullptr;
   std::vector<Coef> coef(n);
   for (int64_t t = 0; t < n; ++t) {
-    const float old = bounded ? *max_norms[t].const_data_ptr<float>() : 0.f;
+    const float old = bounded ? mn[t] : 0.f;
     coef[t] = coefficients(s[3 * t], s[3 * t + 1], s[3 * t + 2], lr_v, scale, grad_scale.has_value(), bounded,
                            bounded ? static_cast<float>(*p_bound) : 0.f, old, maximize, prefactor);
   }
@@ -272,7 +273,7 @@ void apply_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& st
     default: apply_impl<at::Half>(params, grads, coef, nullptr); break;
   }
   if (bounded)
-    for (int64_t t = 0; t < n; ++t) *max_norms[t].data_ptr<float>() = coef[t].max_norm;
+    for (int64_t t = 0; t < n; ++t) mn[t] = coef[t].max_norm;
 }
 
 // Expose the element roundings used by the apply kernels, for bit-exact tests of the recipe.
@@ -312,7 +313,7 @@ at::Tensor round_bf16_nearest_cpu(const at::Tensor& x) {
 TORCH_LIBRARY(fromage_fused, m) {
   m.def("stats(Tensor[] params, Tensor[] grads, bool inner) -> Tensor");
   m.def(
-      "apply_(Tensor(a!)[] params, Tensor[] grads, Tensor stats, Tensor lr, Tensor(b!)[] max_norms, float? p_bound, "
+      "apply_(Tensor(a!)[] params, Tensor[] grads, Tensor stats, Tensor lr, Tensor(b!)? max_norm, float? p_bound, "
       "bool maximize, bool prefactor, Tensor? found_inf, Tensor? grad_scale, Tensor? sr_seed) -> ()");
   m.def("round_bf16_stochastic(Tensor x, Tensor seed, int tensor_index) -> Tensor");
   m.def("round_bf16_nearest(Tensor x) -> Tensor");

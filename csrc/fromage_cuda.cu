@@ -22,11 +22,11 @@ int stats_for(const int64_t* table, int64_t n, int64_t blocks, bool inner, float
 }
 
 template <class Tr, bool SR>
-int apply_for(const int64_t* table, const int64_t* max_norms, int64_t n, int64_t blocks, const float* stats,
+int apply_for(const int64_t* table, float* max_norm, int64_t n, int64_t blocks, const float* stats,
               const float* lr, const float* found_inf, const float* grad_scale, const int64_t* seed, float p_bound,
               bool maximize, bool prefactor, cudaStream_t stream) {
   apply_kernel<Tr, SR><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      table, max_norms, n, stats, lr, found_inf, grad_scale, seed, p_bound, maximize ? 1 : 0, prefactor ? 1 : 0);
+      table, max_norm, n, stats, lr, found_inf, grad_scale, seed, p_bound, maximize ? 1 : 0, prefactor ? 1 : 0);
   return launched();
 }
 
@@ -42,22 +42,22 @@ int cuda_stats(const int64_t* table, int64_t n, int64_t blocks, DType dtype, boo
   }
 }
 
-int cuda_apply(const int64_t* table, const int64_t* max_norms, int64_t n, int64_t blocks, DType dtype,
+int cuda_apply(const int64_t* table, float* max_norm, int64_t n, int64_t blocks, DType dtype,
                const float* stats, const float* lr, const float* found_inf, const float* grad_scale,
                const int64_t* seed, float p_bound, bool maximize, bool prefactor, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::F32:
-      return apply_for<F32, false>(table, max_norms, n, blocks, stats, lr, found_inf, grad_scale, nullptr, p_bound,
+      return apply_for<F32, false>(table, max_norm, n, blocks, stats, lr, found_inf, grad_scale, nullptr, p_bound,
                                    maximize, prefactor, s);
     case DType::BF16:
       if (seed != nullptr)
-        return apply_for<BF16, true>(table, max_norms, n, blocks, stats, lr, found_inf, grad_scale, seed, p_bound,
+        return apply_for<BF16, true>(table, max_norm, n, blocks, stats, lr, found_inf, grad_scale, seed, p_bound,
                                      maximize, prefactor, s);
-      return apply_for<BF16, false>(table, max_norms, n, blocks, stats, lr, found_inf, grad_scale, nullptr, p_bound,
+      return apply_for<BF16, false>(table, max_norm, n, blocks, stats, lr, found_inf, grad_scale, nullptr, p_bound,
                                     maximize, prefactor, s);
     default:
-      return apply_for<F16, false>(table, max_norms, n, blocks, stats, lr, found_inf, grad_scale, nullptr, p_bound,
+      return apply_for<F16, false>(table, max_norm, n, blocks, stats, lr, found_inf, grad_scale, nullptr, p_bound,
                                    maximize, prefactor, s);
   }
 }

@@ -12,7 +12,6 @@ enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 struct TensorRef {
   void* p;           // parameter data (updated in place by apply)
   const void* g;     // gradient data
-  float* max_norm;   // 0-d float32 state, or nullptr without p_bound
   int64_t numel;
 };
 
@@ -26,10 +25,10 @@ constexpr int64_t kCudaChunk = 65536;  // elements per CUDA block
 int cuda_stats(const int64_t* table, int64_t n, int64_t blocks, DType dtype, bool inner, float* stats,
                float* partials, unsigned* counters, void* stream);
 
-// `max_norms`: the device max_norm table (one float* per tensor) with p_bound, else nullptr. All
+// `max_norm`: the group's [n] float32 max_norm state with p_bound, else nullptr. All
 // scalars but p_bound and the flags live in device memory; found_inf, grad_scale and seed may be
 // nullptr.
-int cuda_apply(const int64_t* table, const int64_t* max_norms, int64_t n, int64_t blocks, DType dtype,
+int cuda_apply(const int64_t* table, float* max_norm, int64_t n, int64_t blocks, DType dtype,
                const float* stats, const float* lr, const float* found_inf, const float* grad_scale,
                const int64_t* seed, float p_bound, bool maximize, bool prefactor, void* stream);
 

@@ -21,18 +21,17 @@
 namespace ff {
 namespace {
 
-constexpr size_t kCachedTables = 64;  // a group uses one tensor table and, with p_bound, one max_norm table
+constexpr size_t kCachedTables = 64;  // tables of tensors (one per group)
 
 DType dtype_of(at::ScalarType t) {
   return t == at::kFloat ? DType::F32 : (t == at::kBFloat16 ? DType::BF16 : DType::F16);
 }
 
-std::vector<TensorRef> refs(at::TensorList params, at::TensorList grads, at::TensorList max_norms) {
+std::vector<TensorRef> refs(at::TensorList params, at::TensorList grads) {
   std::vector<TensorRef> out(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     out[i].p = params[i].data_ptr();
     out[i].g = grads[i].data_ptr();
-    out[i].max_norm = max_norms.empty() ? nullptr : max_norms[i].data_ptr<float>();
     out[i].numel = params[i].numel();
   }
   return out;
@@ -120,25 +119,13 @@ Table tensor_table(const std::vector<TensorRef>& r, const at::Device& device) {
   return table;
 }
 
-Table max_norm_table(const std::vector<TensorRef>& r, const at::Device& device) {
-  std::vector<int64_t> key;
-  key.reserve(r.size() + 2);
-  key.push_back(1);
-  key.push_back(device.index());
-  for (const auto& t : r) key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.max_norm)));
-  return upload(std::move(key), device, [&](std::vector<int64_t>& words) {
-    build_max_norm_table(r.data(), static_cast<int64_t>(r.size()), words);
-    return int64_t{0};
-  });
-}
-
 // The dispatcher sends a call here only when a CUDA tensor is in the lists, so they are not empty.
 at::Tensor stats_cuda(at::TensorList params, at::TensorList grads, bool inner) {
   check_lists(params, grads, c10::DeviceType::CUDA);
   TORCH_INTERNAL_ASSERT(!params.empty());
   c10::cuda::CUDAGuard guard(params[0].device());
   const int64_t n = static_cast<int64_t>(params.size());
-  const auto r = refs(params, grads, {});
+  const auto r = refs(params, grads);
   const Table table = tensor_table(r, params[0].device());
   const auto opts = params[0].options().dtype(at::kFloat);
   auto stats = at::empty({n, 3}, opts);
@@ -154,19 +141,18 @@ at::Tensor stats_cuda(at::TensorList params, at::TensorList grads, bool inner) {
 }
 
 void apply_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& stats, const at::Tensor& lr,
-                at::TensorList max_norms, std::optional<double> p_bound, bool maximize, bool prefactor,
-                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& sr_seed) {
-  check_apply(params, grads, stats, lr, max_norms, p_bound, found_inf, grad_scale, sr_seed, c10::DeviceType::CUDA);
+                const std::optional<at::Tensor>& max_norm, std::optional<double> p_bound, bool maximize,
+                bool prefactor, const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& sr_seed) {
+  check_apply(params, grads, stats, lr, max_norm, p_bound, found_inf, grad_scale, sr_seed, c10::DeviceType::CUDA);
   TORCH_INTERNAL_ASSERT(!params.empty());
   c10::cuda::CUDAGuard guard(params[0].device());
   const int64_t n = static_cast<int64_t>(params.size());
-  const auto r = refs(params, grads, p_bound.has_value() ? max_norms : at::TensorList());
+  const auto r = refs(params, grads);
   const Table table = tensor_table(r, params[0].device());
-  const Table norms = p_bound.has_value() ? max_norm_table(r, params[0].device()) : Table{at::Tensor(), 0};
   const bool sr = sr_seed.has_value() && params[0].scalar_type() == at::kBFloat16;
   check_launch(cuda_apply(table.device.const_data_ptr<int64_t>(),
-                          p_bound.has_value() ? norms.device.const_data_ptr<int64_t>() : nullptr, n, table.blocks,
+                          p_bound.has_value() ? max_norm->data_ptr<float>() : nullptr, n, table.blocks,
                           dtype_of(params[0].scalar_type()), stats.const_data_ptr<float>(), lr.const_data_ptr<float>(),
                           found_inf ? found_inf->const_data_ptr<float>() : nullptr,
                           grad_scale ? grad_scale->const_data_ptr<float>() : nullptr,

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 2) stats_kernel(const int64_t* __res
 // value or the written one, and both lead to the same number.
 template <class Tr, bool SR>
 __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __restrict__ table,
-                                                         const int64_t* __restrict__ max_norms, int64_t n,
+                                                         float* __restrict__ max_norms, int64_t n,
                                                          const float* __restrict__ stats,
                                                          const float* __restrict__ lr,
                                                          const float* __restrict__ found_inf,
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __res
   if (found_inf != nullptr && *found_inf != 0.f) return;
   const Slot at = slot_of(table, n);
   const bool has_p_bound = max_norms != nullptr;
-  float* max_norm = has_p_bound ? global_ptr<float>(max_norms[at.t]) : nullptr;
+  float* max_norm = has_p_bound ? max_norms + at.t : nullptr;
   const float* row = stats + 3 * static_cast<int64_t>(at.t);
   const float old = has_p_bound ? *max_norm : 0.f;
   const Coef c = coefficients(row[0], row[1], row[2], *lr, grad_scale ? *grad_scale : 1.f, grad_scale != nullptr,

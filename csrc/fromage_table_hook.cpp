@@ -21,7 +21,6 @@ std::vector<int64_t> tensor_table_op(std::vector<int64_t> p, std::vector<int64_t
     TORCH_CHECK(numels[i] >= 0, "fromage_fused: sizes must be >= 0");
     refs[i].p = reinterpret_cast<void*>(static_cast<uintptr_t>(p[i]));
     refs[i].g = reinterpret_cast<const void*>(static_cast<uintptr_t>(g[i]));
-    refs[i].max_norm = nullptr;
     refs[i].numel = numels[i];
   }
   std::vector<int64_t> words;

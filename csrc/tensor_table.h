@@ -57,12 +57,6 @@ inline int64_t build_tensor_table(const TensorRef* t, int64_t n, int64_t chunk, 
   return blocks;
 }
 
-// The max_norm table: one address per tensor (read only with p_bound).
-inline void build_max_norm_table(const TensorRef* t, int64_t n, std::vector<int64_t>& words) {
-  words.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) words[static_cast<size_t>(i)] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t[i].max_norm));
-}
-
 struct KeyHash {
   size_t operator()(const std::vector<int64_t>& key) const {
     uint64_t h = 1469598103934665603ull;  // FNV-1a over the words

@@ -67,8 +67,10 @@ class Group:
 
     ``params`` and ``grads`` are what the backend sees (real views of complex tensors, contiguous
     copies of strided ones for a ``dense_only`` backend); ``indices`` are their positions in the
-    caller's list. ``max_norms`` is None without ``p_bound``, else one 0-d float32 tensor per
-    parameter on ``device``. ``reduce``: for shards of DTensor parameters, the process group over
+    caller's list. ``max_norms`` is None without ``p_bound``, else the parameters' 0-d float32
+    ``max_norm`` state tensors on ``device``; ``max_norm``, when set, is one ``[n]`` tensor whose
+    entries are those tensors (they are views of it: see :func:`adopt_max_norms`), else each apply
+    phase steps a stacked copy and writes it back. ``reduce``: for shards of DTensor parameters, the process group over
     which the stats are partial sums (None: the tensors are whole).
     """
 
@@ -78,6 +80,7 @@ class Group:
     params: List[torch.Tensor] = field(default_factory=list)
     grads: List[torch.Tensor] = field(default_factory=list)
     max_norms: Optional[List[torch.Tensor]] = None
+    max_norm: Optional[torch.Tensor] = None
     indices: List[int] = field(default_factory=list)
     lr: object = None
     p_bound: Optional[float] = None
@@ -174,6 +177,31 @@ def group_tensors(
     return list(groups.values())
 
 
+def consecutive_view(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The 1-d tensor whose entries are the 0-d ``tensors`` (consecutive elements of one storage,
+    in order), or None if they are not laid out so."""
+    first = tensors[0]
+    base, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for i, t in enumerate(tensors):
+        if t.storage_offset() != offset + i or t.untyped_storage().data_ptr() != base:
+            return None
+    return first.as_strided((len(tensors),), (1,))
+
+
+def adopt_max_norms(group: Group, put: Callable[[int, torch.Tensor], None]) -> None:
+    """Give a bounded group one ``[n]`` max_norm tensor that its backend reads and writes in place
+    (one argument instead of n). Where the state tensors are not already consecutive views of one
+    storage, they are replaced by views of a new one holding their values: ``put(j, view)`` stores
+    the view of parameter ``j`` of the group as its state."""
+    view = consecutive_view(group.max_norms)
+    if view is None:
+        view = torch.stack(list(group.max_norms))
+        group.max_norms = list(view.unbind())
+        for j, m in enumerate(group.max_norms):
+            put(j, m)
+    group.max_norm = view
+
+
 def make_dense(group: Group) -> None:
     """For a ``dense_only`` backend, contiguous copies stand in for strided tensors (parameters are
     written back after the apply phase)."""
@@ -221,12 +249,18 @@ def run_apply(
     """Phase 2 for one group: the update from (possibly all-reduced) stats, with the group's
     hyper-parameters."""
     device = group.device
+    max_norm = group.max_norm
+    # Without one max_norm tensor (the functional API, a compiled or captured step): a stacked
+    # copy, written back to the parameters' state tensors.
+    copied = max_norm is None and group.p_bound is not None
+    if copied:
+        max_norm = torch.stack(list(group.max_norms))
     group.backend.apply(
         group.params,
         group.grads,
         stats,
         lr=_lr_of(group),
-        max_norms=group.max_norms,
+        max_norm=max_norm if group.p_bound is not None else None,
         p_bound=group.p_bound,
         maximize=group.maximize,
         prefactor=group.prefactor,
@@ -234,6 +268,8 @@ def run_apply(
         grad_scale=None if grad_scale is None else _device_scalar(grad_scale, device),
         sr_seed=None if group.sr_seed is None else group.sr_seed.to(device, non_blocking=True).reshape(()),
     )
+    if copied:
+        torch._foreach_copy_(list(group.max_norms), list(max_norm.unbind()))
     for i, original in group.writeback:
         original.copy_(group.params[i])
 

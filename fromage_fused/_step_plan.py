@@ -31,7 +31,7 @@ import torch
 from . import _training
 from . import _grad_check
 from ._grad_check import Record, record_pairs
-from ._groups import Group, PlanList, group_tensors
+from ._groups import Group, PlanList, adopt_max_norms, group_tensors
 from .distributed import _dtensor_type, local_pairs, local_groups, refuse_flat_parameters, refuse_stochastic_rounding
 from .functional import check_flags, check_lr, check_p_bound
 
@@ -40,6 +40,7 @@ __all__ = ["StepPlan", "build"]
 _HYPER = ("p_bound", "maximize", "prefactor", "stochastic_rounding")
 _FLAGS = ("maximize", "prefactor", "stochastic_rounding")
 _is = operator.is_
+_capturing = _training.capturing
 
 
 def _hyper(pg: dict) -> Tuple:
@@ -84,8 +85,6 @@ class _Feed:
         self.views = bool(self.complex or self.strided)
         if not self.views:  # the list and its tensors stay as they are while the plan holds
             group.params = PlanList(group.params)
-            if group.max_norms is not None:
-                group.max_norms = PlanList(group.max_norms)
 
     def feed(self, grads: List[torch.Tensor]) -> None:
         """Hand the group this step's gradients (real views, contiguous copies where needed)."""
@@ -198,6 +197,16 @@ class StepPlan:
         return True
 
 
+def _one_max_norm(groups: List[Group], owners: List[torch.Tensor], pending: _Pending) -> None:
+    """Each bounded group's max_norm state as one tensor (see ``_groups.adopt_max_norms``), except
+    during CUDA graph capture: a tensor made there would live in the graph's memory, so a captured
+    step stacks and writes back instead."""
+    for g in groups:
+        if not _capturing(g.device):
+            members = [owners[i] for i in g.indices]
+            adopt_max_norms(g, lambda j, view: pending.put(members[j], "max_norm", view))
+
+
 def build(opt, *, keep: bool = True) -> StepPlan:
     """Validate the param groups and make the plan; raise before any parameter or state changes.
 
@@ -246,6 +255,8 @@ def build(opt, *, keep: bool = True) -> StepPlan:
                     start = end
                 part.record = Record(params, stepped, native=not part.dtensors and _grad_check.native_available(params))
             if bound:
+                if keep:
+                    _one_max_norm(groups, plain, pending)
                 part.state_refs.append(([plain[i] for g in groups for i in g.indices], "max_norm",
                                         [m for g in groups for m in g.max_norms]))
             part.groups += groups
@@ -262,6 +273,8 @@ def build(opt, *, keep: bool = True) -> StepPlan:
                 part.local_feeds = [(_Feed(g, [local_p[i] for i in g.indices], [local_g[i] for i in g.indices]), list(g.indices))
                                     for g in groups]
             if bound:
+                if keep:
+                    _one_max_norm(groups, part.dtensors, pending)
                 part.state_refs.append(([part.dtensors[i] for g in groups for i in g.indices], "max_norm",
                                         [m for g in groups for m in g.max_norms]))
             part.groups += groups

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -109,9 +109,21 @@ class Fromage(Optimizer):
         # Unset max_norm state exists from the start so that torch.distributed.checkpoint's
         # get_state_dict finds state and skips its state-creating step (lr=0, zero gradients),
         # which would set max_norm from the weights of that moment and clamp them to it.
-        if group["p_bound"] is not None:
-            for p in group["params"]:
+        # New ones are views of one tensor per device, in parameter order: what a step hands its
+        # backend as one argument when the group steps as one (see _groups.adopt_max_norms).
+        if group["p_bound"] is None:
+            return
+        new: Dict[torch.device, List[torch.Tensor]] = {}
+        for p in group["params"]:
+            if self.state.get(p, {}).get("max_norm") is None:
+                new.setdefault(_local_device(p), []).append(p)
+            else:
                 self.state[p]["max_norm"] = self._max_norm(p, _local_device(p))
+        for device, params in new.items():
+            _training.refuse_new_state("max_norm", device)
+            buffer = torch.full((len(params),), UNSET_MAX_NORM, dtype=torch.float32, device=device)
+            for p, view in zip(params, buffer.unbind()):
+                self.state[p]["max_norm"] = view
 
     def _invalidate_plan(self) -> None:
         """The next step builds its plan again (anything the plan is derived from may have changed)."""

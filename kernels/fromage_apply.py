@@ -51,7 +51,7 @@ def _sweep(p, g, start, n_full, cp, cg, stream, BLOCK: tl.constexpr, SR: tl.cons
 
 
 @triton.jit
-def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, found_inf_ptr, grad_scale_ptr,
+def apply_kernel(layout_ptr, addrs_ptr, max_norm_ptr, stats_ptr, lr_ptr, found_inf_ptr, grad_scale_ptr,
                  seed_ptr, p_bound, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_BOUND: tl.constexpr, MAXIMIZE: tl.constexpr, PREFACTOR: tl.constexpr,
                  HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
@@ -79,7 +79,7 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_addrs_ptr, stats_ptr, lr_ptr, f
         if PREFACTOR:
             s = div_rn(tl.full((), 1.0, tl.float32), sqrt_rn(1.0 + lr * lr))
         if HAS_BOUND:
-            mn_ptr = tl.load(max_norm_addrs_ptr + t).to(tl.pointer_type(tl.float32))
+            mn_ptr = max_norm_ptr + t
             mn = tl.load(mn_ptr)
             mn = tl.where(mn < 0, p_bound * root_p, mn)
             norm_sq = s * s * (s_pp - 2.0 * a * s_pg + a * a * s_gg)

@@ -28,7 +28,7 @@ if "--no-aligned-path" in sys.argv:
 TABLE = {"layout_ptr": "*i64", "addrs_ptr": "*i64"}
 STATS_SIG = {**TABLE, "partials_ptr": "*fp32", "n": "i64", "DTYPE": "constexpr", "BLOCK": "constexpr",
              "INNER": "constexpr"}
-APPLY_SIG = {**TABLE, "max_norm_addrs_ptr": "*i64", "stats_ptr": "*fp32", "lr_ptr": "*fp32", "found_inf_ptr": "*fp32",
+APPLY_SIG = {**TABLE, "max_norm_ptr": "*fp32", "stats_ptr": "*fp32", "lr_ptr": "*fp32", "found_inf_ptr": "*fp32",
              "grad_scale_ptr": "*fp32", "seed_ptr": "*i64", "p_bound": "fp32", "n": "i64", "DTYPE": "constexpr",
              "BLOCK": "constexpr", "HAS_BOUND": "constexpr", "MAXIMIZE": "constexpr",
              "PREFACTOR": "constexpr", "HAS_FOUND_INF": "constexpr", "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr"}

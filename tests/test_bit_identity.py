@@ -165,13 +165,13 @@ def _run_apply(name, device, params, grads, stats, *, lr, p_bound=None, maximize
     # What the step plan hands a backend: contiguous copies of strided tensors for a dense_only one.
     fmt = torch.contiguous_format if backend.dense_only else torch.preserve_format
     ps = [p.clone(memory_format=fmt) for p in params]
-    mn = None if max_norms is None else [m.clone() for m in max_norms]
+    mn = None if max_norms is None else torch.stack(max_norms)
     backend.apply(
-        ps, [g.clone(memory_format=fmt) for g in grads], stats.clone(), lr=torch.tensor(lr, device=device), max_norms=mn,
+        ps, [g.clone(memory_format=fmt) for g in grads], stats.clone(), lr=torch.tensor(lr, device=device), max_norm=mn,
         p_bound=p_bound, maximize=maximize, prefactor=prefactor,
         grad_scale=None if grad_scale is None else torch.tensor(grad_scale, device=device),
         sr_seed=None if sr_seed is None else torch.tensor(sr_seed, device=device))
-    return ps, mn
+    return ps, None if mn is None else list(mn.unbind())
 
 
 def _expected(params, grads, stats, dtype, *, lr, p_bound=None, maximize=False, prefactor=True, grad_scale=None,

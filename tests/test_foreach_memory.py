@@ -31,14 +31,14 @@ def test_transient_memory_is_at_most_one_tensor(dtype, p_bound, found_inf, monke
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
     grads = [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
-    max_norms = [torch.full((), UNSET_MAX_NORM) for _ in params] if p_bound else None
+    max_norm = torch.full((len(params),), UNSET_MAX_NORM) if p_bound else None
     lr = torch.tensor(0.01)
     flag = torch.tensor(0.0) if found_inf else None
     backend = foreach.BACKEND
 
     def step():
         stats = backend.stats(params, grads, inner=p_bound is not None)
-        backend.apply(params, grads, stats, lr=lr, max_norms=max_norms, p_bound=p_bound, maximize=False, found_inf=flag)
+        backend.apply(params, grads, stats, lr=lr, max_norm=max_norm, p_bound=p_bound, maximize=False, found_inf=flag)
 
     step()  # the coefficient buffer exists from the first step on
     largest = max(p.numel() * p.element_size() for p in params)

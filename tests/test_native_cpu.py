@@ -101,7 +101,7 @@ def test_empty_tensors_and_empty_lists():
     # an empty list makes no group: backends are never called with empty lists (backends/_base.py)
     assert functional.plan([], [], None, backend="cpu") == []
     functional.fromage([], [], None, lr=0.1, backend="cpu")
-    backends.get("cpu").apply([], [], torch.zeros(0, 3), lr=torch.tensor(0.1), max_norms=None, p_bound=None, maximize=False)
+    backends.get("cpu").apply([], [], torch.zeros(0, 3), lr=torch.tensor(0.1), max_norm=None, p_bound=None, maximize=False)
 
 
 def test_found_inf_changes_nothing():
@@ -135,16 +135,17 @@ def test_bad_input_is_rejected_before_anything_changes():
     lr = torch.tensor(0.1)
     op = torch.ops.fromage_fused.apply_
     with pytest.raises(RuntimeError, match="not contiguous"):
-        op(params, grads, stats, lr, [], None, False, True, None, None, None)
+        op(params, grads, stats, lr, None, None, False, True, None, None, None)
     ok = [params[0], params[2]]
     with pytest.raises(RuntimeError, match="stats must be"):
-        op(ok, [grads[0], grads[2]], torch.zeros(3, 3), lr, [], None, False, True, None, None, None)
+        op(ok, [grads[0], grads[2]], torch.zeros(3, 3), lr, None, None, False, True, None, None, None)
     with pytest.raises(RuntimeError, match="lr must be"):
-        op(ok, [grads[0], grads[2]], torch.zeros(2, 3), lr.double(), [], None, False, True, None, None, None)
-    with pytest.raises(RuntimeError, match="max_norm"):
-        op(ok, [grads[0], grads[2]], torch.zeros(2, 3), lr, [torch.zeros(())], 1.0, False, True, None, None, None)
+        op(ok, [grads[0], grads[2]], torch.zeros(2, 3), lr.double(), None, None, False, True, None, None, None)
+    for wrong in (None, torch.zeros(()), torch.zeros(3), torch.zeros(2, dtype=torch.float64), torch.zeros(4)[::2]):
+        with pytest.raises(RuntimeError, match="max_norm"):
+            op(ok, [grads[0], grads[2]], torch.zeros(2, 3), lr, wrong, 1.0, False, True, None, None, None)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        op([torch.randn(2, dtype=torch.float64)], [torch.randn(2, dtype=torch.float64)], torch.zeros(1, 3), lr, [], None, False, True, None, None, None)
+        op([torch.randn(2, dtype=torch.float64)], [torch.randn(2, dtype=torch.float64)], torch.zeros(1, 3), lr, None, None, False, True, None, None, None)
     assert all(torch.equal(a, b) for a, b in zip(params, before))
 
 
@@ -175,7 +176,8 @@ def test_bf16_step_with_sr_seed_is_the_shared_recipe_bit_for_bit(p_bound):
     stats = cpu.stats(params, grads, inner=p_bound is not None)
     coef_p, coef_g, _ = coefficients(stats, lr, max_norm=None if mn is None else torch.stack(mn), p_bound=p_bound)
     want = [stochastic_round_bf16(coef_p[i] * p.float() + coef_g[i] * g.float(), seed, i) for i, (p, g) in enumerate(zip(params, grads))]
-    cpu.apply(params, grads, stats, lr=lr, max_norms=mn, p_bound=p_bound, maximize=False, sr_seed=seed)
+    cpu.apply(params, grads, stats, lr=lr, max_norm=None if mn is None else torch.stack(mn), p_bound=p_bound,
+              maximize=False, sr_seed=seed)
     differ = sum(int((got.view(torch.int16) != w.view(torch.int16)).sum()) for got, w in zip(params, want))
     assert differ == 0, f"{differ} of {sum(sizes)} bf16 elements differ"
 

@@ -200,5 +200,5 @@ def test_tensor_over_2_31_elements():
     a = lr * (want[0] / want[1]).sqrt()
     expect_tail = (tail_p - a * tail_g) / (1 + lr * lr) ** 0.5
     backends.get("cuda").apply([p], [g], stats.float().cuda().reshape(1, 3), lr=torch.full((), lr, device="cuda"),
-                               max_norms=None, p_bound=None, maximize=False)
+                               max_norm=None, p_bound=None, maximize=False)
     torch.testing.assert_close(p[-5000:].double(), expect_tail, atol=2e-2, rtol=2 ** -7)

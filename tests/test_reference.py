@@ -44,12 +44,10 @@ class _NoPrefactor(ForeachBackend):
 class _NoClamp(ReferenceBackend):
     name = "no-clamp"
 
-    def apply(self, params, grads, stats, *, max_norms, p_bound, **kw):
-        if max_norms is not None:
-            for m in max_norms:  # still records max_norm, but never clamps
-                if m.item() < 0:
-                    m.fill_(1e30)
-        super().apply(params, grads, stats, max_norms=max_norms, p_bound=p_bound, **kw)
+    def apply(self, params, grads, stats, *, max_norm, p_bound, **kw):
+        if max_norm is not None:  # still records max_norm, but never clamps
+            max_norm.masked_fill_(max_norm < 0, 1e30)
+        super().apply(params, grads, stats, max_norm=max_norm, p_bound=p_bound, **kw)
 
 
 class _AlwaysScaled(ForeachBackend):
@@ -58,9 +56,9 @@ class _AlwaysScaled(ForeachBackend):
 
     def apply(self, params, grads, stats, **kw):
         keep = [i for i in range(len(params)) if stats[i, 0] > 0 and stats[i, 1] > 0]
-        mn = kw.pop("max_norms")
+        mn = kw.pop("max_norm")
         super().apply([params[i] for i in keep], [grads[i] for i in keep], stats[keep],
-                      max_norms=None if mn is None else [mn[i] for i in keep], **kw)
+                      max_norm=None if mn is None else mn[keep], **kw)
 
 
 @pytest.mark.parametrize("wrong, p_bound", [(_NoPrefactor(), None), (_NoClamp(), 1.0), (_AlwaysScaled(), None)])

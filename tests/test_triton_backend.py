@@ -312,15 +312,15 @@ def test_apply_with_sr_seed_rounds_the_fp32_result_exactly(device):
     g32 = [g.float() for g in g16]
     seed = torch.tensor(20260101, dtype=torch.int64, device=device)
     lr = torch.full((), 0.05, device=device)
-    BACKEND.apply(p16, g16, stats, lr=lr, max_norms=None, p_bound=None, maximize=False, sr_seed=seed)
-    BACKEND.apply(p32, g32, stats, lr=lr, max_norms=None, p_bound=None, maximize=False)
+    BACKEND.apply(p16, g16, stats, lr=lr, max_norm=None, p_bound=None, maximize=False, sr_seed=seed)
+    BACKEND.apply(p32, g32, stats, lr=lr, max_norm=None, p_bound=None, maximize=False)
     for i, (got, exact) in enumerate(zip(p16, p32)):
         _bits_equal(got.cpu(), stochastic_round_bf16(exact.cpu(), seed.cpu(), i))
     # Without a seed the same step rounds to nearest.
     p_near = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
     p_ref = [p.float() for p in p_near]
-    BACKEND.apply(p_near, g16, stats, lr=lr, max_norms=None, p_bound=None, maximize=False)
-    BACKEND.apply(p_ref, g32, stats, lr=lr, max_norms=None, p_bound=None, maximize=False)
+    BACKEND.apply(p_near, g16, stats, lr=lr, max_norm=None, p_bound=None, maximize=False)
+    BACKEND.apply(p_ref, g32, stats, lr=lr, max_norm=None, p_bound=None, maximize=False)
     for got, exact in zip(p_near, p_ref):
         _bits_equal(got.cpu(), exact.cpu().to(torch.bfloat16))
 
@@ -407,7 +407,7 @@ def test_table_cache_reused_and_rebuilt_on_new_grad_storage(device):
     mn = [torch.full((), UNSET_MAX_NORM, device=device) for _ in params]
     functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)
     built = backend.table_builds
-    assert built == 2  # parameters and gradients, max_norms
+    assert built == 1  # the addresses of the parameters and gradients
     functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)
     assert backend.table_builds == built
     new_grads = [g.clone() for g in grads]  # what zero_grad(set_to_none=True) + backward gives
@@ -453,7 +453,7 @@ def test_tables_used_under_capture_are_never_evicted(monkeypatch):
     functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)
     held = _held(backend)
     kinds = sorted(k[0] for k in held)
-    assert kinds == ["addrs", "layout", "max_norm"]  # hit under capture (layout, max_norm) or made there
+    assert kinds == ["addrs", "layout"]  # hit under capture (layout) or made there
     monkeypatch.setattr(triton_backend, "_capturing", lambda device: False)
     for _ in range(10):  # eager steps with new storage each time: the cache fills and evicts
         grads = [g.clone() for g in grads]
@@ -558,11 +558,11 @@ def test_bad_input_changes_nothing(device):
     before = [p.clone() for p in params]
     stats = BACKEND.stats(params, grads)
     with pytest.raises(RuntimeError, match="stats"):
-        BACKEND.apply(params, grads, stats[:2], lr=torch.full((), 0.1, device=device), max_norms=None, p_bound=None,
+        BACKEND.apply(params, grads, stats[:2], lr=torch.full((), 0.1, device=device), max_norm=None, p_bound=None,
                       maximize=False)
     with pytest.raises(RuntimeError, match="max_norm"):
         BACKEND.apply(params, grads, stats, lr=torch.full((), 0.1, device=device), p_bound=1.0, maximize=False,
-                      max_norms=[torch.zeros((), device=device, dtype=torch.float64)] * 3)
+                      max_norm=torch.zeros(3, device=device, dtype=torch.float64))
     with pytest.raises(TypeError, match="float64"):
         BACKEND.stats([p.double() for p in params], [g.double() for g in grads])
     with pytest.raises(RuntimeError, match="tensor 1"):

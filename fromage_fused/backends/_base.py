@@ -13,13 +13,14 @@ functional API and the DTensor route alike) calls it, so that it need not check 
 - ``lr`` is a 0-d tensor on the device in the accumulation dtype (float64 for float64 groups, else
   float32); ``found_inf`` and ``grad_scale`` are None or 0-d float32 tensors on the device;
   ``sr_seed`` is None or a 0-d int64 tensor on the device, given only to bfloat16 groups;
-  ``max_norms`` is None without ``p_bound``, else one 0-d float32 tensor per parameter on the device.
+  ``max_norm`` is None without ``p_bound``, else one contiguous ``[n]`` float32 tensor on the device
+  (entry ``i`` for ``params[i]``), read and written in place.
 - Across steps, while the optimizer's plan holds, the same ``params`` list object comes back with
   the same tensors, each with the same storage address, shape, dtype and device (any change builds
   a new plan and a new list); only ``grads`` (a new list each step) and the values change. Without
   views in play (complex parameters, contiguous copies of strided ones) the lists are
   ``_groups.PlanList``s: their ``memo`` dict is where a backend keeps what it derives from the
-  tensors (sizes, addresses), once per plan for ``params`` and ``max_norms``, once per step for
+  tensors (sizes, addresses), once per plan for ``params``, once per step for
   ``grads``. Direct calls (tests, the functional API) pass plain lists, which carry no such promise.
 - Calls run in stats-then-apply order per group, on the host thread of the step, with no host
   synchronisation expected (``syncs`` backends excepted).
@@ -84,7 +85,7 @@ class Backend:
         stats: torch.Tensor,
         *,
         lr: torch.Tensor,
-        max_norms: Optional[Sequence[torch.Tensor]],
+        max_norm: Optional[torch.Tensor],
         p_bound: Optional[float],
         maximize: bool,
         prefactor: bool = True,
@@ -92,10 +93,10 @@ class Backend:
         grad_scale: Optional[torch.Tensor] = None,
         sr_seed: Optional[torch.Tensor] = None,
     ) -> None:
-        """Update ``params`` in place from ``stats``; set unset ``max_norms`` (negative) in place.
+        """Update ``params`` in place from ``stats``; set the unset (negative) entries of ``max_norm`` in place.
 
         ``lr``: 0-d tensor on the group's device. ``found_inf``: 0-d float tensor; when it is
-        non-zero nothing changes (parameters nor max_norms). ``grad_scale``: 0-d tensor by which
+        non-zero nothing changes (parameters nor max_norm). ``grad_scale``: 0-d tensor by which
         the gradients are multiplied; only the zero-norm fallback depends on it. ``sr_seed``: 0-d
         int64 tensor; when given, bf16 results are rounded stochastically exactly as
         ``_math.stochastic_round_bf16(result_fp32, sr_seed, i)`` with ``i`` the tensor's position

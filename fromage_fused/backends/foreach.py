@@ -162,8 +162,8 @@ class ForeachBackend(Backend):
             owner += run.owner
         return _combine(2 * torch.stack(positives) - torch.stack(totals), owner, n)
 
-    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
-        old_max = torch.stack(list(max_norms)) if p_bound is not None else None
+    def apply(self, params, grads, stats, *, lr, max_norm, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
+        old_max = max_norm if p_bound is not None else None
         coef_p, coef_g, new_max = coefficients(
             stats, lr, max_norm=old_max, p_bound=p_bound, maximize=maximize, prefactor=prefactor, grad_scale=grad_scale
         )
@@ -172,14 +172,13 @@ class ForeachBackend(Backend):
             keep = found_inf == 0
             if new_max is not None:
                 new_max = torch.where(keep, new_max, old_max.to(new_max.dtype))
-        columns = [coef_p, coef_g] + ([new_max] if new_max is not None else [])
-        views = _column_views(torch.stack(columns, dim=1))
+        views = _column_views(torch.stack([coef_p, coef_g], dim=1))
         vp, vg = views[0], views[1]
         acc = stats.dtype
         rounding = sr_seed is not None and params[0].dtype == torch.bfloat16
         self._apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed if rounding else None)
         if new_max is not None:
-            torch._foreach_copy_(list(max_norms), views[2])
+            max_norm.copy_(new_max)
 
     @staticmethod
     def _apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed):

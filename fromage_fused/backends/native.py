@@ -378,7 +378,7 @@ def _register_fakes() -> None:
         return params[0].new_empty((len(params), 3), dtype=torch.float32) if params else torch.empty(0, 3)
 
     @torch.library.register_fake("fromage_fused::apply_")
-    def _apply_fake(params, grads, stats, lr, max_norms, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed):
+    def _apply_fake(params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed):
         return None
 
     @torch.library.register_fake("fromage_fused::round_bf16_stochastic")
@@ -428,9 +428,9 @@ class NativeBackend(Backend):
         _ensure_loaded()
         return (self._ops or torch.ops.fromage_fused).stats(params, grads, inner)
 
-    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
+    def apply(self, params, grads, stats, *, lr, max_norm, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
         _ensure_loaded()
         (self._ops or torch.ops.fromage_fused).apply_(
-            params, grads, stats, lr, [] if max_norms is None else max_norms,
+            params, grads, stats, lr, max_norm if p_bound is not None else None,
             None if p_bound is None else float(p_bound), maximize, prefactor, found_inf, grad_scale, sr_seed,
         )

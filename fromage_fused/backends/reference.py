@@ -29,7 +29,7 @@ class ReferenceBackend(Backend):
             rows.append(torch.stack([(p_ * p_).sum(), (g_ * g_).sum(), pg]))
         return torch.stack(rows)
 
-    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
+    def apply(self, params, grads, stats, *, lr, max_norm, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
         if found_inf is not None and float(found_inf) != 0:
             return
         lr = float(lr)
@@ -45,13 +45,13 @@ class ReferenceBackend(Backend):
                 a = -a
             factor = s
             if p_bound is not None:
-                max_norm = float(max_norms[i])
-                if max_norm < 0:  # unset (see _math.UNSET_MAX_NORM)
-                    max_norms[i].fill_(p_bound * math.sqrt(s_pp))
-                    max_norm = float(max_norms[i])  # the float32 state, as every later step sees it
+                bound = float(max_norm[i])
+                if bound < 0:  # unset (see _math.UNSET_MAX_NORM)
+                    max_norm[i] = p_bound * math.sqrt(s_pp)
+                    bound = float(max_norm[i])  # the float32 state, as every later step sees it
                 new_norm = s * math.sqrt(max(s_pp - 2 * a * s_pg + a * a * s_gg, 0.0))
-                if new_norm > max_norm:
-                    factor = s * max_norm / new_norm
+                if new_norm > bound:
+                    factor = s * bound / new_norm
             acc = accumulate_dtype(p.dtype)
             new = factor * (p.to(acc) - a * g.to(acc))
             if sr_seed is not None and p.dtype == torch.bfloat16:

@@ -33,7 +33,7 @@ from .._groups import PlanList
 from ._base import Backend
 
 _ALIGN_BYTES = 16
-_CACHE_SIZE = 64  # tables per backend; a group uses a layout, an address table and a max_norm table
+_CACHE_SIZE = 64  # tables per backend; a group uses a layout and an address table
 _LARGE_CHUNKS = 4  # a tensor of at least this many large chunks is cut into large chunks
 
 _data_ptr = torch.Tensor.data_ptr
@@ -314,19 +314,6 @@ class TritonBackend(Backend):
         addrs = self._table(("addrs", device, dtype, ptrs_p, ptrs_g), use, addresses)
         return lay, addrs
 
-    def _max_norm_table(self, max_norms, use: _Use):
-        device = use.device
-        ptrs = _memo(max_norms, (self.token, "max_norms"), lambda: tuple(map(_data_ptr, max_norms)))
-
-        def build():
-            for i, m in enumerate(max_norms):
-                if m.dtype != torch.float32 or m.numel() != 1 or m.device != device:
-                    raise RuntimeError(f"max_norm {i} must be a one-element float32 tensor on {device}")
-            self.table_builds += 1
-            return list(ptrs), 0
-
-        return self._table(("max_norm", device, ptrs), use, build)
-
     # -- the two phases -----------------------------------------------------------------------------
 
     def stats(self, params, grads, *, inner=True):
@@ -334,15 +321,15 @@ class TritonBackend(Backend):
             return torch.ops.fromage_fused_triton.stats(list(params), list(grads), bool(inner), self.token)
         return self._stats(params, grads, inner)
 
-    def apply(self, params, grads, stats, *, lr, max_norms, p_bound, maximize, prefactor=True,
+    def apply(self, params, grads, stats, *, lr, max_norm, p_bound, maximize, prefactor=True,
               found_inf=None, grad_scale=None, sr_seed=None):
         if torch.compiler.is_compiling():
             torch.ops.fromage_fused_triton.apply_(
-                list(params), list(grads), stats, lr, [] if max_norms is None else list(max_norms),
+                list(params), list(grads), stats, lr, max_norm if p_bound is not None else None,
                 None if p_bound is None else float(p_bound), bool(maximize), bool(prefactor),
                 found_inf, grad_scale, sr_seed, self.token)
             return
-        self._apply(params, grads, stats, lr, max_norms, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed)
+        self._apply(params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed)
 
     def _stats(self, params, grads, inner):
         device, dtype = self._group(params, grads)
@@ -359,14 +346,17 @@ class TritonBackend(Backend):
             _launch(stats_k.reduce_kernel, (n,), layout.device, partials, stats, n, RBLOCK=cfg.rblock, num_warps=4)
         return stats
 
-    def _apply(self, params, grads, stats, lr, max_norms, p_bound, maximize, prefactor, found_inf, grad_scale,
+    def _apply(self, params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale,
                sr_seed):
         device, dtype = self._group(params, grads)
         n = len(params)
         if tuple(stats.shape) != (n, 3) or stats.device != device:
             raise RuntimeError(f"stats must be an [{n}, 3] tensor on {device}, got {tuple(stats.shape)} on {stats.device}")
-        if p_bound is not None and (max_norms is None or len(max_norms) != n):
-            raise ValueError("p_bound is set: pass one max_norm tensor per parameter")
+        if p_bound is not None and (
+            max_norm is None or tuple(max_norm.shape) != (n,) or max_norm.dtype != torch.float32
+            or max_norm.device != device or not max_norm.is_contiguous()
+        ):
+            raise RuntimeError(f"p_bound is set: pass max_norm as a contiguous [{n}] float32 tensor on {device}")
         # Strided parameters are updated in a contiguous copy and written back afterwards.
         work, grads = _dense(params), _dense(grads)
         _, apply_k = _kernels()
@@ -377,11 +367,11 @@ class TritonBackend(Backend):
         with _on(device):
             use = _Use(device)
             layout, addrs = self._tables_for(work, grads, dtype, cfg, use)
-            mn_table = self._max_norm_table(max_norms, use).device if p_bound is not None else addrs.device
+            mn = max_norm if p_bound is not None else lr
             seed = sr_seed.to(device=device, dtype=torch.int64).reshape(()) if use_sr else addrs.device
             fi = found_inf.to(device=device, dtype=torch.float32).reshape(()) if found_inf is not None else lr
             gs = grad_scale.to(device=device, dtype=torch.float32).reshape(()) if grad_scale is not None else lr
-            _launch(apply_k.apply_kernel, (layout.programs,), layout.device, addrs.device, mn_table, stats, lr, fi, gs,
+            _launch(apply_k.apply_kernel, (layout.programs,), layout.device, addrs.device, mn, stats, lr, fi, gs,
                     seed, float(p_bound) if p_bound is not None else 0.0, n, DTYPE=_triton_dtype(dtype),
                     BLOCK=cfg.block, HAS_BOUND=p_bound is not None, MAXIMIZE=bool(maximize),
                     PREFACTOR=bool(prefactor), HAS_FOUND_INF=found_inf is not None,
@@ -407,19 +397,19 @@ def _(params, grads, inner, backend):
 
 
 @torch.library.custom_op(
-    "fromage_fused_triton::apply_", mutates_args=("params", "max_norms"),
-    schema="(Tensor(a!)[] params, Tensor[] grads, Tensor stats, Tensor lr, Tensor(b!)[] max_norms, float? p_bound, "
+    "fromage_fused_triton::apply_", mutates_args=("params", "max_norm"),
+    schema="(Tensor(a!)[] params, Tensor[] grads, Tensor stats, Tensor lr, Tensor(b!)? max_norm, float? p_bound, "
            "bool maximize, bool prefactor, Tensor? found_inf, Tensor? grad_scale, Tensor? sr_seed, int backend) -> ()")
 def _apply_op(params: List[torch.Tensor], grads: List[torch.Tensor], stats: torch.Tensor, lr: torch.Tensor,
-              max_norms: List[torch.Tensor], p_bound: Optional[float], maximize: bool, prefactor: bool,
+              max_norm: Optional[torch.Tensor], p_bound: Optional[float], maximize: bool, prefactor: bool,
               found_inf: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor], sr_seed: Optional[torch.Tensor],
               backend: int) -> None:
-    _INSTANCES[backend]._apply(params, grads, stats, lr, max_norms if p_bound is not None else None, p_bound, maximize,
+    _INSTANCES[backend]._apply(params, grads, stats, lr, max_norm if p_bound is not None else None, p_bound, maximize,
                                prefactor, found_inf, grad_scale, sr_seed)
 
 
 @_apply_op.register_fake
-def _(params, grads, stats, lr, max_norms, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed, backend):
+def _(params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed, backend):
     return None
 
 

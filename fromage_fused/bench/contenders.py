@@ -91,9 +91,9 @@ def _compiled_foreach(p_bound):
     # The backend is looked up here, not in the compiled function, so the registry is not traced.
     foreach = _backends.get("foreach")
 
-    def foreach_step(params, grads, max_norms, lr):
+    def foreach_step(params, grads, max_norm, lr):
         stats = foreach.stats(params, grads, inner=p_bound is not None)
-        foreach.apply(params, grads, stats, lr=lr, max_norms=max_norms, p_bound=p_bound, maximize=False)
+        foreach.apply(params, grads, stats, lr=lr, max_norm=max_norm, p_bound=p_bound, maximize=False)
 
     return torch.compile(foreach_step)
 
@@ -109,7 +109,7 @@ def _compile(params, ctx):
     acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     lr = torch.tensor(s.lr, dtype=acc, device=device)
     grads = [p.grad for p in params]
-    max_norms = [torch.full((), -1.0, device=device) for _ in params] if s.p_bound is not None else None
+    max_norm = torch.full((len(params),), -1.0, device=device) if s.p_bound is not None else None
     fn = ctx.shared.get("compiled")
     if fn is None:
         fn = ctx.shared["compiled"] = _compiled_foreach(s.p_bound)
@@ -119,7 +119,7 @@ def _compile(params, ctx):
     counters.clear()
     start = time.perf_counter()
     try:
-        fn(params, grads, max_norms, lr)
+        fn(params, grads, max_norm, lr)
     except Exception as exc:  # any compiler failure is a result to report, not a crash
         raise Skip(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     if not ctx.notes:
@@ -127,7 +127,7 @@ def _compile(params, ctx):
         ctx.notes.append(f"compiled in {time.perf_counter() - start:.0f} s" + (f", {breaks} graph breaks" if breaks else ""))
 
     def step():
-        fn(params, [p.grad for p in params], max_norms, lr)
+        fn(params, [p.grad for p in params], max_norm, lr)
 
     return step
 
