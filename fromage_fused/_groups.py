@@ -188,13 +188,16 @@ def consecutive_view(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     return first.as_strided((len(tensors),), (1,))
 
 
-def adopt_max_norms(group: Group, put: Callable[[int, torch.Tensor], None]) -> None:
+def adopt_max_norms(group: Group, put: Callable[[int, torch.Tensor], None], *, lay_out: bool = True) -> None:
     """Give a bounded group one ``[n]`` max_norm tensor that its backend reads and writes in place
     (one argument instead of n). Where the state tensors are not already consecutive views of one
-    storage, they are replaced by views of a new one holding their values: ``put(j, view)`` stores
-    the view of parameter ``j`` of the group as its state."""
+    storage, they are replaced by views of a new one holding their values (``put(j, view)`` stores
+    the view of parameter ``j`` of the group as its state), or, without ``lay_out``, left as they
+    are: the group then steps a stacked copy (see :func:`run_apply`)."""
     view = consecutive_view(group.max_norms)
     if view is None:
+        if not lay_out:
+            return
         view = torch.stack(list(group.max_norms))
         group.max_norms = list(view.unbind())
         for j, m in enumerate(group.max_norms):

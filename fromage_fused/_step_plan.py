@@ -198,13 +198,12 @@ class StepPlan:
 
 
 def _one_max_norm(groups: List[Group], owners: List[torch.Tensor], pending: _Pending) -> None:
-    """Each bounded group's max_norm state as one tensor (see ``_groups.adopt_max_norms``), except
-    during CUDA graph capture: a tensor made there would live in the graph's memory, so a captured
-    step stacks and writes back instead."""
+    """Each bounded group's max_norm state as one tensor (see ``_groups.adopt_max_norms``). During
+    CUDA graph capture the state is used as one tensor only where it already is one: a tensor made
+    there would live in the graph's memory, so a captured step stacks and writes back instead."""
     for g in groups:
-        if not _capturing(g.device):
-            members = [owners[i] for i in g.indices]
-            adopt_max_norms(g, lambda j, view: pending.put(members[j], "max_norm", view))
+        members = [owners[i] for i in g.indices]
+        adopt_max_norms(g, lambda j, view: pending.put(members[j], "max_norm", view), lay_out=not _capturing(g.device))
 
 
 def build(opt, *, keep: bool = True) -> StepPlan:

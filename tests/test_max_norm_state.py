@@ -110,6 +110,32 @@ def test_laid_out_state_and_stacked_copy_step_alike(backend, dtypes, load, monke
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_during_capture_state_is_used_as_it_is(backend, monkeypatch):
+    params = _params((torch.float32, torch.bfloat16, torch.float32, torch.float32))
+    opt = Fromage(params, lr=0.5, p_bound=1.0, backend=backend)
+    seen = _spy(monkeypatch, backend)
+    held = [opt.state[p]["max_norm"] for p in params]
+    monkeypatch.setattr(_step_plan, "_capturing", lambda device: True)
+    _grads(params, 1, skip=(2,))
+    opt.step()
+    # Neither group's state is consecutive: stacked copies, and the state tensors stay.
+    assert all(opt.state[p]["max_norm"] is h for p, h in zip(params, held))
+    assert not any(_entries_of(b, [held[0], held[3]]) for b in seen)
+    assert all(float(held[i]) > 0 for i in (0, 1, 3)) and float(held[2]) == UNSET_MAX_NORM
+    # Laid out by an eager build, the state is then used in place during capture too.
+    monkeypatch.setattr(_step_plan, "_capturing", lambda device: False)
+    _grads(params, 2)
+    opt.step()
+    monkeypatch.setattr(_step_plan, "_capturing", lambda device: True)
+    seen.clear()
+    opt.zero_grad(set_to_none=True)
+    _grads(params, 3)
+    opt.step()
+    fp32 = [opt.state[p]["max_norm"] for p in (params[0], params[2], params[3])]
+    assert any(b.shape == (3,) and _entries_of(b, fp32) for b in seen)
+
+
 def test_a_laid_out_state_survives_state_dict_round_trips(tmp_path):
     params = _params()
     opt = Fromage(params, lr=0.5, p_bound=1.0, backend="foreach")
