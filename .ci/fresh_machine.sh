@@ -2,7 +2,7 @@
 # The package as a new user gets it: build the sdist and, from it, the wheel; install the wheel in
 # a new virtual environment that has only torch; use it from a directory outside the checkout
 # (.ci/smoke.py); then the [bench] extra and a short benchmark that must print its table and write
-# JSON, CSV and PNG. PREBUILT=1 adds the prebuilt extension (FROMAGE_FUSED_BUILD_EXT=1) built
+# JSON, CSV and PNG; then the [examples] extra and the demo, which must train. PREBUILT=1 adds the prebuilt extension (FROMAGE_FUSED_BUILD_EXT=1) built
 # with and without build isolation. PYTHON and TORCH pick the interpreter and the torch.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,6 +49,12 @@ grep -q "^resnet50 " "$work/table.txt" && grep -q "^fromage:cpu " "$work/table.t
 for ext in json csv png; do
     [ -s "$work/bench/bench-cpu-quick.$ext" ] || { echo "fresh_machine: no bench-cpu-quick.$ext written"; exit 1; }
 done
+
+stage "the [examples] extra and python -m fromage_fused.demo"
+"${pip[@]}" install -q "$wheel[examples]"
+"$work/venv/bin/python" -m fromage_fused.demo --epochs 3 --device cpu >"$work/demo.txt"
+cat "$work/demo.txt"
+grep -q "^epoch   3 .*test accuracy" "$work/demo.txt" || { echo "fresh_machine: the demo did not train"; exit 1; }
 
 if [ "${PREBUILT:-0}" = 1 ]; then
     stage "prebuilt extension, no build isolation (against the torch installed)"
