@@ -67,6 +67,7 @@ def _extension_kwargs():
         [f"csrc/{s}" for s in sources],
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": build.cpu_compile_flags(isa), "nvcc": build.cuda_compile_flags()},
+        extra_link_args=build.openmp_flags(),
         py_limited_api=False,
     )
     import torch

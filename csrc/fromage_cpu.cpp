@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "fromage_checks.h"
@@ -307,6 +308,14 @@ at::Tensor round_bf16_nearest_cpu(const at::Tensor& x) {
   return out;
 }
 
+// How many threads at::parallel_for runs a body on (1 when the extension was built without
+// OpenMP, whatever torch's thread count): lets a test check that the kernels use torch's threads.
+int64_t parallel_width() {
+  std::atomic<int64_t> bodies{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { ++bodies; });
+  return bodies.load();
+}
+
 }  // namespace
 }  // namespace ff
 
@@ -317,6 +326,7 @@ TORCH_LIBRARY(fromage_fused, m) {
       "bool maximize, bool prefactor, Tensor? found_inf, Tensor? grad_scale, Tensor? sr_seed) -> ()");
   m.def("round_bf16_stochastic(Tensor x, Tensor seed, int tensor_index) -> Tensor");
   m.def("round_bf16_nearest(Tensor x) -> Tensor");
+  m.def("parallel_width() -> int", &ff::parallel_width);
 }
 
 TORCH_LIBRARY_IMPL(fromage_fused, CPU, m) {

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Set
@@ -20,6 +22,8 @@ SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
 # What the AVX2 build of the CPU kernels executes; a CPU lacking one of these would die with an
 # illegal instruction, so a binary built with them is loaded only where /proc/cpuinfo lists them.
 AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
+OPENMP_ENV = "FROMAGE_FUSED_OPENMP"
+_GCC = re.compile(r"(^|-)[gc]\+\+(-[0-9.]+)?$")  # g++, g++-12, x86_64-linux-gnu-g++-12, c++ (not clang++)
 
 
 def _find_csrc() -> Path:
@@ -63,7 +67,28 @@ def cpu_compile_flags(isa: Optional[str] = "detect") -> List[str]:
     flags = ["-O3", "-ffp-contract=off"]
     if isa == "avx2":
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return flags
+    return flags + openmp_flags()
+
+
+def openmp_flags() -> List[str]:
+    """``-fopenmp`` (compile and link) where the CPU kernels can run on torch's threads, else [].
+
+    ``at::parallel_for`` is a header template that runs its body on one thread unless the code
+    calling it is compiled with OpenMP; torch's ``cpp_extension`` does not add the flag. Used on
+    Linux with a GCC compiler and a torch built with OpenMP: the extension then links the same
+    ``libgomp.so.1`` that torch has loaded, so ``torch.set_num_threads`` governs its threads.
+    ``$FROMAGE_FUSED_OPENMP`` = 1 or 0 forces the choice."""
+    forced = os.environ.get(OPENMP_ENV, "").strip()
+    if forced in ("0", "1"):
+        return ["-fopenmp"] if forced == "1" else []
+    import torch
+
+    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
+        return []
+    compiler = shutil.which(os.environ.get("CXX") or "c++")
+    if compiler is None or not _GCC.search(os.path.basename(os.path.realpath(compiler))):
+        return []
+    return ["-fopenmp"]
 
 
 def cuda_compile_flags() -> List[str]:
@@ -134,6 +159,7 @@ def build_info(variant: str, isa: Optional[str] = "detect") -> Dict[str, object]
         "isa": isa,
         "cxx": os.environ.get("CXX", ""),
         "cflags": cpu_compile_flags(isa),
+        "ldflags": openmp_flags(),
         "cuda_cflags": cuda_compile_flags() if variant == "cuda" else [],
     }
 

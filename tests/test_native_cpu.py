@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fromage_fused import backends, functional
+from fromage_fused import _build, backends, functional
 from fromage_fused._math import UNSET_MAX_NORM, coefficients, stochastic_round_bf16
 from _native import require_native
 from _oracle import compare_with_oracle
@@ -48,6 +48,18 @@ def test_stats_sum_accurately_over_many_chunks():
     got = torch.ops.fromage_fused.stats([p], [g], True)[0].double()
     want = torch.stack([(p.double() ** 2).sum(), (g.double() ** 2).sum(), (p.double() * g.double()).sum()])
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-3)
+
+
+@pytest.mark.skipif(not _build.openmp_flags(), reason="the extension is built without OpenMP here (not Linux with "
+                    "GCC and a torch built with OpenMP): its kernels run on one thread")
+def test_kernels_run_on_torch_threads():
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert torch.ops.fromage_fused.parallel_width() == t
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_results_do_not_depend_on_thread_count():

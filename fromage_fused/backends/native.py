@@ -253,6 +253,7 @@ def _compile(variant: str, info: dict, directory: Path, why: str) -> None:
             sources=[str(_build.CSRC / s) for s in sources],
             extra_include_paths=[str(_build.CSRC)],
             extra_cflags=list(info["cflags"]),
+            extra_ldflags=list(info["ldflags"]),
             extra_cuda_cflags=cuda_compile_flags(),
             build_directory=str(directory),
             with_cuda=variant == "cuda",
