@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 2) stats_kernel(const int64_t* __res
 // value or the written one, and both lead to the same number.
 template <class Tr, bool SR>
 __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __restrict__ table,
-                                                         float* __restrict__ max_norms, int64_t n,
+                                                         float* __restrict__ max_norms, int64_t n,  // [n] or null
                                                          const float* __restrict__ stats,
                                                          const float* __restrict__ lr,
                                                          const float* __restrict__ found_inf,
