@@ -2,8 +2,8 @@
 # The package as a new user gets it: build the sdist and, from it, the wheel; install the wheel in
 # a new virtual environment that has only torch; use it from a directory outside the checkout
 # (.ci/smoke.py); then the [bench] extra and a short benchmark that must print its table and write
-# JSON, CSV and PNG; then the [examples] extra and the demo, which must train. PREBUILT=1 adds the prebuilt extension (FROMAGE_FUSED_BUILD_EXT=1) built
-# with and without build isolation. PYTHON and TORCH pick the interpreter and the torch.
+# JSON, CSV and PNG; then the [examples] extra and the demo, which must train. PREBUILT=1 adds the
+# prebuilt extension (FROMAGE_FUSED_BUILD_EXT=1) built with and without build isolation. PYTHON and TORCH pick the interpreter and the torch.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}

@@ -70,8 +70,8 @@ class Group:
     caller's list. ``max_norms`` is None without ``p_bound``, else the parameters' 0-d float32
     ``max_norm`` state tensors on ``device``; ``max_norm``, when set, is one ``[n]`` tensor whose
     entries are those tensors (they are views of it: see :func:`adopt_max_norms`), else each apply
-    phase steps a stacked copy and writes it back. ``reduce``: for shards of DTensor parameters, the process group over
-    which the stats are partial sums (None: the tensors are whole).
+    phase steps a stacked copy and writes it back. ``reduce``: for shards of DTensor parameters,
+    the process group over which the stats are partial sums (None: the tensors are whole).
     """
 
     device: torch.device
@@ -263,7 +263,7 @@ def run_apply(
         group.grads,
         stats,
         lr=_lr_of(group),
-        max_norm=max_norm if group.p_bound is not None else None,
+        max_norm=max_norm,
         p_bound=group.p_bound,
         maximize=group.maximize,
         prefactor=group.prefactor,

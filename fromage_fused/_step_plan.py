@@ -197,13 +197,18 @@ class StepPlan:
         return True
 
 
-def _one_max_norm(groups: List[Group], owners: List[torch.Tensor], pending: _Pending) -> None:
-    """Each bounded group's max_norm state as one tensor (see ``_groups.adopt_max_norms``). During
-    CUDA graph capture the state is used as one tensor only where it already is one: a tensor made
-    there would live in the graph's memory, so a captured step stacks and writes back instead."""
+def _bound_state(part: _GroupPlan, groups: List[Group], owners: List[torch.Tensor], pending: _Pending,
+                 keep: bool) -> None:
+    """The max_norm state of bounded groups whose state keys are ``owners[g.indices]``: with ``keep``,
+    each group's as one tensor (see ``_groups.adopt_max_norms``; during CUDA graph capture only
+    where it already is one, since a tensor made there would live in the graph's memory, so a
+    captured step stacks and writes back instead); and the entries a later step checks."""
     for g in groups:
         members = [owners[i] for i in g.indices]
-        adopt_max_norms(g, lambda j, view: pending.put(members[j], "max_norm", view), lay_out=not _capturing(g.device))
+        if keep:
+            adopt_max_norms(g, lambda j, view: pending.put(members[j], "max_norm", view), lay_out=not _capturing(g.device))
+    part.state_refs.append(([owners[i] for g in groups for i in g.indices], "max_norm",
+                            [m for g in groups for m in g.max_norms]))
 
 
 def build(opt, *, keep: bool = True) -> StepPlan:
@@ -254,10 +259,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
                     start = end
                 part.record = Record(params, stepped, native=not part.dtensors and _grad_check.native_available(params))
             if bound:
-                if keep:
-                    _one_max_norm(groups, plain, pending)
-                part.state_refs.append(([plain[i] for g in groups for i in g.indices], "max_norm",
-                                        [m for g in groups for m in g.max_norms]))
+                _bound_state(part, groups, plain, pending, keep)
             part.groups += groups
         if part.dtensors:
             if pg["stochastic_rounding"]:
@@ -272,10 +274,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
                 part.local_feeds = [(_Feed(g, [local_p[i] for i in g.indices], [local_g[i] for i in g.indices]), list(g.indices))
                                     for g in groups]
             if bound:
-                if keep:
-                    _one_max_norm(groups, part.dtensors, pending)
-                part.state_refs.append(([part.dtensors[i] for g in groups for i in g.indices], "max_norm",
-                                        [m for g in groups for m in g.max_norms]))
+                _bound_state(part, groups, part.dtensors, pending, keep)
             part.groups += groups
         for g in part.groups:
             g.lr = lr
