@@ -1,6 +1,6 @@
 """fromage_fused: the Fromage optimizer as a couple of multi-tensor launches per step."""
 from .backends import available_backends, backend_names, backend_report
-from .optimizer import Fromage
+from .rules.fromage import Fromage
 from . import functional
 from .trust import deep_relative_trust, gradient_breakdown, max_safe_lr, relative_changes
 

@@ -1,83 +1,51 @@
-"""The functional form of Fromage and its two phases.
+"""The functional form of Fromage and its two passes.
 
 ``fromage(...)`` runs one step over any list of tensors. A caller that shards tensors (FSDP2,
 DTensor) passes ``reduce_stats``: it receives each group's ``[n, 3]`` stats of the local shards
-between the phases and returns the stats of the whole tensors (one all-reduce per group).
+between the passes and returns the stats of the whole tensors (one all-reduce per group).
 """
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 from . import backends as _backends
-from ._groups import FALLBACK, Group, execute, group_tensors, run_apply as _run_apply, run_stats as _run_stats
-from ._math import UNSET_MAX_NORM
 from .backends import Backend
+from .engine import execute as _execute
+from .engine.groups import Group, group_tensors
+from .engine.spec import check_flag
+from .engine.spec import check_lr as _check_lr
+from .engine.spec import check_positive_or_none
+from .rules.fromage.coefficients import UNSET_MAX_NORM
+from .rules.fromage.rule import FROMAGE
 
-__all__ = ["fromage", "check_lr", "check_p_bound", "check_flags", "Group", "plan", "run_stats", "run_apply", "step_groups", "UNSET_MAX_NORM"]
+__all__ = ["fromage", "check_lr", "check_p_bound", "check_flags", "Group", "plan", "run_stats", "run_apply", "step_groups",
+           "UNSET_MAX_NORM"]
+
 
 def check_lr(lr, *, read_tensor: bool = True) -> None:
     """ValueError unless lr is a finite number >= 0 or such a 1-element float tensor.
 
     ``read_tensor=False`` checks a tensor's shape and dtype only: its value stays on the device.
     """
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
-        if not lr.is_floating_point():
-            raise ValueError(f"a tensor lr must be floating point, got {lr.dtype}")
-        if lr.device.type == "meta":
-            raise ValueError("a tensor lr must hold a value; got a meta tensor")
-        if not read_tensor:
-            return
-        value = float(lr.detach().cpu())  # at construction only: a step never reads it
-    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
-        value = float(lr)
-    else:
-        # A string or a bool would convert silently to a float; refuse them.
-        raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"invalid learning rate: {lr} (must be finite and >= 0)")
+    _check_lr("lr", lr, read_tensor)
 
 
 def check_p_bound(p_bound) -> None:
     """ValueError unless p_bound is None or a finite number > 0."""
-    if p_bound is None:
-        return
-    if isinstance(p_bound, bool) or not isinstance(p_bound, numbers.Real) or not math.isfinite(p_bound) or not p_bound > 0:
-        raise ValueError(f"invalid p_bound: {p_bound!r} (must be None or a finite number > 0)")
+    check_positive_or_none("p_bound", p_bound)
 
 
 def check_flags(**flags) -> None:
     """ValueError unless each flag is True or False: bool("False") is True, so a string (or a
     number) would silently do the opposite of what it says."""
     for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-
-_resolved: Dict[Tuple[str, torch.device], Backend] = {}
-
-
-def _backend_for(name: Union[str, Backend], device: torch.device) -> Backend:
-    """The backend for ``name`` on ``device``, resolved once per (name, device) and process: the
-    registry's lookups (environment, ranking, availability) give the same answer every call."""
-    if isinstance(name, Backend):
-        return name
-    name = _backends.requested_name(name)
-    key = (name, device)
-    backend = _resolved.get(key)
-    if backend is None:
-        backend = _resolved[key] = _backends.resolve(name, device)
-    return backend
+        check_flag(name, value)
 
 
 def _fallback() -> Backend:
-    return _backends.get(FALLBACK)
+    return _backends.get(_backends.FALLBACK)
 
 
 def plan(
@@ -100,16 +68,17 @@ def plan(
     if p_bound is not None and max_norms is None:
         raise ValueError("p_bound is set: pass one max_norm tensor per parameter")
     name = backend
-    groups = group_tensors(params, grads, max_norms if p_bound is not None else None,
-                           lambda device: _backend_for(name, device), _fallback)
+    groups = group_tensors(FROMAGE, params, grads, lambda device: _backends.resolved(name, device), _fallback,
+                           scalars={"max_norm": max_norms} if p_bound is not None else None)
     for group in groups:
-        group.p_bound = p_bound
+        group.values = dict(FROMAGE.spec.defaults(), p_bound=p_bound)
     return groups
 
 
 def run_stats(group: Group, *, inner: Optional[bool] = None) -> torch.Tensor:
-    """Phase 1 for one group: ``[n, 3]`` stats of its tensors (as stored locally)."""
-    return _run_stats(group, inner=inner)
+    """Pass 1 for one group: ``[n, 3]`` stats of its tensors (as stored locally). ``<p, g>`` is
+    computed when ``inner`` or the group has a p_bound (only the clamp reads it)."""
+    return _execute.run_pass(group, 0, monitor=bool(inner))
 
 
 def run_apply(
@@ -124,16 +93,17 @@ def run_apply(
     grad_scale: Optional[torch.Tensor] = None,
     sr_seed: Optional[torch.Tensor] = None,
 ) -> None:
-    """Phase 2 for one group: the update from (possibly all-reduced) stats."""
+    """Pass 2 for one group: the update from (possibly all-reduced) stats."""
     _set_hyper(group, lr, p_bound, maximize, prefactor, sr_seed)
-    _run_apply(group, stats, found_inf=found_inf, grad_scale=grad_scale)
+    _execute.run_pass(group, 1, sums=stats, found_inf=found_inf, grad_scale=grad_scale)
 
 
 def _set_hyper(group: Group, lr, p_bound, maximize, prefactor, sr_seed) -> None:
-    if p_bound is not None and group.max_norms is None:
+    if p_bound is not None and "max_norm" not in group.scalars:
         raise ValueError("p_bound is set but the group was planned without max_norm tensors")
-    group.lr, group.p_bound, group.maximize, group.prefactor = lr, p_bound, maximize, prefactor
-    group.sr_seed = sr_seed if group.dtype == torch.bfloat16 else None
+    group.values = dict(lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
+                        stochastic_rounding=sr_seed is not None)
+    group.counters = {"sr_seed": sr_seed} if sr_seed is not None and group.dtype == torch.bfloat16 else {}
 
 
 def step_groups(
@@ -148,10 +118,10 @@ def step_groups(
     reduce_stats: Optional[Callable[[torch.Tensor, Group], torch.Tensor]] = None,
     sr_seed: Optional[torch.Tensor] = None,
 ) -> None:
-    """Both phases for groups made by :func:`plan`, with these hyper-parameters."""
+    """Both passes for groups made by :func:`plan`, with these hyper-parameters."""
     for group in groups:
         _set_hyper(group, lr, p_bound, maximize, prefactor, sr_seed)
-    execute(groups, found_inf=found_inf, grad_scale=grad_scale, reduce_stats=reduce_stats)
+    _execute.execute(groups, found_inf=found_inf, grad_scale=grad_scale, reduce_sums=reduce_stats)
 
 
 def fromage(

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fromage_fused import Fromage
-from fromage_fused.distributed import stats_bytes_per_step
+from fromage_fused.engine.distributed import sums_bytes_per_step
+from fromage_fused.rules.fromage import FROMAGE
 from _host_reads import forbid_host_reads
 
 STEPS = 10
@@ -107,7 +108,7 @@ def check_fsdp(mesh, backend, rank, world):
     counts = []
     opt = optimizer(model, backend)
     train(model, opt, STEPS, rank=rank, world=world, on_step=_counted_step(counts, guard=True))
-    return {"params": _full(model), "comm_counts": counts, "stats_bytes": stats_bytes_per_step(list(model.parameters()))}
+    return {"params": _full(model), "comm_counts": counts, "stats_bytes": sums_bytes_per_step(list(model.parameters()), FROMAGE)}
 
 
 def check_ddp(backend, rank, world):

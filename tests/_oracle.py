@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from fromage_fused import functional
-from fromage_fused._math import UNSET_MAX_NORM
+from fromage_fused.functional import UNSET_MAX_NORM
 
 
 def literal_step(params, grads, max_norms, *, lr, p_bound=None, maximize=False, prefactor=True):

@@ -11,21 +11,9 @@ import contextlib
 import torch
 from torch import nn
 
-from fromage_fused import Fromage, available_backends
-from fromage_fused.backends import get
+from fromage_fused import Fromage
 
 LR = 0.01
-
-
-def training_backends(device="cpu", *, reference=True):
-    """The backends a training loop would run on ``device``: those ranked at least as high as
-    foreach there (a test-only route such as an interpreter ranks lower), plus the reference."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return ["foreach"]
-    floor = get("foreach").priority_on(device)
-    names = [n for n in available_backends(device) if get(n).priority_on(device) >= floor and not get(n).syncs]
-    return names + (["reference"] if reference else [])
 
 
 class Tiny(nn.Module):

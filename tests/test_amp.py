@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from _training_setup import LR, assert_same, loss_of, make, one_thread, snapshot, training_backends
+from _training_setup import LR, assert_same, loss_of, make, one_thread, snapshot
 from _host_reads import forbid_host_reads
 
 SCALE = 2.0 ** 16
@@ -19,16 +19,6 @@ SCALED_TOL = {torch.float32: (1e-7, 1e-6), torch.bfloat16: (0.0, 2 ** -7)}
 def _one_thread():
     with one_thread():
         yield
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def cases():
-    for device in DEVICES:
-        name = device if isinstance(device, str) else device.values[0]
-        for b in training_backends(name):
-            yield pytest.param(name, b, marks=getattr(device, "marks", ()), id=f"{name}-{b}")
 
 
 def scaler(device):
@@ -55,7 +45,7 @@ def scaled_step(model, opt, sc, step, device, clip=None, poison=None):
     sc.update()
 
 
-@pytest.mark.parametrize("device,backend", list(cases()))
+@pytest.mark.backends(interpreted=False)
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["scaled", "unscale_+clip"])
 def test_scaled_steps_equal_unscaled(device, backend, clip):
     m0, o0 = make(device, backend)
@@ -69,7 +59,7 @@ def test_scaled_steps_equal_unscaled(device, backend, clip):
         assert_same(snapshot(m0, o0), snapshot(m1, o1), exact=False, tol=SCALED_TOL)
 
 
-@pytest.mark.parametrize("device,backend", list(cases()))
+@pytest.mark.backends(interpreted=False)
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["scaled", "unscale_+clip"])
 def test_fallback_uses_unscaled_gradient(device, backend, clip):
     model, opt = make(device, backend)
@@ -86,7 +76,7 @@ def test_fallback_uses_unscaled_gradient(device, backend, clip):
     torch.testing.assert_close(model.lin.bias.detach(), want, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("device,backend", list(cases()))
+@pytest.mark.backends(interpreted=False)
 @pytest.mark.parametrize("poison", [float("inf"), float("nan")], ids=["inf", "nan"])
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["scaled", "unscale_+clip"])
 def test_nonfinite_step_changes_nothing_and_lowers_scale(device, backend, poison, clip):
@@ -104,6 +94,9 @@ def test_nonfinite_step_changes_nothing_and_lowers_scale(device, backend, poison
     ref_model, ref_opt = make(device, backend, seed=5)
     scaled_step(ref_model, ref_opt, scaler(device), 1, device, clip)
     assert_same(snapshot(ref_model, ref_opt), snapshot(model, opt))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

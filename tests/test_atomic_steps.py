@@ -6,15 +6,12 @@ group has changed."""
 import math
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fromage_fused
 from fromage_fused import Fromage, functional
-from fromage_fused._math import UNSET_MAX_NORM
-from _interpreter_kernels import triton_on_cpu
+from fromage_fused.functional import UNSET_MAX_NORM
 
 SETTINGS = settings(max_examples=int(os.environ.get("FROMAGE_HYPOTHESIS_EXAMPLES", 25)), deadline=None,
                     derandomize=bool(os.environ.get("CI")),
@@ -34,19 +31,6 @@ LRS = [("keep", True), (0.05, True), ("tensor", True), (-1.0, False), (math.nan,
        ("two_elements", False), ("int_tensor", False)]
 P_BOUNDS = [("keep", True), (None, True), (2.0, True), (0, False), (-1.0, False), (math.nan, False), (True, False)]
 FLAGS = [("keep", True), (True, True), (False, True), ("False", False), (1, False)]
-
-
-def _backends():
-    names = fromage_fused.available_backends("cpu")
-    return names if TRITON in names else names + [TRITON]
-
-
-@pytest.fixture(params=_backends())
-def backend(request):
-    name = request.param
-    if name == TRITON:
-        triton_on_cpu()  # at run time, not collection (see _interpreter_kernels.py)
-    return name
 
 
 param_specs = st.tuples(st.sampled_from(DTYPES), st.sampled_from(SHAPES), st.sampled_from(list(GRADS)))

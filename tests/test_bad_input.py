@@ -9,7 +9,7 @@ from torch import nn
 import fromage_fused
 from fromage_fused import Fromage, functional
 from fromage_fused import backends as registry
-from fromage_fused._math import UNSET_MAX_NORM
+from fromage_fused.functional import UNSET_MAX_NORM
 from fromage_fused.backends import Backend
 
 BAD_LR = [-0.01, -1, math.nan, math.inf, -math.inf, "0.01", None, True, [0.01], {}, torch.tensor([0.01, 0.02]),
@@ -87,11 +87,27 @@ def test_bad_p_bound(p_bound):
     assert mn[0].item() == UNSET_MAX_NORM
 
 
+def _steps_with(**kw):
+    """An optimizer made with ``kw`` keeps the values as given and steps with them."""
+    p = nn.Parameter(torch.randn(2))
+    opt = Fromage([p], **kw)
+    group = opt.param_groups[0]
+    for name, value in kw.items():
+        assert group[name] is value
+    before = p.detach().clone()
+    p.grad = torch.randn(2)
+    opt.step()
+    return before, p.detach()
+
+
 def test_good_hyper_parameters_are_accepted():
     for lr in (0, 0.0, 1e-3, 2, torch.tensor(0.01), torch.tensor([0.01], dtype=torch.float64)):
-        Fromage([nn.Parameter(torch.randn(2))], lr=lr)
+        before, after = _steps_with(lr=lr)
+        # lr 0 still applies the prefactor 1/sqrt(1 + 0) = 1 and moves nothing
+        assert torch.equal(before, after) == (float(lr) == 0)
     for p_bound in (None, 1, 0.5, 1e6):
-        Fromage([nn.Parameter(torch.randn(2))], p_bound=p_bound)
+        before, after = _steps_with(p_bound=p_bound)
+        assert not torch.equal(before, after)
 
 
 def test_unknown_backend_names_the_choices():

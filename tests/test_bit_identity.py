@@ -24,10 +24,14 @@ import numpy as np
 import pytest
 import torch
 
+from fromage_fused.rules.fromage import phases
+
 import _triton_interpreter  # noqa: E402,F401  (the triton cases on a machine without CUDA)
 import _bit_model as model  # noqa: E402
+from conftest import backend_cases  # noqa: E402
 from fromage_fused import available_backends, backends, functional  # noqa: E402
-from fromage_fused._math import UNSET_MAX_NORM, nearest_bf16, stochastic_round_bf16  # noqa: E402
+from fromage_fused.functional import UNSET_MAX_NORM
+from fromage_fused.engine.rounding import nearest_bf16, stochastic_round_bf16  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # The values overflow and make NaNs on purpose; Triton's interpreter computes them with numpy.
@@ -38,7 +42,7 @@ SEEDS = [(0, 0), (12345, 7), (-3, 1000), (2**40 + 17, 3), (2**63 - 1, 2**31 - 1)
 
 
 def _backends_on(device):
-    names = [n for n in available_backends(device) if n != "reference"]
+    names = [n for _, n in backend_cases((device,), reference=False)]
     if len(names) < 2:
         pytest.skip(f"fewer than two backends to compare on {device}: {names}")
     return names
@@ -166,8 +170,8 @@ def _run_apply(name, device, params, grads, stats, *, lr, p_bound=None, maximize
     fmt = torch.contiguous_format if backend.dense_only else torch.preserve_format
     ps = [p.clone(memory_format=fmt) for p in params]
     mn = None if max_norms is None else torch.stack(max_norms)
-    backend.apply(
-        ps, [g.clone(memory_format=fmt) for g in grads], stats.clone(), lr=torch.tensor(lr, device=device), max_norm=mn,
+    phases.apply(
+        backend, ps, [g.clone(memory_format=fmt) for g in grads], stats.clone(), lr=torch.tensor(lr, device=device), max_norm=mn,
         p_bound=p_bound, maximize=maximize, prefactor=prefactor,
         grad_scale=None if grad_scale is None else torch.tensor(grad_scale, device=device),
         sr_seed=None if sr_seed is None else torch.tensor(sr_seed, device=device))
@@ -215,7 +219,7 @@ def _tensors(device, dtype, gen):
     grid = torch.randn(40, 66, generator=gen).to(dtype)
     params.append(grid.t())   # a strided view (a dense_only backend gets a contiguous copy)
     grads.append(torch.randn(66, 40, generator=gen).to(dtype))
-    stats = backends.get("foreach").stats([p.to(device) for p in params], [g.to(device) for g in grads])
+    stats = phases.stats(backends.get("foreach"), [p.to(device) for p in params], [g.to(device) for g in grads])
     specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 3.3e38, -3.3e38, 1e-39, -1e-40,
                              0.0, -0.0], dtype=torch.float32).to(dtype)
     params[-4][: specials.numel()] = specials
@@ -388,7 +392,7 @@ def test_cuda_apply_kernels_compile_to_unfused_correctly_rounded_arithmetic(arch
 def test_every_backend_repeats_itself(device, dtype):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    names = available_backends(device)
+    names = [n for _, n in backend_cases((device,))]
     gen = torch.Generator().manual_seed(11)
     params = [torch.randn(n, generator=gen).to(dtype).to(device) for n in (40_000, 33, 4099, 1)]
     grads = [torch.randn(p.shape, generator=gen).to(dtype).to(device) for p in params]

@@ -1,19 +1,20 @@
 """The CUDA-graph guards' logic on CPU: with capture simulated, a Python lr and state creation are
-refused before anything changes; without it, nothing is refused. test_cuda_graphs.py runs the
-real captures on a GPU."""
+refused before anything changes; without it, nothing is refused; and every part of the package
+asks the same question (``engine.capture.capturing``), the triton backend's table cache included.
+test_cuda_graphs.py runs the real captures on a GPU."""
 import pytest
 import torch
 
-from fromage_fused import _training
+from fromage_fused.engine import capture
 from _training_setup import LR, assert_same, loss_of, make, snapshot
 
 
 def simulate_capture(monkeypatch):
-    monkeypatch.setattr(_training, "capturing", lambda device: True)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
 
 
-def stepped(lr, steps=1):
-    model, opt = make(lr=lr)
+def stepped(lr, steps=1, backend="foreach"):
+    model, opt = make(backend=backend, lr=lr)
     for step in range(steps):
         opt.zero_grad()
         loss_of(model, step).backward()
@@ -23,8 +24,30 @@ def stepped(lr, steps=1):
 
 
 def test_nothing_is_refused_outside_capture():
-    assert not _training.capturing(torch.device("cpu"))
-    stepped(LR)[1].step()
+    assert not capture.capturing(torch.device("cpu"))
+    model, opt = make(lr=LR)  # a Python lr, and state to create at the first step
+    loss_of(model, 0).backward()
+    before = snapshot(model, opt)
+    opt.step()
+    assert "sr_seed" in opt.state[model.low] and float(opt.state[model.lin.weight]["max_norm"]) > 0
+    after = snapshot(model, opt)
+    assert all(not torch.equal(before[0][n], after[0][n]) for n in before[0])
+
+
+def test_triton_tables_made_under_capture_are_held(monkeypatch):
+    from _interpreter_kernels import triton_on_cpu
+
+    triton_on_cpu()
+    model, opt = stepped(torch.tensor(LR), backend="triton")
+    backend = opt._device_backends[torch.device("cpu")]
+    made_eagerly = set(backend._tables)
+    assert not any(t.held for t in backend._tables.values())
+    simulate_capture(monkeypatch)
+    opt.zero_grad(set_to_none=True)  # new gradient storage: new address tables, made "inside capture"
+    loss_of(model, 1).backward()
+    opt.step()
+    made_captured = [t for key, t in backend._tables.items() if key not in made_eagerly]
+    assert made_captured and all(t.held for t in made_captured)
 
 
 def test_python_lr_is_refused_under_capture(monkeypatch):

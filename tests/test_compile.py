@@ -3,10 +3,10 @@ eager result. Small models, few compiles: compilation dominates the cost on CPU.
 import pytest
 import torch
 
-import _triton_interpreter  # noqa: F401  (the triton cases on a machine without CUDA)
-from fromage_fused import Fromage, available_backends
+from fromage_fused import Fromage
+from _interpreter_kernels import triton_on_cpu
 
-from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, one_thread, snapshot, training_backends
+from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, one_thread, snapshot
 
 #: compiled vs eager after STEPS steps; bf16 allows a stochastic rounding that went the other way
 #: after a one-ulp fp32 difference (a reordered reduction).
@@ -30,18 +30,7 @@ def _graph_breaks(fn):
     return explained.graph_break_count, [b.reason for b in explained.break_reasons]
 
 
-def graph_cases():
-    yield pytest.param("cpu", "foreach", False, id="cpu-foreach-creates-state")
-    for backend in training_backends("cpu", reference=False):
-        yield pytest.param("cpu", backend, True, id=f"cpu-{backend}-warm")
-    if "triton" in available_backends("cpu"):  # the interpreter: the same host code and custom ops as on CUDA
-        yield pytest.param("cpu", "triton", True, id="cpu-triton-interpreter-warm")
-    for backend in training_backends("cuda", reference=False):
-        yield pytest.param("cuda", backend, True, id=f"cuda-{backend}-warm", marks=pytest.mark.gpu)
-
-
-@pytest.mark.parametrize("device,backend,warm", list(graph_cases()))
-def test_step_has_no_graph_breaks(device, backend, warm):
+def _assert_no_graph_breaks(device, backend, warm):
     model, opt = make(device, backend, lr=torch.tensor(LR, device=device))
     loss_of(model, 0, device).backward()
     if warm:
@@ -53,8 +42,17 @@ def test_step_has_no_graph_breaks(device, backend, warm):
     assert "max_norm" in opt.state[model.lin.weight] and "sr_seed" in opt.state[model.low]
 
 
-@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs Triton's interpreter")
+@pytest.mark.backends(reference=False)  # the interpreter too: the same host code and custom ops as on CUDA
+def test_step_has_no_graph_breaks(device, backend):
+    _assert_no_graph_breaks(device, backend, warm=True)
+
+
+def test_a_step_that_creates_state_has_no_graph_breaks():
+    _assert_no_graph_breaks("cpu", "foreach", warm=False)
+
+
 def test_compiled_triton_step_matches_eager():
+    triton_on_cpu()
     # The triton phases are opaque custom ops to the compiler: fullgraph holds and the compiled step
     # runs the same kernels (here under the interpreter) on the same tables.
     runs = []

@@ -6,7 +6,7 @@ import torch
 
 from fromage_fused import functional
 from _host_reads import forbid_cuda_sync
-from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, snapshot, training_backends
+from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, snapshot
 
 pytestmark = pytest.mark.gpu
 
@@ -15,10 +15,6 @@ pytestmark = pytest.mark.gpu
 GRAPH_TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (0.0, 2 ** -6)}
 WARMUP, STEPS = 3, 12
 DEVICE = "cuda"
-
-
-def capture_backends():
-    return training_backends(DEVICE, reference=False)
 
 
 def device_lr():
@@ -61,7 +57,7 @@ def flood_table_cache(backend):
 
 
 @pytest.mark.parametrize("pressure", [False, True], ids=["plain", "cache-pressure"])
-@pytest.mark.parametrize("backend", capture_backends())
+@pytest.mark.backends(devices=("cuda",), reference=False, interpreted=False)
 def test_replay_matches_eager(backend, pressure):
     # zero_grad(set_to_none=True) before the capture: the gradients are allocated inside it, so the
     # tensor tables miss there and are uploaded (from pinned buffers) inside the graph.
@@ -118,7 +114,7 @@ def test_capture_refuses_to_create_state():
     assert not any(opt.state.values())
 
 
-@pytest.mark.parametrize("backend", capture_backends())
+@pytest.mark.backends(devices=("cuda",), reference=False, interpreted=False)
 def test_eager_step_does_not_sync(backend):
     model, opt = make(DEVICE, backend, lr=device_lr())
     for step in range(2):

@@ -18,8 +18,9 @@ if not sys.platform.startswith("linux"):
     pytest.skip("the ranks are forked processes (Linux)", allow_module_level=True)
 
 import _dist_worker as W  # noqa: E402
+from conftest import backend_cases  # noqa: E402
 
-BACKENDS = [b for b in fromage_fused.available_backends("cpu") if b != "reference"]
+BACKENDS = [name for _, name in backend_cases(("cpu",), reference=False)]
 
 # (atol, rtol), rtol relative to the tensor's largest magnitude. The sharded runs sum gradients and
 # stats in another order than one process does: fp32 rounding, compounded over W.STEPS steps.
@@ -32,19 +33,30 @@ def dir2(tmp_path_factory):
     return str(tmp_path_factory.mktemp("ranks2"))
 
 
+def _kernels_before_forking():
+    # The ranks are forked: Triton's kernels must be imported (under its interpreter) before.
+    if "triton" in BACKENDS:
+        from _interpreter_kernels import triton_on_cpu
+
+        triton_on_cpu()
+
+
 @pytest.fixture(scope="module")
 def ranks2(dir2):
+    _kernels_before_forking()
     return W.launch(2, dir2, BACKENDS)
 
 
 @pytest.fixture(scope="module")
 def ranks4(tmp_path_factory, dir2, ranks2):
     # the 4 ranks also resume from the checkpoint the 2 ranks saved
+    _kernels_before_forking()
     return W.launch(4, str(tmp_path_factory.mktemp("ranks4")), BACKENDS, resume_from=os.path.join(dir2, "ckpt"))
 
 
 @pytest.fixture(scope="module")
 def single():
+    _kernels_before_forking()
     return {b: W.single_process(b) for b in BACKENDS}
 
 
@@ -61,7 +73,7 @@ def assert_params_close(got, want, what):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.backends(reference=False)
 def test_fsdp_matches_single_process(request, single, world, backend):
     results = _ranks(request, world)
     want = single[backend]
@@ -72,7 +84,7 @@ def test_fsdp_matches_single_process(request, single, world, backend):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.backends(reference=False)
 def test_fsdp_one_all_reduce_per_step(request, world, backend):
     for rank, out in enumerate(_ranks(request, world)):
         counts = out["fsdp"][backend]["comm_counts"]

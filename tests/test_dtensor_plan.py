@@ -39,7 +39,7 @@ def _grad(p, step):
 
 @pytest.mark.parametrize("force_reuse", [False, True])
 def test_a_replaced_local_shard_rebuilds_the_plan(world, force_reuse, monkeypatch):
-    from fromage_fused import _step_plan
+    from fromage_fused.engine import plan as _step_plan
 
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
     runs = []

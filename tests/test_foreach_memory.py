@@ -3,10 +3,12 @@ float32 step; bf16 copies, p_bound's inner products, found_inf), measured with t
 allocator events on CPU. Stochastic rounding (whole tensors, its integer hash) is outside the bound."""
 import pytest
 import torch
+
+from fromage_fused.rules.fromage import phases
 from torch.profiler import ProfilerActivity, profile
 
 from fromage_fused.backends import foreach
-from fromage_fused._math import UNSET_MAX_NORM
+from fromage_fused.functional import UNSET_MAX_NORM
 
 SIZES = (4096,) * 6 + (3000, 16384, 1)
 
@@ -37,8 +39,8 @@ def test_transient_memory_is_at_most_one_tensor(dtype, p_bound, found_inf, monke
     backend = foreach.BACKEND
 
     def step():
-        stats = backend.stats(params, grads, inner=p_bound is not None)
-        backend.apply(params, grads, stats, lr=lr, max_norm=max_norm, p_bound=p_bound, maximize=False, found_inf=flag)
+        stats = phases.stats(backend, params, grads, inner=p_bound is not None)
+        phases.apply(backend, params, grads, stats, lr=lr, max_norm=max_norm, p_bound=p_bound, maximize=False, found_inf=flag)
 
     step()  # the coefficient buffer exists from the first step on
     largest = max(p.numel() * p.element_size() for p in params)

@@ -2,8 +2,12 @@
 import pytest
 import torch
 
+from fromage_fused.rules.fromage import phases
+
 from fromage_fused import _build, backends, functional
-from fromage_fused._math import UNSET_MAX_NORM, coefficients, stochastic_round_bf16
+from fromage_fused.functional import UNSET_MAX_NORM
+from fromage_fused.engine.rounding import stochastic_round_bf16
+from fromage_fused.rules.fromage.coefficients import coefficients
 from _native import require_native
 from _oracle import compare_with_oracle
 from tolerances import ORACLE_TOL
@@ -113,7 +117,7 @@ def test_empty_tensors_and_empty_lists():
     # an empty list makes no group: backends are never called with empty lists (backends/_base.py)
     assert functional.plan([], [], None, backend="cpu") == []
     functional.fromage([], [], None, lr=0.1, backend="cpu")
-    backends.get("cpu").apply([], [], torch.zeros(0, 3), lr=torch.tensor(0.1), max_norm=None, p_bound=None, maximize=False)
+    phases.apply(backends.get("cpu"), [], [], torch.zeros(0, 3), lr=torch.tensor(0.1), max_norm=None, p_bound=None, maximize=False)
 
 
 def test_found_inf_changes_nothing():
@@ -185,10 +189,10 @@ def test_bf16_step_with_sr_seed_is_the_shared_recipe_bit_for_bit(p_bound):
     seed, lr = torch.tensor(987654321, dtype=torch.int64), torch.tensor(0.05)
     mn = [torch.full((), UNSET_MAX_NORM) for _ in params] if p_bound else None
     cpu = backends.get("cpu")
-    stats = cpu.stats(params, grads, inner=p_bound is not None)
+    stats = phases.stats(cpu, params, grads, inner=p_bound is not None)
     coef_p, coef_g, _ = coefficients(stats, lr, max_norm=None if mn is None else torch.stack(mn), p_bound=p_bound)
     want = [stochastic_round_bf16(coef_p[i] * p.float() + coef_g[i] * g.float(), seed, i) for i, (p, g) in enumerate(zip(params, grads))]
-    cpu.apply(params, grads, stats, lr=lr, max_norm=None if mn is None else torch.stack(mn), p_bound=p_bound,
+    phases.apply(cpu, params, grads, stats, lr=lr, max_norm=None if mn is None else torch.stack(mn), p_bound=p_bound,
               maximize=False, sr_seed=seed)
     differ = sum(int((got.view(torch.int16) != w.view(torch.int16)).sum()) for got, w in zip(params, want))
     assert differ == 0, f"{differ} of {sum(sizes)} bf16 elements differ"

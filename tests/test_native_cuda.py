@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+from fromage_fused.rules.fromage import phases
+
 from fromage_fused import backends, functional
-from fromage_fused._math import UNSET_MAX_NORM, stochastic_round_bf16
+from fromage_fused.functional import UNSET_MAX_NORM
+from fromage_fused.engine.rounding import stochastic_round_bf16
 from _host_reads import forbid_cuda_sync
 from _native import require_native
 from _oracle import compare_with_oracle
@@ -199,6 +202,6 @@ def test_tensor_over_2_31_elements():
     lr = 0.01
     a = lr * (want[0] / want[1]).sqrt()
     expect_tail = (tail_p - a * tail_g) / (1 + lr * lr) ** 0.5
-    backends.get("cuda").apply([p], [g], stats.float().cuda().reshape(1, 3), lr=torch.full((), lr, device="cuda"),
+    phases.apply(backends.get("cuda"), [p], [g], stats.float().cuda().reshape(1, 3), lr=torch.full((), lr, device="cuda"),
                                max_norm=None, p_bound=None, maximize=False)
     torch.testing.assert_close(p[-5000:].double(), expect_tail, atol=2e-2, rtol=2 ** -7)

@@ -9,13 +9,9 @@ from torch import nn
 
 import fromage_fused
 from fromage_fused import Fromage, functional
-from fromage_fused._math import UNSET_MAX_NORM
+from fromage_fused.functional import UNSET_MAX_NORM
 from _host_reads import READERS, HostRead, forbid_cuda_sync, forbid_host_reads
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# CUDA cases carry the gpu marker, so that `pytest -m gpu` (the GPU check) runs them.
-NON_REFERENCE = [pytest.param(b, d, marks=[pytest.mark.gpu] if d == "cuda" else [], id=f"{b}-{d}")
-                 for d in DEVICES for b in fromage_fused.available_backends(d) if b != "reference"]
 
 
 def model(device):
@@ -40,7 +36,7 @@ def fill_grads(net, extra, step):
         net[1].weight.grad = None  # a parameter without a gradient this step
 
 
-@pytest.mark.parametrize("backend, device", NON_REFERENCE)
+@pytest.mark.backends(reference=False)  # CUDA rows carry the gpu marker: `pytest -m gpu` runs them
 @pytest.mark.parametrize("p_bound", [None, 1.0])
 @pytest.mark.parametrize("tensor_lr", [False, True])
 def test_optimizer_step_reads_nothing_on_the_host(backend, device, p_bound, tensor_lr):
@@ -56,7 +52,7 @@ def test_optimizer_step_reads_nothing_on_the_host(backend, device, p_bound, tens
         assert any(not torch.equal(a, b.detach()) for a, b in zip(before, opt.param_groups[0]["params"]))
 
 
-@pytest.mark.parametrize("backend, device", NON_REFERENCE)
+@pytest.mark.backends(reference=False)  # CUDA rows carry the gpu marker: `pytest -m gpu` runs them
 def test_functional_with_loss_scaling_reads_nothing_on_the_host(backend, device):
     params = [torch.randn(5, device=device), torch.zeros(3, device=device), torch.randn(2, 2, device=device)]
     grads = [torch.randn_like(p) * 1024 for p in params]

@@ -8,10 +8,8 @@ from torch import nn
 from torch.optim import lr_scheduler
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import fromage_fused
 from fromage_fused import Fromage
 
-BACKENDS = fromage_fused.available_backends("cpu")
 
 
 def problem(seed=0):
@@ -34,7 +32,6 @@ def closure_for(opt, loss_fn):
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("maximize", [False, True])
 def test_loss_goes_down_or_up_with_maximize(backend, maximize):
     net, loss_fn = problem()
@@ -78,7 +75,6 @@ def test_param_groups_with_different_lr():
     assert ra == pytest.approx(0.01, rel=0.01) and rb == pytest.approx(0.1, rel=0.1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_tensor_lr_equals_float_lr(backend, dtype):
     # lr as a tensor in the accumulation dtype is the same number as the float (0.25 is exact).
@@ -96,7 +92,6 @@ def test_tensor_lr_equals_float_lr(backend, dtype):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p_bound", [None, 0.9])
 def test_complex_equals_its_real_view(backend, p_bound):
     torch.manual_seed(0)

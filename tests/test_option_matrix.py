@@ -8,16 +8,13 @@ import pytest
 import torch
 
 import fromage_fused
-from fromage_fused import Fromage, _training, functional
-from fromage_fused._math import UNSET_MAX_NORM
-from _interpreter_kernels import triton_on_cpu
+from fromage_fused import Fromage, functional
+from fromage_fused.engine import capture
+from fromage_fused.functional import UNSET_MAX_NORM
+from conftest import backend_cases
 from _oracle import MIXED_SHAPES, gradient_schedule, literal_step, mixed_tensors
 from tolerances import ORACLE_TOL, SR_STEP_TOL
 
-#: Triton runs on CPU only under its interpreter, chosen when the kernels are imported: they are
-#: imported so at run time (not at collection, which would add triton to other modules' lists).
-INTERPRETED = "triton"
-BACKENDS = [b for b in fromage_fused.available_backends("cpu") if b != INTERPRETED]
 STEPS = 6
 LRS = (0.05, 0.2)  # the lr changes half-way (in place when it is a tensor)
 SCALE = 2.0 ** 10
@@ -88,29 +85,12 @@ def _run(backend, dtype, options, *, device="cpu", stochastic_rounding=False, wr
     return [_local(p).cpu() for p in params]
 
 
-def _usable(backend, device="cpu"):
-    if device == "cpu" and backend == INTERPRETED:
-        triton_on_cpu()  # at run time, not collection (see _interpreter_kernels.py)
-    return backend
-
-
-def cases():
-    for backend in BACKENDS + [INTERPRETED]:
-        yield pytest.param("cpu", backend, id=f"cpu-{backend}")
-    cuda = fromage_fused.available_backends("cuda") if torch.cuda.is_available() else ["foreach"]
-    for backend in cuda:
-        yield pytest.param("cuda", backend, id=f"cuda-{backend}", marks=pytest.mark.gpu)
-
-
-@pytest.mark.parametrize("device,backend", list(cases()))
 @pytest.mark.parametrize("case", list(OPTIONS))
 def test_each_option_through_each_backend(device, backend, case):
-    _run(_usable(backend, device), torch.float32, OPTIONS[case], device=device)
+    _run(backend, torch.float32, OPTIONS[case], device=device)
 
 
-@pytest.mark.parametrize("device,backend", list(cases()))
 def test_bf16_stochastic_rounding_with_every_option(device, backend):
-    _usable(backend, device)
     got = _run(backend, torch.bfloat16, OPTIONS["all"], device=device, stochastic_rounding=True)
     # the same seed through another backend: the shared recipe on fp32 results that agree to a
     # few fp32 ulps, so nearly every element is bit-identical
@@ -134,7 +114,8 @@ def mesh():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["auto"] + [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", ["auto"] + [name for _, name in backend_cases(("cpu",), reference=False,
+                                                                                   interpreted=False)])
 def test_dtensor_route_takes_every_option_and_the_resolved_backend(mesh, backend, monkeypatch):
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -172,7 +153,7 @@ def test_dtensor_route_refuses_a_python_lr_under_capture(mesh, monkeypatch):
     opt.step()  # warm, outside capture
     grads()
     before = [p.detach().to_local().clone() for p in params]
-    monkeypatch.setattr(_training, "capturing", lambda device: True)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="needs lr as a tensor"):
         opt.step()
     assert all(torch.equal(b, p.detach().to_local()) for b, p in zip(before, params))
@@ -187,7 +168,7 @@ def test_dtensor_route_finds_its_state_before_anything_changes(mesh, monkeypatch
     opt.param_groups[1]["p_bound"] = 1.0
     grads()
     before = [p.detach().to_local().clone() for p in params]
-    monkeypatch.setattr(_training, "capturing", lambda device: True)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
         opt.step()
     assert all(torch.equal(b, p.detach().to_local()) for b, p in zip(before, params))
@@ -197,7 +178,7 @@ def test_dtensor_route_finds_its_state_before_anything_changes(mesh, monkeypatch
 
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.backends(interpreted=False)
 @pytest.mark.parametrize("p_bound", [None, 0.9])
 def test_functional_reduce_stats_steps_shards_as_whole_tensors(backend, p_bound):
     # Two "ranks" hold the halves of every tensor; reduce_stats adds the other half's stats, as an

@@ -8,15 +8,14 @@ from torch import nn
 
 import fromage_fused
 from fromage_fused import Fromage
-from fromage_fused._math import UNSET_MAX_NORM
+from fromage_fused.functional import UNSET_MAX_NORM
 from _oracle import compare_with_oracle
 from tolerances import ORACLE_TOL
 
-CPU_BACKENDS = [b for b in fromage_fused.available_backends("cpu") if b != "reference"]
 STEPS = 20
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.backends(reference=False)
 @pytest.mark.parametrize("dtype", list(ORACLE_TOL))
 @pytest.mark.parametrize("p_bound", [None, 1.0])
 @pytest.mark.parametrize("maximize", [False, True])
@@ -24,7 +23,7 @@ def test_backend_matches_oracle(backend, dtype, p_bound, maximize):
     compare_with_oracle(backend, dtype, p_bound=p_bound, maximize=maximize, tol=ORACLE_TOL[dtype], steps=STEPS)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.backends(reference=False)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p_bound", [None, 0.7])
 def test_backend_matches_oracle_with_tensor_lr(backend, dtype, p_bound):
@@ -67,7 +66,7 @@ def _close(got, want, tol, what):
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.backends(reference=False)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p_bound", [None, 1.0])
 def test_optimizer_on_a_model_matches_oracle(backend, dtype, p_bound):
@@ -114,7 +113,7 @@ def _strided(dtype, seed):
             torch.complex(r(5, 4), r(5, 4)).to(cdtype).t()]             # complex, transposed
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.backends(reference=False)
 @pytest.mark.parametrize("dtype", list(ORACLE_TOL))
 @pytest.mark.parametrize("p_bound", [None, 0.9])
 def test_non_contiguous_tensors_match_oracle(backend, dtype, p_bound):

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from _oracle import MIXED_SHAPES, compare_with_oracle, gradient_schedule, literal_step, mixed_tensors, run_functional
-from fromage_fused._math import UNSET_MAX_NORM
+from fromage_fused.functional import UNSET_MAX_NORM
 from fromage_fused.backends.foreach import ForeachBackend
 from fromage_fused.backends.reference import ReferenceBackend
+from fromage_fused.rules.fromage import phases
 from tolerances import LITERAL_TOL, ORACLE_TOL
 
 
@@ -36,29 +37,36 @@ def test_reference_equals_literal_step(p_bound, maximize):
 class _NoPrefactor(ForeachBackend):
     name = "no-prefactor"
 
-    def apply(self, *args, **kw):
-        kw["prefactor"] = False
-        super().apply(*args, **kw)
+    def run_pass(self, rule, index, call):
+        if index == 1:
+            call.values = dict(call.values, prefactor=False)
+        return super().run_pass(rule, index, call)
 
 
 class _NoClamp(ReferenceBackend):
     name = "no-clamp"
 
-    def apply(self, params, grads, stats, *, max_norm, p_bound, **kw):
-        if max_norm is not None:  # still records max_norm, but never clamps
+    def run_pass(self, rule, index, call):
+        max_norm = call.scalars.get("max_norm")
+        if index == 1 and max_norm is not None:  # still records max_norm, but never clamps
             max_norm.masked_fill_(max_norm < 0, 1e30)
-        super().apply(params, grads, stats, max_norm=max_norm, p_bound=p_bound, **kw)
+        return super().run_pass(rule, index, call)
 
 
 class _AlwaysScaled(ForeachBackend):
     """Takes the fallback branch's lr for zero-norm tensors as 0 (skips them) instead."""
     name = "no-fallback"
 
-    def apply(self, params, grads, stats, **kw):
-        keep = [i for i in range(len(params)) if stats[i, 0] > 0 and stats[i, 1] > 0]
-        mn = kw.pop("max_norm")
-        super().apply([params[i] for i in keep], [grads[i] for i in keep], stats[keep],
-                      max_norm=None if mn is None else mn[keep], **kw)
+    def run_pass(self, rule, index, call):
+        if index == 0:
+            return super().run_pass(rule, index, call)
+        stats = call.sums
+        keep = [i for i in range(call.n) if stats[i, 0] > 0 and stats[i, 1] > 0]
+        params, grads = call.lists
+        mn = call.scalars.get("max_norm")
+        phases.apply(ForeachBackend(), [params[i] for i in keep], [grads[i] for i in keep], stats[keep],
+                     lr=call.hyper[0], max_norm=None if mn is None else mn[keep], p_bound=call.values["p_bound"],
+                     maximize=call.values["maximize"], prefactor=call.values["prefactor"])
 
 
 @pytest.mark.parametrize("wrong, p_bound", [(_NoPrefactor(), None), (_NoClamp(), 1.0), (_AlwaysScaled(), None)])

@@ -13,6 +13,8 @@ import textwrap
 import pytest
 import torch
 
+from fromage_fused.rules.fromage import phases
+
 pytest.importorskip("triton")
 
 import _triton_interpreter  # noqa: E402,F401  (before anything imports the kernels)
@@ -22,8 +24,10 @@ from tolerances import ORACLE_TOL  # noqa: E402
 
 import fromage_fused  # noqa: E402
 from fromage_fused import functional  # noqa: E402
-from fromage_fused._math import UNSET_MAX_NORM, stochastic_round_bf16  # noqa: E402
+from fromage_fused.functional import UNSET_MAX_NORM
+from fromage_fused.engine.rounding import stochastic_round_bf16  # noqa: E402
 from fromage_fused.backends import triton as triton_backend  # noqa: E402
+from fromage_fused.engine import capture  # noqa: E402
 from _host_reads import forbid_host_reads  # noqa: E402
 
 BACKEND = triton_backend.BACKEND
@@ -307,20 +311,20 @@ def test_apply_with_sr_seed_rounds_the_fp32_result_exactly(device):
     shapes = [(300,), (1,), (4097,), (0,), (7, 5)]
     p16 = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
     g16 = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
-    stats = BACKEND.stats(p16, g16)
+    stats = phases.stats(BACKEND, p16, g16)
     p32 = [p.float() for p in p16]
     g32 = [g.float() for g in g16]
     seed = torch.tensor(20260101, dtype=torch.int64, device=device)
     lr = torch.full((), 0.05, device=device)
-    BACKEND.apply(p16, g16, stats, lr=lr, max_norm=None, p_bound=None, maximize=False, sr_seed=seed)
-    BACKEND.apply(p32, g32, stats, lr=lr, max_norm=None, p_bound=None, maximize=False)
+    phases.apply(BACKEND, p16, g16, stats, lr=lr, max_norm=None, p_bound=None, maximize=False, sr_seed=seed)
+    phases.apply(BACKEND, p32, g32, stats, lr=lr, max_norm=None, p_bound=None, maximize=False)
     for i, (got, exact) in enumerate(zip(p16, p32)):
         _bits_equal(got.cpu(), stochastic_round_bf16(exact.cpu(), seed.cpu(), i))
     # Without a seed the same step rounds to nearest.
     p_near = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
     p_ref = [p.float() for p in p_near]
-    BACKEND.apply(p_near, g16, stats, lr=lr, max_norm=None, p_bound=None, maximize=False)
-    BACKEND.apply(p_ref, g32, stats, lr=lr, max_norm=None, p_bound=None, maximize=False)
+    phases.apply(BACKEND, p_near, g16, stats, lr=lr, max_norm=None, p_bound=None, maximize=False)
+    phases.apply(BACKEND, p_ref, g32, stats, lr=lr, max_norm=None, p_bound=None, maximize=False)
     for got, exact in zip(p_near, p_ref):
         _bits_equal(got.cpu(), exact.cpu().to(torch.bfloat16))
 
@@ -448,13 +452,13 @@ def test_tables_used_under_capture_are_never_evicted(monkeypatch):
     mn = [torch.full((), UNSET_MAX_NORM) for _ in params]
     functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)  # eager: nothing held
     assert not _held(backend)
-    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
     grads = [g.clone() for g in grads]  # new gradient storage inside the capture: a table miss
     functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)
     held = _held(backend)
     kinds = sorted(k[0] for k in held)
     assert kinds == ["addrs", "layout"]  # hit under capture (layout) or made there
-    monkeypatch.setattr(triton_backend, "_capturing", lambda device: False)
+    monkeypatch.setattr(capture, "capturing", lambda device: False)
     for _ in range(10):  # eager steps with new storage each time: the cache fills and evicts
         grads = [g.clone() for g in grads]
         functional.fromage(params, grads, mn, lr=0.01, p_bound=1.0, backend=backend)
@@ -468,7 +472,7 @@ def test_tables_used_under_capture_are_never_evicted(monkeypatch):
 
 def test_cache_grows_past_its_size_only_with_held_tables(monkeypatch):
     monkeypatch.setattr(triton_backend, "_CACHE_SIZE", 2)
-    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
     backend = triton_backend.TritonBackend()
     params, grads = _pair("cpu")
     for _ in range(3):
@@ -480,7 +484,7 @@ def test_cache_grows_past_its_size_only_with_held_tables(monkeypatch):
 def test_failed_upload_inside_capture_says_what_to_do(monkeypatch):
     backend = triton_backend.TritonBackend()
     params, grads = _pair("cpu")
-    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
 
     def refuse(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -504,7 +508,7 @@ def test_cuda_tables_come_from_pinned_buffers_owned_by_the_entry():
 
 def test_empty_group_is_refused_clearly():
     with pytest.raises(ValueError, match="non-empty group"):
-        BACKEND.stats([], [])
+        phases.stats(BACKEND, [], [])
 
 
 def test_tables_need_no_numpy():
@@ -556,15 +560,15 @@ def test_bad_input_changes_nothing(device):
     device = _need(device)
     params, grads = _pair(device)
     before = [p.clone() for p in params]
-    stats = BACKEND.stats(params, grads)
+    stats = phases.stats(BACKEND, params, grads)
     with pytest.raises(RuntimeError, match="stats"):
-        BACKEND.apply(params, grads, stats[:2], lr=torch.full((), 0.1, device=device), max_norm=None, p_bound=None,
+        phases.apply(BACKEND, params, grads, stats[:2], lr=torch.full((), 0.1, device=device), max_norm=None, p_bound=None,
                       maximize=False)
     with pytest.raises(RuntimeError, match="max_norm"):
-        BACKEND.apply(params, grads, stats, lr=torch.full((), 0.1, device=device), p_bound=1.0, maximize=False,
+        phases.apply(BACKEND, params, grads, stats, lr=torch.full((), 0.1, device=device), p_bound=1.0, maximize=False,
                       max_norm=torch.zeros(3, device=device, dtype=torch.float64))
     with pytest.raises(TypeError, match="float64"):
-        BACKEND.stats([p.double() for p in params], [g.double() for g in grads])
+        phases.stats(BACKEND, [p.double() for p in params], [g.double() for g in grads])
     with pytest.raises(RuntimeError, match="tensor 1"):
-        BACKEND.stats(params, [grads[0], grads[1].half(), grads[2]])
+        phases.stats(BACKEND, params, [grads[0], grads[1].half(), grads[2]])
     assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -26,9 +26,11 @@ from ._base import Backend, BackendUnavailable
 ENV_VAR = "FROMAGE_FUSED_BACKEND"
 AUTO = "auto"
 AVAILABLE = "available"
+#: The backend that steps a rule or dtype another backend does not take (float64 in the kernel backends).
+FALLBACK = "foreach"
 
 __all__ = ["Backend", "BackendUnavailable", "available_backends", "backend_names", "backend_report", "get", "resolve",
-           "ENV_VAR"]
+           "resolved", "ENV_VAR", "FALLBACK"]
 
 
 class Unimportable(Backend):
@@ -176,3 +178,19 @@ def resolve(name: str, device: Union[str, torch.device]) -> Backend:
         if _usable(backend, device, warn=True, prepare=True):
             return backend
     raise RuntimeError(f"no fromage_fused backend runs on {device}")
+
+
+_resolved: Dict[tuple, Backend] = {}
+
+
+def resolved(name: Union[str, Backend], device: Union[str, torch.device]) -> Backend:
+    """:func:`resolve`, once per (name, device) and process (the functional APIs: the registry's
+    lookups give the same answer every call); a backend object is taken as it is."""
+    if isinstance(name, Backend):
+        return name
+    name = requested_name(name)
+    key = (name, device)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolved[key] = resolve(name, device)
+    return backend

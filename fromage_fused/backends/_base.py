@@ -1,37 +1,42 @@
-"""The op contract every backend implements: two phases over one (device, dtype) group of tensors.
+"""The contract every backend implements: run one pass of a rule over one (device, dtype) group.
 
-What a backend may rely on when the step plan (``_groups.Group``, built by the optimizer, the
-functional API and the DTensor route alike) calls it, so that it need not check again:
+What a backend may rely on when the engine (``engine/execute.py``, for the optimizers, the
+functional APIs and the DTensor route alike) calls ``run_pass(rule, index, call)``, so that it
+need not check again (``call`` is an ``engine.execute.Call``):
 
-- ``params`` and ``grads`` are non-empty lists of equal length; every tensor is strided, of one
-  dtype (real: complex tensors come as their ``view_as_real``) that ``supports_dtype`` accepts, and
-  on one device; each gradient has its parameter's shape; no two parameters overlap.
+- ``call.lists`` are non-empty lists of equal length, in the order of the pass's ``lists`` (the
+  first ``call.writes`` are written in place); every tensor is strided and real (complex tensors
+  come as their ``view_as_real``), on one device; parameters and gradients of one dtype that
+  ``supports`` accepted, buffers of ``engine.dtypes.buffer_dtype`` of it; every tensor of its
+  parameter's shape; no two parameters overlap.
 - With ``dense_only`` (the default) every tensor is contiguous: the plan steps contiguous copies of
-  strided parameters and writes them back after ``apply``; of strided gradients, copies.
-- ``stats`` passed to ``apply`` is what ``stats`` returned for the same lists, or its sum over the
-  ranks holding shards of the same tensors (same shape and dtype, contiguous, on the device).
-- ``lr`` is a 0-d tensor on the device in the accumulation dtype (float64 for float64 groups, else
-  float32); ``found_inf`` and ``grad_scale`` are None or 0-d float32 tensors on the device;
-  ``sr_seed`` is None or a 0-d int64 tensor on the device, given only to bfloat16 groups;
-  ``max_norm`` is None without ``p_bound``, else one contiguous ``[n]`` float32 tensor on the device
-  (entry ``i`` for ``params[i]``), read and written in place.
-- Across steps, while the optimizer's plan holds, the same ``params`` list object comes back with
-  the same tensors, each with the same storage address, shape, dtype and device (any change builds
-  a new plan and a new list); only ``grads`` (a new list each step) and the values change. Without
-  views in play (complex parameters, contiguous copies of strided ones) the lists are
-  ``_groups.PlanList``s: their ``memo`` dict is where a backend keeps what it derives from the
-  tensors (sizes, addresses), once per plan for ``params``, once per step for
-  ``grads``. Direct calls (tests, the functional API) pass plain lists, which carry no such promise.
-- Calls run in stats-then-apply order per group, on the host thread of the step, with no host
-  synchronisation expected (``syncs`` backends excepted).
+  strided parameters and writes them back after the step; of strided gradients, copies.
+- ``call.sums`` is what the previous pass returned for the same lists, or its sum over the ranks
+  holding shards of the same tensors (same shape and dtype, contiguous, on the device).
+- ``call.hyper`` is the rule's packed hyper-parameters (``engine.spec.Spec.pack``) on the device
+  in the accumulation dtype (float64 for float64 groups, else float32); ``call.flags`` the rule's
+  flag bits; ``call.found_inf`` and ``call.grad_scale`` are None or 0-d float32 tensors on the
+  device; ``call.seed`` is None or a 0-d int64 tensor on the device, given only to bfloat16
+  groups that round stochastically; ``call.scalars`` holds each per-tensor scalar state as one
+  contiguous ``[n]`` tensor on the device (entry ``i`` for tensor ``i``), read and written in place.
+- Across steps, while the optimizer's plan holds, the same parameter and buffer list objects come
+  back with the same tensors, each with the same storage address, shape, dtype and device (any
+  change builds a new plan and new lists); only the gradients (a new list each step) and the
+  values change. Without views in play (complex parameters, contiguous copies of strided ones)
+  the lists are ``engine.groups.PlanList``s: their ``memo`` dict is where a backend keeps what it
+  derives from the tensors (sizes, addresses), once per plan for parameters and buffers, once per
+  step for gradients. Direct calls (tests, the functional APIs) pass plain lists, which carry no
+  such promise.
+- Passes run in order per step, on the host thread of the step, with no host synchronisation
+  expected (``syncs`` backends excepted).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+from ..engine.dtypes import REAL_DTYPES
 
 
 class BackendUnavailable(RuntimeError):
@@ -39,19 +44,21 @@ class BackendUnavailable(RuntimeError):
 
 
 class Backend:
-    """Base class of a backend. Subclasses set ``name``, ``priority`` and implement the two phases.
+    """Base class of a backend. Subclasses set ``name``, ``priority`` and implement ``run_pass``.
 
     ``priority``: higher runs first under ``backend="auto"`` (the registry sorts by it).
     ``syncs``: True only for the reference backend, which may read tensor values on the host.
-    ``dense_only``: see the module docstring.
+    ``dense_only``: see the module docstring. ``kind``: the attribute of a rule that holds the
+    rule's math for this backend (None: the backend runs any rule generically).
     """
 
     name: str = ""
     priority: int = 0
     syncs: bool = False
-    dtypes: tuple = FLOAT_DTYPES
+    dtypes: tuple = REAL_DTYPES
     #: Receive contiguous tensors only (the plan makes the copies); False: any strided layout.
     dense_only: bool = True
+    kind: Optional[str] = None
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """Why this backend cannot run on ``device`` here, or None if it can.
@@ -70,39 +77,19 @@ class Backend:
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes
 
-    def stats(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], *, inner: bool = True) -> torch.Tensor:
-        """Per tensor ``[||p||^2, ||g||^2, <p, g>]`` as an ``[n, 3]`` tensor on the group's device.
+    def has_rule(self, rule) -> bool:
+        return self.kind is None or getattr(rule, self.kind, None) is not None
 
-        float32 for float32/bf16/fp16 tensors, float64 for float64. ``inner=False`` lets a backend
-        leave column 2 as zeros when nothing will read it (no p_bound).
-        """
-        raise NotImplementedError
+    def supports(self, rule, dtype: torch.dtype) -> bool:
+        """Whether this backend steps groups of ``dtype`` tensors with ``rule``."""
+        return self.supports_dtype(dtype) and self.has_rule(rule)
 
-    def apply(
-        self,
-        params: Sequence[torch.Tensor],
-        grads: Sequence[torch.Tensor],
-        stats: torch.Tensor,
-        *,
-        lr: torch.Tensor,
-        max_norm: Optional[torch.Tensor],
-        p_bound: Optional[float],
-        maximize: bool,
-        prefactor: bool = True,
-        found_inf: Optional[torch.Tensor] = None,
-        grad_scale: Optional[torch.Tensor] = None,
-        sr_seed: Optional[torch.Tensor] = None,
-    ) -> None:
-        """Update ``params`` in place from ``stats``; set the unset (negative) entries of ``max_norm`` in place.
-
-        ``lr``: 0-d tensor on the group's device. ``found_inf``: 0-d float tensor; when it is
-        non-zero nothing changes (parameters nor max_norm). ``grad_scale``: 0-d tensor by which
-        the gradients are multiplied; only the zero-norm fallback depends on it. ``sr_seed``: 0-d
-        int64 tensor; when given, bf16 results are rounded stochastically exactly as
-        ``_math.stochastic_round_bf16(result_fp32, sr_seed, i)`` with ``i`` the tensor's position
-        in ``params`` (other dtypes ignore it).
-        """
-        raise NotImplementedError
+    def run_pass(self, rule, index: int, call) -> Optional[torch.Tensor]:
+        """Run pass ``index`` of ``rule`` over one group: write the pass's written lists (and
+        per-tensor scalars) in place; return its ``[n, k]`` per-tensor sums in the accumulation
+        dtype on the device, or None for a pass without sums. A non-zero ``call.found_inf`` leaves
+        everything as it was."""
+        return getattr(rule, self.kind).run_pass(index, call)
 
     def __repr__(self) -> str:
         return f"<fromage_fused backend {self.name!r}>"

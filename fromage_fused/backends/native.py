@@ -39,6 +39,7 @@ import torch
 
 from .. import _build
 from .._build import CPU_SOURCES, CUDA_SOURCES, cuda_compile_flags, cuda_unbuildable_reason
+from ..engine.dtypes import KERNEL_DTYPES
 from ._base import Backend, BackendUnavailable
 
 REQUIRE_ENV = "FROMAGE_FUSED_REQUIRE_EXT"
@@ -394,7 +395,8 @@ class NativeBackend(Backend):
     """
 
     syncs = False
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    dtypes = KERNEL_DTYPES
+    kind = "native"
     #: The ops' namespace; None: ``torch.ops.fromage_fused`` (the benchmark stubs it to time the host side).
     _ops = None
 
@@ -425,13 +427,6 @@ class NativeBackend(Backend):
         if self.device_type == "cuda" and not has_cuda_kernels():
             _fail(_no_cuda_kernels())
 
-    def stats(self, params, grads, *, inner=True):
+    def run_pass(self, rule, index, call):
         _ensure_loaded()
-        return (self._ops or torch.ops.fromage_fused).stats(params, grads, inner)
-
-    def apply(self, params, grads, stats, *, lr, max_norm, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
-        _ensure_loaded()
-        (self._ops or torch.ops.fromage_fused).apply_(
-            params, grads, stats, lr, max_norm if p_bound is not None else None,
-            None if p_bound is None else float(p_bound), maximize, prefactor, found_inf, grad_scale, sr_seed,
-        )
+        return rule.native.run_pass(index, call, self._ops or torch.ops.fromage_fused)

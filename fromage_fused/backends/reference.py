@@ -1,16 +1,10 @@
-"""The reference backend: a per-tensor loop that reads the step's scalars on the host.
+"""The reference backend: each rule's per-tensor loop that reads the step's scalars on the host.
 
-It is the test oracle (run on float64 copies) and the only backend allowed to synchronise. It
-keeps the two phases so that it also serves sharded tensors, but every decision is a Python
-``if`` on a number, written to be read against the step in docs/design.md.
+It is the test oracle (run on float64 copies) and the only backend allowed to synchronise; the
+rules' code for it is ``rules/<name>/reference.py``.
 """
 from __future__ import annotations
 
-import math
-
-import torch
-
-from .._math import accumulate_dtype, stochastic_round_bf16
 from ._base import Backend
 
 
@@ -19,44 +13,7 @@ class ReferenceBackend(Backend):
     priority = 0
     syncs = True
     dense_only = False
-
-    def stats(self, params, grads, *, inner=True):
-        rows = []
-        for p, g in zip(params, grads):
-            acc = accumulate_dtype(p.dtype)
-            p_, g_ = p.to(acc), g.to(acc)
-            pg = (p_ * g_).sum() if inner else torch.zeros((), dtype=acc, device=p.device)
-            rows.append(torch.stack([(p_ * p_).sum(), (g_ * g_).sum(), pg]))
-        return torch.stack(rows)
-
-    def apply(self, params, grads, stats, *, lr, max_norm, p_bound, maximize, prefactor=True, found_inf=None, grad_scale=None, sr_seed=None):
-        if found_inf is not None and float(found_inf) != 0:
-            return
-        lr = float(lr)
-        scale = 1.0 if grad_scale is None else float(grad_scale)
-        s = 1.0 / math.sqrt(1.0 + lr * lr) if prefactor else 1.0
-        for i, (p, g) in enumerate(zip(params, grads)):
-            s_pp, s_gg, s_pg = (float(x) for x in stats[i])
-            if s_pp > 0 and s_gg > 0:
-                a = lr * math.sqrt(s_pp) / math.sqrt(s_gg)
-            else:
-                a = lr / scale
-            if maximize:
-                a = -a
-            factor = s
-            if p_bound is not None:
-                bound = float(max_norm[i])
-                if bound < 0:  # unset (see _math.UNSET_MAX_NORM)
-                    max_norm[i] = p_bound * math.sqrt(s_pp)
-                    bound = float(max_norm[i])  # the float32 state, as every later step sees it
-                new_norm = s * math.sqrt(max(s_pp - 2 * a * s_pg + a * a * s_gg, 0.0))
-                if new_norm > bound:
-                    factor = s * bound / new_norm
-            acc = accumulate_dtype(p.dtype)
-            new = factor * (p.to(acc) - a * g.to(acc))
-            if sr_seed is not None and p.dtype == torch.bfloat16:
-                new = stochastic_round_bf16(new, sr_seed, i)
-            p.copy_(new)
+    kind = "reference"
 
 
 BACKEND = ReferenceBackend()

@@ -29,7 +29,9 @@ from typing import List, Optional
 
 import torch
 
-from .._groups import PlanList
+from ..engine import capture
+from ..engine.dtypes import KERNEL_DTYPES
+from ..engine.groups import PlanList
 from ._base import Backend
 
 _ALIGN_BYTES = 16
@@ -104,11 +106,6 @@ def _launch(kernel, grid, *args, **meta):
     kernel[grid](*args, **meta)
 
 
-def _capturing(device: torch.device) -> bool:
-    """Whether the current stream (of the current device, set by ``_on``) is being captured."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _triton_dtype(dtype: torch.dtype):
     import triton.language as tl
 
@@ -126,7 +123,7 @@ def _dense(tensors):
 
 def _memo(tensors, key, derive):
     """``derive()`` of a tensor list, kept in the list's memo when it is a step plan's
-    (``_groups.PlanList``: its tensors and their addresses do not change while it lives), so the
+    (``engine.groups.PlanList``: its tensors and their addresses do not change while it lives), so the
     table keys of a group are read once per plan (parameters) or per step (gradients)."""
     if type(tensors) is not PlanList:
         return derive()
@@ -159,7 +156,7 @@ class _Use:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.capturing = _capturing(device)
+        self.capturing = capture.capturing(device)
         self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
@@ -205,7 +202,8 @@ _TOKENS = itertools.count()
 class TritonBackend(Backend):
     name = "triton"
     priority = 30
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    dtypes = KERNEL_DTYPES
+    kind = "triton"
 
     def __init__(self, config: Optional[Config] = None):
         self.config = config
@@ -315,6 +313,9 @@ class TritonBackend(Backend):
         return lay, addrs
 
     # -- the two phases -----------------------------------------------------------------------------
+
+    def run_pass(self, rule, index, call):
+        return rule.triton.run_pass(index, call, self)
 
     def stats(self, params, grads, *, inner=True):
         if torch.compiler.is_compiling():

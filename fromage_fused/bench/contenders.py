@@ -17,6 +17,7 @@ import torch
 
 from .. import Fromage, available_backends
 from .. import backends as _backends
+from ..rules.fromage import phases
 from . import host, traffic
 from .loop import LoopFromage
 
@@ -92,8 +93,8 @@ def _compiled_foreach(p_bound):
     foreach = _backends.get("foreach")
 
     def foreach_step(params, grads, max_norm, lr):
-        stats = foreach.stats(params, grads, inner=p_bound is not None)
-        foreach.apply(params, grads, stats, lr=lr, max_norm=max_norm, p_bound=p_bound, maximize=False)
+        stats = phases.stats(foreach, params, grads, inner=p_bound is not None)
+        phases.apply(foreach, params, grads, stats, lr=lr, max_norm=max_norm, p_bound=p_bound, maximize=False)
 
     return torch.compile(foreach_step)
 

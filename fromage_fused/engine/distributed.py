@@ -1,32 +1,32 @@
-"""Fromage over DTensor parameters: FSDP2 (``fully_shard``), tensor parallel, hybrid sharding.
+"""DTensor parameters: FSDP2 (``fully_shard``), tensor parallel, hybrid sharding.
 
-Each rank holds only a shard of a DTensor parameter, but Fromage needs the norms of the whole
-tensor. The stats phase runs the backend on the local shards; the ``[n, 3]`` partial sums
-(``||p||^2``, ``||g||^2``, ``<p, g>`` are sums over elements, so partial sums over disjoint shards
-add up) of every tensor that shares a mesh and a set of sharded mesh dimensions are stacked and
-combined with ONE ``all_reduce(SUM)`` over those mesh dimensions; replicated dimensions need no
-communication (every replica already holds the same shard). The apply phase then runs on the local
-shards with the full tensors' stats, so ``max_norm`` is the full tensor's norm, identical on every
-rank. Uneven and empty shards need nothing special: an empty shard contributes zeros.
+Each rank holds only a shard of a DTensor parameter, but a rule's per-tensor sums must be those of
+the whole tensor. Every pass runs on the local shards; the per-tensor sums a pass reduces are sums
+over elements, so partial sums over disjoint shards add up: those of every tensor that shares a
+mesh and a set of sharded mesh dimensions are stacked and combined with ONE ``all_reduce(SUM)``
+over those mesh dimensions per pass; replicated dimensions need no communication (every replica
+already holds the same shard). The next pass then reads the whole tensors' sums, identical on
+every rank. Uneven and empty shards need nothing special: an empty shard contributes zeros.
 
 Plain tensors (DDP, single process) never come here. The groups made here are the same
-:class:`~fromage_fused._groups.Group` as any other, with ``reduce`` naming the process group and the
-device type of its collectives; ``_groups.execute`` issues the one all-reduce per ``reduce``.
+:class:`~fromage_fused.engine.groups.Group` as any other, with ``reduce`` naming the process group
+and the device type of its collectives; ``engine.execute`` issues the all-reduces.
 """
 from __future__ import annotations
 
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed
 
-from ._groups import Group, group_tensors
+from .groups import Group, group_tensors
 
-__all__ = ["is_dtensor", "local_groups", "all_reduce_stats", "stats_bytes_per_step"]
+__all__ = ["dtensor_type", "is_dtensor", "local_pairs", "local_groups", "all_reduce_sums", "sums_bytes_per_step",
+           "refuse_flat_parameters", "refuse_stochastic_rounding"]
 
 
-def _dtensor_type():
+def dtensor_type():
     # A DTensor can exist only once its module is loaded; importing it here would add a second
     # to every ``import fromage_fused`` (and torch may be built without distributed support).
     module = sys.modules.get("torch.distributed.tensor")
@@ -34,7 +34,7 @@ def _dtensor_type():
 
 
 def is_dtensor(t) -> bool:
-    cls = _dtensor_type()
+    cls = dtensor_type()
     return cls is not None and isinstance(t, cls)
 
 
@@ -80,30 +80,32 @@ def _process_group(mesh, dims: Tuple[int, ...]):
     return sub._flatten().get_group()
 
 
-def all_reduce_stats(stats: List[torch.Tensor], process_group, device_type: str) -> List[torch.Tensor]:
-    """Sum each ``[n_i, 3]`` stats tensor over the ranks of ``process_group`` with one collective
-    that runs on ``device_type`` (the mesh's)."""
-    if not stats:
-        return stats
-    dtype = torch.float64 if any(s.dtype == torch.float64 for s in stats) else torch.float32
-    flat = torch.cat([s.to(dtype).reshape(-1) for s in stats])
+def all_reduce_sums(sums: List[torch.Tensor], process_group, device_type: str) -> List[torch.Tensor]:
+    """Sum each ``[n_i, k]`` tensor of per-tensor sums over the ranks of ``process_group`` with one
+    collective that runs on ``device_type`` (the mesh's)."""
+    if not sums:
+        return sums
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
+    flat = torch.cat([s.to(dtype).reshape(-1) for s in sums])
     home = flat.device
     if home.type != device_type:
         # Shards offloaded to the host (FSDP2 CPUOffloadPolicy) on a mesh whose collectives run on
-        # an accelerator: the stats travel through the mesh's device.
+        # an accelerator: the sums travel through the mesh's device.
         flat = flat.to(device_type)
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=process_group)
     flat = flat.to(home)
     out, start = [], 0
-    for s in stats:
+    for s in sums:
         out.append(flat[start:start + s.numel()].view(s.shape).to(s.dtype))
         start += s.numel()
     return out
 
 
-def stats_bytes_per_step(params: Sequence) -> Dict[Tuple[str, Tuple[int, ...]], int]:
-    """Bytes each rank contributes to the one all-reduce per (mesh, sharded dims): 3 stats per
-    tensor, 4 bytes each (8 when a float64 tensor shares the collective). Replicated: none."""
+def sums_bytes_per_step(params: Sequence, rule) -> Dict[Tuple[str, Tuple[int, ...]], int]:
+    """Bytes each rank contributes to the all-reduces of one step per (mesh, sharded dims): the
+    rule's per-tensor sums of every pass, 4 bytes each (8 when a float64 tensor shares the
+    collective). Replicated: none."""
+    per_tensor = sum(p.sums for p in rule.passes)
     counts: Dict[Tuple[str, Tuple[int, ...]], List[int]] = {}
     for p in params:
         if not is_dtensor(p):
@@ -114,14 +116,14 @@ def stats_bytes_per_step(params: Sequence) -> Dict[Tuple[str, Tuple[int, ...]], 
             entry[0] += 1
             if p.dtype in (torch.float64, torch.complex128):
                 entry[1] = 8
-    return {k: 3 * n * width for k, (n, width) in counts.items()}
+    return {k: per_tensor * n * width for k, (n, width) in counts.items()}
 
 
-def refuse_flat_parameters(params: Sequence[torch.Tensor]) -> None:
+def refuse_flat_parameters(params: Sequence[torch.Tensor], title: str) -> None:
     for p in params:
         if getattr(p, "_is_flat_param", False):
             raise RuntimeError(
-                "Fromage got an FSDP1 flat parameter: it holds a shard of many layers flattened together, so "
+                f"{title} got an FSDP1 flat parameter: it holds a shard of many layers flattened together, so "
                 "per-tensor norms do not exist there; shard the model with FSDP2 (torch.distributed.fsdp.fully_shard)"
             )
 
@@ -141,17 +143,20 @@ def local_pairs(params: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], Lis
 
 
 def local_groups(
+    rule,
     params: Sequence[torch.Tensor],
     local_p: Sequence[torch.Tensor],
     local_g: Sequence[torch.Tensor],
-    max_norms: Optional[Sequence[torch.Tensor]],
     backend_for: Callable[[torch.device], object],
     fallback: Callable[[], object],
+    *,
+    scalars: Optional[Mapping[str, Sequence[torch.Tensor]]] = None,
+    buffers: Optional[Mapping[str, Sequence[torch.Tensor]]] = None,
 ) -> List[Group]:
     """Groups of the local shards ``local_p``, ``local_g`` (from :func:`local_pairs`) of DTensor
-    ``params``, each with the process group over which its stats are partial sums (None for
-    replicated tensors: their stats are whole). ``max_norms``: the state of each parameter (None
-    without p_bound). Validates everything before anything changes."""
+    ``params``, each with the process group over which its sums are partial (None for replicated
+    tensors: their sums are whole). ``scalars``, ``buffers``: the state of each parameter (local
+    shards for buffers). Validates everything before anything changes."""
     keys = {}
     for p in params:
         spec = (p.device_mesh, tuple(p.placements))
@@ -163,8 +168,9 @@ def local_groups(
         by_key.setdefault((keys[(p.device_mesh, tuple(p.placements))], local_p[i].device), []).append(i)
     groups = []
     for (reduce, _), members in by_key.items():
-        made = group_tensors([local_p[i] for i in members], [local_g[i] for i in members],
-                             None if max_norms is None else [max_norms[i] for i in members], backend_for, fallback)
+        pick = lambda entries: {name: [v[i] for i in members] for name, v in (entries or {}).items()}  # noqa: E731
+        made = group_tensors(rule, [local_p[i] for i in members], [local_g[i] for i in members], backend_for, fallback,
+                             scalars=pick(scalars), buffers=pick(buffers))
         for g in made:
             g.reduce = reduce
             g.indices = [members[j] for j in g.indices]

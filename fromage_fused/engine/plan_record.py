@@ -13,7 +13,7 @@ so every step checks, for every parameter of the list:
   lazily negated or conjugated exactly when it was then.
 
 Anything else means "build the plan again" (which explains what is wrong, if anything is).
-:class:`Record` does these checks in one C++ call per list when the extension is loaded
+:class:`PlanRecord` does these checks in one C++ call per list when the extension is loaded
 (``csrc/fromage_plan.cpp``: it holds the tensors, so no list is converted on the way in), else
 with ``map`` over the lists in Python; both check the same.
 """
@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["Record", "native_available"]
+__all__ = ["PlanRecord", "native_available", "record_pairs"]
 
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
@@ -49,7 +49,7 @@ def native_available(params: Sequence[torch.Tensor]) -> bool:
     if not all(type(p) in _PLAIN for p in params):
         return False
     try:
-        from .backends import native
+        from ..backends import native
 
         if native._state["loaded"] is None:
             return False
@@ -59,7 +59,7 @@ def native_available(params: Sequence[torch.Tensor]) -> bool:
         return False
 
 
-class Record:
+class PlanRecord:
     """What one list of parameters looked like when its plan was built.
 
     ``order``: positions (in the list) of the parameters that had gradients, in the order the plan
@@ -132,9 +132,9 @@ class Record:
         return self._fits(params, grads)
 
 
-def record_pairs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> Record:
-    """A Python :class:`Record` of explicit (parameter, gradient) pairs (DTensor shards)."""
-    rec = Record.__new__(Record)
+def record_pairs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> PlanRecord:
+    """A Python :class:`PlanRecord` of explicit (parameter, gradient) pairs (DTensor shards)."""
+    rec = PlanRecord.__new__(PlanRecord)
     rec.params = list(params)
     rec.count = len(rec.params)
     rec.planned = list(params)

@@ -1,0 +1,167 @@
+"""Running a step: a rule's passes over groups of tensors.
+
+For each pass, every group's backend runs it (:class:`Call` is everything a backend receives);
+then, if the pass reduced per-tensor sums, the sums of sharded tensors are summed over their ranks
+(one all-reduce per process group, ``engine/distributed.py``), a caller's ``reduce_sums`` may
+replace them, and a combining pass turns every group's sums into the global values of the next
+pass. After the last pass, stacked copies of per-tensor scalar state and contiguous copies of
+strided tensors are written back.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .dtypes import accumulate_dtype
+from .groups import Group
+
+__all__ = ["Call", "execute", "run_pass", "prepare"]
+
+
+class Call:
+    """What a backend's ``run_pass`` receives for one group and one pass.
+
+    ``lists``: the pass's tensor lists, in the order of ``Pass.lists`` (the written ones first);
+    ``sums``: the previous pass's ``[n, k]`` sums (whole tensors), or None; ``hyper``: the packed
+    hyper-parameters (``Spec.pack``) in the accumulation dtype on the device; ``flags``: the rule's
+    flag bits; ``values``: the hyper-parameters as the param group holds them (Python numbers, for
+    backends that compute on the host); ``scalars``: per-tensor scalar state by name, each one
+    contiguous ``[n]`` tensor read and written in place; ``seed``: the stochastic-rounding seed (a
+    0-d int64 tensor) or None; ``counters``: the per-group scalars by name; ``globals``: the global
+    values of a combining pass, or None; ``found_inf``, ``grad_scale``: None or 0-d float32 tensors.
+    """
+
+    __slots__ = ("group", "rule", "index", "lists", "writes", "n", "device", "dtype", "sums", "hyper", "flags",
+                 "values", "scalars", "seed", "counters", "globals", "found_inf", "grad_scale", "_stacked")
+
+    def __repr__(self) -> str:
+        return f"<Call {self.rule.name} pass {self.index} of {self.n} {self.dtype} tensors on {self.device}>"
+
+
+def _device_scalar(value, device: torch.device) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+    return torch.full((), value, device=device, dtype=torch.float32)
+
+
+def prepare(group: Group, found_inf=None, grad_scale=None, *, monitor: bool = False) -> Call:
+    """The parts of a :class:`Call` that stay the same through the passes of one step."""
+    rule = group.rule
+    call = Call()
+    call.group, call.rule = group, rule
+    call.n, call.device, call.dtype = len(group.params), group.device, group.dtype
+    values = group.values
+    call.values = values
+    call.hyper = rule.spec.pack(values, group.device, accumulate_dtype(group.dtype), group.packed)
+    call.flags = rule.flags(values, monitor)
+    scalars, stacked = {}, []
+    for name, s in group.scalars.items():
+        if s.laid is not None:
+            scalars[name] = s.laid
+        else:
+            # Not laid out (the functional API, a compiled or captured step): a stacked copy,
+            # written back to the parameters' state tensors after the step.
+            scalars[name] = torch.stack(list(s.entries))
+            stacked.append((s.entries, scalars[name]))
+    call.scalars, call._stacked = scalars, stacked
+    # Per-group scalars on the group's device (one kept in a param group lives on its first device).
+    call.counters = {k: v if v.device == group.device else v.to(group.device, non_blocking=True)
+                     for k, v in group.counters.items()} if group.counters else group.counters
+    seed = call.counters.get("sr_seed") if group.dtype == torch.bfloat16 else None
+    call.seed = None if seed is None else seed.reshape(())
+    call.found_inf = _device_scalar(found_inf, group.device)
+    call.grad_scale = _device_scalar(grad_scale, group.device)
+    call.sums = call.globals = None
+    return call
+
+
+def _run(call: Call, index: int) -> Optional[torch.Tensor]:
+    group = call.group
+    spec = call.rule.passes[index]
+    call.index = index
+    call.lists = group.lists(spec.lists)
+    call.writes = spec.writes
+    return group.backend.run_pass(call.rule, index, call)
+
+
+def _finish(call: Call) -> None:
+    for entries, stacked in call._stacked:
+        torch._foreach_copy_(list(entries), list(stacked.unbind()))
+    group = call.group
+    for name, i, original in group.writeback:
+        original.copy_(group.params[i] if name == "p" else group.buffers[name][i])
+
+
+def _as(sums: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # A caller's reduce_sums may hand back another dtype or layout; backends get what they gave.
+    return sums.to(device=like.device, dtype=like.dtype).contiguous()
+
+
+def _whole(calls: Sequence[Call], sums: List[torch.Tensor],
+           reduce_sums: Optional[Callable[[torch.Tensor, Group], torch.Tensor]]) -> List[torch.Tensor]:
+    """Sums of whole tensors: shards' sums added over their ranks (one all-reduce per process
+    group), then the caller's ``reduce_sums``."""
+    pending: Dict[object, List[int]] = {}
+    for k, call in enumerate(calls):
+        if call.group.reduce is not None:
+            pending.setdefault(call.group.reduce, []).append(k)
+    if pending:
+        from .distributed import all_reduce_sums
+
+        for (process_group, device_type), members in pending.items():
+            reduced = all_reduce_sums([sums[k] for k in members], process_group, device_type)
+            for k, s in zip(members, reduced):
+                sums[k] = s
+    if reduce_sums is not None:
+        sums = [_as(reduce_sums(s, call.group), s) for s, call in zip(sums, calls)]
+    return sums
+
+
+def execute(
+    groups: Sequence[Group],
+    *,
+    found_inf: Optional[torch.Tensor] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    reduce_sums: Optional[Callable[[torch.Tensor, Group], torch.Tensor]] = None,
+    monitor: Optional[list] = None,
+) -> None:
+    """Step ``groups`` (all of one rule): each pass over every group, then the next.
+
+    ``reduce_sums(sums, group)``, when given, replaces each group's sums of whole tensors before
+    the next pass. ``monitor``: a list that receives one ``engine.monitor.Record`` per group.
+    """
+    if not groups:
+        return
+    rule = groups[0].rule
+    calls = [prepare(g, found_inf, grad_scale, monitor=monitor is not None) for g in groups]
+    history: List[List[Any]] = [[] for _ in calls]
+    for index, spec in enumerate(rule.passes):
+        sums = [_run(call, index) for call in calls]
+        if spec.sums:
+            sums = _whole(calls, sums, reduce_sums)
+            globals_ = rule.combine(index, sums, [c.group for c in calls]) if spec.combine else None
+            for k, call in enumerate(calls):
+                call.sums, call.globals = sums[k], globals_
+                history[k].append(sums[k])
+    for call in calls:
+        _finish(call)
+    if monitor is not None:
+        from .monitor import record
+
+        for call, sums in zip(calls, history):
+            monitor.append(record(call, sums))
+
+
+def run_pass(group: Group, index: int, *, sums: Optional[torch.Tensor] = None, globals_=None,
+             found_inf=None, grad_scale=None, monitor: bool = False) -> Optional[torch.Tensor]:
+    """One pass of one group (the functional APIs' phases): ``sums`` are the previous pass's. After
+    the last pass, stacked and contiguous copies are written back."""
+    call = prepare(group, found_inf, grad_scale, monitor=monitor)
+    call.sums, call.globals = sums, globals_
+    out = _run(call, index)
+    if index == len(group.rule.passes) - 1:
+        _finish(call)
+    return out
