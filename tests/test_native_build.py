@@ -15,7 +15,7 @@ import torch.utils.cpp_extension
 import fromage_fused
 from fromage_fused import _build, backends, functional
 from fromage_fused.backends import native
-from _native import require_native
+from _native import fromage_apply_op, fromage_stats_op, require_native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_the_build_cache_is_keyed_on_sources_flags_and_torch(monkeypatch, tmp_pa
     assert first.parent == tmp_path / "cache" and first.name.startswith("cpu-")
     assert native.build_dir("cpu") == first  # stable
     assert native.build_dir("cuda") != first
-    header = copy / "fromage_common.h"
+    header = copy / "numerics.h"
     header.write_text(header.read_text() + "\n// one more line\n")  # a header, not only the .cpp
     edited = native.build_dir("cpu")
     assert edited != first
@@ -269,8 +269,8 @@ def test_torch_compile_traces_the_ops_through_their_fake_implementations():
     max_norm = torch.full((len(params),), -1.0)
 
     def step(ps, gs, mns, lr):
-        stats = torch.ops.fromage_fused.stats(ps, gs, True)
-        torch.ops.fromage_fused.apply_(ps, gs, stats, lr, mns, 1.0, False, True, None, None, None)
+        stats = fromage_stats_op(ps, gs, True)
+        fromage_apply_op(ps, gs, stats, lr, mns, 1.0, False, True, None, None, None)
 
     eager_p, eager_m = [p.clone() for p in params], max_norm.clone()
     step(eager_p, grads, eager_m, torch.tensor(0.05))
@@ -281,5 +281,5 @@ def test_torch_compile_traces_the_ops_through_their_fake_implementations():
     assert torch.equal(max_norm, eager_m)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fp = [mode.from_tensor(p) for p in params]
-        out = torch.ops.fromage_fused.stats(fp, fp, True)
+        out = fromage_stats_op(fp, fp, True)
         assert out.shape == (2, 3) and out.dtype == torch.float32

@@ -8,7 +8,7 @@ from fromage_fused import _build, backends, functional
 from fromage_fused.functional import UNSET_MAX_NORM
 from fromage_fused.engine.rounding import stochastic_round_bf16
 from fromage_fused.rules.fromage.coefficients import coefficients
-from _native import require_native
+from _native import fromage_apply_op, fromage_stats_op, require_native
 from _oracle import compare_with_oracle
 from tolerances import ORACLE_TOL
 from _host_reads import forbid_host_reads
@@ -49,7 +49,7 @@ def _reference_step(params, grads, **kw):
 def test_stats_sum_accurately_over_many_chunks():
     p = torch.randn(1_000_003) + 3.0  # a large mean makes a running fp32 sum drift
     g = torch.randn(1_000_003)
-    got = torch.ops.fromage_fused.stats([p], [g], True)[0].double()
+    got = fromage_stats_op([p], [g], True)[0].double()
     want = torch.stack([(p.double() ** 2).sum(), (g.double() ** 2).sum(), (p.double() * g.double()).sum()])
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-3)
 
@@ -75,7 +75,7 @@ def test_results_do_not_depend_on_thread_count():
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             ps = [p.clone() for p in params]
-            stats = torch.ops.fromage_fused.stats(ps, grads, True)
+            stats = fromage_stats_op(ps, grads, True)
             functional.fromage(ps, grads, None, lr=0.01, backend="cpu")
             out.append((stats, ps))
     finally:
@@ -149,7 +149,7 @@ def test_bad_input_is_rejected_before_anything_changes():
     before = [p.clone() for p in params]
     stats = torch.zeros(3, 3)
     lr = torch.tensor(0.1)
-    op = torch.ops.fromage_fused.apply_
+    op = fromage_apply_op
     with pytest.raises(RuntimeError, match="not contiguous"):
         op(params, grads, stats, lr, None, None, False, True, None, None, None)
     ok = [params[0], params[2]]

@@ -39,6 +39,7 @@ import torch
 
 from .. import _build
 from .._build import CPU_SOURCES, CUDA_SOURCES, cuda_compile_flags, cuda_unbuildable_reason
+from ..engine import ops as _ops
 from ..engine.dtypes import KERNEL_DTYPES
 from ._base import Backend, BackendUnavailable
 
@@ -51,6 +52,7 @@ STALE_S = 3600.0  # where file locks do not work, a torch build lock older than 
 NOT_BUILT = "not built yet: builds on first use (about a minute)"
 _LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 _lock = threading.Lock()
+_ops.define(_ops.NATIVE)  # the schema of the extension's engine op, before any build registers kernels
 _state = {"loaded": None, "error": None, "cuda_error": None}
 _fakes_registered = []
 
@@ -330,7 +332,7 @@ def _ensure_loaded() -> None:
 
 
 def has_cuda_kernels() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fromage_fused::apply_", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key(_ops.NATIVE, "CUDA")
 
 
 def _no_cuda_kernels() -> str:
@@ -370,22 +372,19 @@ def pending(device_type: str) -> Optional[str]:
 
 
 def _register_fakes() -> None:
-    """Meta/fake implementations, so that torch.compile can trace the ops."""
+    """Meta/fake implementations of the extension's own test ops (the engine's op has its fake in
+    ``engine/ops.py``), so that torch.compile can trace them."""
     if _fakes_registered:
         return
     _fakes_registered.append(True)
 
-    @torch.library.register_fake("fromage_fused::stats")
-    def _stats_fake(params, grads, inner):
-        return params[0].new_empty((len(params), 3), dtype=torch.float32) if params else torch.empty(0, 3)
-
-    @torch.library.register_fake("fromage_fused::apply_")
-    def _apply_fake(params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed):
-        return None
-
     @torch.library.register_fake("fromage_fused::round_bf16_stochastic")
     def _round_fake(x, seed, tensor_index):
         return torch.empty_like(x, dtype=torch.bfloat16)
+
+
+def _concat(lists):
+    return lists[0] if len(lists) == 1 else [t for tensors in lists for t in tensors]
 
 
 class NativeBackend(Backend):
@@ -396,7 +395,6 @@ class NativeBackend(Backend):
 
     syncs = False
     dtypes = KERNEL_DTYPES
-    kind = "native"
     #: The ops' namespace; None: ``torch.ops.fromage_fused`` (the benchmark stubs it to time the host side).
     _ops = None
 
@@ -429,4 +427,8 @@ class NativeBackend(Backend):
 
     def run_pass(self, rule, index, call):
         _ensure_loaded()
-        return rule.native.run_pass(index, call, self._ops or torch.ops.fromage_fused)
+        lists, w = call.lists, call.writes
+        out = (self._ops or torch.ops.fromage_fused).pass_(
+            rule.name, index, _concat(lists[:w]) if w else [], _concat(lists[w:]), call.sums, call.hyper, call.flags,
+            call.scalar_list, call.globals, call.found_inf, call.grad_scale, call.seed, 0)
+        return out if rule.passes[index].sums else None

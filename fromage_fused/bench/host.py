@@ -118,11 +118,11 @@ def _stub_cuda(contenders):
 class _StubOps:
     """Stands for ``torch.ops.fromage_fused``: same arguments, no work."""
 
-    def stats(self, params, grads, inner):
-        return torch.zeros(len(params), 3)
+    def pass_(self, rule, index, writes, reads, *args):
+        from ..rules import registered
 
-    def apply_(self, *args):
-        return None
+        spec = registered()[rule].passes[index]
+        return torch.zeros((len(writes) + len(reads)) // len(spec.lists), spec.sums)
 
 
 def contenders_for(device, settings, contenders) -> List:

@@ -27,13 +27,14 @@ class Call:
     hyper-parameters (``Spec.pack``) in the accumulation dtype on the device; ``flags``: the rule's
     flag bits; ``values``: the hyper-parameters as the param group holds them (Python numbers, for
     backends that compute on the host); ``scalars``: per-tensor scalar state by name, each one
-    contiguous ``[n]`` tensor read and written in place; ``seed``: the stochastic-rounding seed (a
+    contiguous ``[n]`` tensor read and written in place (``scalar_list``: those the group's values
+    use, in the rule's order); ``seed``: the stochastic-rounding seed (a
     0-d int64 tensor) or None; ``counters``: the per-group scalars by name; ``globals``: the global
     values of a combining pass, or None; ``found_inf``, ``grad_scale``: None or 0-d float32 tensors.
     """
 
     __slots__ = ("group", "rule", "index", "lists", "writes", "n", "device", "dtype", "sums", "hyper", "flags",
-                 "values", "scalars", "seed", "counters", "globals", "found_inf", "grad_scale", "_stacked")
+                 "values", "scalars", "scalar_list", "seed", "counters", "globals", "found_inf", "grad_scale", "_stacked")
 
     def __repr__(self) -> str:
         return f"<Call {self.rule.name} pass {self.index} of {self.n} {self.dtype} tensors on {self.device}>"
@@ -67,6 +68,8 @@ def prepare(group: Group, found_inf=None, grad_scale=None, *, monitor: bool = Fa
             scalars[name] = torch.stack(list(s.entries))
             stacked.append((s.entries, scalars[name]))
     call.scalars, call._stacked = scalars, stacked
+    # The per-tensor scalars in use, in the rule's order: what the kernels take.
+    call.scalar_list = [scalars[s.name] for s in rule.tensor_scalars(values) if s.name in scalars]
     # Per-group scalars on the group's device (one kept in a param group lives on its first device).
     call.counters = {k: v if v.device == group.device else v.to(group.device, non_blocking=True)
                      for k, v in group.counters.items()} if group.counters else group.counters

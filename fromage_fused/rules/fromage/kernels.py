@@ -1,4 +1,4 @@
-"""Fromage's passes on the kernel backends (``cpu``, ``cuda``: the extension's ops; ``triton``)."""
+"""Fromage's passes on the triton backend (until its kernels are generic)."""
 from __future__ import annotations
 
 from .flags import INNER
@@ -10,19 +10,6 @@ def _apply_args(call):
     return dict(lr=call.hyper[0], max_norm=call.scalars.get("max_norm") if p_bound is not None else None,
                 p_bound=p_bound, maximize=values["maximize"], prefactor=values["prefactor"],
                 found_inf=call.found_inf, grad_scale=call.grad_scale, sr_seed=call.seed)
-
-
-class Native:
-    @staticmethod
-    def run_pass(index: int, call, ops):
-        params, grads = call.lists
-        if index == 0:
-            return ops.stats(params, grads, bool(call.flags & INNER))
-        a = _apply_args(call)
-        p_bound = a["p_bound"]
-        ops.apply_(params, grads, call.sums, a["lr"], a["max_norm"], None if p_bound is None else float(p_bound),
-                   a["maximize"], a["prefactor"], a["found_inf"], a["grad_scale"], a["sr_seed"])
-        return None
 
 
 class Triton:

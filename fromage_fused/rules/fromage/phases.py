@@ -26,6 +26,7 @@ def _call(index, params, grads, *, sums=None, lr=None, max_norm=None, p_bound=No
     call.hyper = FROMAGE.spec.pack(values, call.device, acc, {})
     call.flags = FROMAGE.flags(values, monitor)
     call.scalars = {} if max_norm is None else {"max_norm": max_norm}
+    call.scalar_list = [] if max_norm is None or p_bound is None else [max_norm]
     call.seed = sr_seed
     call.counters = {}
     call.sums, call.globals = sums, None

@@ -22,7 +22,7 @@ from ...engine.spec import Spec, check_lr, check_positive_or_none, flag, option,
 from .coefficients import UNSET_MAX_NORM
 from .flags import BOUND, INNER
 from .foreach import Foreach
-from .kernels import Native, Triton
+from .kernels import Triton
 from .reference import Reference
 
 
@@ -48,7 +48,6 @@ class FromageRule(Rule):
     # The math of each backend, in its own module.
     reference = Reference()
     foreach = Foreach()
-    native = Native()
     triton = Triton()
     #: The authors' implementation keeps the bound as state["max"], a Python float.
     AUTHORS_MAX = "max"

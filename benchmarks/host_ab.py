@@ -1,0 +1,60 @@
+"""Host work of two checkouts, side by side: the host-overhead preset run alternately from each.
+
+    python benchmarks/host_ab.py --a /path/to/checkout-a --b /path/to/checkout-b [--rounds 5]
+
+Each round runs ``python -m fromage_fused.bench --presets host-overhead --threads 1`` once from
+each checkout (A then B, then B then A in the next round, so that drift on a shared machine falls
+on both) for the same contenders, and the table gives, per contender, the median over rounds of
+each checkout's median step in microseconds per tensor and the ratio B / A. Every run builds or
+loads its checkout's own C++ extension (the build is keyed by the sources).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CONTENDERS = "fromage:cpu,bound:cpu,stub:triton,fromage:foreach"
+
+
+def run(checkout: Path, contenders: str, repeats: int, out: Path, name: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    cmd = [sys.executable, "-m", "fromage_fused.bench", "--device", "cpu", "--presets", "host-overhead",
+           "--contenders", contenders, "--threads", "1", "--repeats", str(repeats), "--out", str(out),
+           "--name", name, "--no-plot", "--no-progress"]
+    subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL)
+    rows = json.loads((out / f"{name}.json").read_text())["rows"]
+    return {r["contender"]: r["us_per_tensor"] for r in rows if r.get("status") == "ok"}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--a", required=True, type=Path, help="checkout A (the baseline)")
+    ap.add_argument("--b", required=True, type=Path, help="checkout B")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--contenders", default=CONTENDERS)
+    args = ap.parse_args(argv)
+    samples = {"A": {}, "B": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.rounds):
+            order = [("A", args.a), ("B", args.b)] if k % 2 == 0 else [("B", args.b), ("A", args.a)]
+            for label, checkout in order:
+                got = run(checkout.resolve(), args.contenders, args.repeats, Path(tmp), f"{label}{k}")
+                for contender, us in got.items():
+                    samples[label].setdefault(contender, []).append(us)
+            print(f"round {k + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    print(f"{'contender':<18} {'A us/tensor':>12} {'B us/tensor':>12} {'B/A':>7}   (median of {args.rounds} rounds)")
+    for contender in samples["A"]:
+        a = statistics.median(samples["A"][contender])
+        b = statistics.median(samples["B"].get(contender, [float("nan")]))
+        print(f"{contender:<18} {a:12.3f} {b:12.3f} {b / a:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
