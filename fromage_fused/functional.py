@@ -20,8 +20,8 @@ from .engine.spec import check_positive_or_none
 from .rules.fromage.coefficients import UNSET_MAX_NORM
 from .rules.fromage.rule import FROMAGE
 
-__all__ = ["fromage", "check_lr", "check_p_bound", "check_flags", "Group", "plan", "run_stats", "run_apply", "step_groups",
-           "UNSET_MAX_NORM"]
+__all__ = ["fromage", "check_lr", "check_p_bound", "check_flags", "Group", "plan", "run_stats", "run_apply",
+           "step_groups", "UNSET_MAX_NORM"]
 
 
 def check_lr(lr, *, read_tensor: bool = True) -> None:

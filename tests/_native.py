@@ -35,7 +35,8 @@ def fromage_apply_op(params, grads, stats, lr, max_norm, p_bound, maximize, pref
 
     hyper = torch.stack([lr.reshape(()), torch.full((), 0.0 if p_bound is None else p_bound, dtype=lr.dtype,
                                                        device=lr.device)])
-    flags = (MAXIMIZE if maximize else 0) | (PREFACTOR if prefactor else 0) | ((BOUND | INNER) if p_bound is not None else 0)
+    flags = (MAXIMIZE if maximize else 0) | (PREFACTOR if prefactor else 0)
+    flags |= (BOUND | INNER) if p_bound is not None else 0
     scalars = [] if max_norm is None else [max_norm]
     return (ops or torch.ops.fromage_fused).pass_("fromage", 1, list(params), list(grads), stats, hyper, flags, scalars,
                                                   None, found_inf, grad_scale, sr_seed, 0)

@@ -91,7 +91,8 @@ def pytest_collection_modifyitems(config, items):
 def _interpreter_when_needed(request):
     # A triton case on a machine without CUDA: its kernels under the interpreter, imported now.
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("backend") == "triton" and callspec.params.get("device", "cpu") == "cpu":
+    params = {} if callspec is None else callspec.params
+    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu":
         from _interpreter_kernels import triton_on_cpu
 
         triton_on_cpu()

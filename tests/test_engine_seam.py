@@ -108,7 +108,8 @@ def _oracle(params, grads_per_step, groups, skipped=()):
 def _setup(dtype=torch.float64, backend="reference"):
     gen = torch.Generator().manual_seed(3)
     shapes = [[(4, 3), (5,)], [(2, 2, 2), (1,)]]
-    params = [[torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in ss] for ss in shapes]
+    params = [[torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in ss]
+              for ss in shapes]
     opt = Toy([{"params": params[0]}, {"params": params[1], "lr": 0.05, "betas": (0.8, 0.99)}], backend=backend)
     groups = [(0.1, (0.5, 0.9), 1.0), (0.05, (0.8, 0.99), 1.0)]
     return params, opt, groups
@@ -185,7 +186,8 @@ def test_bad_values_raise_before_anything_changes():
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, [p for ps in params for p in ps]))
     after = opt.state_dict()
-    assert all(torch.equal(after["state"][k][n], state["state"][k][n]) for k in state["state"] for n in state["state"][k])
+    assert all(torch.equal(after["state"][k][n], state["state"][k][n])
+               for k in state["state"] for n in state["state"][k])
     with pytest.raises(ValueError, match="unused must be True or False"):
         Toy([torch.nn.Parameter(torch.zeros(2))], unused="no")
 

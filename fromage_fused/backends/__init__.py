@@ -109,7 +109,8 @@ def _usable(backend: Backend, device: torch.device, *, warn: bool, prepare: bool
     except BackendUnavailable as exc:
         if warn and (backend.name, device.type) not in _warned:
             _warned.add((backend.name, device.type))
-            warnings.warn(f"fromage_fused: backend {backend.name!r} failed to load, falling back: {exc}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"fromage_fused: backend {backend.name!r} failed to load, falling back: {exc}",
+                          RuntimeWarning, stacklevel=3)
         return False
 
 

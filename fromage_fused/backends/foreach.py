@@ -36,7 +36,8 @@ def _budget(params) -> int:
     return max(FLOOR_BYTES, max(p.numel() * p.element_size() for p in params))
 
 
-def runs(params, grads, temp_per_element: int, *, split: bool = True, indices: Optional[Sequence[int]] = None) -> List[_Piece]:
+def runs(params, grads, temp_per_element: int, *, split: bool = True,
+         indices: Optional[Sequence[int]] = None) -> List[_Piece]:
     """Runs of (parameter, gradient) pieces whose temporaries (``temp_per_element`` bytes per
     element) stay within the budget; a contiguous tensor larger than that is cut into flat slices
     (``split``). The whole group is one run when it fits, the common case."""

@@ -46,11 +46,14 @@ def _sharded_dims(placements) -> Tuple[int, ...]:
 def _local_pair(i: int, p, g) -> Tuple[torch.Tensor, torch.Tensor]:
     """The local shards of parameter ``i`` and of its gradient, laid out alike."""
     if any(pl.is_partial() for pl in p.placements):
-        raise RuntimeError(f"parameter {i} is a DTensor with a Partial placement {p.placements}; parameters must be Shard or Replicate")
+        raise RuntimeError(f"parameter {i} is a DTensor with a Partial placement {p.placements}; "
+                           "parameters must be Shard or Replicate")
     if not is_dtensor(g):
-        raise RuntimeError(f"parameter {i} is a DTensor but its gradient is a {type(g).__name__}; give it a DTensor gradient on the same mesh")
+        raise RuntimeError(f"parameter {i} is a DTensor but its gradient is a {type(g).__name__}; "
+                           "give it a DTensor gradient on the same mesh")
     if g.device_mesh != p.device_mesh:
-        raise RuntimeError(f"parameter {i} and its gradient live on different device meshes ({p.device_mesh} vs {g.device_mesh})")
+        raise RuntimeError(f"parameter {i} and its gradient live on different device meshes "
+                           f"({p.device_mesh} vs {g.device_mesh})")
     if tuple(g.placements) != tuple(p.placements):
         # A Partial gradient holds summands of the gradient, not a piece of it: the norms of the
         # local pieces would not add up to the norm of their sum, and the update needs the summed
@@ -74,7 +77,8 @@ def _process_group(mesh, dims: Tuple[int, ...]):
     if not names:
         raise RuntimeError(
             f"a DTensor parameter is sharded over mesh dimensions {dims} of a mesh without dimension names; "
-            "name the mesh dimensions (init_device_mesh(..., mesh_dim_names=...)) so they can be flattened into one group"
+            "name the mesh dimensions (init_device_mesh(..., mesh_dim_names=...)) so they can be flattened into "
+            "one group"
         )
     sub = mesh if len(dims) == mesh.ndim else mesh[tuple(names[d] for d in dims)]
     return sub._flatten().get_group()

@@ -34,7 +34,8 @@ class Call:
     """
 
     __slots__ = ("group", "rule", "index", "lists", "writes", "n", "device", "dtype", "sums", "hyper", "flags",
-                 "values", "scalars", "scalar_list", "seed", "counters", "globals", "found_inf", "grad_scale", "_stacked")
+                 "values", "scalars", "scalar_list", "seed", "counters", "globals", "found_inf", "grad_scale",
+                 "_stacked")
 
     def __repr__(self) -> str:
         return f"<Call {self.rule.name} pass {self.index} of {self.n} {self.dtype} tensors on {self.device}>"

@@ -103,7 +103,8 @@ def _check_pair(i: int, p: torch.Tensor, g: torch.Tensor, title: str, eager: boo
     if g.shape != p.shape:
         raise RuntimeError(f"parameter {i} has shape {tuple(p.shape)} but its gradient has shape {tuple(g.shape)}")
     if g.dtype != p.dtype:
-        raise RuntimeError(f"parameter {i} is {p.dtype} but its gradient is {g.dtype}; cast the gradient to the parameter's dtype")
+        raise RuntimeError(f"parameter {i} is {p.dtype} but its gradient is {g.dtype}; "
+                           "cast the gradient to the parameter's dtype")
     if g.device != p.device:
         raise RuntimeError(f"parameter {i} is on {p.device} but its gradient is on {g.device}")
     if eager and (p.is_conj() or p.is_neg()):

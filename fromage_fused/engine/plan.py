@@ -253,7 +253,8 @@ def _dtensor_part(b: _Build, part: _GroupPlan, values) -> None:
         refuse_stochastic_rounding(part.dtensors)
     local_p, local_g = local_pairs(part.dtensors)
     scalars, buffers = b.state_lists(part, values, part.dtensors, local_p)
-    buffers = {name: [t.to_local() if hasattr(t, "to_local") else t for t in entries] for name, entries in buffers.items()}
+    buffers = {name: [t.to_local() if hasattr(t, "to_local") else t for t in entries]
+               for name, entries in buffers.items()}
     opt = b.opt
     groups = local_groups(b.rule, part.dtensors, local_p, local_g, opt._backend_for, opt._fallback,
                           scalars=scalars, buffers=buffers)
@@ -261,8 +262,8 @@ def _dtensor_part(b: _Build, part: _GroupPlan, values) -> None:
         g.sources = [part.dtensors[i] for i in g.indices]
     if b.keep:
         part.local_record = record_pairs(local_p, local_g)
-        part.local_feeds = [(_Feed(g, [local_p[i] for i in g.indices], [local_g[i] for i in g.indices]), list(g.indices))
-                            for g in groups]
+        part.local_feeds = [(_Feed(g, [local_p[i] for i in g.indices], [local_g[i] for i in g.indices]),
+                             list(g.indices)) for g in groups]
     b.lay_out(part, groups, part.dtensors)
     part.groups += groups
 
@@ -285,7 +286,8 @@ def _counters(b: _Build, part: _GroupPlan, index: int, values) -> None:
                 continue
             key = (spec.name, g.device)
             if key not in made:
-                anchor, value = made[key] = _state.group_scalar(b.opt, params, spec, index, g.device, b.pending, b.title)
+                made[key] = _state.group_scalar(b.opt, params, spec, index, g.device, b.pending, b.title)
+                anchor, value = made[key]
                 b.counters[id(value)] = (value, spec.advance)
                 part.state_refs.append(([anchor], spec.name, [value]))
             g.counters[spec.name] = made[key][1]

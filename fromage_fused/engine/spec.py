@@ -146,7 +146,8 @@ class Spec:
     def defaults(self) -> Dict[str, Any]:
         return {e.name: e.default for e in self.entries}
 
-    def check(self, values: Mapping[str, Any], names: Optional[Sequence[str]] = None, *, read_tensor: bool = True) -> None:
+    def check(self, values: Mapping[str, Any], names: Optional[Sequence[str]] = None, *,
+              read_tensor: bool = True) -> None:
         """ValueError for the first entry of ``values`` (those of ``names``, default all) that is invalid."""
         for name in self.names if names is None else names:
             if name in values:
@@ -168,8 +169,9 @@ class Spec:
         """The packed entries as one ``[size]`` tensor of ``dtype`` on ``device`` (None as 0).
 
         While every entry is a Python number and they are the numbers of the last call (``cache``
-        holds them), the tensor of the last call (no host-to-device copy). A tensor entry is read on the device: the result
-        is then a new tensor that holds its current value (a captured graph re-reads it).
+        holds them), the tensor of the last call (no host-to-device copy). A tensor entry is read on
+        the device: the result is then a new tensor that holds its current value (a captured graph
+        re-reads it).
         """
         flat = []
         tensors = False
@@ -194,8 +196,8 @@ class Spec:
             cache["tensor"] = _constants(numbers_only, dtype, device)
             cache["key"] = key
         base = cache["tensor"]
-        parts = [x.to(device=device, dtype=dtype, non_blocking=True).reshape(()) if isinstance(x, torch.Tensor) else base[i]
-                 for i, x in enumerate(flat)]
+        parts = [x.to(device=device, dtype=dtype, non_blocking=True).reshape(()) if isinstance(x, torch.Tensor)
+                 else base[i] for i, x in enumerate(flat)]
         return torch.stack(parts)
 
     def tensor_allowed(self, name: str) -> bool:

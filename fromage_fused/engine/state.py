@@ -122,7 +122,8 @@ def group_scalar(opt, params: Sequence[torch.Tensor], spec: GroupScalar, index: 
     return anchor, pending.put(anchor, spec.name, value)
 
 
-def group_kept_scalar(opt, pg: dict, spec: GroupScalar, index: int, pending: Pending, title: str) -> Optional[torch.Tensor]:
+def group_kept_scalar(opt, pg: dict, spec: GroupScalar, index: int, pending: Pending,
+                      title: str) -> Optional[torch.Tensor]:
     """The per-group scalar ``spec`` kept in param group ``pg`` (``where="group"``): a 0-d tensor
     on the device of the group's first parameter, made from what the group holds (a number, a
     tensor elsewhere: a checkpoint of another implementation) or its initial value. None for a

@@ -29,7 +29,8 @@ def stats(params, grads, inner: bool) -> torch.Tensor:
         p_norms += torch._foreach_norm(run.params, 2, dtype=acc)
         g_norms += torch._foreach_norm(run.grads, 2, dtype=acc)
         owner += run.owner
-    columns = [_fe.combine(torch.stack(p_norms).square(), owner, n), _fe.combine(torch.stack(g_norms).square(), owner, n)]
+    columns = [_fe.combine(torch.stack(p_norms).square(), owner, n),
+               _fe.combine(torch.stack(g_norms).square(), owner, n)]
     if inner:
         columns.append(_inner(params, grads, acc, low, n))
     else:

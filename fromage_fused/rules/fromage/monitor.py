@@ -24,8 +24,8 @@ class StepStats:
     ``g_norm`` is of the unscaled gradient (GradScaler's scale divided out); ``cos`` is
     ``<p, g> / (||p|| ||g||)`` of the gradient as given (NaN for a zero tensor);
     ``relative_change`` is ``||p_new - p|| / ||p||`` of this step (0 for a step skipped by
-    ``found_inf`` and for a tensor that did not move; inf for a zero tensor that moved); ``clamped`` says whether the ``p_bound``
-    clamp scaled the update down (always False without ``p_bound``)."""
+    ``found_inf`` and for a tensor that did not move; inf for a zero tensor that moved); ``clamped``
+    says whether the ``p_bound`` clamp scaled the update down (always False without ``p_bound``)."""
 
     params: List[torch.Tensor]
     p_norm: torch.Tensor

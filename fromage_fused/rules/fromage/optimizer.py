@@ -44,9 +44,9 @@ class Fromage(EngineOptimizer):
 
     rule = FROMAGE
 
-    def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, prefactor: bool = True,
-                 backend: str = "auto", stochastic_rounding: bool = False, seed: Optional[int] = None,
-                 monitor: bool = False):
+    def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False,
+                 prefactor: bool = True, backend: str = "auto", stochastic_rounding: bool = False,
+                 seed: Optional[int] = None, monitor: bool = False):
         defaults = dict(lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, backend=backend, seed=seed, monitor=monitor)

@@ -17,7 +17,8 @@ def _call(index, params, grads, *, sums=None, lr=None, max_norm=None, p_bound=No
     call.group, call.rule, call.index = None, FROMAGE, index
     call.lists, call.writes = (params, grads), index
     call.n = len(params)
-    call.device = params[0].device if len(params) else (lr.device if isinstance(lr, torch.Tensor) else torch.device("cpu"))
+    default = lr.device if isinstance(lr, torch.Tensor) else torch.device("cpu")
+    call.device = params[0].device if len(params) else default
     call.dtype = params[0].dtype if len(params) else torch.float32
     values = dict(lr=0.0 if lr is None else lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
                   stochastic_rounding=sr_seed is not None)
