@@ -6,8 +6,9 @@ chosen per tensor: a multiple of the kernels' ``BLOCK``):
 * ``layout`` (depends only on the sizes): ``[numel (n) | first_chunk (n) | n_chunks (n) |
   chunk (n) | chunk_tensor (C)]``. Every tensor owns at least one chunk, so an empty tensor still
   gets a program (its max_norm must be set like any other).
-* ``addrs`` (depends on the storages): ``[p address (n) | g address (n) | flags (n)]``; flag bit 0
-  says both addresses are 16-byte aligned, which the host checked before promising it here.
+* ``addrs`` (depends on the storages): ``[list 0 addresses (n) | ... | list L-1 addresses (n) |
+  flags (n)]`` for the ``L`` tensor lists of a pass; flag bit 0 says every address of the tensor is
+  16-byte aligned, which the host checked before promising it here.
 """
 import os
 
@@ -80,8 +81,9 @@ else:
 
 
 @device_function
-def chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK: tl.constexpr):
-    """Tensor index, this chunk's start and end elements, the tensor's first chunk, its pointers' flags.
+def chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK: tl.constexpr, L: tl.constexpr):
+    """Tensor index, this chunk's start and end elements, the tensor's first chunk, its pointers' flags
+    (after the ``L`` address columns).
 
     ``start`` is a multiple of ``BLOCK`` (every chunk size is): with a 16-byte aligned base, each
     block of the chunk starts 16-byte aligned."""
@@ -89,16 +91,10 @@ def chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK: tl.constexpr):
     numel = tl.load(layout_ptr + t)
     first = tl.load(layout_ptr + n + t)
     chunk = tl.load(layout_ptr + 3 * n + t)
-    flags = tl.load(addrs_ptr + 2 * n + t)
+    flags = tl.load(addrs_ptr + L * n + t)
     start = tl.multiple_of((c - first) * chunk, BLOCK)
     end = tl.minimum(start + chunk, numel)
     return t, start, end, first, flags
-
-
-@device_function
-def tensor_addrs(addrs_ptr, t, n):
-    """The int64 addresses of tensor ``t``'s parameter and gradient."""
-    return tl.load(addrs_ptr + t), tl.load(addrs_ptr + n + t)
 
 
 @device_function

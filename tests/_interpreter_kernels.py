@@ -14,7 +14,7 @@ import pytest
 import torch
 
 AVAILABLE = importlib.util.find_spec("triton") is not None
-KERNELS = ("fromage_apply", "fromage_round", "fromage_stats")
+KERNELS = ("engine_pass", "fromage_round", "rule_fromage")
 
 
 def load() -> None:

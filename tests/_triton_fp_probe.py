@@ -1,4 +1,4 @@
-"""Compile the Triton apply kernel for sm_90 on this machine (no GPU needed), with the launch
+"""Compile the Triton kernel of Fromage's update pass for sm_90 on this machine (no GPU needed), with the launch
 options the backend uses, and count the fp32 arithmetic in its PTX.
 
 Run as a script in a process without TRITON_INTERPRET; prints one JSON object
@@ -15,8 +15,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from fromage_fused.backends.triton import CUDA_CONFIGS
-from fromage_fused.kernels import fromage_apply
-from _triton_ptx_probe import APPLY_SIG, _source
+from fromage_fused.kernels import engine_pass, rule_fromage
+from _triton_ptx_probe import PASS_SIG, _source, fromage_pass
 
 PATTERNS = {
     "fma": r"\bfma\.\S*f32",
@@ -33,23 +33,25 @@ PATTERNS = {
 
 def counts(constexprs):
     constexprs = dict(constexprs)
-    options = {"num_warps": constexprs.pop("_num_warps"), **getattr(fromage_apply, "LAUNCH_OPTIONS", {})}
-    kernel = triton.compile(_source(fromage_apply.apply_kernel, APPLY_SIG, constexprs),
+    # Fromage's pass 1 runs without multiply-add fusion (rule_fromage.PASSES), as the backend launches it.
+    fusion = rule_fromage.PASSES[1][2]
+    options = {"num_warps": constexprs.pop("_num_warps"), **({} if fusion else {"enable_fp_fusion": False})}
+    kernel = triton.compile(_source(engine_pass.pass_kernel, PASS_SIG, constexprs),
                             target=GPUTarget("cuda", 90, 32), options=options)
     ptx = kernel.asm["ptx"]
     return {k: len(re.findall(p, ptx)) for k, p in PATTERNS.items()}
 
 
 def main():
-    flags = {"HAS_BOUND": True, "MAXIMIZE": True, "PREFACTOR": True, "HAS_FOUND_INF": True, "HAS_GRAD_SCALE": True}
+    flags = 1 | 2 | 4 | 8  # maximize, prefactor, bound, inner
 
     def size(dtype):  # the block and warps the backend launches this dtype with
         cfg = CUDA_CONFIGS[dtype]
         return {"BLOCK": cfg.block, "_num_warps": cfg.num_warps}
 
     out = {
-        "fp32": counts({"DTYPE": tl.float32, "SR": False, **flags, **size(torch.float32)}),
-        "bf16_sr": counts({"DTYPE": tl.bfloat16, "SR": True, **flags, **size(torch.bfloat16)}),
+        "fp32": counts({**fromage_pass(1, tl.float32, flags=flags), **size(torch.float32)}),
+        "bf16_sr": counts({**fromage_pass(1, tl.bfloat16, sr=True, flags=flags), **size(torch.bfloat16)}),
     }
     print(json.dumps(out))
 

@@ -19,19 +19,29 @@ from triton.compiler import ASTSource
 import torch
 
 from fromage_fused.backends.triton import CUDA_CONFIGS
-from fromage_fused.kernels import fromage_apply, fromage_stats
+from fromage_fused.kernels import engine_pass, rule_fromage
 
 if "--no-aligned-path" in sys.argv:
-    fromage_stats.ALIGNED_FLAG = tl.constexpr(0)
-    fromage_apply.ALIGNED_FLAG = tl.constexpr(0)
+    engine_pass.ALIGNED_FLAG = tl.constexpr(0)
 
 TABLE = {"layout_ptr": "*i64", "addrs_ptr": "*i64"}
-STATS_SIG = {**TABLE, "partials_ptr": "*fp32", "n": "i64", "DTYPE": "constexpr", "BLOCK": "constexpr",
-             "INNER": "constexpr"}
-APPLY_SIG = {**TABLE, "max_norm_ptr": "*fp32", "stats_ptr": "*fp32", "lr_ptr": "*fp32", "found_inf_ptr": "*fp32",
-             "grad_scale_ptr": "*fp32", "seed_ptr": "*i64", "p_bound": "fp32", "n": "i64", "DTYPE": "constexpr",
-             "BLOCK": "constexpr", "HAS_BOUND": "constexpr", "MAXIMIZE": "constexpr",
-             "PREFACTOR": "constexpr", "HAS_FOUND_INF": "constexpr", "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr"}
+PASS_SIG = {**TABLE, "partials_ptr": "*fp32", "sums_ptr": "*fp32", "hyper_ptr": "*fp32", "s0_ptr": "*fp32",
+            "s1_ptr": "*fp32", "globals_ptr": "*fp32", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+            "seed_ptr": "*i64", "n": "i64", "COEF": "constexpr", "BODY": "constexpr", "L": "constexpr",
+            "W": "constexpr", "S": "constexpr", "D0": "constexpr", "D1": "constexpr", "D2": "constexpr",
+            "D3": "constexpr", "FLAGS": "constexpr", "BLOCK": "constexpr", "HAS_FOUND_INF": "constexpr",
+            "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr"}
+#: Fromage's flags: maximize 1, prefactor 2, bound 4, inner 8 (kernels/rule_fromage.py)
+STATS_FLAGS = 8
+APPLY_FLAGS = 2 | 4 | 8
+
+
+def fromage_pass(index, dtype, *, sr=False, flags=None):
+    """The constexprs of Fromage's pass ``index`` on ``dtype`` tensors, as the backend launches it."""
+    coef, body, _ = rule_fromage.PASSES[index]
+    return {"COEF": coef, "BODY": body, "L": 2, "W": index, "S": 3 if index == 0 else 0, "D0": dtype, "D1": dtype,
+            "D2": dtype, "D3": dtype, "FLAGS": (STATS_FLAGS if index == 0 else APPLY_FLAGS) if flags is None else flags,
+            "HAS_FOUND_INF": index == 1, "HAS_GRAD_SCALE": index == 1, "SR": sr}
 
 
 def _source(fn, signature, constexprs):
@@ -56,13 +66,13 @@ def count(fn, signature, constexprs, dtype):
 
 
 def main():
-    apply_flags = {"HAS_BOUND": True, "MAXIMIZE": False, "PREFACTOR": True, "HAS_FOUND_INF": True, "HAS_GRAD_SCALE": True}
+    kernel = engine_pass.pass_kernel
     out = {
-        "partials_fp32": count(fromage_stats.partials_kernel, STATS_SIG, {"DTYPE": tl.float32, "INNER": True}, torch.float32),
-        "partials_bf16": count(fromage_stats.partials_kernel, STATS_SIG, {"DTYPE": tl.bfloat16, "INNER": True}, torch.bfloat16),
-        "apply_fp32": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.float32, "SR": False, **apply_flags}, torch.float32),
-        "apply_bf16_sr": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.bfloat16, "SR": True, **apply_flags}, torch.bfloat16),
-        "apply_fp16": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.float16, "SR": False, **apply_flags}, torch.float16),
+        "partials_fp32": count(kernel, PASS_SIG, fromage_pass(0, tl.float32), torch.float32),
+        "partials_bf16": count(kernel, PASS_SIG, fromage_pass(0, tl.bfloat16), torch.bfloat16),
+        "apply_fp32": count(kernel, PASS_SIG, fromage_pass(1, tl.float32), torch.float32),
+        "apply_bf16_sr": count(kernel, PASS_SIG, fromage_pass(1, tl.bfloat16, sr=True), torch.bfloat16),
+        "apply_fp16": count(kernel, PASS_SIG, fromage_pass(1, tl.float16), torch.float16),
     }
     print(json.dumps(out))
 

@@ -345,16 +345,17 @@ def test_triton_backend_launches_the_apply_kernel_with_its_options(monkeypatch):
     if "triton" not in available_backends("cpu"):
         pytest.skip("the triton backend is not available on cpu")
     from fromage_fused.backends import triton as triton_backend
-    from fromage_fused.kernels import fromage_apply
+    from fromage_fused.kernels import engine_pass, rule_fromage
 
     seen = []
     real = triton_backend._launch
-    monkeypatch.setattr(triton_backend, "_launch", lambda kernel, grid, *a, **meta: (seen.append((kernel, meta)), real(kernel, grid, *a, **meta)))
+    monkeypatch.setattr(triton_backend, "_launch", lambda kernel, grid, *a, **meta: (seen.append((kernel, meta)),
+                                                                                     real(kernel, grid, *a, **meta)))
     p, g = [torch.randn(10)], [torch.randn(10)]
     functional.fromage(p, g, None, lr=0.1, backend="triton")
-    applies = [meta for kernel, meta in seen if kernel is fromage_apply.apply_kernel]
-    assert applies and all(meta.items() >= fromage_apply.LAUNCH_OPTIONS.items() for meta in applies)
-    assert fromage_apply.LAUNCH_OPTIONS == {"enable_fp_fusion": False}
+    applies = [meta for kernel, meta in seen if kernel is engine_pass.pass_kernel and meta["BODY"] is rule_fromage.body_1]
+    assert applies and all(meta.get("enable_fp_fusion") is False for meta in applies)
+    assert rule_fromage.PASSES[1][2] is False  # the update pass is declared unfused
 
 
 def _ptx_entries(ptx):

@@ -32,7 +32,7 @@ def wheel(tmp_path_factory):
 def test_the_wheel_carries_the_extension_sources_and_the_kernels(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"fromage_fused/csrc/{s}" for s in SOURCES} <= names
-    assert {"fromage_fused/kernels/__init__.py", "fromage_fused/kernels/fromage_stats.py"} <= names
+    assert {"fromage_fused/kernels/__init__.py", "fromage_fused/kernels/engine_pass.py"} <= names
     assert not any(n.endswith((".so", "_C.json")) for n in names)  # a plain wheel compiles nothing
     assert wheel.name.endswith("-py3-none-any.whl")
 
@@ -73,7 +73,7 @@ def test_the_sdist_carries_everything_a_wheel_is_built_from(tmp_path):
     top = f"fromage_fused-{fromage_fused.__version__}"
     members = {m.split("/", 1)[1] for m in tarfile.open(tmp_path / name).getnames() if "/" in m}
     needed = {"pyproject.toml", "setup.py", "LICENSE", "README.md", "CHANGELOG.md", "CITATION.cff", "docs/design.md",
-              "fromage_fused/__init__.py", "kernels/fromage_stats.py", "tests/conftest.py"}
+              "fromage_fused/__init__.py", "kernels/engine_pass.py", "tests/conftest.py"}
     assert needed | {f"csrc/{s}" for s in SOURCES} <= members
     assert name == f"{top}.tar.gz"
 

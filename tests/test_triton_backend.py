@@ -522,7 +522,8 @@ def test_tables_need_no_numpy():
         backend = tb.TritonBackend()
         params = [torch.randn(n) for n in (5, 0, 3000)]
         grads = [torch.randn_like(p) for p in params]
-        layout, addrs = backend._tables_for(params, grads, torch.float32, tb.INTERPRETER_CONFIG, tb._Use(torch.device("cpu")))
+        layout, addrs = backend._tables_for([params, grads], (torch.float32, torch.float32), tb.INTERPRETER_CONFIG,
+                                            tb._Use(torch.device("cpu")))
         assert layout.programs == 1 + 1 + 2, layout.programs
         assert addrs.device.tolist()[:3] == [p.data_ptr() for p in params]
         print("ok")

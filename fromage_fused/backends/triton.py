@@ -3,15 +3,17 @@
 A group of ``n`` tensors is cut into chunks (every tensor gets at least one; large tensors get
 larger chunks), so one program handles one chunk whether the group is one huge tensor or
 thousands of tiny ones. A step is three launches per group whatever ``n`` is: per-chunk partial
-sums, per-tensor reduction, and the update. The tensors are described to the kernels by int64
-tables in device memory (see ``kernels/fromage_table.py``), cached by the sizes and by the storage
+sums, per-tensor reduction, and the update (for Fromage: any rule's pass is one launch, plus one
+if it reduces sums). The kernels are generic (``kernels/engine_pass.py``) and call the rule's
+helpers (``kernels/rule_<name>.py``). The tensors are described to the kernels by int64 tables in
+device memory (see ``kernels/fromage_table.py``), cached by the sizes and by the storage
 addresses, so a new gradient storage (``zero_grad(set_to_none=True)``) costs one small
 host-to-device copy, from a pinned buffer that the cache entry owns.
 
 CUDA graphs: a table used while a graph is captured is never evicted (every replay reads it, and
 a captured upload re-reads its pinned buffer), so a table miss inside capture just works.
-``torch.compile``: the two phases are custom ops (``fromage_fused_triton::stats`` / ``apply_``)
-with fake implementations, so a compiled step treats them as opaque and never traces the tables.
+``torch.compile``: a pass is the custom op ``fromage_fused_triton::pass_`` (schema and fake in
+``engine/ops.py``), so a compiled step treats it as opaque and never traces the tables.
 
 On CUDA the kernels are compiled; on CPU they run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first use), which exists for tests and ranks below foreach.
@@ -30,8 +32,10 @@ from typing import List, Optional
 import torch
 
 from ..engine import capture
+from ..engine import ops as _ops
 from ..engine.dtypes import KERNEL_DTYPES
 from ..engine.groups import PlanList
+from ..engine.rule import TensorScalar
 from ._base import Backend
 
 _ALIGN_BYTES = 16
@@ -83,9 +87,14 @@ def _interpret_requested() -> bool:
 
 
 def _kernels():
-    from fromage_fused.kernels import fromage_apply, fromage_stats
+    from fromage_fused.kernels import engine_pass
 
-    return fromage_stats, fromage_apply
+    return engine_pass
+
+
+def _rule_kernels(rule):
+    """The rule's Triton helpers (``kernels/rule_<name>.py``)."""
+    return importlib.import_module(f"fromage_fused.kernels.rule_{rule.name}")
 
 
 def _kernels_interpreted() -> Optional[bool]:
@@ -143,10 +152,12 @@ def layout_values(numels, cfg: Config):
     return list(numels) + first[:-1] + counts + chunks + owner, first[-1]
 
 
-def address_values(ptrs_p, ptrs_g):
+def address_values(*ptrs):
+    """The address table of lists whose addresses are ``ptrs[k]``: the addresses list by list, then
+    per tensor the flags (bit 0: every list's address is 16-byte aligned)."""
     # The kernels promise 16-byte alignment to the compiler only where this holds.
-    flags = [int(a % _ALIGN_BYTES == 0 and b % _ALIGN_BYTES == 0) for a, b in zip(ptrs_p, ptrs_g)]
-    return list(ptrs_p) + list(ptrs_g) + flags
+    flags = [int(all(a % _ALIGN_BYTES == 0 for a in column)) for column in zip(*ptrs)]
+    return [a for column in ptrs for a in column] + flags
 
 
 class _Use:
@@ -203,7 +214,6 @@ class TritonBackend(Backend):
     name = "triton"
     priority = 30
     dtypes = KERNEL_DTYPES
-    kind = "triton"
 
     def __init__(self, config: Optional[Config] = None):
         self.config = config
@@ -245,16 +255,19 @@ class TritonBackend(Backend):
             return self.config
         return CUDA_CONFIGS[dtype] if device.type == "cuda" else INTERPRETER_CONFIG
 
+    def has_rule(self, rule) -> bool:
+        return importlib.util.find_spec(f"fromage_fused.kernels.rule_{rule.name}") is not None
+
     # -- checks ---------------------------------------------------------------------------------
 
-    def _group(self, params, grads):
-        """``(device, dtype)`` of a group. The step plan hands over validated groups; a direct call
-        is checked here once per (device, dtype), and tensor by tensor whenever its tables are
-        built (a cached table stands for tensors that were checked)."""
-        if not params or len(params) != len(grads):
-            raise ValueError(f"the triton backend steps a non-empty group of (parameter, gradient) pairs, "
-                             f"got {len(params)} parameters and {len(grads)} gradients")
-        device, dtype = params[0].device, params[0].dtype
+    def _group(self, lists):
+        """``(device, dtype)`` of a group (the first list holds parameters). The step plan hands over
+        validated groups; a direct call is checked here once per (device, dtype), and tensor by
+        tensor whenever its tables are built (a cached table stands for tensors that were checked)."""
+        if not lists[0] or any(len(x) != len(lists[0]) for x in lists):
+            raise ValueError(f"the triton backend steps a non-empty group of tensor lists of equal length, "
+                             f"got lengths {[len(x) for x in lists]}")
+        device, dtype = lists[0][0].device, lists[0][0].dtype
         if (device, dtype) not in self._admitted:
             if not self.supports_dtype(dtype):
                 raise TypeError(f"the triton backend steps {[str(d) for d in self.dtypes]} tensors, not {dtype}")
@@ -265,12 +278,14 @@ class TritonBackend(Backend):
         return device, dtype
 
     @staticmethod
-    def _check_tensors(params, grads, device, dtype):
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if p.dtype != dtype or g.dtype != dtype or p.device != device or g.device != device:
-                raise RuntimeError(f"tensor {i} of a triton group is not {dtype} on {device} like the first")
-            if p.shape != g.shape:
-                raise RuntimeError(f"tensor {i}: parameter shape {tuple(p.shape)} != gradient shape {tuple(g.shape)}")
+    def _check_tensors(lists, dtypes, device):
+        for k, (tensors, dtype) in enumerate(zip(lists, dtypes)):
+            for i, (x, p) in enumerate(zip(tensors, lists[0])):
+                if x.dtype != dtype or x.device != device:
+                    raise RuntimeError(f"tensor {i} of list {k} of a triton group is not {dtype} on {device} "
+                                       "like the first")
+                if x.shape != p.shape:
+                    raise RuntimeError(f"tensor {i}: shape {tuple(x.shape)} in list {k}, {tuple(p.shape)} in list 0")
 
     # -- tables ---------------------------------------------------------------------------------
 
@@ -293,125 +308,113 @@ class TritonBackend(Backend):
                 del self._tables[old]
         return table
 
-    def _tables_for(self, params, grads, dtype, cfg, use: _Use):
-        """``(layout, addresses)`` tables of a group: one pass over the tensors for the keys."""
+    def _tables_for(self, lists, dtypes, cfg, use: _Use):
+        """``(layout, addresses)`` tables of a pass's lists: the keys read once per list (per plan for
+        parameters and buffers, per step for gradients: see ``_memo``)."""
         device = use.device
-        numels, ptrs_p = _memo(params, (self.token, "params"), lambda: (tuple(map(_numel, params)), tuple(map(_data_ptr, params))))
-        ptrs_g = _memo(grads, (self.token, "grads"), lambda: tuple(map(_data_ptr, grads)))
+        numels = _memo(lists[0], (self.token, "numels"), lambda: tuple(map(_numel, lists[0])))
+        ptrs = tuple(_memo(x, (self.token, "ptrs"), lambda x=x: tuple(map(_data_ptr, x))) for x in lists)
 
         def layout():
-            self._check_tensors(params, grads, device, dtype)
+            self._check_tensors(lists, dtypes, device)
             return layout_values(numels, cfg)
 
         def addresses():
-            self._check_tensors(params, grads, device, dtype)
+            self._check_tensors(lists, dtypes, device)
             self.table_builds += 1
-            return address_values(ptrs_p, ptrs_g), 0
+            return address_values(*ptrs), 0
 
         lay = self._table(("layout", device, cfg, numels), use, layout)
-        addrs = self._table(("addrs", device, dtype, ptrs_p, ptrs_g), use, addresses)
+        addrs = self._table(("addrs", device, dtypes, ptrs), use, addresses)
         return lay, addrs
 
-    # -- the two phases -----------------------------------------------------------------------------
+    # -- a pass ---------------------------------------------------------------------------------------
 
     def run_pass(self, rule, index, call):
-        return rule.triton.run_pass(index, call, self)
-
-    def stats(self, params, grads, *, inner=True):
+        scalars = list(call.scalar_list)
         if torch.compiler.is_compiling():
-            return torch.ops.fromage_fused_triton.stats(list(params), list(grads), bool(inner), self.token)
-        return self._stats(params, grads, inner)
+            lists, w = call.lists, call.writes
+            out = torch.ops.fromage_fused_triton.pass_(
+                rule.name, index, [t for x in lists[:w] for t in x], [t for x in lists[w:] for t in x], call.sums,
+                call.hyper, call.flags, scalars, call.globals, call.found_inf, call.grad_scale, call.seed, self.token)
+        else:
+            out = self._run(rule, index, call.lists, call.sums, call.hyper, call.flags, scalars, call.globals,
+                            call.found_inf, call.grad_scale, call.seed)
+        return out if rule.passes[index].sums else None
 
-    def apply(self, params, grads, stats, *, lr, max_norm, p_bound, maximize, prefactor=True,
-              found_inf=None, grad_scale=None, sr_seed=None):
-        if torch.compiler.is_compiling():
-            torch.ops.fromage_fused_triton.apply_(
-                list(params), list(grads), stats, lr, max_norm if p_bound is not None else None,
-                None if p_bound is None else float(p_bound), bool(maximize), bool(prefactor),
-                found_inf, grad_scale, sr_seed, self.token)
-            return
-        self._apply(params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed)
-
-    def _stats(self, params, grads, inner):
-        device, dtype = self._group(params, grads)
-        params, grads = _dense(params), _dense(grads)
-        stats_k, _ = _kernels()
+    def _run(self, rule, index, lists, sums, hyper, flags, scalars, globals_, found_inf, grad_scale, seed):
+        spec = rule.passes[index]
+        device, dtype = self._group(lists)
+        n = len(lists[0])
+        param = [k for k, name in enumerate(spec.lists) if name in ("p", "g")]
+        dtypes = tuple(dtype if k in param else torch.float32 for k in range(len(lists)))
+        prev = rule.passes[index - 1].sums if index > 0 else 0
+        if sums is not None and (tuple(sums.shape) != (n, prev) or sums.device != device):
+            raise RuntimeError(f"the stats of the previous pass must be an [{n}, {prev}] tensor on {device}, got "
+                               f"{tuple(sums.shape)} on {sums.device}")
+        names = [s.name for s in rule.state if isinstance(s, TensorScalar)]
+        for name, m in zip(names, scalars):
+            if tuple(m.shape) != (n,) or m.dtype != torch.float32 or m.device != device or not m.is_contiguous():
+                raise RuntimeError(f"{name} must be a contiguous [{n}] float32 tensor on {device}")
+        helpers = _rule_kernels(rule)
+        coef, body, fusion = helpers.PASSES[index]
+        # Strided tensors are worked on in contiguous copies; the written ones are written back.
+        work = [_dense(x) for x in lists]
+        kernels = _kernels()
         cfg = self._config(device, dtype)
-        n = len(params)
-        with _on(device):
-            layout, addrs = self._tables_for(params, grads, dtype, cfg, _Use(device))
-            partials = torch.empty(layout.programs, 3, dtype=torch.float32, device=device)
-            stats = torch.empty(n, 3, dtype=torch.float32, device=device)
-            _launch(stats_k.partials_kernel, (layout.programs,), layout.device, addrs.device, partials, n,
-                    DTYPE=_triton_dtype(dtype), BLOCK=cfg.block, INNER=bool(inner), num_warps=cfg.num_warps)
-            _launch(stats_k.reduce_kernel, (n,), layout.device, partials, stats, n, RBLOCK=cfg.rblock, num_warps=4)
-        return stats
-
-    def _apply(self, params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale,
-               sr_seed):
-        device, dtype = self._group(params, grads)
-        n = len(params)
-        if tuple(stats.shape) != (n, 3) or stats.device != device:
-            raise RuntimeError(f"stats must be an [{n}, 3] tensor on {device}, got {tuple(stats.shape)} on {stats.device}")
-        if p_bound is not None and (
-            max_norm is None or tuple(max_norm.shape) != (n,) or max_norm.dtype != torch.float32
-            or max_norm.device != device or not max_norm.is_contiguous()
-        ):
-            raise RuntimeError(f"p_bound is set: pass max_norm as a contiguous [{n}] float32 tensor on {device}")
-        # Strided parameters are updated in a contiguous copy and written back afterwards.
-        work, grads = _dense(params), _dense(grads)
-        _, apply_k = _kernels()
-        cfg = self._config(device, dtype)
-        stats = stats.to(torch.float32).contiguous()
-        lr = lr.to(device=device, dtype=torch.float32).reshape(())
-        use_sr = sr_seed is not None and dtype == torch.bfloat16
+        hyper = hyper.to(torch.float32).contiguous()
+        sums = None if sums is None else sums.to(torch.float32).contiguous()
+        writes = spec.writes
+        use_sr = seed is not None and dtype == torch.bfloat16 and any(k in param for k in range(writes))
         with _on(device):
             use = _Use(device)
-            layout, addrs = self._tables_for(work, grads, dtype, cfg, use)
-            mn = max_norm if p_bound is not None else lr
-            seed = sr_seed.to(device=device, dtype=torch.int64).reshape(()) if use_sr else addrs.device
-            fi = found_inf.to(device=device, dtype=torch.float32).reshape(()) if found_inf is not None else lr
-            gs = grad_scale.to(device=device, dtype=torch.float32).reshape(()) if grad_scale is not None else lr
-            _launch(apply_k.apply_kernel, (layout.programs,), layout.device, addrs.device, mn, stats, lr, fi, gs,
-                    seed, float(p_bound) if p_bound is not None else 0.0, n, DTYPE=_triton_dtype(dtype),
-                    BLOCK=cfg.block, HAS_BOUND=p_bound is not None, MAXIMIZE=bool(maximize),
-                    PREFACTOR=bool(prefactor), HAS_FOUND_INF=found_inf is not None,
+            layout, addrs = self._tables_for(work, dtypes, cfg, use)
+            s_count = spec.sums
+            partials = torch.empty(layout.programs, max(s_count, 1), dtype=torch.float32, device=device)
+            out = torch.empty(n, s_count, dtype=torch.float32, device=device)
+            dummy = hyper
+            s0 = scalars[0] if len(scalars) > 0 else dummy
+            s1 = scalars[1] if len(scalars) > 1 else dummy
+            skip = found_inf is not None and writes > 0
+            fi = found_inf.to(device=device, dtype=torch.float32).reshape(()) if skip else dummy
+            gs = grad_scale.to(device=device, dtype=torch.float32).reshape(()) if grad_scale is not None else dummy
+            sd = seed.to(device=device, dtype=torch.int64).reshape(()) if use_sr else addrs.device
+            tdt = [_triton_dtype(d) for d in dtypes] + [_triton_dtype(dtypes[0])] * (4 - len(dtypes))
+            _launch(kernels.pass_kernel, (layout.programs,), layout.device, addrs.device, partials,
+                    dummy if sums is None else sums, hyper, s0, s1, dummy if globals_ is None else globals_, fi, gs,
+                    sd, n, COEF=coef, BODY=body, L=len(lists), W=writes, S=s_count, D0=tdt[0], D1=tdt[1],
+                    D2=tdt[2], D3=tdt[3], FLAGS=int(flags), BLOCK=cfg.block, HAS_FOUND_INF=skip,
                     HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, num_warps=cfg.num_warps,
-                    **apply_k.LAUNCH_OPTIONS)
-        if work is not params:
-            for p, w in zip(params, work):
-                if w is not p:
-                    p.copy_(w)
+                    **({} if fusion else {"enable_fp_fusion": False}))
+            if s_count:
+                _launch(kernels.reduce_kernel, (n,), layout.device, partials, out, n, S=s_count, RBLOCK=cfg.rblock,
+                        num_warps=4)
+        for k in range(writes):
+            if work[k] is not lists[k]:
+                for x, w in zip(lists[k], work[k]):
+                    if w is not x:
+                        x.copy_(w)
+        return out
 
 
-# -- the phases as custom ops: what torch.compile sees (opaque, with fake implementations) -----------
+# -- a pass as a custom op: what torch.compile sees (opaque, with the engine's fake) ------------------
 
-@torch.library.custom_op("fromage_fused_triton::stats", mutates_args=(),
-                         schema="(Tensor[] params, Tensor[] grads, bool inner, int backend) -> Tensor")
-def _stats_op(params: List[torch.Tensor], grads: List[torch.Tensor], inner: bool, backend: int) -> torch.Tensor:
-    return _INSTANCES[backend]._stats(params, grads, inner)
+def _pass_op(rule: str, index: int, writes: List[torch.Tensor], reads: List[torch.Tensor], sums: Optional[torch.Tensor],
+             hyper: torch.Tensor, flags: int, scalars: List[torch.Tensor], globals: Optional[torch.Tensor],
+             found_inf: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+             backend: int) -> torch.Tensor:
+    from ..rules import registered
 
-
-@_stats_op.register_fake
-def _(params, grads, inner, backend):
-    return params[0].new_empty((len(params), 3), dtype=torch.float32)
-
-
-@torch.library.custom_op(
-    "fromage_fused_triton::apply_", mutates_args=("params", "max_norm"),
-    schema="(Tensor(a!)[] params, Tensor[] grads, Tensor stats, Tensor lr, Tensor(b!)? max_norm, float? p_bound, "
-           "bool maximize, bool prefactor, Tensor? found_inf, Tensor? grad_scale, Tensor? sr_seed, int backend) -> ()")
-def _apply_op(params: List[torch.Tensor], grads: List[torch.Tensor], stats: torch.Tensor, lr: torch.Tensor,
-              max_norm: Optional[torch.Tensor], p_bound: Optional[float], maximize: bool, prefactor: bool,
-              found_inf: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor], sr_seed: Optional[torch.Tensor],
-              backend: int) -> None:
-    _INSTANCES[backend]._apply(params, grads, stats, lr, max_norm if p_bound is not None else None, p_bound, maximize,
-                               prefactor, found_inf, grad_scale, sr_seed)
+    the_rule = registered()[rule]
+    spec = the_rule.passes[index]
+    tensors = list(writes) + list(reads)
+    n = len(tensors) // len(spec.lists)
+    lists = [tensors[k * n:(k + 1) * n] for k in range(len(spec.lists))]
+    return _INSTANCES[backend]._run(the_rule, index, lists, sums, hyper, flags, list(scalars), globals, found_inf,
+                                    grad_scale, seed)
 
 
-@_apply_op.register_fake
-def _(params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed, backend):
-    return None
+_ops.define(_ops.TRITON, _pass_op)
 
 
 BACKEND = TritonBackend()

@@ -22,7 +22,6 @@ from ...engine.spec import Spec, check_lr, check_positive_or_none, flag, option,
 from .coefficients import UNSET_MAX_NORM
 from .flags import BOUND, INNER
 from .foreach import Foreach
-from .kernels import Triton
 from .reference import Reference
 
 
@@ -45,10 +44,10 @@ class FromageRule(Rule):
         Pass("stats", lists=("p", "g"), sums=3),
         Pass("apply", lists=("p", "g"), writes=1),
     )
-    # The math of each backend, in its own module.
+    # The Python math of each Python backend, in its own module (the kernels' is in csrc/rule_fromage.h and
+    # kernels/rule_fromage.py).
     reference = Reference()
     foreach = Foreach()
-    triton = Triton()
     #: The authors' implementation keeps the bound as state["max"], a Python float.
     AUTHORS_MAX = "max"
 

@@ -1,0 +1,184 @@
+"""The engine's Triton kernels: one pass of any rule over a group of tensors, two launches at most.
+
+``pass_kernel`` runs one program per chunk (tables: ``fromage_table.py``). A program computes its
+tensor's coefficients with the rule's ``COEF`` helper, then walks the chunk's elements in blocks:
+it loads the pass's ``L`` lists (``x0..x3``, in fp32), hands them to the rule's ``BODY``, stores
+the first ``W`` results (rounded to the list's dtype: bf16 by the shared integer recipe, to
+nearest or stochastically) and accumulates the first ``S`` sum terms; the chunk's ``S`` partial
+sums go to ``partials``. ``reduce_kernel`` then adds each tensor's partials in a fixed order, so
+the per-tensor sums do not depend on scheduling. ``COEF`` and ``BODY`` are the rule's
+``@triton.jit`` helpers (``rule_<name>.py``), passed as constexpr arguments.
+
+Lists are at most 4, written lists at most 2, sums at most 3 (what Fromage, LARS and LAMB need).
+"""
+import triton
+import triton.language as tl
+
+from .fromage_round import nearest_bf16, round_bf16, sr_stream
+from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, block_sum, chunk_of, device_function, loop_bound
+
+
+@device_function
+def _load(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr).to(tl.float32)
+
+
+@device_function
+def _store(ptr, y, mask, idx, stream, MASKED: tl.constexpr, SR: tl.constexpr):
+    """Store fp32 ``y`` in the list's dtype; bf16 by the shared recipe (``idx``: flat indices)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        if SR:
+            out = round_bf16(y, idx, stream)
+        else:
+            out = nearest_bf16(y)
+    else:
+        out = y.to(ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(ptr, out, mask=mask)
+    else:
+        tl.store(ptr, out)
+
+
+@device_function
+def _block(p0, p1, p2, p3, mask, idx, k0, k1, k2, k3, stream, acc0, acc1, acc2, BODY: tl.constexpr,
+           L: tl.constexpr, W: tl.constexpr, S: tl.constexpr, FLAGS: tl.constexpr, MASKED: tl.constexpr,
+           SR: tl.constexpr):
+    """One block of elements: ``p0..p3`` are blocks of pointers, ``idx`` the elements' flat indices."""
+    x0 = _load(p0, mask, MASKED)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if L > 1:
+        x1 = _load(p1, mask, MASKED)
+    if L > 2:
+        x2 = _load(p2, mask, MASKED)
+    if L > 3:
+        x3 = _load(p3, mask, MASKED)
+    y0, y1, a0, a1, a2 = BODY(k0, k1, k2, k3, x0, x1, x2, x3, FLAGS)
+    if W > 0:
+        _store(p0, y0, mask, idx, stream, MASKED, SR)
+    if W > 1:
+        _store(p1, y1, mask, idx, stream, MASKED, SR)
+    if S > 0:
+        acc0 += a0
+    if S > 1:
+        acc1 += a1
+    if S > 2:
+        acc2 += a2
+    return acc0, acc1, acc2
+
+
+@device_function
+def _sweep(q0, q1, q2, q3, start, n_full, k0, k1, k2, k3, stream, acc0, acc1, acc2, BODY: tl.constexpr,
+           L: tl.constexpr, W: tl.constexpr, S: tl.constexpr, FLAGS: tl.constexpr, BLOCK: tl.constexpr,
+           SR: tl.constexpr):
+    """Unmasked full blocks; ``q0..q3`` point at the chunk's first element, ``start``."""
+    lanes = tl.arange(0, BLOCK)
+    for off in range(0, loop_bound(n_full) * BLOCK, BLOCK):
+        acc0, acc1, acc2 = _block(q0 + off + lanes, q1 + off + lanes, q2 + off + lanes, q3 + off + lanes, None,
+                                  start + off + lanes, k0, k1, k2, k3, stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS,
+                                  False, SR)
+    return acc0, acc1, acc2
+
+
+@device_function
+def _pointers(addrs_ptr, t, n, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+              L: tl.constexpr, ALIGNED: tl.constexpr):
+    """The lists' pointers of tensor ``t`` (list ``k``'s address at ``addrs[k * n + t]``); with
+    ``ALIGNED`` promised 16-byte aligned (only inside the branch that checked the flag)."""
+    a0 = tl.load(addrs_ptr + t)
+    if ALIGNED:
+        q0 = as_aligned_ptr(a0, D0)
+    else:
+        q0 = as_ptr(a0, D0)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if L > 1:
+        if ALIGNED:
+            q1 = as_aligned_ptr(tl.load(addrs_ptr + n + t), D1)
+        else:
+            q1 = as_ptr(tl.load(addrs_ptr + n + t), D1)
+    if L > 2:
+        if ALIGNED:
+            q2 = as_aligned_ptr(tl.load(addrs_ptr + 2 * n + t), D2)
+        else:
+            q2 = as_ptr(tl.load(addrs_ptr + 2 * n + t), D2)
+    if L > 3:
+        if ALIGNED:
+            q3 = as_aligned_ptr(tl.load(addrs_ptr + 3 * n + t), D3)
+        else:
+            q3 = as_ptr(tl.load(addrs_ptr + 3 * n + t), D3)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr, s1_ptr, globals_ptr, found_inf_ptr,
+                grad_scale_ptr, seed_ptr, n, COEF: tl.constexpr, BODY: tl.constexpr, L: tl.constexpr,
+                W: tl.constexpr, S: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                D3: tl.constexpr, FLAGS: tl.constexpr, BLOCK: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
+    """``D0..D3``: the lists' element types; ``HAS_FOUND_INF`` only for a pass that writes (a
+    non-zero found_inf skips it)."""
+    c = tl.program_id(0).to(tl.int64)
+    go = True
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf_ptr) == 0
+    if go:
+        t, start, end, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK, L)
+        k0, k1, k2, k3 = COEF(t, c == first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, grad_scale_ptr, FLAGS,
+                              HAS_GRAD_SCALE)
+        stream = tl.full((), 0, tl.uint32)
+        if SR:
+            stream = sr_stream(tl.load(seed_ptr), t)
+        acc0 = tl.full([BLOCK], 0.0, tl.float32)
+        acc1 = tl.full([BLOCK], 0.0, tl.float32)
+        acc2 = tl.full([BLOCK], 0.0, tl.float32)
+        n_full = tl.maximum(end - start, 0) // BLOCK
+        if (flags & ALIGNED_FLAG) != 0:
+            # Every list's base is 16-byte aligned and chunks start at multiples of BLOCK elements:
+            # unmasked 16-byte vector accesses.
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, D0, D1, D2, D3, L, True)
+            acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, start, n_full, k0, k1, k2, k3,
+                                      stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
+        else:
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, D0, D1, D2, D3, L, False)
+            acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, start, n_full, k0, k1, k2, k3,
+                                      stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
+        q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, D0, D1, D2, D3, L, False)
+        offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
+        acc0, acc1, acc2 = _block(q0 + offs, q1 + offs, q2 + offs, q3 + offs, offs < end, offs, k0, k1, k2, k3, stream,
+                                  acc0, acc1, acc2, BODY, L, W, S, FLAGS, True, SR)
+        if S > 0:
+            tl.store(partials_ptr + S * c, block_sum(acc0))
+        if S > 1:
+            tl.store(partials_ptr + S * c + 1, block_sum(acc1))
+        if S > 2:
+            tl.store(partials_ptr + S * c + 2, block_sum(acc2))
+
+
+@triton.jit
+def reduce_kernel(layout_ptr, partials_ptr, sums_ptr, n, S: tl.constexpr, RBLOCK: tl.constexpr):
+    """Per tensor: its chunks' ``S`` partial sums added in a fixed order."""
+    t = tl.program_id(0).to(tl.int64)
+    first = tl.load(layout_ptr + n + t)
+    count = tl.load(layout_ptr + 2 * n + t)
+    acc0 = tl.full([RBLOCK], 0.0, tl.float32)
+    acc1 = tl.full([RBLOCK], 0.0, tl.float32)
+    acc2 = tl.full([RBLOCK], 0.0, tl.float32)
+    lanes = tl.arange(0, RBLOCK)
+    for k in range(0, loop_bound(count), RBLOCK):
+        mask = k + lanes < count
+        row = S * (first + k + lanes)
+        acc0 += tl.load(partials_ptr + row, mask=mask, other=0.0)
+        if S > 1:
+            acc1 += tl.load(partials_ptr + row + 1, mask=mask, other=0.0)
+        if S > 2:
+            acc2 += tl.load(partials_ptr + row + 2, mask=mask, other=0.0)
+    tl.store(sums_ptr + S * t, block_sum(acc0))
+    if S > 1:
+        tl.store(sums_ptr + S * t + 1, block_sum(acc1))
+    if S > 2:
+        tl.store(sums_ptr + S * t + 2, block_sum(acc2))
