@@ -37,6 +37,16 @@ def test_the_wheel_carries_the_extension_sources_and_the_kernels(wheel):
     assert wheel.name.endswith("-py3-none-any.whl")
 
 
+def test_the_wheel_carries_every_module_of_the_package(wheel):
+    # pyproject.toml lists the packages (kernels/ and csrc/ are mapped into the package): a new
+    # subpackage (a rule) must be listed there, or an installed package would lack it.
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {f"fromage_fused/{p.relative_to(ROOT / 'fromage_fused').as_posix()}"
+               for p in (ROOT / "fromage_fused").rglob("*.py") if "__pycache__" not in p.parts}
+    missing = sorted(modules - names)
+    assert not missing, f"not in the wheel (list their packages in pyproject.toml): {missing}"
+
+
 def test_the_wheel_declares_torch_extras_and_the_console_script(wheel):
     archive = zipfile.ZipFile(wheel)
     info = f"fromage_fused-{fromage_fused.__version__}.dist-info"
