@@ -22,7 +22,7 @@ sdist=$(ls "$work"/dist/fromage_fused-*.tar.gz)
 wheel=$(ls "$work"/dist/fromage_fused-*.whl)
 tar -tzf "$sdist" >"$work/sdist.txt"
 "$work/tools/bin/python" -m zipfile -l "$wheel" >"$work/wheel.txt"
-for f in engine_cpu.cpp fromage_cuda.cu numerics.h; do
+for f in engine_cpu.cpp engine_cuda.cu numerics.h; do
     grep -q "/csrc/$f$" "$work/sdist.txt" || { echo "fresh_machine: $f missing from the sdist"; exit 1; }
     grep -q "fromage_fused/csrc/$f " "$work/wheel.txt" || { echo "fresh_machine: $f missing from the wheel"; exit 1; }
 done

@@ -42,11 +42,11 @@ if [ -n "${TORCH_CUDA_INCLUDE:-}" ]; then
     cuda_top=${CUDA_HOME:-$("$NVCC" -v --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p')}
     cuda_inc=$cuda_top/include
     if "${CXX:-c++}" -std=c++20 -O1 -fPIC -c -Icsrc -isystem "$TORCH_CUDA_INCLUDE" \
-        -isystem "$TORCH_CUDA_INCLUDE/torch/csrc/api/include" -isystem "$cuda_inc" csrc/fromage_cuda_ops.cpp \
+        -isystem "$TORCH_CUDA_INCLUDE/torch/csrc/api/include" -isystem "$cuda_inc" csrc/engine_cuda_ops.cpp \
         -o "$out/ops.o"; then
-        echo "nvcc_check: csrc/fromage_cuda_ops.cpp OK against $TORCH_CUDA_INCLUDE"
+        echo "nvcc_check: csrc/engine_cuda_ops.cpp OK against $TORCH_CUDA_INCLUDE"
     else
-        echo "nvcc_check: csrc/fromage_cuda_ops.cpp failed against $TORCH_CUDA_INCLUDE"
+        echo "nvcc_check: csrc/engine_cuda_ops.cpp failed against $TORCH_CUDA_INCLUDE"
         status=1
     fi
     if [ -n "${TORCH_CUDA_LIB:-}" ] && [ -f "$out/ops.o" ]; then
@@ -58,10 +58,10 @@ if [ -n "${TORCH_CUDA_INCLUDE:-}" ]; then
         missing=$(grep -vxF -f "$out/defined.txt" "$out/used.txt" || true)
         if [ -n "$missing" ]; then
             echo "$missing" | head -n 20
-            echo "nvcc_check: csrc/fromage_cuda_ops.cpp uses symbols that $TORCH_CUDA_LIB and the kernels do not define"
+            echo "nvcc_check: csrc/engine_cuda_ops.cpp uses symbols that $TORCH_CUDA_LIB and the kernels do not define"
             status=1
         else
-            echo "nvcc_check: csrc/fromage_cuda_ops.cpp links: $(wc -l <"$out/used.txt") torch and kernel symbols defined"
+            echo "nvcc_check: csrc/engine_cuda_ops.cpp links: $(wc -l <"$out/used.txt") torch and kernel symbols defined"
         fi
     fi
 fi

@@ -5,7 +5,7 @@
 
 #include <vector>
 
-#include "fromage_cuda.h"
+#include "engine_cuda.h"
 #include "tensor_table.h"
 
 namespace ff {
@@ -19,12 +19,12 @@ std::vector<int64_t> tensor_table_op(std::vector<int64_t> p, std::vector<int64_t
   std::vector<TensorRef> refs(numels.size());
   for (size_t i = 0; i < numels.size(); ++i) {
     TORCH_CHECK(numels[i] >= 0, "fromage_fused: sizes must be >= 0");
-    refs[i].p = reinterpret_cast<void*>(static_cast<uintptr_t>(p[i]));
-    refs[i].g = reinterpret_cast<const void*>(static_cast<uintptr_t>(g[i]));
+    refs[i].ptr[0] = reinterpret_cast<const void*>(static_cast<uintptr_t>(p[i]));
+    refs[i].ptr[1] = reinterpret_cast<const void*>(static_cast<uintptr_t>(g[i]));
     refs[i].numel = numels[i];
   }
   std::vector<int64_t> words;
-  build_tensor_table(refs.data(), static_cast<int64_t>(refs.size()), chunk, words);
+  build_tensor_table(refs.data(), static_cast<int64_t>(refs.size()), 2, chunk, words);
   return words;
 }
 

@@ -9,6 +9,10 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda/atomic>
+#endif
+
+#if defined(__CUDACC__)
 #define FF_HD __host__ __device__ __forceinline__
 #else
 #define FF_HD inline
@@ -91,6 +95,23 @@ FF_HD float sqrt_rn(float x) {
   return __fsqrt_rn(x);
 #else
   return std::sqrt(x);
+#endif
+}
+
+// Per-tensor state read by every block of a tensor while one of them may write it: relaxed atomic
+// accesses on the GPU (not a data race; every block computes the same value), plain ones on the host.
+FF_HD float load_relaxed(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return cuda::atomic_ref<float, cuda::thread_scope_device>(*const_cast<float*>(p)).load(cuda::memory_order_relaxed);
+#else
+  return *p;
+#endif
+}
+FF_HD void store_relaxed(float* p, float v) {
+#if defined(__CUDA_ARCH__)
+  cuda::atomic_ref<float, cuda::thread_scope_device>(*p).store(v, cuda::memory_order_relaxed);
+#else
+  *p = v;
 #endif
 }
 

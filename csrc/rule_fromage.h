@@ -94,13 +94,13 @@ struct FromageRule::Pass<1> {
   static FF_HD Coef coefficients(const StepArgs& a, int64_t t) {
     const float* row = a.sums + 3 * t;
     const bool bounded = (a.flags & kBound) != 0;
-    const float old = bounded ? a.scalars[kMaxNorm][t] : 0.f;
+    const float old = bounded ? load_relaxed(a.scalars[kMaxNorm] + t) : 0.f;
     return FromageRule::coefficients(row[0], row[1], row[2], a.hyper[kLr], a.grad_scale ? *a.grad_scale : 1.f,
                                      a.grad_scale != nullptr, bounded, a.hyper[kPBound], old,
                                      (a.flags & kMaximize) != 0, (a.flags & kPrefactor) != 0);
   }
   static FF_HD void store(const StepArgs& a, int64_t t, const Coef& c) {
-    if (a.flags & kBound) a.scalars[kMaxNorm][t] = c.max_norm;
+    if (a.flags & kBound) store_relaxed(a.scalars[kMaxNorm] + t, c.max_norm);
   }
   template <class V>
   static FF_HD void body(const Coef& c, Vals<V, 2>& x, Vals<V, 0>&) {

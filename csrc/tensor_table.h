@@ -1,15 +1,16 @@
 // The tensor table of the multi-tensor CUDA kernels, and the cache that keeps uploaded tables.
-// Pure host C++ (no torch, no CUDA runtime) shared by the CUDA path (fromage_cuda_ops.cpp builds
+// Pure host C++ (no torch, no CUDA runtime) shared by the CUDA path (engine_cuda_ops.cpp builds
 // and uploads tables, the kernels read them) and a CPU-built test hook (fromage_table_hook.cpp),
 // so that the packing and the cache are tested without a GPU.
 //
 // A group of n tensors is cut into blocks of `chunk` elements; one CUDA block handles one block of
 // one tensor, and every tensor owns at least one block (an empty tensor's block still writes its
-// stats row and its max_norm). The table is one int64 array in device memory, so that a launch
-// carries a pointer instead of the tensors themselves: one launch per phase for any tensor count.
+// sums row and its per-tensor state). The table is one int64 array in device memory, so that a
+// launch carries a pointer instead of the tensors themselves: one launch per pass for any tensor
+// count. For a pass of L tensor lists (Fromage's: p, g):
 //
-//   word   [0, n)   [n, 2n)   [2n, 3n)  [3n, 4n)      [4n, 5n)    [5n, 5n + ceil(C / 2))
-//          p addr   g addr    numel     first block   blocks      block -> tensor (int32, C)
+//   word   [0, n) ... [(L-1)n, Ln)   [Ln, (L+1)n)  [(L+1)n, (L+2)n)  [(L+2)n, (L+3)n)  [(L+3)n, ...+ceil(C/2))
+//          list 0 ... list L-1 addr  numel         first block       blocks            block -> tensor (int32, C)
 #pragma once
 
 #include <cstdint>
@@ -19,7 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include "fromage_cuda.h"
+#include "engine_cuda.h"
 
 #if defined(__CUDACC__)
 #define FF_TABLE_HD __host__ __device__ __forceinline__
@@ -29,31 +30,36 @@
 
 namespace ff {
 
-enum TableColumn : int64_t { kColP = 0, kColG = 1, kColNumel = 2, kColFirst = 3, kColBlocks = 4, kColumns = 5 };
+FF_TABLE_HD int64_t col_numel(int64_t lists) { return lists; }
+FF_TABLE_HD int64_t col_first(int64_t lists) { return lists + 1; }
+FF_TABLE_HD int64_t col_blocks(int64_t lists) { return lists + 2; }
+FF_TABLE_HD int64_t table_columns(int64_t lists) { return lists + 3; }
 
 FF_TABLE_HD int64_t blocks_of(int64_t numel, int64_t chunk) { return numel > 0 ? (numel + chunk - 1) / chunk : 1; }
 
-FF_TABLE_HD int64_t table_words(int64_t n, int64_t blocks) { return kColumns * n + (blocks + 1) / 2; }
+FF_TABLE_HD int64_t table_words(int64_t n, int64_t lists, int64_t blocks) {
+  return table_columns(lists) * n + (blocks + 1) / 2;
+}
 
-// Fills `words` with the table of tensors t[0..n); returns the number of blocks C.
-inline int64_t build_tensor_table(const TensorRef* t, int64_t n, int64_t chunk, std::vector<int64_t>& words) {
+// Fills `words` with the table of tensors t[0..n) of `lists` lists; returns the number of blocks C.
+inline int64_t build_tensor_table(const TensorRef* t, int64_t n, int64_t lists, int64_t chunk,
+                                  std::vector<int64_t>& words) {
   int64_t blocks = 0;
   for (int64_t i = 0; i < n; ++i) blocks += blocks_of(t[i].numel, chunk);
-  words.assign(static_cast<size_t>(table_words(n, blocks)), 0);
+  words.assign(static_cast<size_t>(table_words(n, lists, blocks)), 0);
   int64_t* w = words.data();
   std::vector<int32_t> owner(static_cast<size_t>(blocks));
   int64_t first = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t count = blocks_of(t[i].numel, chunk);
-    w[kColP * n + i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t[i].p));
-    w[kColG * n + i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t[i].g));
-    w[kColNumel * n + i] = t[i].numel;
-    w[kColFirst * n + i] = first;
-    w[kColBlocks * n + i] = count;
+    for (int64_t k = 0; k < lists; ++k) w[k * n + i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t[i].ptr[k]));
+    w[col_numel(lists) * n + i] = t[i].numel;
+    w[col_first(lists) * n + i] = first;
+    w[col_blocks(lists) * n + i] = count;
     for (int64_t b = 0; b < count; ++b) owner[static_cast<size_t>(first + b)] = static_cast<int32_t>(i);
     first += count;
   }
-  if (blocks > 0) std::memcpy(w + kColumns * n, owner.data(), owner.size() * sizeof(int32_t));
+  if (blocks > 0) std::memcpy(w + table_columns(lists) * n, owner.data(), owner.size() * sizeof(int32_t));
   return blocks;
 }
 

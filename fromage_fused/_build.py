@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Set
 
 CPU_SOURCES = ["engine_cpu.cpp", "fromage_table_hook.cpp", "fromage_plan.cpp"]
-CUDA_SOURCES = ["fromage_cuda_ops.cpp", "fromage_cuda.cu"]
+CUDA_SOURCES = ["engine_cuda_ops.cpp", "engine_cuda.cu"]
 SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
 # What the AVX2 build of the CPU kernels executes; a CPU lacking one of these would die with an
 # illegal instruction, so a binary built with them is loaded only where /proc/cpuinfo lists them.

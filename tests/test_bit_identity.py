@@ -373,10 +373,11 @@ def test_cuda_apply_kernels_compile_to_unfused_correctly_rounded_arithmetic(arch
     out = tmp_path / "k.ptx"
     from fromage_fused._build import CSRC
 
-    done = subprocess.run([nvcc, "-std=c++17", "-O3", f"-I{CSRC}", "-ptx", f"-arch={arch}", str(CSRC / "fromage_cuda.cu"),
+    done = subprocess.run([nvcc, "-std=c++17", "-O3", f"-I{CSRC}", "-ptx", f"-arch={arch}", str(CSRC / "engine_cuda.cu"),
                            "-o", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    applies = [(name, body) for name, body in _ptx_entries(out.read_text()) if "apply_kernel" in name]
+    # Fromage's update pass: pass_kernel<FromageRule, 1, ...> (mangled)
+    applies = [(name, body) for name, body in _ptx_entries(out.read_text()) if "pass_kernelINS_11FromageRuleELi1E" in name]
     assert len(applies) >= 4, [name for name, _ in applies]
     for name, body in applies:
         assert not re.search(r"\bfma\.\S*f32", body), f"{name}: fused multiply-add in the apply kernel"

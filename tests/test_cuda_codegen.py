@@ -35,8 +35,8 @@ def sass(tmp_path_factory):
     nvcc, cuobjdump = _tool("nvcc"), _tool("cuobjdump")
     if nvcc is None or cuobjdump is None:
         pytest.skip("needs nvcc and cuobjdump")
-    obj = tmp_path_factory.mktemp("sass") / "fromage_cuda.o"
-    subprocess.run([nvcc, "-std=c++17", "-O3", f"-I{CSRC}", "-c", str(CSRC / "fromage_cuda.cu"), "-o", str(obj),
+    obj = tmp_path_factory.mktemp("sass") / "engine_cuda.o"
+    subprocess.run([nvcc, "-std=c++17", "-O3", f"-I{CSRC}", "-c", str(CSRC / "engine_cuda.cu"), "-o", str(obj),
                     "-gencode", "arch=compute_90,code=sm_90"], check=True, capture_output=True, timeout=300)
     out = subprocess.run([cuobjdump, "-sass", str(obj)], check=True, capture_output=True, text=True).stdout
     functions = {}
@@ -69,7 +69,9 @@ def kernels(sass, prefix):
     return found
 
 
-@pytest.mark.parametrize("kernel", ["apply_kernel", "stats_kernel"])
+# Fromage's passes, as instances of the engine's pass kernel (mangled: pass_kernel<FromageRule, P, ...>).
+@pytest.mark.parametrize("kernel", ["pass_kernelINS_11FromageRuleELi1E", "pass_kernelINS_11FromageRuleELi0E"],
+                         ids=["apply", "stats"])
 def test_vector_loops_keep_eight_loads_in_flight(sass, kernel):
     for name, lines in kernels(sass, kernel).items():
         assert loads_in_flight(lines) >= STAGED_LOADS, f"{name}: {loads_in_flight(lines)} 16-byte loads in flight"

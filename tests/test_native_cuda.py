@@ -8,7 +8,7 @@ from fromage_fused import backends, functional
 from fromage_fused.functional import UNSET_MAX_NORM
 from fromage_fused.engine.rounding import stochastic_round_bf16
 from _host_reads import forbid_cuda_sync
-from _native import require_native
+from _native import fromage_apply_op, fromage_stats_op, require_native
 from _oracle import compare_with_oracle
 from tolerances import ORACLE_TOL
 
@@ -114,8 +114,8 @@ def test_one_launch_per_phase_for_any_tensor_count(n):
     lr = torch.full((), 0.01, device="cuda")
 
     def step():
-        stats = torch.ops.fromage_fused.stats(params, grads, True)
-        torch.ops.fromage_fused.apply_(params, grads, stats, lr, mn, 1.0, False, True, None, None, None)
+        stats = fromage_stats_op(params, grads, True)
+        fromage_apply_op(params, grads, stats, lr, mn, 1.0, False, True, None, None, None)
 
     step()  # the tables are uploaded once
     torch.cuda.synchronize()
@@ -135,7 +135,7 @@ def test_one_launch_per_phase_for_any_tensor_count(n):
 def test_deterministic():
     params = [torch.randn(n, device="cuda") for n in (3_000_000, 77, 131_072)]
     grads = [torch.randn_like(p) for p in params]
-    runs = [torch.ops.fromage_fused.stats(params, grads, True) for _ in range(3)]
+    runs = [fromage_stats_op(params, grads, True) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
@@ -192,7 +192,7 @@ def test_tensor_over_2_31_elements():
         pytest.skip("not enough GPU memory for two bf16 tensors of 2^31 elements")
     p = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_()
     g = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_()
-    stats = torch.ops.fromage_fused.stats([p], [g], True)[0].double().cpu()
+    stats = fromage_stats_op([p], [g], True)[0].double().cpu()
     want = torch.zeros(3, dtype=torch.float64)
     for s in range(0, n, 1 << 28):
         ps, gs = p[s:s + (1 << 28)].double(), g[s:s + (1 << 28)].double()
