@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | tr -c 'A-Za-z0-9.+-
 $(STAMP): pyproject.toml setup.py requirements-dev.txt
 	rm -f $(VENV)/.installed*
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=64" wheel
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q --no-build-isolation -r requirements-dev.txt
 	touch $@
