@@ -16,7 +16,7 @@ from fromage_fused import _build
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p.name for p in (ROOT / "csrc").iterdir() if p.suffix in _build.SOURCE_SUFFIXES)
-EXTRAS = {"bench", "examples", "triton", "test", "all"}
+EXTRAS = {"bench", "examples", "triton", "integrations", "docs", "test", "all"}
 
 
 @pytest.fixture(scope="module")
