@@ -24,3 +24,14 @@ def test_triton_missing_on_a_cpu_machine_says_where_triton_runs(monkeypatch):
     reason = triton_backend.BACKEND.unavailable_reason("cpu")
     assert "CUDA GPUs" in reason and "pip install" not in reason
     assert "pip install triton" in triton_backend.BACKEND.unavailable_reason("cuda")
+
+
+def test_missing_requirement_hints_name_packages_that_install(monkeypatch, capsys):
+    # The package is not on PyPI: a hint must not send the user to `pip install "fromage_fused[...]"`.
+    from fromage_fused.bench import __main__ as cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    assert cli.main(["--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install tqdm " in err and "fromage_fused[" not in err

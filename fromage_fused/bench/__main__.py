@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     needed = ([] if args.from_json or args.list else ["tqdm"]) + ([] if args.no_plot or args.list else ["matplotlib"])
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"fromage-bench: needs {' and '.join(missing)}: pip install \"fromage_fused[bench]\"", file=sys.stderr)
+        print(f"fromage-bench: needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+              "(what the [bench] extra installs)", file=sys.stderr)
         return 2
     if args.from_json:
         rows, meta = report.load_json(args.from_json)
