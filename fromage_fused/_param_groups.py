@@ -29,7 +29,7 @@ _NAMES_SHOWN = 8
 
 def param_groups(model_or_named_params: Union[nn.Module, Iterable], p_bound: Optional[float], *,
                  unbounded: Sequence[str] = (), **options: Any) -> List[Dict[str, Any]]:
-    """Two param groups for :class:`~fromage_fused.Fromage`: one with ``p_bound``, one without.
+    """Two param groups for ``Fromage``: one with ``p_bound``, one without.
 
     The group without the bound gets every tensor that would be frozen or hampered by it:
 

@@ -51,7 +51,7 @@ class Fromage(Optimizer):
 
     A ``p_bound`` group that holds an all-zero tensor (which would stay zero for ever) and a
     non-zero ``weight_decay`` each give one warning at construction or ``add_param_group``;
-    :func:`fromage_fused.param_groups` builds groups that avoid the first.
+    ``fromage_fused.param_groups`` builds groups that avoid the first.
 
     Works with ``torch.amp.GradScaler`` without an unscale pass, with CUDA-graph capture (``lr``
     as a device tensor, state created by eager warm-up steps) and with ``torch.compile``.
