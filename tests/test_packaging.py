@@ -111,3 +111,14 @@ def test_the_install_stamp_follows_torch(tmp_path):
     os.utime(stamp, (2**31, 2**31))  # newer than pyproject.toml, setup.py and requirements-dev.txt
     assert plan("torch==2.13.0") == []
     assert plan("torch==2.14.1") == [f'{venv}/bin/python -m pip install -q "torch==2.14.1"']
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_run_installs_only_the_bench_extra(tmp_path):
+    # The front door: the benchmark's venv gets torch and the [bench] extra, not the test
+    # requirements (pytest, Triton for its interpreter tests, the integrations' libraries).
+    out = subprocess.run(["make", "-n", "run", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    installs = [line for line in out.splitlines() if "pip install" in line and "torch==" not in line]
+    assert installs[-1].endswith('-e ".[bench]"'), installs
+    assert not any(word in line for line in installs for word in ("[test]", "triton", "requirements-dev", "timm"))
