@@ -151,8 +151,8 @@ def _all_zero(params: Sequence[torch.Tensor]) -> List[bool]:
     for j, p in enumerate(params):
         local = getattr(p, "_local_tensor", None)
         t = (local if isinstance(local, torch.Tensor) else p).detach()
-        if t.device.type == "meta":
-            continue  # no values: nothing to warn about
+        if t.device.type == "meta" or p.numel() == 0:
+            continue  # no values (deferred initialisation, an empty tensor): nothing to freeze
         if t.is_complex():
             t = torch.view_as_real(t)
         counts[j] = torch.count_nonzero(t)

@@ -112,9 +112,11 @@ def test_zero_warning_without_names_gives_positions_and_shapes():
     assert "params[1] (3,)" in warning and "params[0]" not in warning
 
 
-@pytest.mark.parametrize("case", ["tiny-not-zero", "no-p_bound", "meta"])
+@pytest.mark.parametrize("case", ["tiny-not-zero", "no-p_bound", "meta", "empty"])
 def test_no_zero_warning_when_nothing_is_frozen(case):
-    if case == "tiny-not-zero":
+    if case == "empty":  # no elements: nothing to freeze
+        params, p_bound = [torch.randn(3, requires_grad=True), torch.zeros(0, 4, requires_grad=True)], 1.0
+    elif case == "tiny-not-zero":
         params, p_bound = [torch.randn(3, 2, requires_grad=True), torch.full((3,), 1e-30, requires_grad=True)], 1.0
     elif case == "no-p_bound":
         params, p_bound = [torch.zeros(3, requires_grad=True)], None
