@@ -21,12 +21,13 @@ SUITE_TIME := up to 17 minutes on a 2-core CPU (measured while other jobs loaded
 
 .PHONY: run test docs clean
 
-# A virtual environment with pip's build tools and $(TORCH); $(PIN) pins the torch installed.
+# A virtual environment with pip's build tools and $(TORCH); $(PIN) pins the torch installed (the
+# distribution's version: torch.__version__ may carry a local label, such as +cu132, that its metadata lacks).
 define venv_with_torch
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) )"$(TORCH)"
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(PIN)
+	$(BIN)/python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(PIN)
 endef
 
 $(STAMP): pyproject.toml setup.py requirements-dev.txt
