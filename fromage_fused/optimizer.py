@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from . import _step_plan, _training
+from . import _param_groups, _step_plan, _training
 from . import backends as _backends
 from ._groups import FALLBACK, dtype_refusal, execute
 from .functional import UNSET_MAX_NORM, check_flags as _check_flags, check_lr as _check_lr, check_p_bound as _check_p_bound
@@ -44,6 +44,14 @@ class Fromage(Optimizer):
             group rounds stochastically, so that other runs' random streams stay as they were).
         monitor: keep per-parameter statistics of each step, read with :meth:`last_stats`
             (``opt.monitor`` switches it at any time; costs nothing when off).
+        weight_decay: accepted (and saved in the param groups) for the training frameworks that
+            pass it, but Fromage has no weight decay: a non-zero value is ignored with a warning.
+            The ``1/sqrt(1 + lr^2)`` prefactor already shrinks every tensor by a factor of about
+            ``1 - lr^2/2`` per step, and ``p_bound`` caps norms.
+
+    A ``p_bound`` group that holds an all-zero tensor (which would stay zero for ever) and a
+    non-zero ``weight_decay`` each give one warning at construction or ``add_param_group``;
+    ``fromage_fused.param_groups`` builds groups that avoid the first.
 
     Works with ``torch.amp.GradScaler`` without an unscale pass, with CUDA-graph capture (``lr``
     as a device tensor, state created by eager warm-up steps) and with ``torch.compile``.
@@ -55,9 +63,10 @@ class Fromage(Optimizer):
 
     def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, prefactor: bool = True,
                  backend: str = "auto", stochastic_rounding: bool = False, seed: Optional[int] = None,
-                 monitor: bool = False):
+                 monitor: bool = False, weight_decay: float = 0.0):
         _check_lr(lr)
         _check_p_bound(p_bound)
+        _param_groups.check_weight_decay(weight_decay)
         _check_flags(monitor=monitor)
         #: Keep each step's per-parameter statistics for :meth:`last_stats` (see ``_monitor.py``).
         self.monitor = monitor
@@ -72,14 +81,20 @@ class Fromage(Optimizer):
         self._plan = None
         self._plan_generation = 0
         defaults = dict(lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
-                        stochastic_rounding=stochastic_rounding)
+                        stochastic_rounding=stochastic_rounding, weight_decay=weight_decay)
+        # The groups' traps are told once for the whole construction, not once per group.
+        self._defer_trap_warnings = True
         super().__init__(params, defaults)
+        del self._defer_trap_warnings
+        _param_groups.warn_traps(self, range(len(self.param_groups)), stacklevel=3)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if "lr" in param_group:
             _check_lr(param_group["lr"])
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
+        if "weight_decay" in param_group:
+            _param_groups.check_weight_decay(param_group["weight_decay"])
         _check_flags(**{flag: param_group.get(flag, self.defaults[flag]) for flag in _FLAGS})
         rounding = param_group.get("stochastic_rounding", self.defaults["stochastic_rounding"])
         params = param_group["params"]
@@ -104,6 +119,8 @@ class Fromage(Optimizer):
             self._sr_base = _training.initial_seed(None)
         self._create_max_norms(self.param_groups[-1])
         self._invalidate_plan()
+        if not getattr(self, "_defer_trap_warnings", False):
+            _param_groups.warn_traps(self, [len(self.param_groups) - 1], stacklevel=3)
 
     def _create_max_norms(self, group: Dict[str, Any]) -> None:
         # Unset max_norm state exists from the start so that torch.distributed.checkpoint's
@@ -140,6 +157,7 @@ class Fromage(Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.defaults.setdefault("weight_decay", 0.0)  # pickled before the key existed
         # Groups saved before a hyper-parameter existed, or by another implementation of Fromage,
         # take this optimizer's defaults, as torch does for its own optimizers' new options.
         for group in self.param_groups:

@@ -6,7 +6,7 @@ to the foreach ops as views of it made once (per device, dtype, group size and t
 products (``sum(x) = 2 sum(max(x, 0)) - sum(|x|)``), not from a ``.sum()`` per tensor.
 
 Arithmetic: ``p <- round(round(c_p p) + round(c_g g))``, a product and a sum each rounded on its
-own, as in every backend (README, "Bit-identical results"): never ``addcmul``, which torch may
+own, as in every backend (docs/backends.md, "Bit-identical results"): never ``addcmul``, which torch may
 compute with a fused multiply-add.
 
 Memory: everything that needs temporaries (the product ``c_g g``, the products of the stats, the
