@@ -1,5 +1,6 @@
 """The LARS and LAMB contenders of the benchmark compute what they claim, count their bytes
-right, and say what they cannot do."""
+right, and say what they cannot do; the interleaved timing script runs them in turn."""
+import json
 import sys
 import types
 
@@ -166,3 +167,42 @@ def test_this_packages_lars_and_lamb_join_on_every_backend_with_the_same_options
             assert contender.work == work and found[f"timm:{kind}"].work == work
             contender.build(params, C.Context("tiny", C.Settings()))
             assert made[-1] == (kind, backend, options)
+
+
+def test_interleaved_timing_runs_every_contender_in_turn(monkeypatch, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from fromage_fused.bench import presets as P
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "interleaved.py"
+    spec = importlib.util.spec_from_file_location("interleaved", path)
+    interleaved = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(interleaved)
+    tiny = P.Preset("tiny", "", lambda: [(3, 5), (7,)], lambda: [(3, 5), (7,)])
+    monkeypatch.setattr(P, "PRESETS", {"tiny": tiny})
+    calls = []
+    real = C.all_contenders
+
+    def counted(*args, **kw):
+        found = real(*args, **kw)
+        for c in found:
+            build = c.build
+
+            def wrapped(params, ctx, build=build, name=c.name):
+                step = build(params, ctx)
+                return lambda: (calls.append(name), step())[1]
+
+            c.build = wrapped
+        return found
+
+    monkeypatch.setattr(C, "all_contenders", counted)
+    out = tmp_path / "r.json"
+    interleaved.main(["--presets", "tiny", "--contenders", "torch:sgd,torch:adamw", "--rounds", "4", "--sets", "2",
+                      "--baseline", "torch:adamw", "--out", str(out)])
+    rows = {r["contender"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"torch:sgd", "torch:adamw"}
+    assert all(r["rounds"] == 4 and r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in rows.values())
+    assert rows["torch:adamw"]["over_torch:adamw"] == 1.0
+    timed = calls[-8:]  # the rounds alternate, the first contender changing every round
+    assert timed == ["torch:sgd", "torch:adamw", "torch:adamw", "torch:sgd"] * 2
