@@ -10,6 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+TIMM := timm==1.0.31
 BIN := $(VENV)/bin
 TAG := $(shell printf '%s' '$(TORCH)' | tr -c 'A-Za-z0-9.+-' '_')
 STAMP := $(VENV)/.installed-$(TAG)
@@ -35,10 +36,13 @@ $(STAMP): pyproject.toml setup.py requirements-dev.txt
 	$(venv_with_torch)
 	$(BIN)/python -m pip install -q -c $(PIN) --no-build-isolation -r requirements-dev.txt
 	@# timm imports torchvision, whose wheels fit one torch release each (torchvision 0.N+15 for torch 2.N).
-	$(BIN)/python -m pip install -q -c $(PIN) timm "$$($(BIN)/python -c "import torch; print('torchvision==0.%d.*' % (int(torch.__version__.split('.')[1]) + 15))")" \
+	@# Without one, timm is installed alone: the LARS/LAMB parity tests load its optimizer files, which need
+	@# only torch, and its integration test skips. The parity tests were checked against this timm.
+	$(BIN)/python -m pip install -q -c $(PIN) "$(TIMM)" "$$($(BIN)/python -c "import torch; print('torchvision==0.%d.*' % (int(torch.__version__.split('.')[1]) + 15))")" \
 		&& $(BIN)/python -c "import timm" >/dev/null 2>&1 \
 		|| { $(BIN)/python -m pip uninstall -q -y timm torchvision >/dev/null 2>&1; \
-		     echo "make: no torchvision loads with $(TORCH) here, so timm is not installed (its integration test skips)"; }
+		     $(BIN)/python -m pip install -q --no-deps "$(TIMM)"; \
+		     echo "make: no torchvision loads with $(TORCH) here: timm is installed without it (its integration test skips)"; }
 	touch $@
 
 $(RUN_STAMP): pyproject.toml setup.py
