@@ -13,7 +13,6 @@ where it is not installed these tests skip and say what to install.
 """
 import copy
 import inspect
-
 import os
 
 import pytest
