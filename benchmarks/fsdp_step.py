@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from fromage_fused import Fromage
-from fromage_fused.engine.distributed import sums_bytes_per_step
-from fromage_fused.rules.fromage import FROMAGE
+from fromage_fused.distributed import stats_bytes_per_step
 
 
 def model(layers, width):
@@ -73,7 +72,7 @@ def rank_main(rank, args, store, out):
         t = time.perf_counter()
         dist.all_reduce(stats)
         reduce_times.append(time.perf_counter() - t)
-    payload = sum(sums_bytes_per_step(list(m.parameters()), FROMAGE).values())
+    payload = sum(stats_bytes_per_step(list(m.parameters())).values())
     torch.save({"step": step, "step_min": step_min, "all_reduce": statistics.median(reduce_times), "bytes": payload, "tensors": n},
                os.path.join(out, f"r{rank}.pt"))
     dist.destroy_process_group()

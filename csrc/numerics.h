@@ -61,7 +61,7 @@ FF_HD uint32_t index_low(int64_t idx) { return static_cast<uint32_t>(static_cast
 // Correctly rounded fp32 operations that no compiler fuses into a multiply-add: on the GPU the
 // _rn intrinsics (never contracted, whatever -fmad says); on the host plain operators, which the
 // CPU kernels compile with -ffp-contract=off. Every backend's apply phase is this arithmetic
-// (README, "Bit-identical results"); torch's ops and the Triton kernel carry the same sequence.
+// (docs/backends.md, "Bit-identical results"); torch's ops and the Triton kernel carry the same sequence.
 FF_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);

@@ -60,7 +60,7 @@ def cpu_isa() -> Optional[str]:
 
 def cpu_compile_flags(isa: Optional[str] = "detect") -> List[str]:
     """C++ flags of the CPU kernels: the vector ISA (of this machine unless given), and no FMA
-    contraction (the apply phase rounds every product and sum, as every backend does: README,
+    contraction (the apply phase rounds every product and sum, as every backend does: docs/backends.md,
     "Bit-identical results")."""
     if isa == "detect":
         isa = cpu_isa()

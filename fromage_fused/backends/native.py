@@ -49,7 +49,7 @@ VERBOSE_ENV = "FROMAGE_FUSED_VERBOSE_BUILD"
 WAIT_ENV = "FROMAGE_FUSED_BUILD_WAIT"
 WAIT_S = 1800.0  # how long to wait for another process's build before giving up
 STALE_S = 3600.0  # where file locks do not work, a torch build lock older than this is stale
-NOT_BUILT = "not built yet: builds on first use (about a minute)"
+NOT_BUILT = "not built yet: builds on first use (1-2 minutes on a 2-core CPU)"
 _LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 _lock = threading.Lock()
 _ops.define(_ops.NATIVE)  # the schema of the extension's engine op, before any build registers kernels
@@ -245,7 +245,8 @@ def _jit(variant: str, why: str = "first use") -> None:
 def _compile(variant: str, info: dict, directory: Path, why: str) -> None:
     from torch.utils.cpp_extension import load
 
-    what, how_long = ("C++/CUDA", "a few minutes") if variant == "cuda" else ("C++", "about a minute")
+    what, how_long = (("C++/CUDA", "several minutes; cached for later runs") if variant == "cuda"
+                      else ("C++", "1-2 minutes on a 2-core CPU; cached for later runs"))
     when = f"{why}, {how_long}" if why == "first use" else f"{how_long}; {why}"
     print(f"building the fromage_fused {what} extension for torch {torch.__version__} ({when})...", file=sys.stderr, flush=True)
     start = time.monotonic()
@@ -368,7 +369,7 @@ def pending(device_type: str) -> Optional[str]:
     variant = _variants()[0]
     if _built(build_dir(variant), variant) is not None:
         return None
-    return NOT_BUILT.replace("about a minute", "a few minutes") if variant == "cuda" else NOT_BUILT
+    return NOT_BUILT.replace("1-2 minutes on a 2-core CPU", "several minutes") if variant == "cuda" else NOT_BUILT
 
 
 def _register_fakes() -> None:

@@ -228,7 +228,9 @@ class TritonBackend(Backend):
     def unavailable_reason(self, device):
         device = torch.device(device)
         if importlib.util.find_spec("triton") is None:
-            return "Triton is not installed (pip install triton)"
+            if device.type == "cuda":
+                return "Triton is not installed (CUDA builds of torch bring it; or pip install triton)"
+            return f"Triton kernels run on CUDA GPUs, not on {device.type} tensors (and Triton is not installed)"
         if importlib.util.find_spec("fromage_fused.kernels") is None:
             return "the kernels package fromage_fused.kernels is missing: install fromage_fused (pip install -e .)"
         interpreted = _kernels_interpreted()

@@ -3,7 +3,7 @@
 A contender builds a ``step()`` for one list of parameters whose ``.grad`` is set. The Fromage
 backends come from the registry (a new backend appears here by registering, nothing else); the
 per-tensor loop, ``torch.compile`` of the foreach step, and torch's fused SGD and AdamW are the
-alternatives and yardsticks.
+alternatives and yardsticks; LARS and LAMB, this package's and others', come from ``layerwise.py``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from .. import Fromage, available_backends
 from .. import backends as _backends
 from ..rules.fromage import phases
-from . import host, traffic
+from . import host, layerwise, traffic
 from .loop import LoopFromage
 
 LOOP = "loop"
@@ -199,6 +199,7 @@ def all_contenders(device, settings: Settings, presets: Sequence[str] = ()) -> L
                            "GradScaler step + update around Fromage (auto backend)"))
     found.append(Contender(AMP_ADAMW, traffic.ADAMW + traffic.AMP_CHECK, traffic.ADAMW + traffic.AMP_CHECK, _amp(_amp_adamw),
                            "GradScaler step + update around AdamW(fused=True)"))
+    found += layerwise.contenders_for(device, settings, sys.modules[__name__])
     if host.PRESET in presets:
         found += host.contenders_for(device, settings, sys.modules[__name__])
     return found

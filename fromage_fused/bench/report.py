@@ -91,6 +91,9 @@ def format_table(rows: Sequence[Dict], meta: Optional[Dict] = None) -> str:
             preset = r["preset"]
             lines += ["", f"{preset} ({r['variant']}): {r['n_params'] / 1e6:.2f}M params in {r['n_tensors']} tensors, "
                           f"{r['param_sets']} set(s) rotated{', fresh grads' if r.get('fresh_grads') else ''}", head]
+        if r["status"] == "noisy":
+            lines.append(f"{r['contender']:<20} {'noisy':>10}  {r['note']}")
+            continue
         if r["status"] != "ok":
             lines.append(f"{r['contender']:<20} {'skipped':>10}  {r['note']}")
             continue
@@ -100,3 +103,13 @@ def format_table(rows: Sequence[Dict], meta: Optional[Dict] = None) -> str:
             f"{_num(r['vs_loop'], '.2f'):>8} {_num(r['vs_foreach'], '.2f'):>7} {_num(r['vs_sgd'], '.2f'):>7} {_num(r['vs_adamw'], '.2f'):>8}  {r['note'] or ''}"
         )
     return "\n".join(lines)
+
+
+def noise_warning(rows: Sequence[Dict]) -> Optional[str]:
+    """What to tell the user when some rows were too noisy to report, else None."""
+    noisy = [r for r in rows if r.get("status") == "noisy"]
+    if not noisy:
+        return None
+    return (f"{len(noisy)} of {len(rows)} rows had samples too spread to trust (interquartile range above half "
+            "the median): other processes were competing for this machine, so those rows are not results. "
+            "Rerun on an idle machine (or only those presets: --presets NAME).")

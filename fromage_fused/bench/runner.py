@@ -30,6 +30,9 @@ class Config:
     name: str = "bench"
     plot: bool = True
     progress: bool = True
+    #: A row whose samples' interquartile range exceeds this fraction of their median is "noisy":
+    #: kept in the files but not reported as a result (no ratios, not a baseline).
+    max_spread: float = 0.5
 
 
 class _Data:
@@ -66,6 +69,11 @@ def _row(env, cfg: Config, preset: Preset, shapes, sets: int, contender, *, note
                n_tensors=len(shapes), n_params=n, param_sets=sets, fresh_grads=cfg.fresh_grads,
                p_bound=cfg.settings.p_bound, contender=contender.name, status="ok" if timing else "skipped", note=note,
                work_bytes_per_param=work, traffic_bytes_per_param=design, copy_gbps=copy_gbps)
+    if timing and timing.spread > cfg.max_spread:
+        row["status"] = "noisy"
+        row["note"] = "; ".join(filter(None, [note, (
+            f"samples too spread to trust (q1-q3 {timing.q1 * 1e3:.3g}-{timing.q3 * 1e3:.3g} ms around a median of "
+            f"{timing.median * 1e3:.3g} ms): the machine was busy; rerun when it is idle")]))
     if timing:
         row.update(repeats=len(timing.times), median_ms=timing.median * 1e3, q1_ms=timing.q1 * 1e3, q3_ms=timing.q3 * 1e3,
                    gbps=traffic.gbps(n, work, timing.median), traffic_gbps=traffic.gbps(n, design, timing.median))

@@ -47,7 +47,11 @@ class EngineOptimizer(Optimizer):
         self._device_backends: Dict[torch.device, _backends.Backend] = {}
         self._plan = None
         self._plan_generation = 0
+        # The rule's warnings about the groups are given once for the whole construction.
+        self._defer_warnings = True
         super().__init__(params, defaults)
+        del self._defer_warnings
+        self.rule.warn(self, range(len(self.param_groups)), stacklevel=4)
 
     # -- param groups and the state that exists from the start -----------------------------------
 
@@ -77,6 +81,8 @@ class EngineOptimizer(Optimizer):
             self._sr_base = rounding.initial_seed(None)
         self._create_state(group)
         self._invalidate_plan()
+        if not getattr(self, "_defer_warnings", False):
+            self.rule.warn(self, [len(self.param_groups) - 1], stacklevel=3)
 
     def _create_state(self, group: Dict[str, Any]) -> None:
         # Unset per-tensor scalar state exists from the start so that torch.distributed.checkpoint's
@@ -104,6 +110,8 @@ class EngineOptimizer(Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        for key, value in self.rule.spec.defaults().items():  # pickled before the key existed
+            self.defaults.setdefault(key, value)
         # Groups saved before a hyper-parameter existed, or by another implementation of the
         # optimizer, take this optimizer's defaults, as torch does for its own optimizers' new options.
         for group in self.param_groups:

@@ -101,6 +101,11 @@ class Rule:
         """Global values from every group's sums of pass ``index`` (a pass with ``combine``)."""
         raise NotImplementedError(f"rule {self.name!r} has a combining pass but no combine()")
 
+    def warn(self, optimizer, group_indices: Sequence[int], stacklevel: int) -> None:
+        """Warnings about the given param groups of ``optimizer``, at construction (once for all
+        groups) and ``add_param_group``; may read values on the host (never runs in a step).
+        ``stacklevel`` points at the user's call from here."""
+
     def summarize(self, record) -> object:
         """Monitoring: per-parameter statistics from one group's :class:`~fromage_fused.engine.monitor.Record`."""
         raise NotImplementedError(f"rule {self.name!r} has no monitoring summary")

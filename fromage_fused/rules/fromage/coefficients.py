@@ -6,7 +6,7 @@ The update of tensor i is ``p_i <- round(round(coef_p[i] * p_i) + round(coef_g[i
 (two products and a sum, no fused multiply-add). For fp32 sums the coefficients are a fixed
 sequence of correctly rounded fp32 operations (+, -, *, /, sqrt, compare, select). The C++, CUDA
 and Triton kernels carry the same sequence in their own language, so that every backend's apply
-pass gives the same bits from the same sums (README, "Bit-identical results").
+pass gives the same bits from the same sums (docs/backends.md, "Bit-identical results").
 """
 from __future__ import annotations
 

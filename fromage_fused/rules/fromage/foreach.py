@@ -3,7 +3,7 @@
 ``<p, g>`` comes from two ``_foreach_norm(ord=1)`` passes over the products (``sum(x) =
 2 sum(max(x, 0)) - sum(|x|)``), not from a ``.sum()`` per tensor. The update is
 ``p <- round(round(c_p p) + round(c_g g))``, a product and a sum each rounded on its own, as in
-every backend (README, "Bit-identical results"): never ``addcmul``, which torch may compute with a
+every backend (docs/backends.md, "Bit-identical results"): never ``addcmul``, which torch may compute with a
 fused multiply-add. Temporaries are bounded by the backend's pieces (``backends/foreach.py``).
 """
 from __future__ import annotations

@@ -139,7 +139,7 @@ def fromage(
     reduce_stats: Optional[Callable[[torch.Tensor, Group], torch.Tensor]] = None,
     sr_seed: Optional[torch.Tensor] = None,
 ) -> None:
-    """One Fromage step over ``params`` in place (see the README's "Exact semantics").
+    """One Fromage step over ``params`` in place (see docs/fromage.md, "Exact semantics").
 
     ``max_norms``: with ``p_bound``, one float32 0-d tensor per parameter; a negative value means
     "not set yet" and is set from this step's pre-update norm. ``lr`` is a float or a 0-d tensor.

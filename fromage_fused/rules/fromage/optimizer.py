@@ -37,6 +37,14 @@ class Fromage(EngineOptimizer):
             group rounds stochastically, so that other runs' random streams stay as they were).
         monitor: keep per-parameter statistics of each step, read with :meth:`last_stats`
             (``opt.monitor`` switches it at any time; costs nothing when off).
+        weight_decay: accepted (and saved in the param groups) for the training frameworks that
+            pass it, but Fromage has no weight decay: a non-zero value is ignored with a warning.
+            The ``1/sqrt(1 + lr^2)`` prefactor already shrinks every tensor by a factor of about
+            ``1 - lr^2/2`` per step, and ``p_bound`` caps norms.
+
+    A ``p_bound`` group that holds an all-zero tensor (which would stay zero for ever) and a
+    non-zero ``weight_decay`` each give one warning at construction or ``add_param_group``;
+    ``fromage_fused.param_groups`` builds groups that avoid the first.
 
     Works with ``torch.amp.GradScaler`` without an unscale pass, with CUDA-graph capture (``lr``
     as a device tensor, state created by eager warm-up steps) and with ``torch.compile``.
@@ -46,9 +54,9 @@ class Fromage(EngineOptimizer):
 
     def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False,
                  prefactor: bool = True, backend: str = "auto", stochastic_rounding: bool = False,
-                 seed: Optional[int] = None, monitor: bool = False):
+                 seed: Optional[int] = None, monitor: bool = False, weight_decay: float = 0.0):
         defaults = dict(lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
-                        stochastic_rounding=stochastic_rounding)
+                        stochastic_rounding=stochastic_rounding, weight_decay=weight_decay)
         super().__init__(params, defaults, backend=backend, seed=seed, monitor=monitor)
 
     def last_stats(self):

@@ -18,9 +18,10 @@ import torch
 
 from ...engine.rounding import SR_SEED, STOCHASTIC_ROUNDING
 from ...engine.rule import Pass, Rule, TensorScalar
-from ...engine.spec import Spec, check_lr, check_positive_or_none, flag, option, value
+from ...engine.spec import Spec, check_lr, check_positive_or_none, flag, option, setting, value
 from .coefficients import UNSET_MAX_NORM
 from .flags import BOUND, INNER
+from .param_groups import check_weight_decay, warn_traps
 from .foreach import Foreach
 from .reference import Reference
 
@@ -38,6 +39,8 @@ class FromageRule(Rule):
         flag("maximize", False),
         flag("prefactor", True),
         STOCHASTIC_ROUNDING,
+        # Accepted, checked and saved for the frameworks that pass it; Fromage has none (param_groups.py).
+        setting("weight_decay", 0.0, lambda name, value, read=True: check_weight_decay(value)),
     )
     state = (TensorScalar("max_norm", torch.float32, UNSET_MAX_NORM, when=_bounded), SR_SEED)
     passes = (
@@ -64,6 +67,9 @@ class FromageRule(Rule):
         if "max_norm" not in entry and isinstance(authors, numbers.Real) and not isinstance(authors, bool):
             return {"max_norm": float(authors)}, (self.AUTHORS_MAX,)
         return {}, ()
+
+    def warn(self, optimizer, group_indices, stacklevel: int) -> None:
+        warn_traps(optimizer, group_indices, stacklevel + 1)
 
     def summarize(self, record):
         from .monitor import summarize
