@@ -141,10 +141,13 @@ class Fromage(Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         # Groups saved before a hyper-parameter existed, or by another implementation of Fromage,
-        # take this optimizer's defaults, as torch does for its own optimizers' new options.
+        # take this optimizer's defaults, as torch does for its own optimizers' new options. Only
+        # Fromage's own: torch's __setstate__ has just added its options (differentiable, ...) to
+        # the defaults, and copying those into the groups would make a load change state_dict().
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in _HYPER_PARAMETERS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
         self.__dict__.setdefault("backend", _backends.AUTO)
         self.__dict__.setdefault("_sr_base", None)
         self.__dict__.setdefault("_device_backends", {})
@@ -285,6 +288,8 @@ class Fromage(Optimizer):
 
 
 _FLAGS = ("maximize", "prefactor", "stochastic_rounding")
+#: What a param group of Fromage holds besides its params.
+_HYPER_PARAMETERS = ("lr", "p_bound") + _FLAGS
 
 
 def _local_device(p: torch.Tensor) -> torch.device:

@@ -200,3 +200,29 @@ def test_cpu_state_loads_onto_cuda(backend):
         gpu_opt.step()
     for a, b in zip(net.parameters(), gpu.parameters()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def _assert_same_state_dict(a, b):
+    assert [sorted(g) for g in a["param_groups"]] == [sorted(g) for g in b["param_groups"]]
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert a["state"][k].keys() == b["state"][k].keys()
+        assert all(torch.equal(v, b["state"][k][n]) for n, v in a["state"][k].items())
+
+
+@pytest.mark.parametrize("dst", BACKENDS)
+def test_a_load_gives_back_the_state_dict_it_loaded(dst):
+    # The param groups hold Fromage's keys only: torch's own options (differentiable, ...) are no
+    # hyper-parameters of Fromage and must not appear after a load.
+    net = make()
+    opt = Fromage(groups(net, 0.02, 1.5, False), lr=0.02, p_bound=1.5, backend="foreach")
+    train(net, opt, 2, seed=1)
+    saved = save_load(opt.state_dict())
+    opt.load_state_dict(copy.deepcopy(saved))
+    _assert_same_state_dict(opt.state_dict(), saved)
+    other = Fromage(groups(make(), 0.5, None, True), lr=0.5, backend=dst)
+    other.load_state_dict(copy.deepcopy(saved))
+    _assert_same_state_dict(other.state_dict(), saved)
+    assert all(set(g) == {"params", "lr", "p_bound", "maximize", "prefactor", "stochastic_rounding"}
+               for g in other.state_dict()["param_groups"])
