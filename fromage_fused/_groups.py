@@ -229,7 +229,8 @@ def _lr_of(group: Group) -> torch.Tensor:
     if isinstance(lr, torch.Tensor):
         return lr.to(device=group.device, dtype=accumulate_dtype(group.dtype), non_blocking=True).reshape(())
     if group._lr_tensor is None or group._lr_value != lr or type(group._lr_value) is not type(lr):
-        group._lr_tensor = torch.full((), lr, device=group.device, dtype=accumulate_dtype(group.dtype))
+        # float(): lr may be any real number the checks accept (a Fraction, a numpy scalar).
+        group._lr_tensor = torch.full((), float(lr), device=group.device, dtype=accumulate_dtype(group.dtype))
         group._lr_value = lr
     return group._lr_tensor
 

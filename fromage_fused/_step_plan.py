@@ -33,7 +33,7 @@ from . import _grad_check
 from ._grad_check import Record, record_pairs
 from ._groups import Group, PlanList, adopt_max_norms, group_tensors
 from .distributed import _dtensor_type, local_pairs, local_groups, refuse_flat_parameters, refuse_stochastic_rounding
-from .functional import check_flags, check_lr, check_p_bound
+from .functional import as_float, check_flags, check_lr, check_p_bound
 
 __all__ = ["StepPlan", "build"]
 
@@ -278,7 +278,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             part.groups += groups
         for g in part.groups:
             g.lr = lr
-            g.p_bound = pg["p_bound"]
+            g.p_bound = as_float(pg["p_bound"])
             g.maximize = pg["maximize"]
             g.prefactor = pg["prefactor"]
             if pg["stochastic_rounding"] and g.dtype == torch.bfloat16 and g.reduce is None:
