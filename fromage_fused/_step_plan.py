@@ -32,6 +32,7 @@ from . import _training
 from . import _grad_check
 from ._grad_check import Record, record_pairs
 from ._groups import Group, PlanList, adopt_max_norms, group_tensors
+from ._overlap import refuse_overlaps
 from .distributed import _dtensor_type, local_pairs, local_groups, refuse_flat_parameters, refuse_stochastic_rounding
 from .functional import as_float, check_flags, check_lr, check_p_bound
 
@@ -223,6 +224,10 @@ def build(opt, *, keep: bool = True) -> StepPlan:
     parts: List[_GroupPlan] = []
     seeds: List[torch.Tensor] = []
     dtensor = _dtensor_type()
+    # Every tensor the backends will step, its gradient and its name, for the overlap check.
+    stepped_p: List[torch.Tensor] = []
+    stepped_g: List[torch.Tensor] = []
+    names: List[str] = []
     for index, pg in enumerate(param_groups):
         # Groups can be edited after construction (schedulers, users): check what costs no sync.
         lr = pg["lr"]
@@ -245,6 +250,9 @@ def build(opt, *, keep: bool = True) -> StepPlan:
         else:
             plain_order = order
         plain = [params[i] for i in plain_order]
+        stepped_p += plain
+        stepped_g += [p.grad for p in plain]
+        names += [f"parameter {i} of param group {index}" for i in plain_order]
         if plain_order or not part.dtensors:
             max_norms = [opt._max_norm(p, p.device, pending) for p in plain] if bound else None
             groups = group_tensors(plain, [p.grad for p in plain], max_norms, opt._backend_for, opt._fallback)
@@ -265,6 +273,9 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             if pg["stochastic_rounding"]:
                 refuse_stochastic_rounding(part.dtensors)
             local_p, local_g = local_pairs(part.dtensors)
+            stepped_p += local_p
+            stepped_g += local_g
+            names += [f"parameter {i} of param group {index}" for i in order if isinstance(params[i], dtensor)]
             max_norms = [opt._max_norm(p, lp.device, pending) for p, lp in zip(part.dtensors, local_p)] if bound else None
             groups = local_groups(part.dtensors, local_p, local_g, max_norms, opt._backend_for, opt._fallback)
             for g in groups:
@@ -286,6 +297,8 @@ def build(opt, *, keep: bool = True) -> StepPlan:
                 seeds.append(g.sr_seed)
                 part.state_refs.append(([anchor], "sr_seed", [g.sr_seed]))
         parts.append(part)
+    if not torch.compiler.is_compiling():  # (fake tensors have no addresses; the eager steps check)
+        refuse_overlaps(stepped_p, stepped_g, names)
     pending.commit()
     state = opt.state
     for part in parts:

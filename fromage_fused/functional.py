@@ -15,6 +15,7 @@ import torch
 from . import backends as _backends
 from ._groups import FALLBACK, Group, execute, group_tensors, run_apply as _run_apply, run_stats as _run_stats
 from ._math import UNSET_MAX_NORM
+from ._overlap import refuse_overlaps
 from .backends import Backend
 
 __all__ = ["fromage", "check_lr", "check_p_bound", "check_flags", "Group", "plan", "run_stats", "run_apply", "step_groups", "UNSET_MAX_NORM"]
@@ -128,6 +129,8 @@ def plan(
     name = backend
     groups = group_tensors(params, grads, max_norms if p_bound is not None else None,
                            lambda device: _backend_for(name, device), _fallback)
+    if not torch.compiler.is_compiling():  # (fake tensors have no addresses)
+        refuse_overlaps(params, grads, [f"parameter {i}" for i in range(len(params))])
     for group in groups:
         group.p_bound = as_float(p_bound)
     return groups

@@ -194,6 +194,12 @@ class ForeachBackend(Backend):
         for run in _runs(params, grads, temp, split=sr_seed is None):
             cp = vp if len(run.owner) == whole else [vp[i] for i in run.owner]
             cg = vg if len(run.owner) == whole else [vg[i] for i in run.owner]
+            # The gradients' products first: a gradient may be its own parameter's memory, which
+            # the in-place path is about to scale.
+            # A bf16/fp16 gradient times a float32 0-d tensor would stay bf16/fp16: upcast first.
+            prods = [g.to(acc, copy=True) for g in run.grads] if low else torch._foreach_mul(run.grads, cg)
+            if low:
+                torch._foreach_mul_(prods, cg)
             if in_place:
                 work = run.params
                 torch._foreach_mul_(work, cp)
@@ -202,10 +208,6 @@ class ForeachBackend(Backend):
                 torch._foreach_mul_(work, cp)
             else:
                 work = torch._foreach_mul(run.params, cp)
-            # A bf16/fp16 gradient times a float32 0-d tensor would stay bf16/fp16: upcast first.
-            prods = [g.to(acc, copy=True) for g in run.grads] if low else torch._foreach_mul(run.grads, cg)
-            if low:
-                torch._foreach_mul_(prods, cg)
             torch._foreach_add_(work, prods)
             del prods
             if in_place:
