@@ -14,7 +14,8 @@ when:
 - a group's ``p_bound``, ``maximize``, ``prefactor`` or ``stochastic_rounding`` changed (``lr`` is
   read and checked every step: schedulers change it);
 - a gradient appeared, disappeared, or changed dtype, device, shape, layout or contiguity; a
-  parameter changed storage, shape or contiguity (``p.data = ...``, ``module.to(...)``);
+  parameter changed address, shape or strides (``p.data = ...``, also on the same storage,
+  ``module.to(...)``);
 - a DTensor parameter's local shard is another tensor (FSDP2 resharding, ``reset_sharded_param``).
 
 Building validates everything and creates missing state only after all of it passed, so a step

@@ -16,8 +16,9 @@ functional API and the DTensor route alike) calls it, so that it need not check 
   ``max_norm`` is None without ``p_bound``, else one contiguous ``[n]`` float32 tensor on the device
   (entry ``i`` for ``params[i]``), read and written in place.
 - Across steps, while the optimizer's plan holds, the same ``params`` list object comes back with
-  the same tensors, each with the same storage address, shape, dtype and device (any change builds
-  a new plan and a new list); only ``grads`` (a new list each step) and the values change. Without
+  the same tensors, each with the same ``PLAN_KEY`` (address, shape, strides, dtype, device: a
+  change of any one of them builds a new plan and a new list); only ``grads`` (a new list each
+  step) and the values change. Without
   views in play (complex parameters, contiguous copies of strided ones) the lists are
   ``_groups.PlanList``s: their ``memo`` dict is where a backend keeps what it derives from the
   tensors (sizes, addresses), once per plan for ``params``, once per step for
@@ -32,6 +33,9 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: What the step plan keys each tensor of a ``params`` list on: a backend may keep whatever it
+#: derives from these in the list's ``memo`` (the triton backend: element counts, addresses).
+PLAN_KEY = ("data_ptr", "shape", "stride", "dtype", "device")
 
 
 class BackendUnavailable(RuntimeError):
