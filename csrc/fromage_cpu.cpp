@@ -257,6 +257,7 @@ void apply_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& st
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f) return;
   const int64_t n = static_cast<int64_t>(params.size());
   const float lr_v = *lr.const_data_ptr<float>();
+  if (!usable_lr(lr_v)) return;
   const float scale = grad_scale.has_value() ? *grad_scale->const_data_ptr<float>() : 1.f;
   const float* s = stats.const_data_ptr<float>();
   const bool bounded = p_bound.has_value();

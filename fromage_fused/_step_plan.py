@@ -168,7 +168,7 @@ class _GroupPlan:
 class StepPlan:
     """Everything one ``step()`` needs, for the optimizer as it was when this was built."""
 
-    def __init__(self, opt, parts: List[_GroupPlan], seeds: List[torch.Tensor]):
+    def __init__(self, opt, parts: List[_GroupPlan], seeded: List[Group]):
         self.generation = opt._plan_generation
         self.param_groups = opt.param_groups
         self.pgs = list(opt.param_groups)
@@ -176,7 +176,7 @@ class StepPlan:
         self.state_values = list(opt.state.values())
         self.parts = parts
         self.groups = [g for part in parts for g in part.groups]
-        self.seeds = seeds
+        self.seeded = seeded  # the groups that round stochastically, each with its seed
 
     def refresh(self, opt) -> bool:
         """Revalidate for this step (new gradients); False: the plan must be built again."""
@@ -223,7 +223,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
     param_groups = opt.param_groups
     pending = _Pending(opt.state)
     parts: List[_GroupPlan] = []
-    seeds: List[torch.Tensor] = []
+    seeded: List[Group] = []
     dtensor = _dtensor_type()
     # Every tensor the backends will step, its gradient and its name, for the overlap check.
     stepped_p: List[torch.Tensor] = []
@@ -295,7 +295,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             g.prefactor = pg["prefactor"]
             if pg["stochastic_rounding"] and g.dtype == torch.bfloat16 and g.reduce is None:
                 anchor, g.sr_seed = opt._sr_seed(pg, index, g.device, pending)
-                seeds.append(g.sr_seed)
+                seeded.append(g)
                 part.state_refs.append(([anchor], "sr_seed", [g.sr_seed]))
         parts.append(part)
     if not torch.compiler.is_compiling():  # (fake tensors have no addresses; the eager steps check)
@@ -304,5 +304,5 @@ def build(opt, *, keep: bool = True) -> StepPlan:
     state = opt.state
     for part in parts:
         part.state_refs = [([state[p] for p in entries], key, held) for entries, key, held in part.state_refs]
-    return StepPlan(opt, parts, seeds)
+    return StepPlan(opt, parts, seeded)
 

@@ -14,15 +14,11 @@ import torch
 
 from . import backends as _backends
 from ._groups import FALLBACK, Group, execute, group_tensors, run_apply as _run_apply, run_stats as _run_stats
-from ._math import UNSET_MAX_NORM
+from ._math import FLOAT32_MAX, UNSET_MAX_NORM
 from ._overlap import refuse_overlaps
 from .backends import Backend
 
 __all__ = ["fromage", "check_lr", "check_p_bound", "check_flags", "Group", "plan", "run_stats", "run_apply", "step_groups", "UNSET_MAX_NORM"]
-
-#: The largest float32: a step holds lr as a float32 tensor (float64 for float64 groups).
-FLOAT32_MAX = 3.4028234663852886e38
-
 
 def _real(value) -> Optional[float]:
     """``float(value)`` for a real number (not a bool), inf where that overflows (``10**400``);
@@ -41,7 +37,7 @@ def check_lr(lr, *, read_tensor: bool = True) -> None:
     1-element dense floating-point tensor.
 
     ``read_tensor=False`` checks a tensor's layout, shape and dtype only: its value stays on the
-    device (a step guards against a bad value there: see the README's *Exact semantics*).
+    device (a step guards against a bad value there: see ``_math.usable_lr``).
     """
     if isinstance(lr, torch.Tensor):
         if lr.layout != torch.strided:

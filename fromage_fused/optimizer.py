@@ -233,8 +233,8 @@ class Fromage(Optimizer):
                 # Only when there is something to keep or to drop: torch.compile before 2.7
                 # cannot trace an attribute set on the optimizer.
                 self._last_records = records
-            for seed in plan.seeds:
-                _training.advance_seed(seed, found_inf)
+            for group in plan.seeded:
+                _training.advance_seed(group.sr_seed, found_inf, group.lr)
         except BaseException:
             _training.drop_scaler_attributes(self)
             raise

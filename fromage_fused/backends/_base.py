@@ -11,7 +11,8 @@ functional API and the DTensor route alike) calls it, so that it need not check 
 - ``stats`` passed to ``apply`` is what ``stats`` returned for the same lists, or its sum over the
   ranks holding shards of the same tensors (same shape and dtype, contiguous, on the device).
 - ``lr`` is a 0-d tensor on the device in the accumulation dtype (float64 for float64 groups, else
-  float32); ``found_inf`` and ``grad_scale`` are None or 0-d float32 tensors on the device;
+  float32); one that is negative or beyond float32 (or NaN: a tensor lr edited after construction,
+  never read on the host) skips the step as ``found_inf`` does (``_math.usable_lr``); ``found_inf`` and ``grad_scale`` are None or 0-d float32 tensors on the device;
   ``sr_seed`` is None or a 0-d int64 tensor on the device, given only to bfloat16 groups;
   ``max_norm`` is None without ``p_bound``, else one contiguous ``[n]`` float32 tensor on the device
   (entry ``i`` for ``params[i]``), read and written in place.
@@ -99,7 +100,8 @@ class Backend:
     ) -> None:
         """Update ``params`` in place from ``stats``; set the unset (negative) entries of ``max_norm`` in place.
 
-        ``lr``: 0-d tensor on the group's device. ``found_inf``: 0-d float tensor; when it is
+        ``lr``: 0-d tensor on the group's device; unusable (``_math.usable_lr``), nothing changes.
+        ``found_inf``: 0-d float tensor; when it is
         non-zero nothing changes (parameters nor max_norm). ``grad_scale``: 0-d tensor by which
         the gradients are multiplied; only the zero-norm fallback depends on it. ``sr_seed``: 0-d
         int64 tensor; when given, bf16 results are rounded stochastically exactly as

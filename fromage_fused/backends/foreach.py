@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._math import accumulate_dtype, coefficients, stochastic_round_bf16
+from .._math import accumulate_dtype, coefficients, stochastic_round_bf16, usable_lr
 from ._base import Backend
 
 #: Temporaries of one step at a time, in bytes, at least (below it, splitting only adds launches).
@@ -184,11 +184,19 @@ class ForeachBackend(Backend):
         coef_p, coef_g, new_max = coefficients(
             stats, lr, max_norm=old_max, p_bound=p_bound, maximize=maximize, prefactor=prefactor, grad_scale=grad_scale
         )
+        # An unusable lr skips the step: with found_inf, through its exact selection; without
+        # it, through the coefficients (1, 0), which keep every finite value (a -0 may become +0;
+        # a non-finite gradient turns its parameter into NaN, as a valid step would) and spare
+        # every step the selection's extra pass.
+        usable = usable_lr(lr)
         keep = None
         if found_inf is not None:
-            keep = found_inf == 0
-            if new_max is not None:
-                new_max = torch.where(keep, new_max, old_max.to(new_max.dtype))
+            keep = (found_inf == 0) & usable
+        else:
+            coef_p = torch.where(usable, coef_p, 1.0)
+            coef_g = torch.where(usable, coef_g, 0.0)
+        if new_max is not None:
+            new_max = torch.where(usable if keep is None else keep, new_max, old_max.to(new_max.dtype))
         views = _column_views(torch.stack([coef_p, coef_g], dim=1))
         vp, vg = views[0], views[1]
         acc = stats.dtype
