@@ -11,7 +11,7 @@ refused.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,25 +59,25 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.stride() == b.stride() and a.device == b.device)
 
 
-def refuse_overlaps(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+def refuse_overlaps(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], name: Callable[[int], str]) -> None:
     """RuntimeError naming the two if any parameters overlap, or a gradient overlaps a parameter
-    other than its own (``names[i]`` says which parameter ``params[i]`` is)."""
+    other than its own (``name(i)`` says which parameter ``params[i]`` is)."""
     tensors: List[torch.Tensor] = list(params)
     owners: List[int] = list(range(len(params)))
     for i, (p, g) in enumerate(zip(params, grads)):
         if not _same_memory(p, g):
             tensors.append(g)
             owners.append(i)
-    found = first_overlap(tensors, [k < len(params) for k in range(len(tensors))])
+    n = len(params)
+    found = first_overlap(tensors, [k < n for k in range(len(tensors))])
     if found is None:
         return
     i, j = found
-    n = len(params)
     if j < n:
         raise RuntimeError(
-            f"{names[i]} and {names[j]} share memory (the same tensor twice, tied storage, or overlapping "
+            f"{name(i)} and {name(j)} share memory (the same tensor twice, tied storage, or overlapping "
             "views): each would be stepped on its own. Pass a shared tensor once, e.g. as model.parameters() does.")
     # (j is a gradient; i, the one written, a parameter)
     raise RuntimeError(
-        f"the gradient of {names[owners[j]]} shares memory with {names[i]}, which the step writes. Give it a "
+        f"the gradient of {name(owners[j])} shares memory with {name(i)}, which the step writes. Give it a "
         "gradient of its own (a gradient may be its own parameter's memory, the same elements, and nothing else).")

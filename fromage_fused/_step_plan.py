@@ -225,10 +225,10 @@ def build(opt, *, keep: bool = True) -> StepPlan:
     parts: List[_GroupPlan] = []
     seeded: List[Group] = []
     dtensor = _dtensor_type()
-    # Every tensor the backends will step, its gradient and its name, for the overlap check.
+    # Every tensor the backends will step, its gradient and where it is, for the overlap check.
     stepped_p: List[torch.Tensor] = []
     stepped_g: List[torch.Tensor] = []
-    names: List[str] = []
+    places: List[Tuple[int, int]] = []
     for index, pg in enumerate(param_groups):
         # Groups can be edited after construction (schedulers, users): check what costs no sync.
         lr = pg["lr"]
@@ -253,7 +253,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
         plain = [params[i] for i in plain_order]
         stepped_p += plain
         stepped_g += [p.grad for p in plain]
-        names += [f"parameter {i} of param group {index}" for i in plain_order]
+        places += [(index, i) for i in plain_order]
         if plain_order or not part.dtensors:
             max_norms = [opt._max_norm(p, p.device, pending) for p in plain] if bound else None
             groups = group_tensors(plain, [p.grad for p in plain], max_norms, opt._backend_for, opt._fallback)
@@ -276,7 +276,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             local_p, local_g = local_pairs(part.dtensors)
             stepped_p += local_p
             stepped_g += local_g
-            names += [f"parameter {i} of param group {index}" for i in order if isinstance(params[i], dtensor)]
+            places += [(index, i) for i in order if isinstance(params[i], dtensor)]
             max_norms = [opt._max_norm(p, lp.device, pending) for p, lp in zip(part.dtensors, local_p)] if bound else None
             groups = local_groups(part.dtensors, local_p, local_g, max_norms, opt._backend_for, opt._fallback)
             for g in groups:
@@ -299,7 +299,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
                 part.state_refs.append(([anchor], "sr_seed", [g.sr_seed]))
         parts.append(part)
     if not torch.compiler.is_compiling():  # (fake tensors have no addresses; the eager steps check)
-        refuse_overlaps(stepped_p, stepped_g, names)
+        refuse_overlaps(stepped_p, stepped_g, lambda k: "parameter {1} of param group {0}".format(*places[k]))
     pending.commit()
     state = opt.state
     for part in parts:

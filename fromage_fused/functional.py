@@ -126,7 +126,7 @@ def plan(
     groups = group_tensors(params, grads, max_norms if p_bound is not None else None,
                            lambda device: _backend_for(name, device), _fallback)
     if not torch.compiler.is_compiling():  # (fake tensors have no addresses)
-        refuse_overlaps(params, grads, [f"parameter {i}" for i in range(len(params))])
+        refuse_overlaps(params, grads, lambda i: f"parameter {i}")
     for group in groups:
         group.p_bound = as_float(p_bound)
     return groups
