@@ -92,6 +92,11 @@ FF_HD float sqrt_rn(float x) {
 #endif
 }
 
+// Whether a step can use lr: >= 0 and finite in float32 (false for NaN). A tensor lr edited after
+// construction is never read on the host: a step whose lr is not usable skips, as with found_inf
+// (fromage_fused/_math.py: usable_lr).
+FF_HD bool usable_lr(float lr) { return lr >= 0.f && lr <= 3.40282347e+38f; }
+
 // The update of one tensor is p <- round(round(cp * p) + round(cg * g)).
 struct Coef {
   float cp;

@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __res
                                                          int maximize, int prefactor) {
   using S = typename Tr::S;
   constexpr int kStep = kThreads * Tr::kVec;
-  if (found_inf != nullptr && *found_inf != 0.f) return;
+  if ((found_inf != nullptr && *found_inf != 0.f) || !usable_lr(*lr)) return;
   const Slot at = slot_of(table, n);
   const bool has_p_bound = max_norms != nullptr;
   float* max_norm = has_p_bound ? max_norms + at.t : nullptr;

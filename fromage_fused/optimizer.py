@@ -1,13 +1,12 @@
 """``Fromage``: the torch.optim.Optimizer users construct. It owns hyper-parameters and state."""
 from __future__ import annotations
 
-import numbers
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch.optim import Optimizer
 
-from . import _param_groups, _step_plan, _training
+from . import _param_groups, _state_dict, _step_plan, _training
 from . import backends as _backends
 from ._groups import FALLBACK, dtype_refusal, execute
 from .functional import UNSET_MAX_NORM, check_flags as _check_flags, check_lr as _check_lr, check_p_bound as _check_p_bound
@@ -159,10 +158,13 @@ class Fromage(Optimizer):
         super().__setstate__(state)
         self.defaults.setdefault("weight_decay", 0.0)  # pickled before the key existed
         # Groups saved before a hyper-parameter existed, or by another implementation of Fromage,
-        # take this optimizer's defaults, as torch does for its own optimizers' new options.
+        # take this optimizer's defaults, as torch does for its own optimizers' new options. Only
+        # Fromage's own: torch's __setstate__ has just added its options (differentiable, ...) to
+        # the defaults, and copying those into the groups would make a load change state_dict().
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in _HYPER_PARAMETERS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
         self.__dict__.setdefault("backend", _backends.AUTO)
         self.__dict__.setdefault("_sr_base", None)
         self.__dict__.setdefault("_device_backends", {})
@@ -249,8 +251,8 @@ class Fromage(Optimizer):
                 # Only when there is something to keep or to drop: torch.compile before 2.7
                 # cannot trace an attribute set on the optimizer.
                 self._last_records = records
-            for seed in plan.seeds:
-                _training.advance_seed(seed, found_inf)
+            for group in plan.seeded:
+                _training.advance_seed(group.sr_seed, found_inf, group.lr)
         except BaseException:
             _training.drop_scaler_attributes(self)
             raise
@@ -267,42 +269,40 @@ class Fromage(Optimizer):
 
     # State whose dtype is fixed by contract, whatever the parameter's dtype.
     _STATE_DTYPES = {"max_norm": torch.float32, "sr_seed": torch.int64}
-    #: The reference implementation keeps the bound as state["max"], a Python float.
-    _AUTHORS_MAX = "max"
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # torch casts every state tensor of a floating parameter to the parameter's dtype (bf16,
-        # complex...), which would round max_norm and destroy the int64 seed: put the saved values
-        # back after the base class has loaded. A checkpoint of the reference implementation keeps
-        # the bound as a float under "max": it becomes max_norm.
-        saved, converted = {}, set()
-        for k, v in state_dict["state"].items():
-            if not isinstance(v, dict):
-                continue
-            entry = {key: v[key] for key in self._STATE_DTYPES if key in v}
-            authors = v.get(self._AUTHORS_MAX)
-            if "max_norm" not in entry and isinstance(authors, numbers.Real) and not isinstance(authors, bool):
-                entry["max_norm"] = float(authors)
-                converted.add(k)
-            saved[k] = entry
+        # Everything Fromage reads is checked first (_state_dict.py): a load that raises changes
+        # nothing. torch casts every state tensor of a floating parameter to the parameter's dtype
+        # (bf16, complex...), which would round max_norm and destroy the int64 seed: the checked
+        # values are put back after the base class has loaded. A checkpoint of the reference
+        # implementation keeps the bound as a float under "max": it becomes max_norm.
+        saved, converted = _state_dict.check(state_dict, self.param_groups, self.defaults, _HYPER_PARAMETERS)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            if pid not in saved:
-                continue
-            state = self.state[p]
-            if pid in converted:
-                state.pop(self._AUTHORS_MAX, None)
-            for key, value in saved[pid].items():
-                dtype = self._STATE_DTYPES[key]
-                state[key] = torch.as_tensor(value).detach().to(device=_local_device(p), dtype=dtype).clone().reshape(())
-        for group in self.param_groups:
-            self._create_max_norms(group)  # a bounded group whose checkpoint had no bound yet
-        self._invalidate_plan()
+        # torch's loader puts new state and param_groups objects in place: restoring these undoes it.
+        before = {key: self.__dict__[key] for key in ("state", "param_groups")}
+        try:
+            super().load_state_dict(state_dict)
+            params = [p for g in self.param_groups for p in g["params"]]
+            for pid, p in zip(saved_ids, params):
+                if pid not in saved:
+                    continue
+                state = self.state[p]
+                if pid in converted:
+                    state.pop(_state_dict.AUTHORS_MAX, None)
+                for key, value in saved[pid].items():
+                    state[key] = torch.tensor(value, dtype=self._STATE_DTYPES[key], device=_local_device(p))
+            for group in self.param_groups:
+                self._create_max_norms(group)  # a bounded group whose checkpoint had no bound yet
+        except BaseException:
+            self.__dict__.update(before)
+            raise
+        finally:
+            self._invalidate_plan()
 
 
 _FLAGS = ("maximize", "prefactor", "stochastic_rounding")
+#: What a param group of Fromage holds besides its params.
+_HYPER_PARAMETERS = ("lr", "p_bound") + _FLAGS
 
 
 def _local_device(p: torch.Tensor) -> torch.device:

@@ -56,16 +56,18 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_ptr, stats_ptr, lr_ptr, found_i
                  HAS_BOUND: tl.constexpr, MAXIMIZE: tl.constexpr, PREFACTOR: tl.constexpr,
                  HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
-    go = True
+    lr = tl.load(lr_ptr)
+    # An lr that is negative or not finite in float32 (a tensor edited after construction) skips
+    # the step, as found_inf does (fromage_fused/_math.py: usable_lr).
+    go = (lr >= 0) & (lr <= 3.4028234663852886e38)
     if HAS_FOUND_INF:
-        go = tl.load(found_inf_ptr) == 0
+        go = go & (tl.load(found_inf_ptr) == 0)
     if go:
         t, start, end, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK)
         p_addr, g_addr = tensor_addrs(addrs_ptr, t, n)
         s_pp = tl.load(stats_ptr + 3 * t)
         s_gg = tl.load(stats_ptr + 3 * t + 1)
         s_pg = tl.load(stats_ptr + 3 * t + 2)
-        lr = tl.load(lr_ptr)
         both = (s_pp > 0) & (s_gg > 0)
         root_p = sqrt_rn(s_pp)
         scaled = div_rn(lr * root_p, sqrt_rn(tl.where(both, s_gg, tl.full((), 1.0, tl.float32))))

@@ -332,6 +332,10 @@ class TritonBackend(Backend):
                 found_inf, grad_scale, sr_seed, self.token)
             return
         self._apply(params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed)
+        # The kernels write through raw pointers: bump the version counters as torch's in-place
+        # ops do (the custom op above gets this from torch.library), so that a backward that saved
+        # a parameter before the step raises instead of using the new values.
+        torch.autograd.graph.increment_version(list(params) if p_bound is None else [*params, max_norm])
 
     def _stats(self, params, grads, inner):
         device, dtype = self._group(params, grads)
