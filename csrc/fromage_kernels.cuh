@@ -33,7 +33,7 @@ struct Slot {
 };
 
 // Addresses read from the table are plain integers: promising that they point to global memory
-// lets the compiler use global loads and stores instead of generic ones.
+// lets the compiler use global loads and stores instead of generic ones (slot_of makes sure they do).
 template <class T>
 __device__ __forceinline__ T* global_ptr(int64_t address, int64_t offset = 0) {
   T* ptr = reinterpret_cast<T*>(address) + offset;
@@ -49,6 +49,11 @@ __device__ __forceinline__ Slot slot_of(const int64_t* __restrict__ table, int64
   s.numel = table[kColNumel * n + s.t];
   s.p = table[kColP * n + s.t];
   s.g = table[kColG * n + s.t];
+  // An empty tensor's address may be null, which is not a global address (global_ptr's promise
+  // would be false: undefined behaviour). Its block reads nothing through it, so any global
+  // address does: the table's.
+  if (s.p == 0) s.p = reinterpret_cast<int64_t>(table);
+  if (s.g == 0) s.g = reinterpret_cast<int64_t>(table);
   return s;
 }
 
