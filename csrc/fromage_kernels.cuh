@@ -5,6 +5,7 @@
 // handles block b - first[t] of tensor t = owner[b].
 #pragma once
 
+#include <cuda/atomic>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -243,9 +244,12 @@ __global__ void __launch_bounds__(kThreads, 2) stats_kernel(const int64_t* __res
   }
 }
 
-// Phase 2. Every block derives its tensor's coefficients from the stats on the device. An unset
-// max_norm is written by the first block of the tensor; its other blocks read either the unset
-// value or the written one, and both lead to the same number.
+// The max_norm of a tensor is read by every thread of its blocks while, when it is unset, the
+// tensor's first block writes it: relaxed atomic accesses, so that this is not a data race. The
+// other blocks read the unset value or the written one, and both lead to the same coefficients.
+using AtomicFloat = cuda::atomic_ref<float, cuda::thread_scope_device>;
+
+// Phase 2. Every block derives its tensor's coefficients from the stats on the device.
 template <class Tr, bool SR>
 __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __restrict__ table,
                                                          float* __restrict__ max_norms, int64_t n,  // [n] or null
@@ -262,10 +266,11 @@ __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __res
   const bool has_p_bound = max_norms != nullptr;
   float* max_norm = has_p_bound ? max_norms + at.t : nullptr;
   const float* row = stats + 3 * static_cast<int64_t>(at.t);
-  const float old = has_p_bound ? *max_norm : 0.f;
+  const float old = has_p_bound ? AtomicFloat(*max_norm).load(cuda::memory_order_relaxed) : 0.f;
   const Coef c = coefficients(row[0], row[1], row[2], *lr, grad_scale ? *grad_scale : 1.f, grad_scale != nullptr,
                               has_p_bound, p_bound, old, maximize, prefactor);
-  if (has_p_bound && at.block == 0 && threadIdx.x == 0 && old < 0.f) *max_norm = c.max_norm;
+  if (has_p_bound && at.block == 0 && threadIdx.x == 0 && old < 0.f)
+    AtomicFloat(*max_norm).store(c.max_norm, cuda::memory_order_relaxed);
   const uint32_t stream = SR ? sr_stream(*seed, at.t) : 0u;
   const int64_t start = at.block * kCudaChunk;
   const int64_t left = at.numel - start;
