@@ -24,9 +24,9 @@ from _oracle import literal_step
 from tolerances import EMULATED_STATS_RTOL, ORACLE_TOL, SR_STEP_TOL
 
 #: Sizes around the kernels' block of 65,536 elements: empty, tiny, one full block, one element more,
-#: two blocks and a bit, several blocks; a second empty tensor has a null address.
+#: two blocks and a bit, several blocks, and an empty tensor last: in every group, an empty last
+#: tensor has a null address (what torch's caching allocator gives for 0 bytes).
 SIZES = (0, 1, 3, 65536, 65537, 131584, 200001, 0)
-NULL_AT = 7  # this empty tensor's address is null (what torch's caching allocator gives for 0 bytes)
 ZERO_GRAD, ZERO_PARAM = 2, 1  # the fallback branch: ||g|| = 0, ||p|| = 0
 
 
@@ -129,7 +129,7 @@ def make_group(fmt: Format, alignment: str, sizes=SIZES, seed: int = 0, **kw) ->
     # Unset, set below the step's norm (the clamp acts), set far above.
     norms = [float(np.linalg.norm(widen(x, fmt).astype(np.float64))) for x in p]
     mn = np.array([[-1.0, 0.5 * v, 1e30][t % 3] for t, v in enumerate(norms)], dtype=np.float32)
-    null = [t == NULL_AT and size == 0 for t, size in enumerate(sizes)]
+    null = [t == len(sizes) - 1 and size == 0 for t, size in enumerate(sizes)]
     return Group(fmt, alignment, p, g, mn, null, **kw)
 
 
