@@ -36,6 +36,8 @@ _ALIGN_BYTES = 16
 _CACHE_SIZE = 64  # tables per backend; a group uses a layout and an address table
 _LARGE_CHUNKS = 4  # a tensor of at least this many large chunks is cut into large chunks
 
+_ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
@@ -65,12 +67,14 @@ class Config:
         return large if large is not None and numel >= _LARGE_CHUNKS * large else self.chunk
 
 
-# Per dtype on CUDA: 8 warps, each thread loading two 16-byte vectors per operand and inner step
-# (8 fp32 or 16 bf16/fp16 elements).
+# Per dtype on CUDA: 8 warps, each thread with 8 elements per operand and inner step (two 16-byte
+# vectors in fp32, one in bf16/fp16). 16 elements per thread would take 84-105 registers in the
+# 16-bit kernels (two programs of 256 threads per SM); 8 keep every kernel at 64 or fewer
+# (tests/test_triton_backend.py reads them from the sm_90 cubin).
 CUDA_CONFIGS = {
     torch.float32: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
-    torch.bfloat16: Config(block=4096, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
-    torch.float16: Config(block=4096, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
+    torch.bfloat16: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
+    torch.float16: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
 }
 CUDA_CONFIG = CUDA_CONFIGS[torch.float32]
 INTERPRETER_CONFIG = Config(block=512, chunk=2048, num_warps=4, rblock=128)
@@ -146,10 +150,27 @@ def layout_values(numels, cfg: Config):
     return list(numels) + first[:-1] + counts + chunks + owner, first[-1]
 
 
-def address_values(ptrs_p, ptrs_g):
-    # The kernels promise 16-byte alignment to the compiler only where this holds.
-    flags = [int(a % _ALIGN_BYTES == 0 and b % _ALIGN_BYTES == 0) for a, b in zip(ptrs_p, ptrs_g)]
-    return list(ptrs_p) + list(ptrs_g) + flags
+# The PATHS a launch compiles (kernels/fromage_table.py): only the aligned path, only the other, both.
+_ALIGNED_PATH, _UNALIGNED_PATH, _BOTH_PATHS = 1, 2, 3
+
+
+def _flag(a: int, b: int, itemsize: int) -> int:
+    """Bit 0: ``p + head`` and ``g + head`` are both 16-byte aligned; ``head`` (the elements before)
+    in the bits above. True when the two addresses are misaligned by the same whole number of
+    elements: views into their buffers at the same offset."""
+    if (a - b) % _ALIGN_BYTES or a % itemsize:
+        return 0
+    head = (-a % _ALIGN_BYTES) // itemsize
+    return 1 | head << 1
+
+
+def address_values(ptrs_p, ptrs_g, itemsize: int = 4):
+    """``(addrs table as ints, PATHS)``. The kernels promise 16-byte alignment to the compiler only
+    where the flags say it holds."""
+    flags = [_flag(a, b, itemsize) for a, b in zip(ptrs_p, ptrs_g)]
+    aligned = sum(f & 1 for f in flags)
+    paths = _ALIGNED_PATH if aligned == len(flags) else _UNALIGNED_PATH if aligned == 0 else _BOTH_PATHS
+    return list(ptrs_p) + list(ptrs_g) + flags, paths
 
 
 class _Use:
@@ -165,7 +186,8 @@ class _Use:
 
 class _Table:
     """An int64 table in device memory and the pinned host buffer it was uploaded from (kept as
-    long as the entry: a captured upload copies from it again at every replay)."""
+    long as the entry: a captured upload copies from it again at every replay). ``programs``: the
+    launch's program count for a layout table, the kernels' PATHS for an address table."""
 
     __slots__ = ("device", "host", "programs", "held", "streams")
 
@@ -308,7 +330,8 @@ class TritonBackend(Backend):
         def addresses():
             self._check_tensors(params, grads, device, dtype)
             self.table_builds += 1
-            return address_values(ptrs_p, ptrs_g), 0
+            values, paths = address_values(ptrs_p, ptrs_g, _ITEMSIZE[dtype])
+            return values, paths
 
         lay = self._table(("layout", device, cfg, numels), use, layout)
         addrs = self._table(("addrs", device, dtype, ptrs_p, ptrs_g), use, addresses)
@@ -342,7 +365,8 @@ class TritonBackend(Backend):
             partials = torch.empty(layout.programs, 3, dtype=torch.float32, device=device)
             stats = torch.empty(n, 3, dtype=torch.float32, device=device)
             _launch(stats_k.partials_kernel, (layout.programs,), layout.device, addrs.device, partials, n,
-                    DTYPE=_triton_dtype(dtype), BLOCK=cfg.block, INNER=bool(inner), num_warps=cfg.num_warps)
+                    DTYPE=_triton_dtype(dtype), BLOCK=cfg.block, INNER=bool(inner), PATHS=addrs.programs,
+                    num_warps=cfg.num_warps)
             _launch(stats_k.reduce_kernel, (n,), layout.device, partials, stats, n, RBLOCK=cfg.rblock, num_warps=4)
         return stats
 
@@ -375,7 +399,7 @@ class TritonBackend(Backend):
                     seed, float(p_bound) if p_bound is not None else 0.0, n, DTYPE=_triton_dtype(dtype),
                     BLOCK=cfg.block, HAS_BOUND=p_bound is not None, MAXIMIZE=bool(maximize),
                     PREFACTOR=bool(prefactor), HAS_FOUND_INF=found_inf is not None,
-                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, num_warps=cfg.num_warps,
+                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, PATHS=addrs.programs, num_warps=cfg.num_warps,
                     **apply_k.LAUNCH_OPTIONS)
         if work is not params:
             for p, w in zip(params, work):
