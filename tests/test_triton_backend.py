@@ -669,3 +669,124 @@ def test_bad_input_changes_nothing(device):
     with pytest.raises(RuntimeError, match="tensor 1"):
         BACKEND.stats(params, [grads[0], grads[1].half(), grads[2]])
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("size", [2, 16])
+def test_table_cache_is_thread_safe(monkeypatch, size):
+    # One backend instance serves every optimizer: threads that miss and evict at the same time
+    # (new gradient storage every step) must neither corrupt the cache (an eviction iterating over
+    # it while another thread inserts) nor lose a table between finding it and using it (a tiny
+    # cache), and every table must describe the tensors asked for.
+    import threading
+
+    monkeypatch.setattr(triton_backend, "_CACHE_SIZE", size)
+    backend = triton_backend.TritonBackend()
+    cfg = triton_backend.INTERPRETER_CONFIG
+    errors = []
+
+    def work(seed):
+        try:
+            params = [torch.randn(5 + seed), torch.randn(3)]
+            grads = [torch.randn_like(p) for p in params]
+            for _ in range(1000):
+                grads = [g.clone() for g in grads]
+                _, addrs = backend._tables_for(params, grads, torch.float32, cfg, triton_backend._Use(torch.device("cpu")))
+                got = addrs.device.tolist()
+                assert got[:4] == [p.data_ptr() for p in params] + [g.data_ptr() for g in grads], got
+        except Exception as exc:  # noqa: BLE001 (any failure in a thread fails the test)
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so the windows are hit
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, f"{len(errors)} threads failed, first: {errors[0]!r}"
+    assert len(backend._tables) <= size
+
+
+def test_graph_tables_are_bounded_and_can_be_released(monkeypatch):
+    # Each capture on new gradient storage holds a new table for good: past the bound, a capture
+    # that needs another refuses before anything changes and says what to do.
+    monkeypatch.setattr(triton_backend, "GRAPH_TABLE_LIMIT", 3)
+    backend = triton_backend.TritonBackend()
+    params, grads = _pair("cpu")
+    functional.fromage(params, grads, None, lr=0.01, backend=backend)  # eager: nothing held
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    for _ in range(2):  # the layout table and two address tables
+        grads = [g.clone() for g in grads]
+        functional.fromage(params, grads, None, lr=0.01, backend=backend)
+    assert len(_held(backend)) == 3
+    functional.fromage(params, grads, None, lr=0.01, backend=backend)  # held tables are hits
+    before = [p.clone() for p in params]
+    grads = [g.clone() for g in grads]
+    with pytest.raises(RuntimeError, match=r"holds 3 tensor tables .*release_graph_tables\(\)"):
+        functional.fromage(params, grads, None, lr=0.01, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert backend.release_graph_tables() == 3 and not _held(backend)
+    functional.fromage(params, grads, None, lr=0.01, backend=backend)
+    assert len(_held(backend)) == 2  # the layout table again, and the new address table
+
+
+def test_release_graph_tables_reaches_every_backend(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    backend = triton_backend.TritonBackend()
+    params, grads = _pair("cpu")
+    functional.fromage(params, grads, None, lr=0.01, backend=backend)
+    assert _held(backend)
+    assert fromage_fused.release_graph_tables() >= 2
+    assert not _held(backend)
+
+
+class _FakeStream:
+    cuda_stream = 7
+
+
+def _fake_cuda_use(capturing):
+    """A _Use that takes the CUDA path of the table code with CPU tensors (no GPU needed)."""
+    use = object.__new__(triton_backend._Use)
+    use.device, use.capturing, use.stream = torch.device("cpu"), capturing, _FakeStream()
+    return use
+
+
+def test_uploads_inside_capture_come_from_pinned_memory_set_aside_before(monkeypatch):
+    allocations = []
+
+    def allocate(words):
+        allocations.append(words)
+        return torch.zeros(words, dtype=torch.int64)
+
+    monkeypatch.setattr(triton_backend, "_pinned", allocate)
+    monkeypatch.setattr(triton_backend, "_pinned_copy", lambda values: torch.tensor(values, dtype=torch.int64))
+    backend = triton_backend.TritonBackend()
+    eager = backend._table(("k", 0), _fake_cuda_use(False), lambda: (list(range(10)), 1))
+    assert allocations and eager.host.tolist() == list(range(10))  # the pool reserved room, outside capture
+    reserved = list(allocations)
+    made = [backend._table(("k", i), _fake_cuda_use(True), lambda i=i: ([i] * 100, 1)) for i in range(1, 50)]
+    assert allocations == reserved  # nothing allocated inside the capture
+    segment = backend._pool._segment
+    for i, table in enumerate(made, start=1):
+        assert table.held and table.host.tolist() == [i] * 100 and table.device.tolist() == [i] * 100
+        assert table.host.untyped_storage().data_ptr() == segment.untyped_storage().data_ptr()
+    # Slices are never handed out twice.
+    spans = sorted((t.host.data_ptr(), t.host.data_ptr() + 8 * t.host.numel()) for t in made)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_staging_pool_keeps_room_outside_capture_only():
+    allocations = []
+    pool = triton_backend._StagingPool(allocate=lambda n: allocations.append(n) or torch.zeros(n, dtype=torch.int64),
+                                       min_free=100)
+    assert pool.take(1) is None and not allocations  # nothing set aside yet: take never allocates
+    pool.reserve(30)
+    assert allocations == [200] and pool.free() == 200
+    assert pool.take(150).numel() == 150 and pool.take(60) is None and pool.free() == 50
+    pool.reserve(120)  # 240 wanted free: a new segment
+    assert allocations == [200, 480] and pool.free() == 480
+    pool.reserve(10)
+    assert len(allocations) == 2

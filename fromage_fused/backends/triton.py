@@ -8,8 +8,12 @@ tables in device memory (see ``kernels/fromage_table.py``), cached by the sizes 
 addresses, so a new gradient storage (``zero_grad(set_to_none=True)``) costs one small
 host-to-device copy, from a pinned buffer that the cache entry owns.
 
-CUDA graphs: a table used while a graph is captured is never evicted (every replay reads it, and
-a captured upload re-reads its pinned buffer), so a table miss inside capture just works.
+CUDA graphs: a table used while a graph is captured is held (every replay reads it, and a captured
+upload re-reads its host buffer), so a table miss inside capture just works: its host buffer comes
+from a pinned staging pool set aside outside capture, and the graph replays that small copy. At
+most ``GRAPH_TABLE_LIMIT`` tables are held per backend; past it, a capture that needs another
+raises, until :func:`fromage_fused.release_graph_tables` lets them go. One backend instance serves
+every optimizer: its cache is guarded by a lock.
 ``torch.compile``: the two phases are custom ops (``fromage_fused_triton::stats`` / ``apply_``)
 with fake implementations, so a compiled step treats them as opaque and never traces the tables.
 
@@ -22,6 +26,7 @@ import contextlib
 import importlib.util
 import itertools
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +39,10 @@ from ._base import Backend
 
 _ALIGN_BYTES = 16
 _CACHE_SIZE = 64  # tables per backend; a group uses a layout and an address table
+#: tables held for captured CUDA graphs, per backend (see release_graph_tables)
+GRAPH_TABLE_LIMIT = 256
+#: int64 words the staging pool keeps free outside capture: at least this, and twice the largest table
+_STAGING_MIN_FREE = 32768
 _LARGE_CHUNKS = 4  # a tensor of at least this many large chunks is cut into large chunks
 
 _ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -184,18 +193,69 @@ class _Use:
         self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
+def _pinned(words: int) -> torch.Tensor:
+    return torch.empty(words, dtype=torch.int64, pin_memory=True)
+
+
+def _pinned_copy(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, pin_memory=True)
+
+
+class _StagingPool:
+    """Pinned host memory for the uploads made while a CUDA graph is captured, set aside outside
+    capture: allocating pinned memory inside a capture fails on older torch (and the graph replays
+    the copy from it at every replay, so the buffer must stay). ``reserve`` (outside capture) keeps
+    enough free; ``take`` (inside) hands out a slice and never allocates. A slice is never handed
+    out again; its segment lives as long as some table holds a slice of it."""
+
+    def __init__(self, allocate=None, min_free: int = _STAGING_MIN_FREE):
+        self._allocate = allocate
+        self._min_free = min_free
+        self._segment: Optional[torch.Tensor] = None
+        self._used = 0
+        self._largest = 0
+
+    def free(self) -> int:
+        return 0 if self._segment is None else self._segment.numel() - self._used
+
+    def reserve(self, words: int) -> None:
+        self._largest = max(self._largest, words)
+        want = max(self._min_free, 2 * self._largest)
+        if self.free() < want:
+            self._segment = (self._allocate or _pinned)(2 * want)
+            self._used = 0
+
+    def take(self, words: int) -> Optional[torch.Tensor]:
+        if self.free() < words:
+            return None
+        out = self._segment[self._used:self._used + words]
+        self._used += words
+        return out
+
+    def clear(self) -> None:
+        """A fresh segment at the next reserve (the slices handed out stay with their tables)."""
+        self._segment, self._used = None, 0
+
+
 class _Table:
-    """An int64 table in device memory and the pinned host buffer it was uploaded from (kept as
-    long as the entry: a captured upload copies from it again at every replay). ``programs``: the
-    launch's program count for a layout table, the kernels' PATHS for an address table."""
+    """An int64 table in device memory and the host buffer it was uploaded from (kept as long as the
+    entry: a captured upload copies from it again at every replay). ``programs``: the launch's
+    program count for a layout table, the kernels' PATHS for an address table."""
 
     __slots__ = ("device", "host", "programs", "held", "streams")
 
-    def __init__(self, values, use: _Use, programs: int):
+    def __init__(self, values, use: _Use, programs: int, pool: _StagingPool):
         self.programs = programs
-        self.held = use.capturing  # a captured graph reads it: never evicted
+        self.held = use.capturing  # a captured graph reads it
         if use.stream is not None:
-            self.host = torch.tensor(values, dtype=torch.int64, pin_memory=True)
+            staged = pool.take(len(values)) if use.capturing else None
+            if staged is None:  # eager, or inside a capture that the pool cannot serve
+                self.host = _pinned_copy(values)
+            else:
+                self.host = staged
+                self.host.copy_(torch.tensor(values, dtype=torch.int64))
+            if not use.capturing:
+                pool.reserve(len(values))
             self.device = torch.empty(len(values), dtype=torch.int64, device=use.device)
             self.device.copy_(self.host, non_blocking=True)
             self.streams = {use.stream.cuda_stream}
@@ -220,6 +280,13 @@ _CAPTURE_UPLOAD_FAILED = (
     "call zero_grad(set_to_none=False) before capturing (or capture after a step on the same storage)"
 )
 
+GRAPH_TABLES_FULL = (
+    "the {backend} backend holds {limit} tensor tables for captured CUDA graphs, its limit: a graph reads "
+    "its tables at every replay, so each capture that sees new parameter or gradient storage holds new "
+    "ones for good. Capture on the storage of the warm-up steps (zero_grad(set_to_none=False)), or, once "
+    "the graphs that used them are freed and will not replay, call fromage_fused.release_graph_tables()"
+)
+
 _INSTANCES: "weakref.WeakValueDictionary[int, TritonBackend]" = weakref.WeakValueDictionary()
 _TOKENS = itertools.count()
 
@@ -232,6 +299,8 @@ class TritonBackend(Backend):
     def __init__(self, config: Optional[Config] = None):
         self.config = config
         self._tables: "OrderedDict[tuple, _Table]" = OrderedDict()
+        self._lock = threading.Lock()  # the tables and the staging pool, for every thread
+        self._pool = _StagingPool()
         self._admitted = set()  # (device, dtype) pairs checked to run here
         self.table_builds = 0
         self.token = next(_TOKENS)
@@ -299,23 +368,41 @@ class TritonBackend(Backend):
     # -- tables ---------------------------------------------------------------------------------
 
     def _table(self, key, use: _Use, build):
-        hit = self._tables.get(key)
-        if hit is not None:
-            self._tables.move_to_end(key)
-            hit.used(use)
-            return hit
-        values, programs = build()
-        try:
-            table = _Table(values, use, programs)
-        except RuntimeError as exc:
-            if not use.capturing:
-                raise
-            raise RuntimeError(_CAPTURE_UPLOAD_FAILED.format(exc)) from exc
-        self._tables[key] = table
-        if len(self._tables) > _CACHE_SIZE:
-            for old in [k for k, t in self._tables.items() if not t.held][:len(self._tables) - _CACHE_SIZE]:
-                del self._tables[old]
-        return table
+        with self._lock:
+            hit = self._tables.get(key)
+            if use.capturing and (hit is None or not hit.held):
+                held = sum(1 for t in self._tables.values() if t.held)
+                if held >= GRAPH_TABLE_LIMIT:
+                    raise RuntimeError(GRAPH_TABLES_FULL.format(backend=self.name, limit=GRAPH_TABLE_LIMIT))
+            if hit is not None:
+                self._tables.move_to_end(key)
+                hit.used(use)
+                return hit
+            values, programs = build()
+            try:
+                table = _Table(values, use, programs, self._pool)
+            except RuntimeError as exc:
+                if not use.capturing:
+                    raise
+                raise RuntimeError(_CAPTURE_UPLOAD_FAILED.format(exc)) from exc
+            self._tables[key] = table
+            if len(self._tables) > _CACHE_SIZE:
+                for old in [k for k, t in self._tables.items() if not t.held][:len(self._tables) - _CACHE_SIZE]:
+                    del self._tables[old]
+            return table
+
+    def release_graph_tables(self) -> int:
+        """Tables held for captured CUDA graphs become ordinary cache entries again (evicted as any);
+        returns how many. Call only when no graph that used them will replay."""
+        with self._lock:
+            released = 0
+            for table in self._tables.values():
+                released += table.held
+                table.held = False
+            self._pool.clear()
+            while len(self._tables) > _CACHE_SIZE:
+                self._tables.popitem(last=False)
+            return released
 
     def _tables_for(self, params, grads, dtype, cfg, use: _Use):
         """``(layout, addresses)`` tables of a group: one pass over the tensors for the keys."""
