@@ -26,13 +26,14 @@ STAND_IN = ROOT / "tests" / "cuda_stand_in"
 CSRC = ROOT / "csrc"
 
 #: compiler flags per build variant; every variant keeps the C++ arithmetic as written (no FMA
-#: contraction), like the device code under the _rn intrinsics.
+#: contraction), like the device code under the _rn intrinsics, and allows the type punning of
+#: device code (a float array read as float4).
 VARIANTS = {
     "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
     "tsan": ["-fsanitize=thread"],
 }
-COMMON_FLAGS = ["-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off", "-pthread",
-                "-Wall", "-Wno-unknown-pragmas"]
+COMMON_FLAGS = ["-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off", "-fno-strict-aliasing",
+                "-pthread", "-Wall", "-Wno-unknown-pragmas"]
 #: run-time options of the sanitizers: stop at the first report, with a recognisable exit code.
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "halt_on_error=1:abort_on_error=0:exitcode=86:detect_leaks=1",
@@ -177,7 +178,7 @@ class Job:
         self.lines.append(f"dump {name}")
         self.dumped.append((name, key or name))
 
-    def run(self, binary: Path, timeout: float = 600) -> Result:
+    def run(self, binary: Path, timeout: float = 300) -> Result:
         with tempfile.TemporaryDirectory() as tmp:
             job, blob, out = Path(tmp) / "job.txt", Path(tmp) / "blob.bin", Path(tmp) / "out.bin"
             job.write_text("\n".join(self.lines) + "\n")
