@@ -44,22 +44,37 @@ SANITIZER_ENV = {
 _DTYPE_CODES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
+_PROBE = ("#include <atomic>\n#include <bit>\n#include <ucontext.h>\n"
+          "int main() { int x = 0; std::atomic_ref<int>(x).fetch_add(1);"
+          " auto f = []<class T>() { return std::bit_cast<unsigned>(1.0f); }; return f.template operator()<int>() == 0; }\n")
+
+
+def _compiles(cxx: str, flags) -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text(_PROBE)
+        done = subprocess.run([cxx, "-std=c++20", *flags, str(src), "-o", str(Path(tmp) / "probe")],
+                              capture_output=True, timeout=120)
+        return done.returncode == 0
+
+
 @functools.lru_cache(maxsize=None)
 def compiler() -> Optional[str]:
-    """A C++ compiler that builds C++20 with ThreadSanitizer and AddressSanitizer, or None."""
+    """A C++ compiler that builds the stand-in's C++20, or None."""
     for name in [os.environ.get("CXX"), "g++", "c++", "clang++"]:
-        if not name or shutil.which(name) is None:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "probe.cpp"
-            src.write_text("#include <atomic>\n#include <bit>\n#include <ucontext.h>\n"
-                           "int main() { int x = 0; std::atomic_ref<int>(x).fetch_add(1);"
-                           " auto f = []<class T>() { return std::bit_cast<unsigned>(1.0f); }; return f.template operator()<int>() == 0; }\n")
-            ok = all(subprocess.run([name, "-std=c++20", *flags, str(src), "-o", str(Path(tmp) / "probe")],
-                                    capture_output=True, timeout=120).returncode == 0
-                     for flags in VARIANTS.values())
-        if ok:
+        if name and shutil.which(name) and _compiles(name, []):
             return shutil.which(name)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def unsupported(variant: str) -> Optional[str]:
+    """Why ``variant`` cannot be built here (no compiler, or no such sanitizer), or None."""
+    cxx = compiler()
+    if cxx is None:
+        return "needs a C++20 compiler (g++ >= 11 or clang++ >= 14)"
+    if not _compiles(cxx, VARIANTS[variant]):
+        return f"{cxx} cannot build with {' '.join(VARIANTS[variant])} here"
     return None
 
 
@@ -80,7 +95,7 @@ def build(variant: str = "asan", csrc: Path = CSRC, cxx: Optional[str] = None) -
     of the sources (written under a temporary name and renamed, so concurrent builds are safe)."""
     cxx = cxx or compiler()
     if cxx is None:
-        raise RuntimeError("no C++20 compiler with the sanitizers")
+        raise RuntimeError("no C++20 compiler")
     flags = COMMON_FLAGS + VARIANTS[variant]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256("\0".join([cxx, version, *flags]).encode())

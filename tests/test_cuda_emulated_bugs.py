@@ -13,9 +13,7 @@ import pytest
 import _cuda_emu as emu
 import _emulated_groups as groups
 
-pytestmark = pytest.mark.skipif(emu.compiler() is None,
-                                reason="needs a C++20 compiler with AddressSanitizer, UBSan and ThreadSanitizer "
-                                       "(g++ >= 11 or clang++ >= 14)")
+pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++20 compiler (g++ >= 11 or clang++ >= 14)")
 
 
 @dataclass(frozen=True)
@@ -73,13 +71,16 @@ def planted(tmp_path_factory):
     """Harness builds of the planted copies (cached like any build), two at a time."""
     root = tmp_path_factory.mktemp("planted")
     sources = {bug.name: _planted_sources(root, bug) for bug in PLANTED}
+    buildable = [bug for bug in PLANTED if emu.unsupported(bug.build) is None]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {bug.name: pool.submit(emu.build, bug.build, sources[bug.name]) for bug in PLANTED}
+        futures = {bug.name: pool.submit(emu.build, bug.build, sources[bug.name]) for bug in buildable}
         return {name: f.result() for name, f in futures.items()}
 
 
 @pytest.mark.parametrize("bug", PLANTED, ids=[b.name for b in PLANTED])
 def test_planted_bug_is_caught(planted, bug):
+    if bug.name not in planted:
+        pytest.skip(emu.unsupported(bug.build))
     group = groups.make_group(groups.FORMATS[bug.fmt], bug.alignment, sizes=bug.sizes, seed=70)
     job = emu.Job(slots=2, order="forward")
     groups.add_step(job, group)

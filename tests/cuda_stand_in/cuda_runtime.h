@@ -7,18 +7,20 @@
 //   each until it waits at a barrier (__syncthreads, __syncwarp, a warp shuffle) or returns; which
 //   ready thread runs next is a launch option (forward, reverse, or a seeded shuffle), so results
 //   that depend on the order show up as differences between runs.
-// - Blocks run concurrently, each on its own OS thread (`slots` at a time). `__shared__` variables are
-//   `static thread_local`: the OS thread running a block is its shared-memory arena.
+// - Blocks run concurrently on `slots` worker threads, each block on one worker. `__shared__`
+//   variables are `static thread_local`: a worker's thread storage is the shared-memory arena of
+//   the block it runs.
 // - Global memory is what emu::Memory handed out; `__isGlobal` is true only inside it, and
 //   `__builtin_assume` checks its condition. A view's bytes before its start are poisoned for
 //   AddressSanitizer, the allocation ends where the view does, so any access outside it is reported.
 // - Exited threads leave the block's barriers (as on sm_70 and later); a barrier reached at two
 //   different places, a shuffle with exited lanes, or a deadlock is an error.
 // - Under ThreadSanitizer every CUDA thread is a TSan fiber, switched without synchronisation: the
-//   only happens-before edges are barriers, atomics, fences and kernel boundaries, so a missing
-//   __syncthreads, or a plain store that other threads or blocks read, is a race report. TSan does
-//   not model fences: __threadfence is a release and an acquire on one global object, which orders
-//   every fenced access of every block (an over-approximation: fence-based ordering is trusted).
+//   only happens-before edges are barriers, atomics, fences and kernel boundaries (and the order of
+//   the blocks one worker runs), so a missing __syncthreads, or a plain store that other threads or
+//   blocks read, is a race report. TSan does not model fences: __threadfence is a release and an
+//   acquire on one global object, which orders every fenced access of every block (an
+//   over-approximation: fence-based ordering is trusted).
 //
 // What it cannot show: warp-synchronous behaviour (no lockstep), the GPU's memory model beyond the
 // above, PTX or register effects, performance, and the host glue (launchers, streams).
