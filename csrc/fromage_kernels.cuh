@@ -5,7 +5,6 @@
 // handles block b - first[t] of tensor t = owner[b].
 #pragma once
 
-#include <cuda/atomic>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -298,10 +297,17 @@ struct ApplyOp {
   }
 };
 
-// The max_norm of a tensor is read by every thread of its blocks while, when it is unset, the
-// tensor's first block writes it: relaxed atomic accesses, so that this is not a data race. The
-// other blocks read the unset value or the written one, and both lead to the same coefficients.
-using AtomicFloat = cuda::atomic_ref<float, cuda::thread_scope_device>;
+// A tensor's max_norm, read by every block of the tensor while, when it is unset, the tensor's
+// first block writes it. One thread per block reads it, with an atomic (adding 0 to its bits
+// changes nothing), and hands it to the others through shared memory; the write is an atomic
+// exchange: no data race. The other blocks read the unset value or the written one, and both lead
+// to the same coefficients. (Built-in atomics: <cuda/atomic> would double the kernels' compile time.)
+__device__ __forceinline__ float read_max_norm(float* max_norm) {
+  __shared__ float value;
+  if (threadIdx.x == 0) value = __uint_as_float(atomicAdd(reinterpret_cast<unsigned*>(max_norm), 0u));
+  __syncthreads();
+  return value;
+}
 
 // Phase 2. Every block derives its tensor's coefficients from the stats on the device.
 template <class Tr, bool SR>
@@ -319,11 +325,11 @@ __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __res
   const bool has_p_bound = max_norms != nullptr;
   float* max_norm = has_p_bound ? max_norms + at.t : nullptr;
   const float* row = stats + 3 * static_cast<int64_t>(at.t);
-  const float old = has_p_bound ? AtomicFloat(*max_norm).load(cuda::memory_order_relaxed) : 0.f;
+  const float old = has_p_bound ? read_max_norm(max_norm) : 0.f;
   const Coef c = coefficients(row[0], row[1], row[2], *lr, grad_scale ? *grad_scale : 1.f, grad_scale != nullptr,
                               has_p_bound, p_bound, old, maximize, prefactor);
   if (has_p_bound && at.block == 0 && threadIdx.x == 0 && old < 0.f)
-    AtomicFloat(*max_norm).store(c.max_norm, cuda::memory_order_relaxed);
+    atomicExch(max_norm, c.max_norm);
   const int64_t start = at.block * kCudaChunk;
   const int64_t left = at.numel - start;
   const int len = static_cast<int>(left < kCudaChunk ? left : kCudaChunk);

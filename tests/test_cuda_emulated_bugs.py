@@ -45,8 +45,8 @@ PLANTED = [
         "tsan", "tsan", "fp32", "aligned", (3, 65537)),
     # The defects fixed in these kernels, put back.
     Bug("max_norm stored without an atomic",
-        "    AtomicFloat(*max_norm).store(c.max_norm, cuda::memory_order_relaxed);", "    *max_norm = c.max_norm;",
-        "tsan", "tsan", "fp32", "aligned", (3, 65537)),
+        "    atomicExch(max_norm, c.max_norm);", "    *max_norm = c.max_norm;",
+        "tsan", "tsan", "fp32", "aligned", (65537, 3)),  # tensor 0's max_norm is unset: its first block writes it
     Bug("null address promised global",
         "  if (s.p == 0) s.p = reinterpret_cast<int64_t>(table);\n", "",
         "asan", "emulator", "fp32", "aligned", (3, 0)),

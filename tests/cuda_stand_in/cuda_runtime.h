@@ -7,7 +7,7 @@
 //   each until it waits at a barrier (__syncthreads, __syncwarp, a warp shuffle) or returns; which
 //   ready thread runs next is a launch option (forward, reverse, or a seeded shuffle), so results
 //   that depend on the order show up as differences between runs.
-// - Blocks run concurrently on `slots` worker threads, each block on one worker. `__shared__`
+// - Blocks run concurrently on `slots` worker threads, block i on worker i % slots. `__shared__`
 //   variables are `static thread_local`: a worker's thread storage is the shared-memory arena of
 //   the block it runs.
 // - Global memory is what emu::Memory handed out; `__isGlobal` is true only inside it, and
@@ -295,12 +295,13 @@ class Stacks {
   char* base_ = nullptr;
 };
 
-// The blocks of one launch, taken in index order by the workers.
+// The blocks of one launch: block i runs on worker i % slots (neighbouring blocks, such as those of
+// one tensor, on different workers, the same ones on every run).
 struct Grid {
   Dim3 grid, block;
   const void* kernel;
   void (*call)(const void*);
-  std::atomic<unsigned> next{0};
+  unsigned slots;
   std::vector<std::vector<std::unique_ptr<Block>>> done;  // per worker, freed after the boundary
 };
 
@@ -359,7 +360,7 @@ struct Worker {
       }
       prepare(g->block.size());
       const unsigned blocks = g->grid.size();
-      for (unsigned i; (i = g->next.fetch_add(1, std::memory_order_relaxed)) < blocks;) {
+      for (unsigned i = index; i < blocks; i += g->slots) {
         auto b = std::make_unique<Block>();
         b->idx = g->grid.at(i);
         b->dim = g->block;
@@ -584,7 +585,7 @@ inline void run_grid(Dim3 grid, Dim3 block, const void* kernel, void (*call)(con
   const unsigned slots = std::max(1u, std::min(options().slots, blocks));
   auto& pool = workers();
   while (pool.size() < slots) pool.push_back(std::make_unique<Worker>(static_cast<unsigned>(pool.size())));
-  Grid g{grid, block, kernel, call};
+  Grid g{grid, block, kernel, call, slots};
   g.done.resize(pool.size());
   tsan_release(&launch_start);
   for (unsigned s = 0; s < slots; ++s) pool[s]->start(&g);
