@@ -41,7 +41,8 @@ def counts(constexprs):
 
 
 def main():
-    flags = {"HAS_BOUND": True, "MAXIMIZE": True, "PREFACTOR": True, "HAS_FOUND_INF": True, "HAS_GRAD_SCALE": True}
+    flags = {"HAS_BOUND": True, "MAXIMIZE": True, "PREFACTOR": True, "HAS_FOUND_INF": True, "HAS_GRAD_SCALE": True,
+             "PATHS": 3}
 
     def size(dtype):  # the block and warps the backend launches this dtype with
         cfg = CUDA_CONFIGS[dtype]
