@@ -35,6 +35,8 @@ clear_build_locks() {  # torch's FileBaton waits for ever on a lock a killed bui
 # keeps the list whole), with what needs it.
 NEEDED_MODULES="torch:everything numpy:tests pytest:tests hypothesis:tests triton:the-triton-backend \
 ninja:the-extension-build tqdm:the-benchmark matplotlib:the-benchmark-plot sklearn:the-examples-tests"
+# Imported only where present (a contender or a test that is skipped without them): not checked.
+OPTIONAL_MODULES="apex:the-apex-FusedLAMB-contender torchvision:timm-in-the-integration-tests"
 
 missing_modules() {  # missing_modules PYTHON: "name (for what; error)" per module that does not import
     "$1" - $NEEDED_MODULES 2>/dev/null <<'EOF'
