@@ -1,6 +1,7 @@
 // What the engine hands a rule's kernel code, on the CPU and on CUDA alike (plain C++: no torch,
 // no CUDA headers). A rule (rule_<name>.h) is a struct with kName (its Python name), kPasses,
-// kHyper (how many packed hyper-parameters it reads), kScalarNames and scalars(flags) (its
+// kHyper (how many packed hyper-parameters it reads), kLrSlot (the slot of its lr, or -1),
+// kScalarNames and scalars(flags) (its
 // per-tensor scalar states and how many a step with these flags carries), and, per pass P, a
 // nested Pass<P> that says
 //
@@ -15,6 +16,8 @@
 //                             global state (one __host__ __device__ function: the CPU kernels call
 //                             it on the host, the CUDA kernels in every block of the tensor);
 //   void store(args, t, coef) what the pass writes into per-tensor scalars (once per tensor);
+//                             coefficients read them with read_scalar, store writes them with
+//                             write_scalar (below: no data race on the GPU);
 //   template <class V> body(coef, Vals<V, kLists>& x, Vals<V, kSums>& acc)
 //                             the elementwise body, over float (scalar code and CUDA threads) or
 //                             at::vec::Vectorized<float> (the CPU's vector loops): it updates the
@@ -39,7 +42,38 @@ struct StepArgs {
   const int64_t* seed = nullptr;      // the stochastic-rounding seed (bf16 groups), or null
   float* scalars[kMaxScalars] = {};   // per-tensor scalar states, each [n], or null
   int64_t n = 0;
+  // On the GPU: this block's tensor's per-tensor scalars as the block found them (shared memory).
+  const float* block_scalars = nullptr;
 };
+
+// Per-tensor scalar k of tensor t, as the pass found it. On the GPU every block of a tensor reads it
+// while the tensor's first block may write it: one thread per block reads it with an atomic (adding 0
+// to its bits changes nothing) and hands it to the others through shared memory (the kernel fills
+// block_scalars), and write_scalar is an atomic exchange: no data race. The other blocks read the
+// old value or the new one, and a rule must compute the same coefficients from either. (Built-in
+// atomics: <cuda/atomic> doubles the kernels' compile time.)
+FF_HD float read_scalar(const StepArgs& a, int k, int64_t t) {
+#if defined(__CUDA_ARCH__)
+  (void)t;
+  return a.block_scalars[k];
+#else
+  return a.scalars[k][t];
+#endif
+}
+FF_HD void write_scalar(const StepArgs& a, int k, int64_t t, float v) {
+#if defined(__CUDA_ARCH__)
+  atomicExch(a.scalars[k] + t, v);
+#else
+  a.scalars[k][t] = v;
+#endif
+}
+
+// Whether a pass that writes may run: a rule whose packed hyper-parameters hold an lr (Rule::kLrSlot
+// >= 0) skips, as with found_inf, when it is not usable (a tensor lr edited after construction).
+template <class Rule>
+FF_HD bool lr_usable(const float* hyper) {
+  return Rule::kLrSlot < 0 || usable_lr(hyper[Rule::kLrSlot]);
+}
 
 // A fixed number of values of type V (N may be 0).
 template <class V, int N>

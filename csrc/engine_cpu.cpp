@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -323,8 +324,10 @@ at::Tensor dispatch_pass(at::TensorList writes, at::TensorList reads, const std:
   }
   if (shape.n == 0) return at::zeros({0, Pass::kSums}, hyper.options());
   const StepArgs args = step_args<Rule, P>(sums, hyper, flags, scalars, globals, grad_scale, seed, shape);
-  // A pass that writes leaves everything as it was on found_inf (a host tensor: no synchronisation).
-  const bool skip = Pass::kWrites > 0 && found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f;
+  // A pass that writes leaves everything as it was on found_inf, or where the rule's lr is not
+  // usable (a tensor lr edited after construction; host tensors: no synchronisation).
+  const bool skip = Pass::kWrites > 0 && ((found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f) ||
+                                          !lr_usable<Rule>(args.hyper));
   switch (shape.dtype) {
     case at::kFloat: return run_pass<Rule, P, float>(in, args, skip);
     case at::kBFloat16: return run_pass<Rule, P, at::BFloat16>(in, args, skip);
@@ -391,6 +394,35 @@ at::Tensor round_bf16_nearest_cpu(const at::Tensor& x) {
   return out;
 }
 
+// pass_ writes its tensors through raw pointers, below autograd: like torch's own in-place ops (and
+// fused optimizers), it bumps the version counters of what its schema says it mutates (the written
+// lists and the per-tensor scalars), so that a backward that saved one of them before the step
+// raises "modified by an inplace operation" instead of using new values. Registered for
+// ADInplaceOrView, it serves every device's kernel. (Inference tensors have no version counter.)
+void bump_version(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+at::Tensor pass_inplace_or_view(c10::string_view rule, int64_t index, at::TensorList writes, at::TensorList reads,
+                                const std::optional<at::Tensor>& sums, const at::Tensor& hyper, int64_t flags,
+                                at::TensorList scalars, const std::optional<at::Tensor>& globals,
+                                const std::optional<at::Tensor>& found_inf,
+                                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& seed,
+                                int64_t backend) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fromage_fused::pass_", "")
+                             .typed<decltype(pass_cpu)>();
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(rule, index, writes, reads, sums, hyper, flags, scalars, globals, found_inf, grad_scale, seed,
+                  backend);
+  }
+  for (const auto& t : writes) bump_version(t);
+  for (const auto& t : scalars) bump_version(t);
+  return out;
+}
+
 // How many threads at::parallel_for runs a body on (1 when the extension was built without
 // OpenMP, whatever torch's thread count): lets a test check that the kernels use torch's threads.
 int64_t parallel_width() {
@@ -407,6 +439,10 @@ TORCH_LIBRARY_FRAGMENT(fromage_fused, m) {
   m.def("round_bf16_stochastic(Tensor x, Tensor seed, int tensor_index) -> Tensor");
   m.def("round_bf16_nearest(Tensor x) -> Tensor");
   m.def("parallel_width() -> int", &ff::parallel_width);
+}
+
+TORCH_LIBRARY_IMPL(fromage_fused, ADInplaceOrView, m) {
+  m.impl("pass_", &ff::pass_inplace_or_view);
 }
 
 TORCH_LIBRARY_IMPL(fromage_fused, CPU, m) {

@@ -338,13 +338,24 @@ __global__ void __launch_bounds__(kThreads, 2) pass_kernel(const int64_t* __rest
   using On = PassOn<Rule, P, Tr>;
   using Pass = typename On::Pass;
   constexpr int L = On::L, S = On::S;
-  if (On::W > 0 && found_inf != nullptr && *found_inf != 0.f) return;
+  if (On::W > 0 && ((found_inf != nullptr && *found_inf != 0.f) || !lr_usable<Rule>(args.hyper))) return;
   const Slot<L> at = slot_of<L>(table, n);
+  // The tensor's per-tensor scalars, read once per block (see read_scalar in engine.h).
+  __shared__ float block_scalars[kMaxScalars];
+  StepArgs a = args;
+  const int scalars = Rule::scalars(args.flags);
+  if (scalars > 0) {
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < scalars; ++k)
+        block_scalars[k] = __uint_as_float(atomicAdd(reinterpret_cast<unsigned*>(args.scalars[k] + at.t), 0u));
+    }
+    __syncthreads();
+    a.block_scalars = block_scalars;
+  }
   PassOp<On, SR> op;
-  op.c = Pass::coefficients(args, at.t);
-  // The tensor's per-tensor state, once (the rule's accesses are relaxed atomics: every block of
-  // the tensor reads it while this one may write it, and all compute the same value).
-  if (at.block == 0 && threadIdx.x == 0) Pass::store(args, at.t, op.c);
+  op.c = Pass::coefficients(a, at.t);
+  // The tensor's per-tensor state, written once.
+  if (at.block == 0 && threadIdx.x == 0) Pass::store(a, at.t, op.c);
   op.addr = at.addr;
   op.start = at.block * kCudaChunk;
   op.stream = SR ? sr_stream(*args.seed, at.t) : 0u;

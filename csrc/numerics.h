@@ -9,10 +9,6 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
-#include <cuda/atomic>
-#endif
-
-#if defined(__CUDACC__)
 #define FF_HD __host__ __device__ __forceinline__
 #else
 #define FF_HD inline
@@ -98,22 +94,10 @@ FF_HD float sqrt_rn(float x) {
 #endif
 }
 
-// Per-tensor state read by every block of a tensor while one of them may write it: relaxed atomic
-// accesses on the GPU (not a data race; every block computes the same value), plain ones on the host.
-FF_HD float load_relaxed(const float* p) {
-#if defined(__CUDA_ARCH__)
-  return cuda::atomic_ref<float, cuda::thread_scope_device>(*const_cast<float*>(p)).load(cuda::memory_order_relaxed);
-#else
-  return *p;
-#endif
-}
-FF_HD void store_relaxed(float* p, float v) {
-#if defined(__CUDA_ARCH__)
-  cuda::atomic_ref<float, cuda::thread_scope_device>(*p).store(v, cuda::memory_order_relaxed);
-#else
-  *p = v;
-#endif
-}
+// Whether a step can use lr: >= 0 and finite in float32 (false for NaN). A tensor lr edited after
+// construction is never read on the host: a step whose lr is not usable skips, as with found_inf
+// (fromage_fused/engine/spec.py: usable_lr).
+FF_HD bool usable_lr(float lr) { return lr >= 0.f && lr <= 3.40282347e+38f; }
 
 // One term of a per-tensor sum: acc + a * b. On the GPU a fused multiply-add; on the host the
 // product and the sum each rounded (the CPU kernels are compiled with -ffp-contract=off; their

@@ -19,6 +19,7 @@ struct FromageRule {
   // Flag bits: the spec's, then the rule's own (flags.py).
   enum Flag : int64_t { kMaximize = 1, kPrefactor = 2, kBound = 4, kInner = 8 };
   static constexpr int kHyper = 2;  // packed values
+  static constexpr int kLrSlot = kLr;  // a pass that writes skips where lr is not usable
   // Per-tensor scalar states, in the order the rule declares them, and how many a step carries.
   enum Scalar : int { kMaxNorm = 0 };
   static constexpr const char* kScalarNames[] = {"max_norm"};
@@ -94,13 +95,15 @@ struct FromageRule::Pass<1> {
   static FF_HD Coef coefficients(const StepArgs& a, int64_t t) {
     const float* row = a.sums + 3 * t;
     const bool bounded = (a.flags & kBound) != 0;
-    const float old = bounded ? load_relaxed(a.scalars[kMaxNorm] + t) : 0.f;
+    const float old = bounded ? read_scalar(a, kMaxNorm, t) : 0.f;
     return FromageRule::coefficients(row[0], row[1], row[2], a.hyper[kLr], a.grad_scale ? *a.grad_scale : 1.f,
                                      a.grad_scale != nullptr, bounded, a.hyper[kPBound], old,
                                      (a.flags & kMaximize) != 0, (a.flags & kPrefactor) != 0);
   }
   static FF_HD void store(const StepArgs& a, int64_t t, const Coef& c) {
-    if (a.flags & kBound) store_relaxed(a.scalars[kMaxNorm] + t, c.max_norm);
+    // Only an unset bound is written (every later step reads the same value): store() runs before
+    // the tensor's other blocks have all read it.
+    if ((a.flags & kBound) && read_scalar(a, kMaxNorm, t) < 0.f) write_scalar(a, kMaxNorm, t, c.max_norm);
   }
   template <class V>
   static FF_HD void body(const Coef& c, Vals<V, 2>& x, Vals<V, 0>&) {

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .fromage_round import nearest_bf16, round_bf16, sr_stream
-from .fromage_table import ALIGNED_FLAG, as_aligned_ptr, as_ptr, block_sum, chunk_of, device_function, loop_bound
+from .fromage_table import (ALIGNED_FLAG, ALIGNED_PATH, BOTH_PATHS, UNALIGNED_PATH, as_aligned_ptr, as_ptr, block_sum,
+                            chunk_of, device_function, itemsize, loop_bound)
 
 
 @device_function
@@ -84,34 +85,41 @@ def _sweep(q0, q1, q2, q3, start, n_full, k0, k1, k2, k3, stream, acc0, acc1, ac
 
 
 @device_function
-def _pointers(addrs_ptr, t, n, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+def _pointer(addrs_ptr, k, t, n, head, D: tl.constexpr, ALIGNED: tl.constexpr):
+    a = tl.load(addrs_ptr + k * n + t)
+    if ALIGNED:
+        # list k + head elements is 16-byte aligned (the host checked: the flags)
+        return as_aligned_ptr(a + head * itemsize(D), D)
+    return as_ptr(a, D)
+
+
+@device_function
+def _pointers(addrs_ptr, t, n, head, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
               L: tl.constexpr, ALIGNED: tl.constexpr):
     """The lists' pointers of tensor ``t`` (list ``k``'s address at ``addrs[k * n + t]``); with
-    ``ALIGNED`` promised 16-byte aligned (only inside the branch that checked the flag)."""
-    a0 = tl.load(addrs_ptr + t)
-    if ALIGNED:
-        q0 = as_aligned_ptr(a0, D0)
-    else:
-        q0 = as_ptr(a0, D0)
+    ``ALIGNED``, moved on by ``head`` elements and promised 16-byte aligned (only inside the branch
+    that checked the flag)."""
+    q0 = _pointer(addrs_ptr, 0, t, n, head, D0, ALIGNED)
     q1 = q0
     q2 = q0
     q3 = q0
     if L > 1:
-        if ALIGNED:
-            q1 = as_aligned_ptr(tl.load(addrs_ptr + n + t), D1)
-        else:
-            q1 = as_ptr(tl.load(addrs_ptr + n + t), D1)
+        q1 = _pointer(addrs_ptr, 1, t, n, head, D1, ALIGNED)
     if L > 2:
-        if ALIGNED:
-            q2 = as_aligned_ptr(tl.load(addrs_ptr + 2 * n + t), D2)
-        else:
-            q2 = as_ptr(tl.load(addrs_ptr + 2 * n + t), D2)
+        q2 = _pointer(addrs_ptr, 2, t, n, head, D2, ALIGNED)
     if L > 3:
-        if ALIGNED:
-            q3 = as_aligned_ptr(tl.load(addrs_ptr + 3 * n + t), D3)
-        else:
-            q3 = as_ptr(tl.load(addrs_ptr + 3 * n + t), D3)
+        q3 = _pointer(addrs_ptr, 3, t, n, head, D3, ALIGNED)
     return q0, q1, q2, q3
+
+
+@device_function
+def _masked(q0, q1, q2, q3, offs, end, k0, k1, k2, k3, stream, BODY: tl.constexpr, L: tl.constexpr,
+            W: tl.constexpr, S: tl.constexpr, FLAGS: tl.constexpr, BLOCK: tl.constexpr, SR: tl.constexpr):
+    """One masked block (elements ``offs < end``); its sum terms summed over the block."""
+    zero = tl.full([BLOCK], 0.0, tl.float32)
+    a0, a1, a2 = _block(q0 + offs, q1 + offs, q2 + offs, q3 + offs, offs < end, offs, k0, k1, k2, k3, stream, zero,
+                        zero, zero, BODY, L, W, S, FLAGS, True, SR)
+    return block_sum(a0), block_sum(a1), block_sum(a2)
 
 
 @triton.jit
@@ -119,15 +127,24 @@ def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr
                 grad_scale_ptr, seed_ptr, n, COEF: tl.constexpr, BODY: tl.constexpr, L: tl.constexpr,
                 W: tl.constexpr, S: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                 D3: tl.constexpr, FLAGS: tl.constexpr, BLOCK: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr):
+                HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr, PATHS: tl.constexpr = BOTH_PATHS,
+                LR_SLOT: tl.constexpr = -1):
     """``D0..D3``: the lists' element types; ``HAS_FOUND_INF`` only for a pass that writes (a
-    non-zero found_inf skips it)."""
+    non-zero found_inf skips it); ``LR_SLOT``: where the rule's lr is among the packed
+    hyper-parameters, for a pass that writes (an lr that is negative or not finite in float32, a
+    tensor edited after construction, skips it as found_inf does; -1: no check). ``PATHS``
+    (``fromage_table.py``) compiles only the element paths the group's tensors take: a kernel with
+    both stores through shared memory on the unaligned path, so groups that need one path get a
+    kernel without the other."""
     c = tl.program_id(0).to(tl.int64)
     go = True
+    if LR_SLOT >= 0:
+        lr = tl.load(hyper_ptr + LR_SLOT)
+        go = (lr >= 0) & (lr <= 3.4028234663852886e38)
     if HAS_FOUND_INF:
-        go = tl.load(found_inf_ptr) == 0
+        go = go & (tl.load(found_inf_ptr) == 0)
     if go:
-        t, start, end, first, flags = chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK, L)
+        t, start, lo, hi, first, flags, head = chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK, L)
         k0, k1, k2, k3 = COEF(t, c == first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, grad_scale_ptr, FLAGS,
                               HAS_GRAD_SCALE)
         stream = tl.full((), 0, tl.uint32)
@@ -136,27 +153,50 @@ def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr
         acc0 = tl.full([BLOCK], 0.0, tl.float32)
         acc1 = tl.full([BLOCK], 0.0, tl.float32)
         acc2 = tl.full([BLOCK], 0.0, tl.float32)
-        n_full = tl.maximum(end - start, 0) // BLOCK
-        if (flags & ALIGNED_FLAG) != 0:
-            # Every list's base is 16-byte aligned and chunks start at multiples of BLOCK elements:
-            # unmasked 16-byte vector accesses.
-            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, D0, D1, D2, D3, L, True)
-            acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, start, n_full, k0, k1, k2, k3,
+        n_full = tl.maximum(hi - lo, 0) // BLOCK
+        if PATHS == ALIGNED_PATH:
+            # Every list + head is 16-byte aligned and full blocks start at multiples of BLOCK
+            # elements from there: unmasked 16-byte vector accesses.
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, True)
+            acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, lo, n_full, k0, k1, k2, k3,
+                                      stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
+        elif PATHS == UNALIGNED_PATH:
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, False)
+            acc0, acc1, acc2 = _sweep(q0 + lo, q1 + lo, q2 + lo, q3 + lo, lo, n_full, k0, k1, k2, k3,
+                                      stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
+        elif (flags & ALIGNED_FLAG) != 0:
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, True)
+            acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, lo, n_full, k0, k1, k2, k3,
                                       stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
         else:
-            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, D0, D1, D2, D3, L, False)
-            acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, start, n_full, k0, k1, k2, k3,
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, False)
+            acc0, acc1, acc2 = _sweep(q0 + lo, q1 + lo, q2 + lo, q3 + lo, lo, n_full, k0, k1, k2, k3,
                                       stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
-        q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, D0, D1, D2, D3, L, False)
-        offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
-        acc0, acc1, acc2 = _block(q0 + offs, q1 + offs, q2 + offs, q3 + offs, offs < end, offs, k0, k1, k2, k3, stream,
-                                  acc0, acc1, acc2, BODY, L, W, S, FLAGS, True, SR)
+        # The full blocks' sums, then the masked parts' (summed apart, so that the block-wide
+        # accumulators are not live across them: registers).
+        sum0 = block_sum(acc0)
+        sum1 = block_sum(acc1)
+        sum2 = block_sum(acc2)
+        q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, False)
+        done = lo + n_full * BLOCK
+        if done < hi:  # a masked block for the chunk's last elements, where it has some
+            m0, m1, m2 = _masked(q0, q1, q2, q3, done + tl.arange(0, BLOCK), hi, k0, k1, k2, k3, stream, BODY, L, W,
+                                 S, FLAGS, BLOCK, SR)
+            sum0 += m0
+            sum1 += m1
+            sum2 += m2
+        if (c == first) & (head > 0):  # the elements before the aligned part
+            m0, m1, m2 = _masked(q0, q1, q2, q3, tl.arange(0, BLOCK).to(tl.int64), head, k0, k1, k2, k3, stream,
+                                 BODY, L, W, S, FLAGS, BLOCK, SR)
+            sum0 += m0
+            sum1 += m1
+            sum2 += m2
         if S > 0:
-            tl.store(partials_ptr + S * c, block_sum(acc0))
+            tl.store(partials_ptr + S * c, sum0)
         if S > 1:
-            tl.store(partials_ptr + S * c + 1, block_sum(acc1))
+            tl.store(partials_ptr + S * c + 1, sum1)
         if S > 2:
-            tl.store(partials_ptr + S * c + 2, block_sum(acc2))
+            tl.store(partials_ptr + S * c + 2, sum2)
 
 
 @triton.jit

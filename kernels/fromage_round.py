@@ -1,6 +1,6 @@
 """Rounding of fp32 results to bf16: to nearest even, or stochastically, in integer arithmetic.
 
-Both are the integer recipes of ``fromage_fused._math`` (``nearest_bf16``,
+Both are the integer recipes of ``fromage_fused.engine.rounding`` (``nearest_bf16``,
 ``stochastic_round_bf16``), bit for bit: everything is uint32 arithmetic, whose wrap-around equals
 the torch recipe's ``& 0xFFFFFFFF``, and every NaN becomes the quiet NaN 0x7FC0. Rounding to nearest
 is done on the bits too, because Triton's interpreter truncates on ``.to(tl.bfloat16)`` (and

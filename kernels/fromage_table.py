@@ -7,8 +7,10 @@ chosen per tensor: a multiple of the kernels' ``BLOCK``):
   chunk (n) | chunk_tensor (C)]``. Every tensor owns at least one chunk, so an empty tensor still
   gets a program (its max_norm must be set like any other).
 * ``addrs`` (depends on the storages): ``[list 0 addresses (n) | ... | list L-1 addresses (n) |
-  flags (n)]`` for the ``L`` tensor lists of a pass; flag bit 0 says every address of the tensor is
-  16-byte aligned, which the host checked before promising it here.
+  flags (n)]`` for the ``L`` tensor lists of a pass. Flag bit 0 says that every list's address
+  plus ``head = flags >> 1`` elements is 16-byte aligned (``head`` is 0 for aligned tensors; fewer
+  than a 16-byte vector's elements for views misaligned alike in every list), which the host
+  checked before promising it here.
 """
 import os
 
@@ -16,6 +18,13 @@ import triton
 import triton.language as tl
 
 ALIGNED_FLAG = tl.constexpr(1)
+HEAD_SHIFT = tl.constexpr(1)  # flags >> HEAD_SHIFT: elements before the aligned part
+
+# Which element paths a launch compiles (its PATHS, chosen by the host from the flags): the 16-byte
+# aligned one, the other, or both (then each tensor's flag picks).
+ALIGNED_PATH = tl.constexpr(1)
+UNALIGNED_PATH = tl.constexpr(2)
+BOTH_PATHS = tl.constexpr(3)
 
 
 def _interpreting() -> bool:
@@ -82,19 +91,32 @@ else:
 
 @device_function
 def chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK: tl.constexpr, L: tl.constexpr):
-    """Tensor index, this chunk's start and end elements, the tensor's first chunk, its pointers' flags
-    (after the ``L`` address columns).
+    """Tensor index, the range ``[lo, hi)`` of this chunk's elements, the tensor's first chunk, its
+    pointers' flags (after the ``L`` address columns) and head.
 
-    ``start`` is a multiple of ``BLOCK`` (every chunk size is): with a 16-byte aligned base, each
-    block of the chunk starts 16-byte aligned."""
+    Chunk k of a tensor covers its elements ``[k * chunk + head, (k + 1) * chunk + head)`` (clipped
+    to the tensor), and its first chunk also the head ``[0, head)``: with an aligned ``p + head``,
+    each full block of a chunk starts 16-byte aligned, since ``k * chunk`` is a multiple of
+    ``BLOCK`` (every chunk size is)."""
     t = tl.load(layout_ptr + 4 * n + c)
     numel = tl.load(layout_ptr + t)
     first = tl.load(layout_ptr + n + t)
     chunk = tl.load(layout_ptr + 3 * n + t)
     flags = tl.load(addrs_ptr + L * n + t)
+    head = flags >> HEAD_SHIFT
     start = tl.multiple_of((c - first) * chunk, BLOCK)
-    end = tl.minimum(start + chunk, numel)
-    return t, start, end, first, flags
+    lo = tl.minimum(start + head, numel)
+    hi = tl.minimum(start + chunk + head, numel)
+    return t, start, lo, hi, first, flags, head
+
+
+if INTERPRETED:
+    def itemsize(DTYPE):
+        return DTYPE.primitive_bitwidth // 8
+else:
+    @triton.jit
+    def itemsize(DTYPE: tl.constexpr):
+        return DTYPE.primitive_bitwidth // 8
 
 
 @device_function

@@ -58,14 +58,19 @@ def coefficients_1(t, first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, g
         s = div_rn(tl.full((), 1.0, tl.float32), sqrt_rn(1.0 + lr * lr))
     if (BOUND & FLAGS) != 0:
         mn_ptr = s0_ptr + t
-        mn = tl.load(mn_ptr)
-        mn = tl.where(mn < 0, tl.load(hyper_ptr + P_BOUND) * root_p, mn)
+        # Every program of the tensor reads max_norm while, when it is unset, the first one writes
+        # it; all compute the same value, so the others read the old (unset) or the new one and
+        # agree. A relaxed load (ld.volatile, which the PTX memory model treats as ld.relaxed.sys)
+        # and a relaxed atomic exchange: no data race.
+        old = tl.load(mn_ptr, volatile=True)
+        mn = tl.where(old < 0, tl.load(hyper_ptr + P_BOUND) * root_p, old)
         norm_sq = s * s * (s_pp - 2.0 * a * s_pg + a * a * s_gg)
         norm = sqrt_rn(tl.where(norm_sq > 0, norm_sq, tl.full((), 0.0, tl.float32)))
         clamp = norm > mn
         s = tl.where(clamp, div_rn(s * mn, tl.where(clamp, norm, tl.full((), 1.0, tl.float32))), s)
-        if first:
-            tl.store(mn_ptr, mn)
+        if first & (old < 0):
+            # On the bits (an int32 exchange): the interpreter exchanges no floats.
+            tl.atomic_xchg(mn_ptr.to(tl.pointer_type(tl.int32)), mn.to(tl.int32, bitcast=True), sem="relaxed")
     zero = tl.full((), 0.0, tl.float32)
     return s, -a * s, zero, zero
 

@@ -1,15 +1,22 @@
-"""Compile the triton kernels for sm_90 on this machine (no GPU needed) and count vector accesses.
+"""Compile the triton kernels for sm_90 on this machine (no GPU needed) and count what the tests check.
 
 Run as a script in a process without TRITON_INTERPRET; prints one JSON object
-``{kernel: {"ld_v": n, "st_v": n, "ld_16": n, "st_16": n}}`` (vector accesses of any width, and
-the 16-byte ones). With ``--no-aligned-path`` the branch taken for 16-byte
-aligned tensors is compiled away first, so what remains is the path for everything else, which
-must not contain a single vector access (a misaligned one faults on a GPU; the interpreter cannot
-tell).
+``{kernel: {"ld_v": n, "st_v": n, "ld_16": n, "st_16": n, "st_shared": n, "bar_sync": n,
+"ld_volatile": n, "atom_exch": n, "regs": n}}``: vector accesses of any width and the 16-byte ones,
+shared-memory stores and barriers, relaxed loads and atomic exchanges (the max_norm accesses), and
+the registers per thread of the sm_90 cubin (None when Triton ships no cuobjdump).
+
+``--paths N`` compiles the kernels' PATHS=N specialisation (1: only the 16-byte aligned path, 2: only
+the other, 3: both, the default). With ``--no-aligned-path`` the branch taken for 16-byte aligned
+tensors is compiled away first, so what remains is the path for everything else, which must not
+contain a single vector access (a misaligned one faults on a GPU; the interpreter cannot tell).
 """
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 import triton.language as tl
@@ -23,6 +30,7 @@ from fromage_fused.kernels import engine_pass, rule_fromage
 
 if "--no-aligned-path" in sys.argv:
     engine_pass.ALIGNED_FLAG = tl.constexpr(0)
+PATHS = int(sys.argv[sys.argv.index("--paths") + 1]) if "--paths" in sys.argv else 3
 
 TABLE = {"layout_ptr": "*i64", "addrs_ptr": "*i64"}
 PASS_SIG = {**TABLE, "partials_ptr": "*fp32", "sums_ptr": "*fp32", "hyper_ptr": "*fp32", "s0_ptr": "*fp32",
@@ -30,7 +38,7 @@ PASS_SIG = {**TABLE, "partials_ptr": "*fp32", "sums_ptr": "*fp32", "hyper_ptr": 
             "seed_ptr": "*i64", "n": "i64", "COEF": "constexpr", "BODY": "constexpr", "L": "constexpr",
             "W": "constexpr", "S": "constexpr", "D0": "constexpr", "D1": "constexpr", "D2": "constexpr",
             "D3": "constexpr", "FLAGS": "constexpr", "BLOCK": "constexpr", "HAS_FOUND_INF": "constexpr",
-            "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr"}
+            "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr", "PATHS": "constexpr", "LR_SLOT": "constexpr"}
 #: Fromage's flags: maximize 1, prefactor 2, bound 4, inner 8 (kernels/rule_fromage.py)
 STATS_FLAGS = 8
 APPLY_FLAGS = 2 | 4 | 8
@@ -41,7 +49,13 @@ def fromage_pass(index, dtype, *, sr=False, flags=None):
     coef, body, _ = rule_fromage.PASSES[index]
     return {"COEF": coef, "BODY": body, "L": 2, "W": index, "S": 3 if index == 0 else 0, "D0": dtype, "D1": dtype,
             "D2": dtype, "D3": dtype, "FLAGS": (STATS_FLAGS if index == 0 else APPLY_FLAGS) if flags is None else flags,
-            "HAS_FOUND_INF": index == 1, "HAS_GRAD_SCALE": index == 1, "SR": sr}
+            "HAS_FOUND_INF": index == 1, "HAS_GRAD_SCALE": index == 1, "SR": sr,
+            "LR_SLOT": rule_fromage.LR.value if index == 1 else -1, "PATHS": PATHS}
+
+
+def fromage_options(index):
+    """The launch options of Fromage's pass ``index`` (its unfused passes compile without fusion)."""
+    return {} if rule_fromage.PASSES[index][2] else {"enable_fp_fusion": False}
 
 
 def _source(fn, signature, constexprs):
@@ -51,28 +65,50 @@ def _source(fn, signature, constexprs):
         return ASTSource(fn=fn, signature=signature, constants=constexprs)
 
 
-def count(fn, signature, constexprs, dtype):
+def registers(cubin: bytes):
+    """Registers per thread of a cubin, from the cuobjdump Triton ships (None without one)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+)", out)
+    return int(found.group(1)) if found else None
+
+
+def count(fn, signature, constexprs, dtype, options=None):
     cfg = CUDA_CONFIGS[dtype]
-    constexprs = {**constexprs, "BLOCK": cfg.block}
+    constexprs = {**constexprs, "BLOCK": cfg.block, "PATHS": PATHS}
     kernel = triton.compile(_source(fn, signature, constexprs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps, **(options or {})})
     ptx = kernel.asm["ptx"]
     # Any vector access (it needs more than the element's alignment), and the 16-byte ones.
     vector, wide = r"\.v[248]\.", r"\.(?:v4\.[bfsu]32|v2\.[bfsu]64)"
     return {"ld_v": len(re.findall(r"ld\.global(?:\.\w+)*" + vector, ptx)),
             "st_v": len(re.findall(r"st\.global(?:\.\w+)*" + vector, ptx)),
             "ld_16": len(re.findall(r"ld\.global(?:\.\w+)*" + wide, ptx)),
-            "st_16": len(re.findall(r"st\.global(?:\.\w+)*" + wide, ptx))}
+            "st_16": len(re.findall(r"st\.global(?:\.\w+)*" + wide, ptx)),
+            "st_shared": len(re.findall(r"\bst\.shared\b", ptx)),
+            "bar_sync": len(re.findall(r"\bbar\.sync\b", ptx)),
+            "ld_volatile": len(re.findall(r"\bld\.volatile\.global\b", ptx)),
+            "atom_exch": len(re.findall(r"\batom\.global(?:\.\w+)*\.exch\b", ptx)),
+            "regs": registers(kernel.asm["cubin"])}
 
 
 def main():
     kernel = engine_pass.pass_kernel
     out = {
-        "partials_fp32": count(kernel, PASS_SIG, fromage_pass(0, tl.float32), torch.float32),
-        "partials_bf16": count(kernel, PASS_SIG, fromage_pass(0, tl.bfloat16), torch.bfloat16),
-        "apply_fp32": count(kernel, PASS_SIG, fromage_pass(1, tl.float32), torch.float32),
-        "apply_bf16_sr": count(kernel, PASS_SIG, fromage_pass(1, tl.bfloat16, sr=True), torch.bfloat16),
-        "apply_fp16": count(kernel, PASS_SIG, fromage_pass(1, tl.float16), torch.float16),
+        "partials_fp32": count(kernel, PASS_SIG, fromage_pass(0, tl.float32), torch.float32, fromage_options(0)),
+        "partials_bf16": count(kernel, PASS_SIG, fromage_pass(0, tl.bfloat16), torch.bfloat16, fromage_options(0)),
+        "partials_fp16": count(kernel, PASS_SIG, fromage_pass(0, tl.float16), torch.float16, fromage_options(0)),
+        "apply_fp32": count(kernel, PASS_SIG, fromage_pass(1, tl.float32), torch.float32, fromage_options(1)),
+        "apply_bf16": count(kernel, PASS_SIG, fromage_pass(1, tl.bfloat16), torch.bfloat16, fromage_options(1)),
+        "apply_bf16_sr": count(kernel, PASS_SIG, fromage_pass(1, tl.bfloat16, sr=True), torch.bfloat16,
+                               fromage_options(1)),
+        "apply_fp16": count(kernel, PASS_SIG, fromage_pass(1, tl.float16), torch.float16, fromage_options(1)),
     }
     print(json.dumps(out))
 

@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 import fromage_fused
 from fromage_fused.bench import __main__ as cli
@@ -105,3 +106,18 @@ def test_selected_contenders_bf16_and_fresh_grads(tmp_path, tiny_presets):
     assert all(r["dtype"] == "bfloat16" and r["fresh_grads"] for r in rows)
     assert [r["work_bytes_per_param"] for r in rows] == [10, 6]
     assert not (tmp_path / "sel.png").exists()
+
+
+def test_misaligned_views(tmp_path, tiny_presets):
+    # Parameters and gradients carved out of buffers at element offsets, as flat-buffer views are:
+    # what the kernels' misaligned paths are measured with.
+    params, grads = P.make_tensors([(3, 5), (64, 3)], dtype=torch.float32,
+                                   device="cpu", seed=0, misalign=(1, 3))
+    assert all(p.data_ptr() % 16 == 4 and g.data_ptr() % 16 == 12 for p, g in zip(params, grads))
+    args = ["--presets", "tiny", "--contenders", "fromage:cpu,fromage:foreach", "--misalign", "1,1", "--fresh-grads",
+            "--repeats", "3", "--warmup", "1", "--sets", "2", "--out", str(tmp_path), "--name", "mis", "--no-plot",
+            "--no-progress"]
+    assert cli.main(args) == 0
+    rows = json.loads((tmp_path / "mis.json").read_text())["rows"]
+    assert [r["misalign"] for r in rows] == ["1,1", "1,1"] and all(r["status"] == "ok" for r in rows)
+    assert cli.main(args[:4] + ["--misalign", "1", "--out", str(tmp_path)]) == 2

@@ -14,19 +14,22 @@ need not check again (``call`` is an ``engine.execute.Call``):
 - ``call.sums`` is what the previous pass returned for the same lists, or its sum over the ranks
   holding shards of the same tensors (same shape and dtype, contiguous, on the device).
 - ``call.hyper`` is the rule's packed hyper-parameters (``engine.spec.Spec.pack``) on the device
-  in the accumulation dtype (float64 for float64 groups, else float32); ``call.flags`` the rule's
+  in the accumulation dtype (float64 for float64 groups, else float32); a tensor ``lr`` in it that
+  is negative or beyond float32 (or NaN: a tensor lr edited after construction, never read on the
+  host) skips the step as ``found_inf`` does (``engine.spec.usable_lr``; each rule's passes check
+  it); ``call.flags`` the rule's
   flag bits; ``call.found_inf`` and ``call.grad_scale`` are None or 0-d float32 tensors on the
   device; ``call.seed`` is None or a 0-d int64 tensor on the device, given only to bfloat16
   groups that round stochastically; ``call.scalars`` holds each per-tensor scalar state as one
   contiguous ``[n]`` tensor on the device (entry ``i`` for tensor ``i``), read and written in place.
 - Across steps, while the optimizer's plan holds, the same parameter and buffer list objects come
-  back with the same tensors, each with the same storage address, shape, dtype and device (any
-  change builds a new plan and new lists); only the gradients (a new list each step) and the
-  values change. Without views in play (complex parameters, contiguous copies of strided ones)
-  the lists are ``engine.groups.PlanList``s: their ``memo`` dict is where a backend keeps what it
-  derives from the tensors (sizes, addresses), once per plan for parameters and buffers, once per
-  step for gradients. Direct calls (tests, the functional APIs) pass plain lists, which carry no
-  such promise.
+  back with the same tensors, each with the same ``PLAN_KEY`` (address, shape, strides, dtype,
+  device: a change of any one of them builds a new plan and new lists); only the gradients (a new
+  list each step) and the values change. Without views in play (complex parameters, contiguous
+  copies of strided ones) the lists are ``engine.groups.PlanList``s: their ``memo`` dict is where a
+  backend keeps what it derives from the tensors (sizes, addresses), once per plan for parameters
+  and buffers, once per step for gradients. Direct calls (tests, the functional APIs) pass plain
+  lists, which carry no such promise.
 - Passes run in order per step, on the host thread of the step, with no host synchronisation
   expected (``syncs`` backends excepted).
 """
@@ -37,6 +40,10 @@ from typing import Optional
 import torch
 
 from ..engine.dtypes import REAL_DTYPES
+
+#: What the step plan keys each tensor of a list on: a backend may keep whatever it derives from
+#: these in the list's ``memo`` (the triton backend: element counts, addresses).
+PLAN_KEY = ("data_ptr", "shape", "stride", "dtype", "device")
 
 
 class BackendUnavailable(RuntimeError):

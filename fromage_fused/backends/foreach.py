@@ -9,6 +9,9 @@ Memory: everything that needs temporaries (products, float32 copies of bf16/fp16
 ``found_inf`` selection) runs over bounded pieces (:func:`runs`): runs of whole tensors, and
 slices of one large contiguous tensor, of at most ``max(the largest tensor's bytes, 16 MiB)`` of
 temporaries at a time.
+
+Accuracy: on CPU, norms are summed over pieces of ``PIECE`` elements and combined as a tree, as
+the CPU kernels do (torch's norm of one long tensor drifts with its length): :func:`norm_piece`.
 """
 from __future__ import annotations
 
@@ -32,53 +35,71 @@ class _Piece:
         self.params, self.grads, self.owner = params, grads, owner
 
 
-def _budget(params) -> int:
-    return max(FLOOR_BYTES, max(p.numel() * p.element_size() for p in params))
+#: Norms are summed over flat pieces of this many elements (the CPU kernels' chunk) and the
+#: pieces' sums combined as a tree: torch's CPU norm of one long tensor accumulates in a way whose
+#: error grows with its length (1e-3 relative for 20M float32 elements, more for the L1 norms of
+#: <p, g>). CUDA's ``_foreach_norm`` already sums per chunk: tensors there stay whole.
+PIECE = 32768
+_numel = torch.Tensor.numel
+
+
+def norm_piece(params) -> Optional[int]:
+    """The pieces a rule's norms and inner products are summed over for these tensors (``runs``'s
+    ``piece``): ``PIECE`` on CPU, None (whole tensors) on CUDA."""
+    return None if params[0].device.type == "cuda" else PIECE
 
 
 def runs(params, grads, temp_per_element: int, *, split: bool = True,
-         indices: Optional[Sequence[int]] = None) -> List[_Piece]:
+         indices: Optional[Sequence[int]] = None, piece: Optional[int] = None) -> List[_Piece]:
     """Runs of (parameter, gradient) pieces whose temporaries (``temp_per_element`` bytes per
     element) stay within the budget; a contiguous tensor larger than that is cut into flat slices
-    (``split``). The whole group is one run when it fits, the common case."""
-    budget = _budget(params)
-    limit = max(1, budget // max(temp_per_element, 1))
+    (``split``), and with ``piece`` every contiguous tensor larger than ``piece`` elements. The
+    whole group is one run when it fits and nothing is cut, the common case."""
+    sizes = list(map(_numel, params))
+    largest = max(sizes)
+    # the bytes of the largest tensor (a group has one dtype), at least the floor
+    limit = max(1, max(FLOOR_BYTES, largest * params[0].element_size()) // max(temp_per_element, 1))
     indices = range(len(params)) if indices is None else indices
-    total = sum(p.numel() for p in params)
-    if total <= limit:
+    if piece is not None and largest <= piece:
+        piece = None
+    if piece is None and sum(sizes) <= limit:
         return [_Piece(list(params), list(grads), list(indices))]
+    cut = min(piece or limit, limit) if split else piece
     runs, ps, gs, owner, size = [], [], [], [], 0
-    for i, p, g in zip(indices, params, grads):
-        n = p.numel()
-        if split and n > limit and p.is_contiguous() and g.is_contiguous():
-            if ps:
+    for i, p, g, n in zip(indices, params, grads, sizes):
+        if cut is not None and n > cut and p.is_contiguous() and g.is_contiguous():
+            fp, fg = p.view(-1), g.view(-1)
+            entries = [(fp[start:start + cut], fg[start:start + cut], min(cut, n - start)) for start in range(0, n, cut)]
+        else:
+            entries = [(p, g, n)]
+        for ep, eg, en in entries:
+            if ps and size + en > limit:
                 runs.append(_Piece(ps, gs, owner))
                 ps, gs, owner, size = [], [], [], 0
-            fp, fg = p.view(-1), g.view(-1)
-            for start in range(0, n, limit):
-                runs.append(_Piece([fp[start:start + limit]], [fg[start:start + limit]], [i]))
-            continue
-        if ps and size + n > limit:
-            runs.append(_Piece(ps, gs, owner))
-            ps, gs, owner, size = [], [], [], 0
-        ps.append(p)
-        gs.append(g)
-        owner.append(i)
-        size += n
+            ps.append(ep)
+            gs.append(eg)
+            owner.append(i)
+            size += en
     if ps:
         runs.append(_Piece(ps, gs, owner))
     return runs
 
 
 def combine(values: torch.Tensor, owner: List[int], n: int) -> torch.Tensor:
-    """Per-piece sums (``[pieces]``) to per-tensor ones (``[n]``): the slices of a tensor add up."""
+    """Per-piece sums (``[pieces]``) to per-tensor ones (``[n]``): the pieces of a tensor (consecutive
+    in ``owner``) add up as a tree (torch's ``sum``)."""
     if len(owner) == n:
         return values
-    parts = values.unbind()
-    out: List[Optional[torch.Tensor]] = [None] * n
-    for i, v in zip(owner, parts):
-        out[i] = v if out[i] is None else out[i] + v
-    return torch.stack(out)
+    first = [0] * n
+    counts = [0] * n
+    for k in range(len(owner) - 1, -1, -1):
+        first[owner[k]] = k
+        counts[owner[k]] += 1
+    out = values[first]
+    for i, count in enumerate(counts):
+        if count > 1:
+            out[i] = values[first[i]:first[i] + count].sum()
+    return out
 
 
 class _Coefficients(threading.local):

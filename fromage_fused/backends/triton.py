@@ -10,8 +10,12 @@ device memory (see ``kernels/fromage_table.py``), cached by the sizes and by the
 addresses, so a new gradient storage (``zero_grad(set_to_none=True)``) costs one small
 host-to-device copy, from a pinned buffer that the cache entry owns.
 
-CUDA graphs: a table used while a graph is captured is never evicted (every replay reads it, and
-a captured upload re-reads its pinned buffer), so a table miss inside capture just works.
+CUDA graphs: a table used while a graph is captured is held (every replay reads it, and a captured
+upload re-reads its host buffer), so a table miss inside capture just works: its host buffer comes
+from a pinned staging pool set aside outside capture, and the graph replays that small copy. At
+most ``GRAPH_TABLE_LIMIT`` tables are held per backend; past it, a capture that needs another
+raises, until :func:`fromage_fused.release_graph_tables` lets them go. One backend instance serves
+every optimizer: its cache is guarded by a lock.
 ``torch.compile``: a pass is the custom op ``fromage_fused_triton::pass_`` (schema and fake in
 ``engine/ops.py``), so a compiled step treats it as opaque and never traces the tables.
 
@@ -24,6 +28,7 @@ import contextlib
 import importlib.util
 import itertools
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,7 +45,13 @@ from ._base import Backend
 
 _ALIGN_BYTES = 16
 _CACHE_SIZE = 64  # tables per backend; a group uses a layout and an address table
+#: tables held for captured CUDA graphs, per backend (see release_graph_tables)
+GRAPH_TABLE_LIMIT = 256
+#: int64 words the staging pool keeps free outside capture: at least this, and twice the largest table
+_STAGING_MIN_FREE = 32768
 _LARGE_CHUNKS = 4  # a tensor of at least this many large chunks is cut into large chunks
+
+_ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
@@ -71,12 +82,14 @@ class Config:
         return large if large is not None and numel >= _LARGE_CHUNKS * large else self.chunk
 
 
-# Per dtype on CUDA: 8 warps, each thread loading two 16-byte vectors per operand and inner step
-# (8 fp32 or 16 bf16/fp16 elements).
+# Per dtype on CUDA: 8 warps, each thread with 8 elements per operand and inner step (two 16-byte
+# vectors in fp32, one in bf16/fp16). 16 elements per thread would take 84-105 registers in the
+# 16-bit kernels (two programs of 256 threads per SM); 8 keep every kernel at 64 or fewer
+# (tests/test_triton_backend.py reads them from the sm_90 cubin).
 CUDA_CONFIGS = {
     torch.float32: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
-    torch.bfloat16: Config(block=4096, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
-    torch.float16: Config(block=4096, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
+    torch.bfloat16: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
+    torch.float16: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
 }
 CUDA_CONFIG = CUDA_CONFIGS[torch.float32]
 INTERPRETER_CONFIG = Config(block=512, chunk=2048, num_warps=4, rblock=128)
@@ -152,12 +165,32 @@ def layout_values(numels, cfg: Config):
     return list(numels) + first[:-1] + counts + chunks + owner, first[-1]
 
 
-def address_values(*ptrs):
-    """The address table of lists whose addresses are ``ptrs[k]``: the addresses list by list, then
-    per tensor the flags (bit 0: every list's address is 16-byte aligned)."""
-    # The kernels promise 16-byte alignment to the compiler only where this holds.
-    flags = [int(all(a % _ALIGN_BYTES == 0 for a in column)) for column in zip(*ptrs)]
-    return [a for column in ptrs for a in column] + flags
+# The PATHS a launch compiles (kernels/fromage_table.py): only the aligned path, only the other, both.
+_ALIGNED_PATH, _UNALIGNED_PATH, _BOTH_PATHS = 1, 2, 3
+
+
+def _flag(addrs, itemsizes) -> int:
+    """Bit 0: every list's address plus ``head`` elements is 16-byte aligned; ``head`` (the elements
+    before, fewer than a 16-byte vector of the first list) in the bits above. True when the lists
+    are misaligned alike: views into their buffers at the same element offset."""
+    first, size = addrs[0], itemsizes[0]
+    if first % size:
+        return 0
+    head = (-first % _ALIGN_BYTES) // size
+    if any((a + head * s) % _ALIGN_BYTES for a, s in zip(addrs, itemsizes)):
+        return 0
+    return 1 | head << 1
+
+
+def address_values(ptrs, itemsizes=None):
+    """``(addrs table as ints, PATHS)`` of lists whose addresses are ``ptrs[k]`` and element sizes
+    ``itemsizes[k]`` (default 4): the addresses list by list, then per tensor the flags. The kernels
+    promise 16-byte alignment to the compiler only where the flags say it holds."""
+    itemsizes = [4] * len(ptrs) if itemsizes is None else list(itemsizes)
+    flags = [_flag(column, itemsizes) for column in zip(*ptrs)]
+    aligned = sum(f & 1 for f in flags)
+    paths = _ALIGNED_PATH if aligned == len(flags) else _UNALIGNED_PATH if aligned == 0 else _BOTH_PATHS
+    return [a for column in ptrs for a in column] + flags, paths
 
 
 class _Use:
@@ -171,17 +204,69 @@ class _Use:
         self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
+def _pinned(words: int) -> torch.Tensor:
+    return torch.empty(words, dtype=torch.int64, pin_memory=True)
+
+
+def _pinned_copy(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, pin_memory=True)
+
+
+class _StagingPool:
+    """Pinned host memory for the uploads made while a CUDA graph is captured, set aside outside
+    capture: allocating pinned memory inside a capture fails on older torch (and the graph replays
+    the copy from it at every replay, so the buffer must stay). ``reserve`` (outside capture) keeps
+    enough free; ``take`` (inside) hands out a slice and never allocates. A slice is never handed
+    out again; its segment lives as long as some table holds a slice of it."""
+
+    def __init__(self, allocate=None, min_free: int = _STAGING_MIN_FREE):
+        self._allocate = allocate
+        self._min_free = min_free
+        self._segment: Optional[torch.Tensor] = None
+        self._used = 0
+        self._largest = 0
+
+    def free(self) -> int:
+        return 0 if self._segment is None else self._segment.numel() - self._used
+
+    def reserve(self, words: int) -> None:
+        self._largest = max(self._largest, words)
+        want = max(self._min_free, 2 * self._largest)
+        if self.free() < want:
+            self._segment = (self._allocate or _pinned)(2 * want)
+            self._used = 0
+
+    def take(self, words: int) -> Optional[torch.Tensor]:
+        if self.free() < words:
+            return None
+        out = self._segment[self._used:self._used + words]
+        self._used += words
+        return out
+
+    def clear(self) -> None:
+        """A fresh segment at the next reserve (the slices handed out stay with their tables)."""
+        self._segment, self._used = None, 0
+
+
 class _Table:
-    """An int64 table in device memory and the pinned host buffer it was uploaded from (kept as
-    long as the entry: a captured upload copies from it again at every replay)."""
+    """An int64 table in device memory and the host buffer it was uploaded from (kept as long as the
+    entry: a captured upload copies from it again at every replay). ``programs``: the launch's
+    program count for a layout table, the kernels' PATHS for an address table."""
 
     __slots__ = ("device", "host", "programs", "held", "streams")
 
-    def __init__(self, values, use: _Use, programs: int):
+    def __init__(self, values, use: _Use, programs: int, pool: _StagingPool):
         self.programs = programs
-        self.held = use.capturing  # a captured graph reads it: never evicted
+        self.held = use.capturing  # a captured graph reads it
         if use.stream is not None:
-            self.host = torch.tensor(values, dtype=torch.int64, pin_memory=True)
+            staged = pool.take(len(values)) if use.capturing else None
+            if staged is None:  # eager, or inside a capture that the pool cannot serve
+                self.host = _pinned_copy(values)
+            else:
+                self.host = staged
+                self.host.copy_(torch.tensor(values, dtype=torch.int64))
+            if not use.capturing:
+                pool.reserve(len(values))
             self.device = torch.empty(len(values), dtype=torch.int64, device=use.device)
             self.device.copy_(self.host, non_blocking=True)
             self.streams = {use.stream.cuda_stream}
@@ -206,6 +291,13 @@ _CAPTURE_UPLOAD_FAILED = (
     "call zero_grad(set_to_none=False) before capturing (or capture after a step on the same storage)"
 )
 
+GRAPH_TABLES_FULL = (
+    "the {backend} backend holds {limit} tensor tables for captured CUDA graphs, its limit: a graph reads "
+    "its tables at every replay, so each capture that sees new parameter or gradient storage holds new "
+    "ones for good. Capture on the storage of the warm-up steps (zero_grad(set_to_none=False)), or, once "
+    "the graphs that used them are freed and will not replay, call fromage_fused.release_graph_tables()"
+)
+
 _INSTANCES: "weakref.WeakValueDictionary[int, TritonBackend]" = weakref.WeakValueDictionary()
 _TOKENS = itertools.count()
 
@@ -218,6 +310,8 @@ class TritonBackend(Backend):
     def __init__(self, config: Optional[Config] = None):
         self.config = config
         self._tables: "OrderedDict[tuple, _Table]" = OrderedDict()
+        self._lock = threading.Lock()  # the tables and the staging pool, for every thread
+        self._pool = _StagingPool()
         self._admitted = set()  # (device, dtype) pairs checked to run here
         self.table_builds = 0
         self.token = next(_TOKENS)
@@ -292,23 +386,41 @@ class TritonBackend(Backend):
     # -- tables ---------------------------------------------------------------------------------
 
     def _table(self, key, use: _Use, build):
-        hit = self._tables.get(key)
-        if hit is not None:
-            self._tables.move_to_end(key)
-            hit.used(use)
-            return hit
-        values, programs = build()
-        try:
-            table = _Table(values, use, programs)
-        except RuntimeError as exc:
-            if not use.capturing:
-                raise
-            raise RuntimeError(_CAPTURE_UPLOAD_FAILED.format(exc)) from exc
-        self._tables[key] = table
-        if len(self._tables) > _CACHE_SIZE:
-            for old in [k for k, t in self._tables.items() if not t.held][:len(self._tables) - _CACHE_SIZE]:
-                del self._tables[old]
-        return table
+        with self._lock:
+            hit = self._tables.get(key)
+            if use.capturing and (hit is None or not hit.held):
+                held = sum(1 for t in self._tables.values() if t.held)
+                if held >= GRAPH_TABLE_LIMIT:
+                    raise RuntimeError(GRAPH_TABLES_FULL.format(backend=self.name, limit=GRAPH_TABLE_LIMIT))
+            if hit is not None:
+                self._tables.move_to_end(key)
+                hit.used(use)
+                return hit
+            values, programs = build()
+            try:
+                table = _Table(values, use, programs, self._pool)
+            except RuntimeError as exc:
+                if not use.capturing:
+                    raise
+                raise RuntimeError(_CAPTURE_UPLOAD_FAILED.format(exc)) from exc
+            self._tables[key] = table
+            if len(self._tables) > _CACHE_SIZE:
+                for old in [k for k, t in self._tables.items() if not t.held][:len(self._tables) - _CACHE_SIZE]:
+                    del self._tables[old]
+            return table
+
+    def release_graph_tables(self) -> int:
+        """Tables held for captured CUDA graphs become ordinary cache entries again (evicted as any);
+        returns how many. Call only when no graph that used them will replay."""
+        with self._lock:
+            released = 0
+            for table in self._tables.values():
+                released += table.held
+                table.held = False
+            self._pool.clear()
+            while len(self._tables) > _CACHE_SIZE:
+                self._tables.popitem(last=False)
+            return released
 
     def _tables_for(self, lists, dtypes, cfg, use: _Use):
         """``(layout, addresses)`` tables of a pass's lists: the keys read once per list (per plan for
@@ -324,7 +436,7 @@ class TritonBackend(Backend):
         def addresses():
             self._check_tensors(lists, dtypes, device)
             self.table_builds += 1
-            return address_values(*ptrs), 0
+            return address_values(ptrs, [_ITEMSIZE[d] for d in dtypes])
 
         lay = self._table(("layout", device, cfg, numels), use, layout)
         addrs = self._table(("addrs", device, dtypes, ptrs), use, addresses)
@@ -336,12 +448,19 @@ class TritonBackend(Backend):
         scalars = list(call.scalar_list)
         if torch.compiler.is_compiling():
             lists, w = call.lists, call.writes
-            out = torch.ops.fromage_fused_triton.pass_(
-                rule.name, index, [t for x in lists[:w] for t in x], [t for x in lists[w:] for t in x], call.sums,
-                call.hyper, call.flags, scalars, call.globals, call.found_inf, call.grad_scale, call.seed, self.token)
+            out = _ops.call(torch.ops.fromage_fused_triton,
+                            rule.name, index, [t for x in lists[:w] for t in x], [t for x in lists[w:] for t in x],
+                            call.sums, call.hyper, call.flags, scalars, call.globals, call.found_inf, call.grad_scale,
+                            call.seed, self.token)
         else:
             out = self._run(rule, index, call.lists, call.sums, call.hyper, call.flags, scalars, call.globals,
                             call.found_inf, call.grad_scale, call.seed)
+            if call.writes:
+                # The kernels write through raw pointers: bump the version counters as torch's
+                # in-place ops do (the custom op above gets this from torch.library), so that a
+                # backward that saved a written tensor before the step raises instead of using the
+                # new values.
+                torch.autograd.graph.increment_version([t for x in call.lists[:call.writes] for t in x] + scalars)
         return out if rule.passes[index].sums else None
 
     def _run(self, rule, index, lists, sums, hyper, flags, scalars, globals_, found_inf, grad_scale, seed):
@@ -378,6 +497,8 @@ class TritonBackend(Backend):
             s0 = scalars[0] if len(scalars) > 0 else dummy
             s1 = scalars[1] if len(scalars) > 1 else dummy
             skip = found_inf is not None and writes > 0
+            # A pass that writes skips where the rule's tensor lr is not usable (engine.spec.usable_lr).
+            lr_slot = getattr(helpers, "LR", None) if writes > 0 else None
             fi = found_inf.to(device=device, dtype=torch.float32).reshape(()) if skip else dummy
             gs = grad_scale.to(device=device, dtype=torch.float32).reshape(()) if grad_scale is not None else dummy
             sd = seed.to(device=device, dtype=torch.int64).reshape(()) if use_sr else addrs.device
@@ -386,7 +507,8 @@ class TritonBackend(Backend):
                     dummy if sums is None else sums, hyper, s0, s1, dummy if globals_ is None else globals_, fi, gs,
                     sd, n, COEF=coef, BODY=body, L=len(lists), W=writes, S=s_count, D0=tdt[0], D1=tdt[1],
                     D2=tdt[2], D3=tdt[3], FLAGS=int(flags), BLOCK=cfg.block, HAS_FOUND_INF=skip,
-                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, num_warps=cfg.num_warps,
+                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, PATHS=addrs.programs,
+                    LR_SLOT=-1 if lr_slot is None else int(getattr(lr_slot, "value", lr_slot)), num_warps=cfg.num_warps,
                     **({} if fusion else {"enable_fp_fusion": False}))
             if s_count:
                 _launch(kernels.reduce_kernel, (n,), layout.device, partials, out, n, S=s_count, RBLOCK=cfg.rblock,

@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run: CPU subset in about a minute; on a GPU every preset, fewer repeats")
     p.add_argument("--sets", type=int, help="parameter sets to rotate through (default: enough that no step finds its data in cache)")
     p.add_argument("--fresh-grads", action="store_true", help="new gradient storage before every step (backends that cache tensor tables rebuild them)")
+    p.add_argument("--misalign", default="0,0", metavar="P,G",
+                   help="parameters and gradients as views starting P and G elements into their buffers (default 0,0: aligned)")
     p.add_argument("--p-bound", type=float, default=None, help="run Fromage with this p_bound (default: none)")
     p.add_argument("--max-spread", type=float, default=0.5,
                    help="a row whose samples' interquartile range exceeds this fraction of their median is reported as noisy, not as a result (default 0.5)")
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
         return 0
     names = _csv(args.presets) or (_presets.QUICK[device.type] if args.quick else list(_presets.PRESETS))
     try:
+        misalign = tuple(int(x) for x in args.misalign.split(","))
+        if len(misalign) != 2 or min(misalign) < 0:
+            raise ValueError(f"--misalign takes two element offsets P,G >= 0, got {args.misalign!r}")
         chosen = _presets.select(names)
         _contenders.select(_contenders.all_contenders(device, settings, names), _csv(args.contenders))
     except ValueError as exc:
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
     cfg = Config(
         device=device, presets=chosen, contender_patterns=_csv(args.contenders), dtype=DTYPES[args.dtype],
         repeats=args.repeats or mode["repeats"], warmup=args.warmup if args.warmup is not None else mode["warmup"],
-        budget_s=args.budget or mode["budget_s"], fresh_grads=args.fresh_grads, sets=args.sets,
+        budget_s=args.budget or mode["budget_s"], fresh_grads=args.fresh_grads, misalign=misalign, sets=args.sets,
         copy_bytes=_copy_bytes(device), settings=settings, out=args.out,
         name=args.name or f"bench-{device.type}{'-quick' if args.quick else ''}", plot=not args.no_plot,
         progress=not args.no_progress, max_spread=args.max_spread,

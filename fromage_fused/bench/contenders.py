@@ -206,11 +206,15 @@ def all_contenders(device, settings: Settings, presets: Sequence[str] = ()) -> L
 
 
 def select(contenders: Sequence[Contender], patterns: Optional[Sequence[str]]) -> List[Contender]:
-    """The contenders matching any of ``patterns`` (names or shell patterns such as ``fromage:*``)."""
+    """The contenders matching any of ``patterns`` (names or shell patterns such as ``fromage:*``),
+    in the order of the patterns (a run cut off by a time limit has measured the first ones), and in
+    report order among those a pattern matches."""
     if not patterns:
         return list(contenders)
     names = [c.name for c in contenders]
     for pattern in patterns:
         if not fnmatch.filter(names, pattern):
             raise ValueError(f"no contender matches {pattern!r} here; choose from {names}")
-    return [c for c in contenders if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    chosen = [c for c in contenders if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    first = {c.name: next(i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(c.name, p)) for c in chosen}
+    return sorted(chosen, key=lambda c: first[c.name])

@@ -49,6 +49,17 @@ def _device_scalar(value, device: torch.device) -> Optional[torch.Tensor]:
     return torch.full((), value, device=device, dtype=torch.float32)
 
 
+def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A new 1-d tensor holding the values of the 0-d ``tensors``. Traced, as copies into a new
+    tensor: inductor turns ``stack`` of one view of an input into a read at the storage's start
+    (another parameter's state when the view is not the first of its storage)."""
+    if not torch.compiler.is_compiling():
+        return torch.stack(list(tensors))
+    out = torch.empty(len(tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+    torch._foreach_copy_(list(out.unbind()), list(tensors))
+    return out
+
+
 def prepare(group: Group, found_inf=None, grad_scale=None, *, monitor: bool = False) -> Call:
     """The parts of a :class:`Call` that stay the same through the passes of one step."""
     rule = group.rule
@@ -66,7 +77,7 @@ def prepare(group: Group, found_inf=None, grad_scale=None, *, monitor: bool = Fa
         else:
             # Not laid out (the functional API, a compiled or captured step): a stacked copy,
             # written back to the parameters' state tensors after the step.
-            scalars[name] = torch.stack(list(s.entries))
+            scalars[name] = _stacked(s.entries)
             stacked.append((s.entries, scalars[name]))
     call.scalars, call._stacked = scalars, stacked
     # The per-tensor scalars in use, in the rule's order: what the kernels take.
@@ -96,7 +107,8 @@ def _finish(call: Call) -> None:
         torch._foreach_copy_(list(entries), list(stacked.unbind()))
     group = call.group
     for name, i, original in group.writeback:
-        original.copy_(group.params[i] if name == "p" else group.buffers[name][i])
+        result = group.params[i] if name == "p" else group.buffers[name][i]
+        original.copy_(torch.view_as_complex(result) if original.is_complex() and not result.is_complex() else result)
 
 
 def _as(sums: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

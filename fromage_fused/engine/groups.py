@@ -152,6 +152,11 @@ def group_tensors(
         group = groups.get(key)
         if group is None:
             group = groups[key] = _new_group(rule, p, backend_for, fallback, scalars, buffers)
+        if not eager and source.is_complex():
+            # A traced graph cannot have an op mutate a view of another dtype of its input (torch
+            # fails to compile it, or reads out of bounds): the step writes a real copy, copied back.
+            group.writeback.append(("p", len(group.params), source))
+            p = p.clone()
         group.params.append(p)
         group.grads.append(g)
         group.indices.append(i)
@@ -161,7 +166,13 @@ def group_tensors(
         for name, entries in buffers.items():
             b = entries[i]
             _check_buffer(i, name, b, source)
-            group.buffers[name].append(torch.view_as_real(b) if b.is_complex() else b)
+            if b.is_complex():
+                real = torch.view_as_real(b)
+                if not eager:  # (as for the parameter above)
+                    group.writeback.append((name, len(group.buffers[name]), b))
+                    real = real.clone()
+                b = real
+            group.buffers[name].append(b)
     for group in groups.values():
         make_dense(group)
     return list(groups.values())
@@ -232,14 +243,15 @@ def make_dense(group: Group) -> None:
     buffers are written back after the step)."""
     if not group.backend.dense_only:
         return
+    copies = {(name, i) for name, i, _ in group.writeback}
     for i, (p, g) in enumerate(zip(group.params, group.grads)):
-        if not p.is_contiguous():
+        if ("p", i) not in copies and not p.is_contiguous():
             group.params[i] = p.contiguous()
             group.writeback.append(("p", i, p))
         if not g.is_contiguous():
             group.grads[i] = g.contiguous()
     for name, entries in group.buffers.items():
         for i, b in enumerate(entries):
-            if not b.is_contiguous():
+            if (name, i) not in copies and not b.is_contiguous():
                 entries[i] = b.contiguous()
                 group.writeback.append((name, i, b))

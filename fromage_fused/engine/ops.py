@@ -19,11 +19,16 @@ from typing import Callable, List, Optional
 
 import torch
 
-__all__ = ["PASS_SCHEMA", "NATIVE", "TRITON", "define"]
+__all__ = ["PASS_SCHEMA", "READ_SCHEMA", "NATIVE", "TRITON", "define", "call"]
 
 PASS_SCHEMA = ("(str rule, int index, Tensor(a!)[] writes, Tensor[] reads, Tensor? sums, Tensor hyper, int flags, "
                "Tensor(b!)[] scalars, Tensor? globals, Tensor? found_inf, Tensor? grad_scale, Tensor? seed, "
                "int backend) -> Tensor")
+#: The same for a pass that writes nothing (no written list, no per-tensor scalar): inductor cannot
+#: lower a mutating op whose mutable lists are all empty.
+READ_SCHEMA = ("(str rule, int index, Tensor[] reads, Tensor? sums, Tensor hyper, int flags, Tensor? globals, "
+               "Tensor? found_inf, Tensor? grad_scale, Tensor? seed, int backend) -> Tensor")
+READ_SUFFIX = "_reads"
 NATIVE = "fromage_fused::pass_"
 TRITON = "fromage_fused_triton::pass_"
 _libraries = {}
@@ -40,6 +45,21 @@ def _fake(rule: str, index: int, writes: List[torch.Tensor], reads: List[torch.T
     return hyper.new_empty((n, spec.sums), dtype=torch.float32)
 
 
+def _fake_reads(rule, index, reads, sums, hyper, flags, globals, found_inf, grad_scale, seed, backend):
+    return _fake(rule, index, [], reads, sums, hyper, flags, [], globals, found_inf, grad_scale, seed, backend)
+
+
+def call(namespace, rule: str, index: int, writes, reads, sums, hyper, flags: int, scalars, globals, found_inf,
+         grad_scale, seed, backend: int) -> torch.Tensor:
+    """Call the pass op of ``namespace`` (``torch.ops.<ns>``), through its read-only form when the
+    pass writes nothing (under ``torch.compile``; eagerly both are the same)."""
+    if not writes and not scalars and torch.compiler.is_compiling():
+        return getattr(namespace, "pass_" + READ_SUFFIX)(rule, index, reads, sums, hyper, flags, globals, found_inf,
+                                                         grad_scale, seed, backend)
+    return namespace.pass_(rule, index, writes, reads, sums, hyper, flags, scalars, globals, found_inf, grad_scale,
+                           seed, backend)
+
+
 def define(qualname: str, impl: Optional[Callable] = None) -> None:
     """Define ``qualname`` with the engine's schema and its fake implementation (once per process);
     ``impl``: a Python implementation for every device (the triton backend's), else the C++
@@ -52,4 +72,13 @@ def define(qualname: str, impl: Optional[Callable] = None) -> None:
     if impl is not None:
         library.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, _fake, lib=library)
+    # The read-only form runs the op itself with empty mutable lists.
+    op = getattr(getattr(torch.ops, namespace), name)
+
+    def reads_impl(rule, index, reads, sums, hyper, flags, globals, found_inf, grad_scale, seed, backend):
+        return op(rule, index, [], reads, sums, hyper, flags, [], globals, found_inf, grad_scale, seed, backend)
+
+    library.define(name + READ_SUFFIX + READ_SCHEMA)
+    library.impl(name + READ_SUFFIX, reads_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(qualname + READ_SUFFIX, _fake_reads, lib=library)
     _libraries[qualname] = library

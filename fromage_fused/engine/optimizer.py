@@ -16,8 +16,9 @@ from .. import backends as _backends
 from . import amp, plan as _plan, rounding
 from . import dtypes as _dtypes
 from . import state as _state
+from . import state_dict as _state_dict
 from .execute import execute
-from .rule import Buffer, Rule
+from .rule import Rule
 from .spec import check_flag
 
 __all__ = ["EngineOptimizer"]
@@ -113,10 +114,14 @@ class EngineOptimizer(Optimizer):
         for key, value in self.rule.spec.defaults().items():  # pickled before the key existed
             self.defaults.setdefault(key, value)
         # Groups saved before a hyper-parameter existed, or by another implementation of the
-        # optimizer, take this optimizer's defaults, as torch does for its own optimizers' new options.
+        # optimizer, take this optimizer's defaults, as torch does for its own optimizers' new
+        # options. Only the rule's own: torch's __setstate__ has just added its options
+        # (differentiable, ...) to the defaults, and copying those into the groups would make a load
+        # change state_dict().
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in self.rule.spec.names:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
         self.__dict__.setdefault("backend", _backends.AUTO)
         self.__dict__.setdefault("_sr_base", None)
         self.__dict__.setdefault("_device_backends", {})
@@ -175,8 +180,8 @@ class EngineOptimizer(Optimizer):
                 # Only when there is something to keep or to drop: torch.compile before 2.7
                 # cannot trace an attribute set on the optimizer.
                 self._last_records = records
-            for counter, by in plan.counters:
-                rounding.advance(counter, found_inf, by)
+            for counter, by, pg in plan.counters:
+                rounding.advance(counter, found_inf, by, pg.get("lr"))
         except BaseException:
             amp.drop_scaler_attributes(self)
             raise
@@ -191,37 +196,28 @@ class EngineOptimizer(Optimizer):
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # torch casts every state tensor of a floating parameter to the parameter's dtype (bf16,
-        # complex...), which would round float32 state of low-precision parameters and destroy an
-        # int64 seed: put the saved values back after the base class has loaded. A checkpoint of
-        # another implementation is converted by the rule.
-        saved, dropped = self._saved_state(state_dict)
+        # Everything the rule reads is checked first (state_dict.py): a load that raises changes
+        # nothing. torch casts every state tensor of a floating parameter to the parameter's dtype
+        # (bf16, complex...), which would round float32 state of low-precision parameters and
+        # destroy an int64 seed: the checked values are put back after the base class has loaded.
+        # A checkpoint of another implementation is converted by the rule.
+        saved, dropped = _state_dict.check(self.rule, state_dict, self.param_groups, self.defaults)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            if pid in saved:
-                self._restore(p, saved[pid], dropped.get(pid, ()))
-        for group in self.param_groups:
-            self._create_state(group)  # e.g. a bounded group whose checkpoint had no bound yet
-        self._invalidate_plan()
-
-    def _saved_state(self, state_dict):
-        """The saved entries whose dtype the rule fixes (and buffers, float32 for low-precision
-        parameters), by parameter id, with the rule's conversions; and the keys those replace."""
-        rule = self.rule
-        kept = list(rule.fixed_dtypes()) + [b.name for b in rule.state if isinstance(b, Buffer)]
-        saved, dropped = {}, {}
-        for k, v in state_dict["state"].items():
-            if not isinstance(v, dict):
-                continue
-            entry = {key: v[key] for key in kept if key in v}
-            converted, replaced = rule.convert_loaded(v)
-            if converted:
-                entry.update(converted)
-                dropped[k] = replaced
-            saved[k] = entry
-        return saved, dropped
+        # torch's loader puts new state and param_groups objects in place: restoring these undoes it.
+        before = {key: self.__dict__[key] for key in ("state", "param_groups")}
+        try:
+            super().load_state_dict(state_dict)
+            params = [p for g in self.param_groups for p in g["params"]]
+            for pid, p in zip(saved_ids, params):
+                if pid in saved:
+                    self._restore(p, saved[pid], dropped.get(pid, ()))
+            for group in self.param_groups:
+                self._create_state(group)  # e.g. a bounded group whose checkpoint had no bound yet
+        except BaseException:
+            self.__dict__.update(before)
+            raise
+        finally:
+            self._invalidate_plan()
 
     def _restore(self, p: torch.Tensor, entry: Dict[str, Any], dropped) -> None:
         state = self.state[p]
@@ -230,7 +226,6 @@ class EngineOptimizer(Optimizer):
             state.pop(key, None)
         for key, value in entry.items():
             if key in fixed:
-                state[key] = torch.as_tensor(value).detach().to(device=_state.local_device(p),
-                                                                dtype=fixed[key]).clone().reshape(())
+                state[key] = torch.tensor(value, dtype=fixed[key], device=_state.local_device(p))
             elif isinstance(value, torch.Tensor):
                 state[key] = copy.deepcopy(value.detach()).to(device=p.device, dtype=_dtypes.buffer_dtype(p.dtype))

@@ -14,7 +14,8 @@ again when:
 - a structural hyper-parameter of a group changed (the rule's spec says which; per-step values
   such as ``lr`` are read and checked every step: schedulers change them);
 - a gradient appeared, disappeared, or changed dtype, device, shape, layout or contiguity; a
-  parameter changed storage, shape or contiguity (``p.data = ...``, ``module.to(...)``);
+  parameter changed address, shape or strides (``p.data = ...``, also on the same storage,
+  ``module.to(...)``);
 - a DTensor parameter's local shard is another tensor (FSDP2 resharding, ``reset_sharded_param``).
 
 Building validates everything and creates missing state only after all of it passed, so a step
@@ -32,6 +33,8 @@ from . import capture, plan_record
 from . import state as _state
 from .distributed import dtensor_type, local_groups, local_pairs, refuse_flat_parameters, refuse_stochastic_rounding
 from .groups import Group, PlanList, group_tensors, lay_out
+from .overlap import refuse_overlaps
+from .spec import as_step_value
 from .plan_record import PlanRecord, record_pairs
 
 __all__ = ["StepPlan", "build"]
@@ -156,7 +159,7 @@ def _per_step_values(spec, pg: dict, devices: Sequence[torch.device], title: str
 class StepPlan:
     """Everything one ``step()`` needs, for the optimizer as it was when this was built."""
 
-    def __init__(self, opt, parts: List[_GroupPlan], counters: List[Tuple[torch.Tensor, int]]):
+    def __init__(self, opt, parts: List[_GroupPlan], counters: List[Tuple[torch.Tensor, int, dict]]):
         self.generation = opt._plan_generation
         self.param_groups = opt.param_groups
         self.pgs = list(opt.param_groups)
@@ -199,7 +202,16 @@ class _Build:
         self.title = opt.rule.title
         self.keep = keep
         self.pending = _state.Pending(opt.state)
-        self.counters: Dict[int, Tuple[torch.Tensor, int]] = {}
+        self.counters: Dict[int, Tuple[torch.Tensor, int, dict]] = {}
+        # Every tensor the backends will step, its gradient and where it is, for the overlap check.
+        self.stepped_p: List[torch.Tensor] = []
+        self.stepped_g: List[torch.Tensor] = []
+        self.places: List[Tuple[int, int]] = []
+
+    def stepped(self, index: int, positions: Sequence[int], params, grads) -> None:
+        self.stepped_p += params
+        self.stepped_g += grads
+        self.places += [(index, i) for i in positions]
 
     def state_lists(self, part: _GroupPlan, values, owners: Sequence[torch.Tensor], locals_: Sequence[torch.Tensor]):
         """``(scalars, buffers)`` by name for parameters ``owners`` whose values live in ``locals_``
@@ -227,8 +239,9 @@ class _Build:
                 part.state_refs.append((members, name, list(scalars.entries)))
 
 
-def _plain_part(b: _Build, part: _GroupPlan, params, plain_order, values) -> None:
+def _plain_part(b: _Build, part: _GroupPlan, index: int, params, plain_order, values) -> None:
     plain = [params[i] for i in plain_order]
+    b.stepped(index, plain_order, plain, [p.grad for p in plain])
     scalars, buffers = b.state_lists(part, values, plain, plain)
     opt = b.opt
     groups = group_tensors(b.rule, plain, [p.grad for p in plain], opt._backend_for, opt._fallback,
@@ -248,10 +261,11 @@ def _plain_part(b: _Build, part: _GroupPlan, params, plain_order, values) -> Non
     part.groups += groups
 
 
-def _dtensor_part(b: _Build, part: _GroupPlan, values) -> None:
+def _dtensor_part(b: _Build, part: _GroupPlan, index: int, values, positions) -> None:
     if values.get("stochastic_rounding"):
         refuse_stochastic_rounding(part.dtensors)
     local_p, local_g = local_pairs(part.dtensors)
+    b.stepped(index, positions, local_p, local_g)
     scalars, buffers = b.state_lists(part, values, part.dtensors, local_p)
     buffers = {name: [t.to_local() if hasattr(t, "to_local") else t for t in entries]
                for name, entries in buffers.items()}
@@ -276,7 +290,7 @@ def _counters(b: _Build, part: _GroupPlan, index: int, values) -> None:
         if spec.where == "group":
             value = _state.group_kept_scalar(b.opt, part.pg, spec, index, b.pending, b.title)
             if value is not None:
-                b.counters[id(value)] = (value, spec.advance)
+                b.counters[id(value)] = (value, spec.advance, part.pg)
                 part.group_refs.append((spec.name, value))
                 for g in part.groups:
                     g.counters[spec.name] = value
@@ -288,7 +302,7 @@ def _counters(b: _Build, part: _GroupPlan, index: int, values) -> None:
             if key not in made:
                 made[key] = _state.group_scalar(b.opt, params, spec, index, g.device, b.pending, b.title)
                 anchor, value = made[key]
-                b.counters[id(value)] = (value, spec.advance)
+                b.counters[id(value)] = (value, spec.advance, part.pg)
                 part.state_refs.append(([anchor], spec.name, [value]))
             g.counters[spec.name] = made[key][1]
 
@@ -311,11 +325,13 @@ def _part(b: _Build, index: int, pg: dict, dtensor) -> _GroupPlan:
     else:
         plain_order = order
     if plain_order or not part.dtensors:
-        _plain_part(b, part, params, plain_order, values)
+        _plain_part(b, part, index, params, plain_order, values)
     if part.dtensors:
-        _dtensor_part(b, part, values)
+        _dtensor_part(b, part, index, values, [i for i in order if isinstance(params[i], dtensor)])
+    # (a Fraction or a numpy scalar the checks accepted is stepped as its float)
+    stepped_values = {name: as_step_value(v) for name, v in values.items()}
     for g in part.groups:
-        g.values = dict(values)
+        g.values = dict(stepped_values)
     _counters(b, part, index, values)
     return part
 
@@ -331,6 +347,9 @@ def build(opt, *, keep: bool = True) -> StepPlan:
     b = _Build(opt, keep)
     dtensor = dtensor_type()
     parts = [_part(b, index, pg, dtensor) for index, pg in enumerate(param_groups)]
+    if not torch.compiler.is_compiling():  # (fake tensors have no addresses; the eager steps check)
+        places = b.places
+        refuse_overlaps(b.stepped_p, b.stepped_g, lambda k: "parameter {1} of param group {0}".format(*places[k]))
     b.pending.commit()
     state = opt.state
     for part in parts:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .rule import GroupScalar
-from .spec import check_flag, setting
+from .spec import check_flag, setting, usable_lr
 
 _MASK32 = 0xFFFFFFFF
 _MASK63 = (1 << 63) - 1
@@ -116,13 +116,20 @@ def group_seed(base: int, group_index: int, device: torch.device) -> int:
     return _splitmix64(_splitmix64(base) ^ _splitmix64((group_index << 8) ^ (device_index & 0xFF))) & _MASK63
 
 
-def advance(counter: torch.Tensor, found_inf: Optional[torch.Tensor], by: int = 1) -> None:
-    """Move a per-group counter on by ``by`` on the device; a step skipped by ``found_inf`` leaves it."""
-    if found_inf is None:
+def advance(counter: torch.Tensor, found_inf: Optional[torch.Tensor], by: int = 1, lr=None) -> None:
+    """Move a per-group counter on by ``by`` on the device; a step skipped by ``found_inf`` or by an
+    unusable tensor ``lr`` (``spec.usable_lr``) leaves it."""
+    applied = None
+    if isinstance(lr, torch.Tensor):
+        applied = usable_lr(lr.to(counter.device, non_blocking=True))
+    if found_inf is not None:
+        no_inf = found_inf.to(counter.device, non_blocking=True) == 0
+        applied = no_inf if applied is None else applied & no_inf
+    if applied is None:
         counter.add_(by)
     else:
-        counter.add_((found_inf.to(counter.device, non_blocking=True) == 0).to(counter.dtype) * by if by != 1
-                     else (found_inf.to(counter.device, non_blocking=True) == 0).to(counter.dtype))
+        step = applied.reshape(()).to(counter.dtype)
+        counter.add_(step * by if by != 1 else step)
 
 
 def _seed_initial(opt, group_index: int, device: torch.device) -> int:

@@ -70,12 +70,47 @@ def setting(name: str, default, check: Check) -> Hyper:
 
 # -- checks shared by rules -------------------------------------------------------------------------
 
-def check_lr(name: str, lr, read_tensor: bool = True) -> None:
-    """ValueError unless lr is a finite number >= 0 or such a 1-element float tensor.
+#: The largest float32: a step holds lr as a float32 tensor (float64 for float64 groups).
+FLOAT32_MAX = 3.4028234663852886e38
 
-    ``read_tensor=False`` checks a tensor's shape and dtype only: its value stays on the device.
+
+def usable_lr(lr: torch.Tensor) -> torch.Tensor:
+    """Whether a tensor lr can be stepped with (>= 0 and finite in float32; False for NaN), on its
+    device. A tensor lr edited after construction is never read on the host: a step whose lr is not
+    usable leaves every parameter and its state as they were, as a found_inf step does."""
+    return (lr >= 0) & (lr <= FLOAT32_MAX)
+
+
+def real(value) -> Optional[float]:
+    """``float(value)`` for a real number (not a bool), inf where that overflows (``10**400``);
+    None for anything else. Steps use this float, so that any real type the checks accept
+    (``Fraction``, numpy scalars of any width) is one the step can use."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def as_step_value(value):
+    """A checked hyper-parameter as a step uses it: a real number (not a bool) becomes a float;
+    anything else (None, a flag, a tensor, a tuple) stays as it is."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return float(value)
+
+
+def check_lr(name: str, lr, read_tensor: bool = True) -> None:
+    """ValueError unless lr is a finite real number >= 0 (at most the largest float32) or such a
+    1-element dense floating-point tensor.
+
+    ``read_tensor=False`` checks a tensor's layout, shape and dtype only: its value stays on the
+    device (a step guards against a bad value there: see :func:`usable_lr`).
     """
     if isinstance(lr, torch.Tensor):
+        if lr.layout != torch.strided:
+            raise ValueError(f"a tensor lr must be dense (strided), got a {lr.layout} tensor")
         if lr.numel() != 1:
             raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
         if not lr.is_floating_point():
@@ -85,20 +120,21 @@ def check_lr(name: str, lr, read_tensor: bool = True) -> None:
         if not read_tensor:
             return
         value = float(lr.detach().cpu())  # at construction only: a step never reads it
-    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
-        value = float(lr)
     else:
-        # A string or a bool would convert silently to a float; refuse them.
-        raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"invalid learning rate: {lr} (must be finite and >= 0)")
+        value = real(lr)
+        if value is None:
+            # A string or a bool would convert silently to a float; refuse them.
+            raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}")
+    if not math.isfinite(value) or value < 0 or value > FLOAT32_MAX:
+        raise ValueError(f"invalid learning rate: {lr} (must be finite, >= 0 and at most {FLOAT32_MAX:.6g})")
 
 
 def check_positive_or_none(name: str, x, read_tensor: bool = True) -> None:
-    """ValueError unless ``x`` is None or a finite number > 0."""
+    """ValueError unless ``x`` is None or a finite real number > 0."""
     if x is None:
         return
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or not x > 0:
+    value = real(x)
+    if value is None or not math.isfinite(value) or not value > 0:
         raise ValueError(f"invalid {name}: {x!r} (must be None or a finite number > 0)")
 
 

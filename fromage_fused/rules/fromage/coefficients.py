@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ...engine.rounding import sqrt_rn
+from ...engine.spec import FLOAT32_MAX, usable_lr  # noqa: F401  (the rule's lr guard)
 
 #: A ``max_norm`` below zero means "not set yet": the first applied step sets it to
 #: ``p_bound * ||p||`` measured before that step's update. A skipped step (found_inf) leaves it unset.

@@ -13,7 +13,7 @@ import torch
 from ...backends import foreach as _fe
 from ...engine.dtypes import LOW_PRECISION, accumulate_dtype
 from ...engine.rounding import stochastic_round_bf16
-from .coefficients import coefficients
+from .coefficients import coefficients, usable_lr
 from .flags import INNER
 
 
@@ -24,25 +24,26 @@ def stats(params, grads, inner: bool) -> torch.Tensor:
     n = len(params)
     # Norms in the accumulation dtype; on CPU a bf16/fp16 norm upcasts each tensor inside the
     # op, one at a time, so large ones go in slices.
+    piece = _fe.norm_piece(params)
     p_norms, g_norms, owner = [], [], []
-    for run in _fe.runs(params, grads, 4 if low else 0):
+    for run in _fe.runs(params, grads, 4 if low else 0, piece=piece):
         p_norms += torch._foreach_norm(run.params, 2, dtype=acc)
         g_norms += torch._foreach_norm(run.grads, 2, dtype=acc)
         owner += run.owner
     columns = [_fe.combine(torch.stack(p_norms).square(), owner, n),
                _fe.combine(torch.stack(g_norms).square(), owner, n)]
     if inner:
-        columns.append(_inner(params, grads, acc, low, n))
+        columns.append(_inner(params, grads, acc, low, n, piece))
     else:
         columns.append(torch.zeros(n, dtype=acc, device=params[0].device))
     return torch.stack(columns, dim=1)
 
 
-def _inner(params, grads, acc, low, n) -> torch.Tensor:
+def _inner(params, grads, acc, low, n, piece) -> torch.Tensor:
     """``<p, g>`` per tensor: sum(x) = 2 sum(max(x, 0)) - sum(|x|) over the products x, with
     two L1 norms (an absolute error of a few ulps of ||p|| ||g||, which is what the clamp reads)."""
     totals, positives, owner = [], [], []
-    for run in _fe.runs(params, grads, 8 if low else 4):
+    for run in _fe.runs(params, grads, 8 if low else 4, piece=piece):
         if low:  # products of bf16/fp16 values are exact in fp32
             prods = [p.to(acc) for p in run.params]
             torch._foreach_mul_(prods, run.grads)
@@ -62,11 +63,19 @@ def apply(params, grads, stats, *, lr, max_norm, p_bound, maximize, prefactor=Tr
     coef_p, coef_g, new_max = coefficients(
         stats, lr, max_norm=old_max, p_bound=p_bound, maximize=maximize, prefactor=prefactor, grad_scale=grad_scale
     )
+    # An unusable lr skips the step: with found_inf, through its exact selection; without
+    # it, through the coefficients (1, 0), which keep every finite value (a -0 may become +0;
+    # a non-finite gradient turns its parameter into NaN, as a valid step would) and spare
+    # every step the selection's extra pass.
+    usable = usable_lr(lr)
     keep = None
     if found_inf is not None:
-        keep = found_inf == 0
-        if new_max is not None:
-            new_max = torch.where(keep, new_max, old_max.to(new_max.dtype))
+        keep = (found_inf == 0) & usable
+    else:
+        coef_p = torch.where(usable, coef_p, 1.0)
+        coef_g = torch.where(usable, coef_g, 0.0)
+    if new_max is not None:
+        new_max = torch.where(usable if keep is None else keep, new_max, old_max.to(new_max.dtype))
     views = _fe.column_views(torch.stack([coef_p, coef_g], dim=1))
     vp, vg = views[0], views[1]
     acc = stats.dtype
@@ -89,6 +98,12 @@ def _apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed):
     for run in _fe.runs(params, grads, temp, split=sr_seed is None):
         cp = vp if len(run.owner) == whole else [vp[i] for i in run.owner]
         cg = vg if len(run.owner) == whole else [vg[i] for i in run.owner]
+        # The gradients' products first: a gradient may be its own parameter's memory, which
+        # the in-place path is about to scale.
+        # A bf16/fp16 gradient times a float32 0-d tensor would stay bf16/fp16: upcast first.
+        prods = [g.to(acc, copy=True) for g in run.grads] if low else torch._foreach_mul(run.grads, cg)
+        if low:
+            torch._foreach_mul_(prods, cg)
         if in_place:
             work = run.params
             torch._foreach_mul_(work, cp)
@@ -97,10 +112,6 @@ def _apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed):
             torch._foreach_mul_(work, cp)
         else:
             work = torch._foreach_mul(run.params, cp)
-        # A bf16/fp16 gradient times a float32 0-d tensor would stay bf16/fp16: upcast first.
-        prods = [g.to(acc, copy=True) for g in run.grads] if low else torch._foreach_mul(run.grads, cg)
-        if low:
-            torch._foreach_mul_(prods, cg)
         torch._foreach_add_(work, prods)
         del prods
         if in_place:

@@ -14,7 +14,8 @@ from ... import backends as _backends
 from ...backends import Backend
 from ...engine import execute as _execute
 from ...engine.groups import Group, group_tensors
-from ...engine.spec import check_flag
+from ...engine.overlap import refuse_overlaps
+from ...engine.spec import as_step_value, check_flag
 from ...engine.spec import check_lr as _check_lr
 from ...engine.spec import check_positive_or_none
 from .coefficients import UNSET_MAX_NORM
@@ -25,15 +26,17 @@ __all__ = ["fromage", "check_lr", "check_p_bound", "check_flags", "Group", "plan
 
 
 def check_lr(lr, *, read_tensor: bool = True) -> None:
-    """ValueError unless lr is a finite number >= 0 or such a 1-element float tensor.
+    """ValueError unless lr is a finite real number >= 0 (at most the largest float32) or such a
+    1-element dense floating-point tensor.
 
-    ``read_tensor=False`` checks a tensor's shape and dtype only: its value stays on the device.
+    ``read_tensor=False`` checks a tensor's layout, shape and dtype only: its value stays on the
+    device (a step guards against a bad value there: see ``engine.spec.usable_lr``).
     """
     _check_lr("lr", lr, read_tensor)
 
 
 def check_p_bound(p_bound) -> None:
-    """ValueError unless p_bound is None or a finite number > 0."""
+    """ValueError unless p_bound is None or a finite real number > 0."""
     check_positive_or_none("p_bound", p_bound)
 
 
@@ -70,8 +73,10 @@ def plan(
     name = backend
     groups = group_tensors(FROMAGE, params, grads, lambda device: _backends.resolved(name, device), _fallback,
                            scalars={"max_norm": max_norms} if p_bound is not None else None)
+    if not torch.compiler.is_compiling():  # (fake tensors have no addresses)
+        refuse_overlaps(params, grads, lambda i: f"parameter {i}")
     for group in groups:
-        group.values = dict(FROMAGE.spec.defaults(), p_bound=p_bound)
+        group.values = dict(FROMAGE.spec.defaults(), p_bound=as_step_value(p_bound))
     return groups
 
 
@@ -101,7 +106,7 @@ def run_apply(
 def _set_hyper(group: Group, lr, p_bound, maximize, prefactor, sr_seed) -> None:
     if p_bound is not None and "max_norm" not in group.scalars:
         raise ValueError("p_bound is set but the group was planned without max_norm tensors")
-    group.values = dict(lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
+    group.values = dict(lr=as_step_value(lr), p_bound=as_step_value(p_bound), maximize=maximize, prefactor=prefactor,
                         stochastic_rounding=sr_seed is not None)
     group.counters = {"sr_seed": sr_seed} if sr_seed is not None and group.dtype == torch.bfloat16 else {}
 

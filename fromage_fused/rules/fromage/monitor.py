@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import torch
 
-from .coefficients import coefficients
+from .coefficients import coefficients, usable_lr
 
 __all__ = ["StepStats", "summarize"]
 
@@ -66,8 +66,10 @@ def summarize(rec) -> StepStats:
         clamped = cp < free
     else:
         clamped = torch.zeros_like(p_norm, dtype=torch.bool)
+    # a step skipped (found_inf, an unusable lr) changed nothing
+    applied = usable_lr(lr)
     if rec.found_inf is not None:
-        applied = rec.found_inf == 0
-        relative = torch.where(applied, relative, torch.zeros_like(relative))
-        clamped = clamped & applied
+        applied = applied & (rec.found_inf == 0)
+    relative = torch.where(applied, relative, torch.zeros_like(relative))
+    clamped = clamped & applied
     return StepStats(rec.params, p_norm, g_norm, cos, relative, clamped)

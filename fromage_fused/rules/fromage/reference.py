@@ -12,6 +12,7 @@ import torch
 
 from ...engine.dtypes import accumulate_dtype
 from ...engine.rounding import stochastic_round_bf16
+from .coefficients import FLOAT32_MAX
 from .flags import INNER
 
 
@@ -30,6 +31,8 @@ def apply(params, grads, stats, *, lr, max_norm, p_bound, maximize, prefactor=Tr
     if found_inf is not None and float(found_inf) != 0:
         return
     lr = float(lr)
+    if not 0 <= lr <= FLOAT32_MAX:  # (NaN too) skipped, as found_inf (coefficients.usable_lr)
+        return
     scale = 1.0 if grad_scale is None else float(grad_scale)
     s = 1.0 / math.sqrt(1.0 + lr * lr) if prefactor else 1.0
     for i, (p, g) in enumerate(zip(params, grads)):
