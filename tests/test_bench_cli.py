@@ -119,5 +119,6 @@ def test_misaligned_views(tmp_path, tiny_presets):
             "--no-progress"]
     assert cli.main(args) == 0
     rows = json.loads((tmp_path / "mis.json").read_text())["rows"]
-    assert [r["misalign"] for r in rows] == ["1,1", "1,1"] and all(r["status"] == "ok" for r in rows)
+    # (a row whose samples a busy machine spread is "noisy": it ran all the same)
+    assert [r["misalign"] for r in rows] == ["1,1", "1,1"] and all(r["status"] in ("ok", "noisy") for r in rows)
     assert cli.main(args[:4] + ["--misalign", "1", "--out", str(tmp_path)]) == 2
