@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .fromage_round import nearest_bf16, round_bf16, sr_stream
 from .fromage_table import (ALIGNED_FLAG, ALIGNED_PATH, BOTH_PATHS, UNALIGNED_PATH, as_aligned_ptr, as_ptr, block_sum,
-                            chunk_of, device_function, itemsize, loop_bound)
+                            chunk_of, device_function, loop_bound)
 
 
 @device_function
@@ -85,30 +85,31 @@ def _sweep(q0, q1, q2, q3, start, n_full, k0, k1, k2, k3, stream, acc0, acc1, ac
 
 
 @device_function
-def _pointer(addrs_ptr, k, t, n, head, D: tl.constexpr, ALIGNED: tl.constexpr):
+def _pointer(addrs_ptr, k, t, n, head, D: tl.constexpr, Z: tl.constexpr, ALIGNED: tl.constexpr):
     a = tl.load(addrs_ptr + k * n + t)
     if ALIGNED:
-        # list k + head elements is 16-byte aligned (the host checked: the flags)
-        return as_aligned_ptr(a + head * itemsize(D), D)
+        # list k + head elements (of Z bytes) is 16-byte aligned (the host checked: the flags)
+        return as_aligned_ptr(a + head * Z, D)
     return as_ptr(a, D)
 
 
 @device_function
 def _pointers(addrs_ptr, t, n, head, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
-              L: tl.constexpr, ALIGNED: tl.constexpr):
+              Z0: tl.constexpr, Z1: tl.constexpr, Z2: tl.constexpr, Z3: tl.constexpr, L: tl.constexpr,
+              ALIGNED: tl.constexpr):
     """The lists' pointers of tensor ``t`` (list ``k``'s address at ``addrs[k * n + t]``); with
     ``ALIGNED``, moved on by ``head`` elements and promised 16-byte aligned (only inside the branch
     that checked the flag)."""
-    q0 = _pointer(addrs_ptr, 0, t, n, head, D0, ALIGNED)
+    q0 = _pointer(addrs_ptr, 0, t, n, head, D0, Z0, ALIGNED)
     q1 = q0
     q2 = q0
     q3 = q0
     if L > 1:
-        q1 = _pointer(addrs_ptr, 1, t, n, head, D1, ALIGNED)
+        q1 = _pointer(addrs_ptr, 1, t, n, head, D1, Z1, ALIGNED)
     if L > 2:
-        q2 = _pointer(addrs_ptr, 2, t, n, head, D2, ALIGNED)
+        q2 = _pointer(addrs_ptr, 2, t, n, head, D2, Z2, ALIGNED)
     if L > 3:
-        q3 = _pointer(addrs_ptr, 3, t, n, head, D3, ALIGNED)
+        q3 = _pointer(addrs_ptr, 3, t, n, head, D3, Z3, ALIGNED)
     return q0, q1, q2, q3
 
 
@@ -126,10 +127,11 @@ def _masked(q0, q1, q2, q3, offs, end, k0, k1, k2, k3, stream, BODY: tl.constexp
 def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr, s1_ptr, globals_ptr, found_inf_ptr,
                 grad_scale_ptr, seed_ptr, n, COEF: tl.constexpr, BODY: tl.constexpr, L: tl.constexpr,
                 W: tl.constexpr, S: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-                D3: tl.constexpr, FLAGS: tl.constexpr, BLOCK: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                D3: tl.constexpr, Z0: tl.constexpr, Z1: tl.constexpr, Z2: tl.constexpr, Z3: tl.constexpr,
+                FLAGS: tl.constexpr, BLOCK: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                 HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr, PATHS: tl.constexpr = BOTH_PATHS,
                 LR_SLOT: tl.constexpr = -1):
-    """``D0..D3``: the lists' element types; ``HAS_FOUND_INF`` only for a pass that writes (a
+    """``D0..D3``: the lists' element types, ``Z0..Z3`` their sizes in bytes; ``HAS_FOUND_INF`` only for a pass that writes (a
     non-zero found_inf skips it); ``LR_SLOT``: where the rule's lr is among the packed
     hyper-parameters, for a pass that writes (an lr that is negative or not finite in float32, a
     tensor edited after construction, skips it as found_inf does; -1: no check). ``PATHS``
@@ -157,19 +159,19 @@ def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr
         if PATHS == ALIGNED_PATH:
             # Every list + head is 16-byte aligned and full blocks start at multiples of BLOCK
             # elements from there: unmasked 16-byte vector accesses.
-            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, True)
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, True)
             acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, lo, n_full, k0, k1, k2, k3,
                                       stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
         elif PATHS == UNALIGNED_PATH:
-            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, False)
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, False)
             acc0, acc1, acc2 = _sweep(q0 + lo, q1 + lo, q2 + lo, q3 + lo, lo, n_full, k0, k1, k2, k3,
                                       stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
         elif (flags & ALIGNED_FLAG) != 0:
-            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, True)
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, True)
             acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, lo, n_full, k0, k1, k2, k3,
                                       stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
         else:
-            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, False)
+            q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, False)
             acc0, acc1, acc2 = _sweep(q0 + lo, q1 + lo, q2 + lo, q3 + lo, lo, n_full, k0, k1, k2, k3,
                                       stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
         # The full blocks' sums, then the masked parts' (summed apart, so that the block-wide
@@ -177,7 +179,7 @@ def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr
         sum0 = block_sum(acc0)
         sum1 = block_sum(acc1)
         sum2 = block_sum(acc2)
-        q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, L, False)
+        q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, False)
         done = lo + n_full * BLOCK
         if done < hi:  # a masked block for the chunk's last elements, where it has some
             m0, m1, m2 = _masked(q0, q1, q2, q3, done + tl.arange(0, BLOCK), hi, k0, k1, k2, k3, stream, BODY, L, W,

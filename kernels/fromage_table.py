@@ -110,15 +110,6 @@ def chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK: tl.constexpr, L: tl.constexpr):
     return t, start, lo, hi, first, flags, head
 
 
-if INTERPRETED:
-    def itemsize(DTYPE):
-        return DTYPE.primitive_bitwidth // 8
-else:
-    @triton.jit
-    def itemsize(DTYPE: tl.constexpr):
-        return DTYPE.primitive_bitwidth // 8
-
-
 @device_function
 def as_ptr(addr, DTYPE: tl.constexpr):
     return addr.to(tl.pointer_type(DTYPE))

@@ -37,7 +37,8 @@ PASS_SIG = {**TABLE, "partials_ptr": "*fp32", "sums_ptr": "*fp32", "hyper_ptr": 
             "s1_ptr": "*fp32", "globals_ptr": "*fp32", "found_inf_ptr": "*fp32", "grad_scale_ptr": "*fp32",
             "seed_ptr": "*i64", "n": "i64", "COEF": "constexpr", "BODY": "constexpr", "L": "constexpr",
             "W": "constexpr", "S": "constexpr", "D0": "constexpr", "D1": "constexpr", "D2": "constexpr",
-            "D3": "constexpr", "FLAGS": "constexpr", "BLOCK": "constexpr", "HAS_FOUND_INF": "constexpr",
+            "D3": "constexpr", "Z0": "constexpr", "Z1": "constexpr", "Z2": "constexpr", "Z3": "constexpr",
+            "FLAGS": "constexpr", "BLOCK": "constexpr", "HAS_FOUND_INF": "constexpr",
             "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr", "PATHS": "constexpr", "LR_SLOT": "constexpr"}
 #: Fromage's flags: maximize 1, prefactor 2, bound 4, inner 8 (kernels/rule_fromage.py)
 STATS_FLAGS = 8
@@ -47,8 +48,9 @@ APPLY_FLAGS = 2 | 4 | 8
 def fromage_pass(index, dtype, *, sr=False, flags=None):
     """The constexprs of Fromage's pass ``index`` on ``dtype`` tensors, as the backend launches it."""
     coef, body, _ = rule_fromage.PASSES[index]
+    size = dtype.primitive_bitwidth // 8
     return {"COEF": coef, "BODY": body, "L": 2, "W": index, "S": 3 if index == 0 else 0, "D0": dtype, "D1": dtype,
-            "D2": dtype, "D3": dtype, "FLAGS": (STATS_FLAGS if index == 0 else APPLY_FLAGS) if flags is None else flags,
+            "D2": dtype, "D3": dtype, "Z0": size, "Z1": size, "Z2": size, "Z3": size, "FLAGS": (STATS_FLAGS if index == 0 else APPLY_FLAGS) if flags is None else flags,
             "HAS_FOUND_INF": index == 1, "HAS_GRAD_SCALE": index == 1, "SR": sr,
             "LR_SLOT": rule_fromage.LR.value if index == 1 else -1, "PATHS": PATHS}
 
