@@ -39,7 +39,7 @@ TRAINS = 2 * CHANCE  # "trains": a last-epoch accuracy at least twice chance
 def run(hidden: int, name: str, lr: float, args, x, y):
     """Mean minibatch accuracy over the last epoch, and per-epoch means (None if it diverged)."""
     net = authors_mlp(hidden, args.width, bias=not args.no_bias, init=args.init, seed=args.seed)
-    opt = make_optimizer(name, net.parameters(), lr)
+    opt = make_optimizer(name, net.parameters(), lr, momentum=0.9)
     stream = batches(len(x), BATCH, args.seed)
     accs = []
     for step in range(args.steps):
