@@ -121,9 +121,24 @@ class Scorer:
         return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
-def train_gan(opt_name: str, lr: float, seed: int, steps: int, *, beta1: float = 0.0, norms_every: int = 0) -> dict:
-    """Train one GAN; its Frechet distance and classifier accuracy (inf and 0 if it diverged),
-    and, every ``norms_every`` steps, the norm of each spectrally normalised layer's weight_orig."""
+def _score(scorer: Scorer, gen_net: Generator, y: torch.Tensor) -> Optional[tuple]:
+    """(Frechet distance, accuracy) of one generated digit per training label, from fixed noise;
+    None if the samples are not finite. The generator runs in eval mode (BN's running statistics)."""
+    was_training = gen_net.training
+    gen_net.eval()
+    with torch.no_grad():
+        fake = gen_net(torch.randn(len(y), Z, generator=torch.Generator().manual_seed(1234)), y)
+    gen_net.train(was_training)
+    if not torch.isfinite(fake).all():
+        return None
+    return scorer.distance(scorer.embed(fake)), scorer.accuracy(fake, y)
+
+
+def train_gan(opt_name: str, lr: float, seed: int, steps: int, *, beta1: float = 0.0, norms_every: int = 0,
+              score_every: int = 0) -> dict:
+    """Train one GAN; its Frechet distance and classifier accuracy (inf and 0 if it diverged);
+    every ``norms_every`` steps, the norm of each spectrally normalised layer's weight_orig, and
+    every ``score_every`` steps, the distance and accuracy so far."""
     scorer = Scorer.get()
     x, y = scorer.train_x, scorer.train_y
     torch.manual_seed(seed)
@@ -135,15 +150,25 @@ def train_gan(opt_name: str, lr: float, seed: int, steps: int, *, beta1: float =
     layers = {**{f"G.{k}": v for k, v in normalised_weights(gen_net).items()}, **{f"D.{k}": v for k, v in normalised_weights(disc).items()}}
     trace: Dict[str, List[float]] = {"step": [], **{k: [] for k in layers}}
 
+    scores: Dict[str, list] = {"step": [], "distance": [], "accuracy": []}
+
     def record(step):
         trace["step"].append(step)
         for k, p in layers.items():
             trace[k].append(p.detach().double().norm().item())
 
+    def record_score(step):
+        got = _score(scorer, gen_net, y)
+        scores["step"].append(step)
+        scores["distance"].append(None if got is None else got[0])
+        scores["accuracy"].append(None if got is None else got[1])
+
     diverged = None
     for step in range(steps):
         if norms_every and step % norms_every == 0:
             record(step)
+        if score_every and step and step % score_every == 0:
+            record_score(step)
         if step == int(steps * DECAY_AT):
             for opt in (opt_g, opt_d):
                 for group in opt.param_groups:
@@ -166,11 +191,13 @@ def train_gan(opt_name: str, lr: float, seed: int, steps: int, *, beta1: float =
         record(steps)
     result = {"distance": math.inf, "accuracy": 0.0, "diverged_at": diverged}
     if diverged is None:
-        gen_net.eval()
-        with torch.no_grad():
-            fake = gen_net(torch.randn(len(y), Z, generator=torch.Generator().manual_seed(1234)), y)
-        if torch.isfinite(fake).all():
-            result = {"distance": scorer.distance(scorer.embed(fake)), "accuracy": scorer.accuracy(fake, y), "diverged_at": None}
+        got = _score(scorer, gen_net, y)
+        if got is not None:
+            result = {"distance": got[0], "accuracy": got[1], "diverged_at": None}
+            if score_every:
+                record_score(steps)
     if norms_every:
         result["norms"] = trace
+    if score_every:
+        result["scores"] = scores
     return result
