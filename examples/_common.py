@@ -146,7 +146,8 @@ class Runs:
         return rec
 
     def provenance(self) -> List[str]:
-        """Summary lines computed from the records used (so a rebuilt summary is the same)."""
+        """Summary lines computed from the records used (so a rebuilt summary is the same), and
+        last the command that wrote the summary (with --report-only it rebuilds it)."""
         commits = sorted({(r["commit"], r["dirty"]) for r in self.used}, key=str)
         commands = sorted({r["command"] for r in self.used})
         seeds = sorted({r["seed"] for r in self.used if "seed" in r})
@@ -159,6 +160,7 @@ class Runs:
             f"  seeds: {', '.join(str(s) for s in seeds) or 'n/a'}; torch {', '.join(torches)}",
             f"  wall time: {seconds:.0f} s summed over the {len(self.used)} runs ({seconds / 3600:.2f} h; one thread each, "
             "niced, on a shared 2-core machine)",
+            f"this summary: {self.command}",
         ]
 
 
