@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from typing import Callable, Dict, Iterator, List, Optional
 
 import matplotlib
@@ -102,9 +103,11 @@ class Runs:
     nothing and fails on a missing record. Writing into ``examples/results`` needs a clean tree,
     so that every committed record names the code that wrote it."""
 
-    def __init__(self, folder: str, script: str, argv, *, fresh: bool = False, report_only: bool = False):
+    def __init__(self, folder: str, script: str, argv, *, fresh: bool = False, report_only: bool = False,
+                 shard: Optional[str] = None):
         self.path = os.path.join(folder, "runs.jsonl")
         self.report_only = report_only
+        self.shard = tuple(int(v) for v in shard.split("/")) if shard else None
         self.records: Dict[str, dict] = {}
         self.used: List[dict] = []
         self.state = code_state(script)
@@ -127,10 +130,13 @@ class Runs:
     def key(settings: dict) -> str:
         return json.dumps(settings, sort_keys=True)
 
-    def get(self, settings: dict, run: Callable[[], dict]) -> dict:
-        """The record of these settings: the one on file, or a new run appended to the file."""
+    def get(self, settings: dict, run: Callable[[], dict]) -> Optional[dict]:
+        """The record of these settings: the one on file, or a new run appended to the file; None
+        for a run that belongs to another shard."""
         key = self.key(settings)
         rec = self.records.get(key)
+        if rec is None and self.shard and zlib.crc32(key.encode()) % self.shard[1] != self.shard[0]:
+            return None
         if rec is None:
             if self.report_only:
                 raise SystemExit(f"--report-only: no record in {self.path} for {key}")
@@ -179,6 +185,10 @@ def add_provenance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="start the output folder's runs.jsonl anew")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild the plot and summary from the output folder's runs.jsonl")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only the K-th of N shares of the independent runs (processes K = 0..N-1 side by side, "
+                        "appending to the same runs.jsonl), then stop; a later call without --shard runs the rest "
+                        "and writes the summary")
 
 
 def digits(seed: int = 0, flat: bool = True):

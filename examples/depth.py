@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         args.steps, args.long_steps, args.long_from, args.width, args.depths, args.seeds = 30, 60, 6, 16, [2, 6], 2
         lrs = {"SGD": [0.1], "Adam": [1e-3], "Fromage": [0.01, 0.001]}
     path = out_dir(args, name_of(args) + ("-quick" if args.quick else ""))
-    runs = Runs(path, "depth.py", argv, fresh=args.fresh, report_only=args.report_only)
+    runs = Runs(path, "depth.py", argv, fresh=args.fresh, report_only=args.report_only, shard=args.shard)
     x, y, _, _ = digits(0)
     steps_at = lambda d: args.long_steps if d >= args.long_from else args.steps
 
@@ -108,16 +108,24 @@ def main(argv=None) -> dict:
         settings = {"depth": depth, "optimizer": name, "lr": lr, "seed": seed, "steps": steps_at(depth), "width": args.width,
                     "init": args.init, "bias": not args.no_bias}
         rec = runs.get(settings, lambda: run(depth, name, lr, seed, steps_at(depth), args, x, y))
+        if rec is None:
+            return None
         s = rec["result"]["score"]
         print(f"depth {depth:2d} {name:7s} lr {lr:<7g} seed {seed}: last-epoch train acc {'diverged' if s is None else f'{s:.3f}'}"
               f"  [{rec['seconds']:.0f} s]", flush=True)
         return rec
 
     grid = {n: {d: {lr: get(d, n, lr, 0) for lr in lrs[n]} for d in args.depths} for n in OPTIMIZER_NAMES}  # seed 0
+    if any(r is None for by_d in grid.values() for by_lr in by_d.values() for r in by_lr.values()):
+        print(f"shard {args.shard}: its runs of the grid are done; once every shard's are, call the shards again for the seeds")
+        return {}
     # best lr of seed 0 (ties: the larger lr, as max() of (score, lr) gives), then the other seeds there
     best_lr = {n: {d: max((score(r), lr) for lr, r in grid[n][d].items())[1] for d in args.depths} for n in OPTIMIZER_NAMES}
     seeds = {n: {d: [grid[n][d][best_lr[n][d]]] + [get(d, n, best_lr[n][d], s) for s in range(1, args.seeds)] for d in args.depths}
              for n in OPTIMIZER_NAMES}
+    if args.shard:
+        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary")
+        return {}
     best = {n: {d: [score(r) for r in seeds[n][d]] for d in args.depths} for n in OPTIMIZER_NAMES}
 
     plot(path, args, lrs, grid, best_lr, seeds, best)

@@ -169,12 +169,14 @@ def main(argv=None) -> dict:
     if args.quick:
         args.seeds = 2
     path = out_dir(args, "table1-quick" if args.quick else "table1")
-    runs = Runs(path, "table1.py", argv, fresh=args.fresh, report_only=args.report_only)
+    runs = Runs(path, "table1.py", argv, fresh=args.fresh, report_only=args.report_only, shard=args.shard)
     table = {}  # task -> row -> lr -> [records per seed]
 
     def get(task, row, opt_name, lr, p_bound, seed):
         settings = {"task": task, "optimizer": opt_name, "lr": lr, "p_bound": p_bound, "seed": seed, "config": configs[task]}
         rec = runs.get(settings, lambda: RUNNERS[task](opt_name, lr, seed, configs[task], p_bound))
+        if rec is None:
+            return
         table.setdefault(task, {}).setdefault(row, {}).setdefault(lr, []).append(rec)
         m = rec["result"]["metric"]
         print(f"{task:11s} {row:18s} lr {lr:<7g} seed {seed}: {METRIC[task]} {'diverged' if m is None else f'{m:.4g}'}"
@@ -185,10 +187,16 @@ def main(argv=None) -> dict:
         for row, opt_name, lr, p_bound in entries(task, grid, args.quick):
             for seed in ([0] if row in ("SGD", "Adam") else range(args.seeds)):
                 get(task, row, opt_name, lr, p_bound, seed)
+        if any(len(table.get(task, {}).get(row, {})) < len(grid) for row in ("SGD", "Adam")):
+            continue  # a shard's call before the other shards have finished the grid
         for row in ("SGD", "Adam"):
             lr = tuned_lr(table[task][row])
             for seed in range(1, args.seeds):
                 get(task, row, row, lr, None, seed)
+
+    if args.shard:
+        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary (running whatever is left)")
+        return {}
 
     def tuned(task, row):
         lr = tuned_lr(table[task][row])
