@@ -146,7 +146,8 @@ def deepest(best, name, level):
 
 def report(args, lrs, grid, best_lr, best, runs) -> list:
     depths = args.depths
-    steps = f"{args.steps} (depth < {args.long_from}) and {args.long_steps} (depth >= {args.long_from})"
+    steps = (f"{args.steps} (depth < {args.long_from}) and {args.long_steps} (depth >= {args.long_from})"
+             if any(d >= args.long_from for d in depths) else f"{args.steps}")
     lines = [
         "Depth study (paper Figure 3) on scikit-learn's digits.",
         "protocol (here | the authors'):",
@@ -262,8 +263,9 @@ def plot(path, args, lrs, grid, best_lr, seeds, best) -> None:
         ax.set_title(f"{n}: every lr (x: diverged, scored as chance)")
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=5, frameon=False)
     label = {"default": "PyTorch default init", "he": "He init (ablation)"}[args.init] + (", no biases (ablation)" if args.no_bias else ", biases")
-    fig.suptitle(f"Plain MLPs on digits, width {args.width}, {label}; {args.steps} steps of batch {BATCH} "
-                 f"({args.long_steps} from depth {args.long_from})" + (" (--quick)" if args.quick else ""))
+    longer = f" ({args.long_steps} from depth {args.long_from})" if any(d >= args.long_from for d in depths) else ""
+    fig.suptitle(f"Plain MLPs on digits, width {args.width}, {label}; {args.steps} steps of batch {BATCH}{longer}"
+                 + (" (--quick)" if args.quick else ""))
     fig.tight_layout()
     save_figure(fig, os.path.join(path, "depth.png"))
     plt.close(fig)
