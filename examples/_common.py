@@ -140,9 +140,10 @@ class Runs:
         if rec is None:
             if self.report_only:
                 raise SystemExit(f"--report-only: no record in {self.path} for {key}")
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             result = run()
             rec = {"key": key, **settings, "result": result, "seconds": round(time.perf_counter() - start, 2),
+                   "cpu_seconds": round(time.process_time() - cpu, 2),
                    "commit": self.state["commit"], "dirty": self.state["dirty"], "command": self.command,
                    "threads": torch.get_num_threads(), "torch": torch.__version__}
             with open(self.path, "a") as f:
@@ -159,13 +160,15 @@ class Runs:
         seeds = sorted({r["seed"] for r in self.used if "seed" in r})
         torches = sorted({r.get("torch", "?") for r in self.used})
         seconds = sum(r["seconds"] for r in self.used)
+        timed = [r["cpu_seconds"] for r in self.used if "cpu_seconds" in r]
         state = lambda d: "clean" if d is False else ("with uncommitted changes" if d else "state unknown")
         return [
             "provenance: " + "; ".join(f"commit {c} ({state(d)})" for c, d in commits),
             "  command: " + " | ".join(commands),
             f"  seeds: {', '.join(str(s) for s in seeds) or 'n/a'}; torch {', '.join(torches)}",
             f"  wall time: {seconds:.0f} s summed over the {len(self.used)} runs ({seconds / 3600:.2f} h; one thread each, "
-            "niced, on a shared 2-core machine)",
+            "niced, on a shared 2-core machine)" + (f"; CPU time {sum(timed):.0f} s ({sum(timed) / 3600:.2f} h) over the "
+                                                    f"{len(timed)} runs that recorded it" if timed else ""),
             f"this summary: {self.command}",
         ]
 
