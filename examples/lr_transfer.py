@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     if args.quick:
         grid, args.seeds = [1e-3, 1e-2, 1e-1], 2
     path = out_dir(args, "lr_transfer-quick" if args.quick else "lr_transfer")
-    runs = Runs(path, "lr_transfer.py", argv, fresh=args.fresh, report_only=args.report_only)
+    runs = Runs(path, "lr_transfer.py", argv, fresh=args.fresh, report_only=args.report_only, shard=args.shard)
     results = {}  # (task, optimizer row) -> lr -> [record per seed]
     for task, spec in TASKS.items():
         for row in spec["optimizers"]:
@@ -164,15 +164,22 @@ def main(argv=None) -> dict:
             def get(lr, seed):
                 settings = {"task": task, "optimizer": opt_name, "lr": lr, "p_bound": p_bound, "seed": seed, "config": spec[mode]}
                 rec = runs.get(settings, lambda: RUNNERS[task](opt_name, lr, seed, spec[mode], p_bound))
+                if rec is None:
+                    return
                 results.setdefault((task, row), {}).setdefault(lr, []).append(rec)
                 m = rec["result"]["metric"]
                 print(f"{task:11s} {row:19s} lr {lr:<7g} seed {seed}: {spec['metric']} {'diverged' if m is None else f'{m:.4g}'}", flush=True)
 
             for lr in grid:
                 get(lr, 0)
+            if len(results.get((task, row), {})) < len(grid):
+                continue  # a shard's call before the other shards have finished this grid
             lr = best_lr(results[(task, row)])
             for seed in range(1, args.seeds):
                 get(lr, seed)
+    if args.shard:
+        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary (running whatever is left)")
+        return {}
     best = {key: best_lr(by_lr) for key, by_lr in results.items()}
     plot(path, args, results, best)
     lines = report(args, results, best, grid, runs)

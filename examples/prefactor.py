@@ -114,18 +114,24 @@ def main(argv=None) -> dict:
     if args.quick:
         runs, args.steps, every = QUICK_RUNS, 60, 5
     path = out_dir(args, "prefactor-quick" if args.quick else "prefactor")
-    records = Runs(path, "prefactor.py", argv, fresh=args.fresh, report_only=args.report_only)
+    records = Runs(path, "prefactor.py", argv, fresh=args.fresh, report_only=args.report_only, shard=args.shard)
     x, y, _, _ = digits(args.seed)
     results = {}  # (name, lr, dtype) -> record
     for dtype, lr in runs:
         for name in ("LARS", "Fromage"):
             settings = {"optimizer": name, "lr": lr, "dtype": dtype, "steps": args.steps, "every": every, "seed": args.seed}
-            rec = records.get(settings, lambda: _jsonable(run(name, lr, dtype, args.steps, every, x, y, args.seed)))["result"]
+            rec = records.get(settings, lambda: _jsonable(run(name, lr, dtype, args.steps, every, x, y, args.seed)))
+            if rec is None:
+                continue
+            rec = rec["result"]
             rec = {k: ([math.inf if v is None else v for v in rec[k]] if k in ("loss", "largest") else rec[k]) for k in rec}
             results[(name, lr, dtype)] = rec
             end = "overflow (inf/NaN) at step %d" % rec["overflow"] if rec["overflow"] is not None else f"finite after {args.steps} steps"
             print(f"{name:7s} lr {lr:g} {dtype:8s}: {end}; max norm ratio {max(rec['norms'][-2 if rec['overflow'] is not None else -1]):.3g}", flush=True)
 
+    if args.shard:
+        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary (running whatever is left)")
+        return {}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     styles = {("float32", 0.01): ":", ("float32", 0.1): "-", ("bfloat16", 0.1): "-.", ("float16", 0.1): "--", ("float16", 1.0): "--"}
     for (name, lr, dtype), rec in results.items():

@@ -49,16 +49,21 @@ def main(argv=None) -> dict:
     if args.quick:
         args.steps, args.seeds, norms_every, score_every = 40, 1, 10, 20
     path = out_dir(args, "prefactor_gan-quick" if args.quick else "prefactor_gan")
-    runs = Runs(path, "prefactor_gan.py", argv, fresh=args.fresh, report_only=args.report_only)
+    runs = Runs(path, "prefactor_gan.py", argv, fresh=args.fresh, report_only=args.report_only, shard=args.shard)
     results = {}  # optimizer -> [result per seed]
     for name in OPTIMIZERS:
         for seed in range(args.seeds):
             settings = {"optimizer": name, "lr": LR, "seed": seed, "steps": args.steps, "norms_every": norms_every, "score_every": score_every}
             rec = runs.get(settings, lambda: train_gan(name, LR, seed, args.steps, norms_every=norms_every, score_every=score_every))
+            if rec is None:
+                continue
             results.setdefault(name, []).append(rec["result"])
             r = rec["result"]
             print(f"{name:7s} seed {seed}: Frechet distance {r['distance']}, accuracy {r['accuracy']:.3f}  [{rec['seconds']:.0f} s]", flush=True)
 
+    if args.shard:
+        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary (running whatever is left)")
+        return {}
     layers = [k for k in results["LARS"][0]["norms"] if k != "step"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for name in OPTIMIZERS:

@@ -120,12 +120,17 @@ def main(argv=None) -> dict:
         configs, checkpoints, points, args.width = CONFIGS, [0, 12], 11, 16
     etas = [round(0.1 * i / (points - 1), 6) for i in range(points)]
     path = out_dir(args, "trust_breakdown-quick" if args.quick else "trust_breakdown")
-    runs = Runs(path, "trust_breakdown.py", argv, fresh=args.fresh, report_only=args.report_only)
+    runs = Runs(path, "trust_breakdown.py", argv, fresh=args.fresh, report_only=args.report_only, shard=args.shard)
     x, y, _, _ = digits(0)
     results = {}
     for arch, depth in configs:
         settings = {"arch": arch, "depth": depth, "width": args.width, "seed": args.seed, "checkpoints": checkpoints, "etas": etas}
-        results[(arch, depth)] = runs.get(settings, lambda: probe(arch, depth, args, etas, checkpoints, x, y))["result"]
+        rec = runs.get(settings, lambda: probe(arch, depth, args, etas, checkpoints, x, y))
+        if rec is not None:
+            results[(arch, depth)] = rec["result"]
+    if args.shard:
+        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary (running whatever is left)")
+        return {}
     plot(path, args, configs, checkpoints, etas, results)
     lines = report(args, configs, checkpoints, etas, results, runs)
     write_summary(path, lines)
