@@ -115,14 +115,19 @@ def main(argv=None) -> dict:
               f"  [{rec['seconds']:.0f} s]", flush=True)
         return rec
 
-    grid = {n: {d: {lr: get(d, n, lr, 0) for lr in lrs[n]} for d in args.depths} for n in OPTIMIZER_NAMES}  # seed 0
-    if any(r is None for by_d in grid.values() for by_lr in by_d.values() for r in by_lr.values()):
-        print(f"shard {args.shard}: its runs of the grid are done; once every shard's are, call the shards again for the seeds")
-        return {}
-    # best lr of seed 0 (ties: the larger lr, as max() of (score, lr) gives), then the other seeds there
-    best_lr = {n: {d: max((score(r), lr) for lr, r in grid[n][d].items())[1] for d in args.depths} for n in OPTIMIZER_NAMES}
-    seeds = {n: {d: [grid[n][d][best_lr[n][d]]] + [get(d, n, best_lr[n][d], s) for s in range(1, args.seeds)] for d in args.depths}
-             for n in OPTIMIZER_NAMES}
+    # Depth by depth (so that a study cut short has whole depths): every lr on seed 0, then the
+    # other seeds at each optimizer's best lr of seed 0 (ties: the larger lr, as max() of (score, lr) gives).
+    grid = {n: {} for n in OPTIMIZER_NAMES}
+    best_lr = {n: {} for n in OPTIMIZER_NAMES}
+    seeds = {n: {} for n in OPTIMIZER_NAMES}
+    for d in args.depths:
+        for n in OPTIMIZER_NAMES:
+            grid[n][d] = {lr: get(d, n, lr, 0) for lr in lrs[n]}
+        if any(r is None for n in OPTIMIZER_NAMES for r in grid[n][d].values()):
+            continue  # a shard's call before the other shards have finished this depth's grid
+        for n in OPTIMIZER_NAMES:
+            best_lr[n][d] = max((score(r), lr) for lr, r in grid[n][d].items())[1]
+            seeds[n][d] = [grid[n][d][best_lr[n][d]]] + [get(d, n, best_lr[n][d], s) for s in range(1, args.seeds)]
     if args.shard:
         print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary")
         return {}
