@@ -107,7 +107,9 @@ class Runs:
                  shard: Optional[str] = None):
         self.path = os.path.join(folder, "runs.jsonl")
         self.report_only = report_only
-        self.shard = tuple(int(v) for v in shard.split("/")) if shard else None
+        self.claims = os.path.join(folder, "claims") if shard == "any" else None
+        self.shard = tuple(int(v) for v in shard.split("/")) if shard and shard != "any" else None
+        self.waiting = False  # a run or a dependent phase was left to another process
         self.records: Dict[str, dict] = {}
         self.used: List[dict] = []
         self.state = code_state(script)
@@ -126,6 +128,38 @@ class Runs:
                         rec = json.loads(line)
                         self.records[rec["key"]] = rec
 
+    def _claim(self, key: str) -> bool:
+        """Take the run of this key unless a live process has: an exclusively created file named
+        after the key holds the claimant's pid."""
+        os.makedirs(self.claims, exist_ok=True)
+        path = os.path.join(self.claims, f"{zlib.crc32(key.encode()):08x}-{len(key)}")
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        pid = int(f.read() or 0)
+                    os.kill(pid, 0)
+                    return pid == os.getpid()
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    try:
+                        os.remove(path)  # its claimant died: take it over
+                    except FileNotFoundError:
+                        pass
+                    continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def finish_shard(self, label) -> None:
+        """End a sharded call: exit status 3 while runs are left to others (a shell loop calls it
+        again), 0 once every run it asked for is on file."""
+        print(f"shard {label}: " + ("runs are left to other processes or wait for them; call again" if self.waiting
+                                    else "every run is on file; a call without --shard writes the summary"), flush=True)
+        raise SystemExit(3 if self.waiting else 0)
+
     @staticmethod
     def key(settings: dict) -> str:
         return json.dumps(settings, sort_keys=True)
@@ -136,6 +170,10 @@ class Runs:
         key = self.key(settings)
         rec = self.records.get(key)
         if rec is None and self.shard and zlib.crc32(key.encode()) % self.shard[1] != self.shard[0]:
+            self.waiting = True
+            return None
+        if rec is None and self.claims and not self._claim(key):
+            self.waiting = True
             return None
         if rec is None:
             if self.report_only:
@@ -190,8 +228,9 @@ def add_provenance_args(p: argparse.ArgumentParser) -> None:
                    help="run nothing: rebuild the plot and summary from the output folder's runs.jsonl")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="run only the K-th of N shares of the independent runs (processes K = 0..N-1 side by side, "
-                        "appending to the same runs.jsonl), then stop; a later call without --shard runs the rest "
-                        "and writes the summary")
+                        "appending to the same runs.jsonl), or with 'any' every run no other live process has claimed; "
+                        "exits 3 while runs are left to others (call it again), 0 when all are on file; a later call "
+                        "without --shard writes the summary")
 
 
 def digits(seed: int = 0, flat: bool = True):

@@ -124,13 +124,13 @@ def main(argv=None) -> dict:
         for n in OPTIMIZER_NAMES:
             grid[n][d] = {lr: get(d, n, lr, 0) for lr in lrs[n]}
         if any(r is None for n in OPTIMIZER_NAMES for r in grid[n][d].values()):
-            continue  # a shard's call before the other shards have finished this depth's grid
+            runs.waiting = True  # a shard's call before the other shards have finished this depth's grid
+            continue
         for n in OPTIMIZER_NAMES:
             best_lr[n][d] = max((score(r), lr) for lr, r in grid[n][d].items())[1]
             seeds[n][d] = [grid[n][d][best_lr[n][d]]] + [get(d, n, best_lr[n][d], s) for s in range(1, args.seeds)]
     if args.shard:
-        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary")
-        return {}
+        runs.finish_shard(args.shard)
     best = {n: {d: [score(r) for r in seeds[n][d]] for d in args.depths} for n in OPTIMIZER_NAMES}
 
     plot(path, args, lrs, grid, best_lr, seeds, best)

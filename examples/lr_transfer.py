@@ -178,13 +178,13 @@ def main(argv=None) -> dict:
             for lr in grid:
                 get(lr, 0)
             if len(results.get((task, row), {})) < len(grid):
-                continue  # a shard's call before the other shards have finished this grid
+                runs.waiting = True  # a shard's call before the other shards have finished this grid
+                continue
             lr = best_lr(results[(task, row)])
             for seed in range(1, args.seeds):
                 get(lr, seed)
     if args.shard:
-        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary (running whatever is left)")
-        return {}
+        runs.finish_shard(args.shard)
     best = {key: best_lr(by_lr) for key, by_lr in results.items()}
     plot(path, args, results, best)
     lines = report(args, results, best, grid, runs)

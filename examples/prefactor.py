@@ -130,8 +130,7 @@ def main(argv=None) -> dict:
             print(f"{name:7s} lr {lr:g} {dtype:8s}: {end}; max norm ratio {max(rec['norms'][-2 if rec['overflow'] is not None else -1]):.3g}", flush=True)
 
     if args.shard:
-        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary (running whatever is left)")
-        return {}
+        records.finish_shard(args.shard)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     styles = {("float32", 0.01): ":", ("float32", 0.1): "-", ("bfloat16", 0.1): "-.", ("float16", 0.1): "--", ("float16", 1.0): "--"}
     for (name, lr, dtype), rec in results.items():

@@ -62,8 +62,7 @@ def main(argv=None) -> dict:
             print(f"{name:7s} seed {seed}: Frechet distance {r['distance']}, accuracy {r['accuracy']:.3f}  [{rec['seconds']:.0f} s]", flush=True)
 
     if args.shard:
-        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary (running whatever is left)")
-        return {}
+        runs.finish_shard(args.shard)
     layers = [k for k in results["LARS"][0]["norms"] if k != "step"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for name in OPTIMIZERS:

@@ -188,15 +188,15 @@ def main(argv=None) -> dict:
             for seed in ([0] if row in ("SGD", "Adam") else range(args.seeds)):
                 get(task, row, opt_name, lr, p_bound, seed)
         if any(len(table.get(task, {}).get(row, {})) < len(grid) for row in ("SGD", "Adam")):
-            continue  # a shard's call before the other shards have finished the grid
+            runs.waiting = True  # a shard's call before the other shards have finished the grid
+            continue
         for row in ("SGD", "Adam"):
             lr = tuned_lr(table[task][row])
             for seed in range(1, args.seeds):
                 get(task, row, row, lr, None, seed)
 
     if args.shard:
-        print(f"shard {args.shard}: its runs are done; a call without --shard writes the summary (running whatever is left)")
-        return {}
+        runs.finish_shard(args.shard)
 
     def tuned(task, row):
         lr = tuned_lr(table[task][row])
