@@ -82,13 +82,13 @@ def _git(*args: str) -> Optional[str]:
 
 
 def code_state(script: str) -> Dict[str, object]:
-    """The commit of the code that runs, and whether the files that decide a result (the script,
-    the examples' shared modules, the package) differ from it. Results are data, not code: they
+    """The commit of the code that runs, and whether the files that decide a result (every example
+    script, since they import one another, and the package) differ from it. Results are data, not code: they
     do not count."""
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": "unknown (not a git checkout)", "dirty": None}
-    paths = [f"examples/{script}", "examples/_common.py", "examples/_models.py", "examples/_gan.py", "fromage_fused"]
+    paths = ["examples/*.py", "fromage_fused"]  # every script: lr_transfer runs table1's tasks
     status = _git("status", "--porcelain", "--", *paths)
     return {"commit": commit, "dirty": bool(status)}
 

@@ -304,33 +304,43 @@ def plot(path, args, table, summary, grid) -> None:
     panels = [(t, "metric") for t in args.tasks]
     if "gan" in args.tasks:
         panels.insert(args.tasks.index("gan") + 1, ("gan", "accuracy"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.6), squeeze=False)
-    for ax, (task, what) in zip(axes[0], panels):
+    cols = 2 if len(panels) > 2 else len(panels)
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(7.5 * cols, 6.2 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (task, what) in zip(axes.flat, panels):
         def values(recs):
             if what == "accuracy":
                 return [r["result"]["accuracy"] for r in recs]
             return seed_values(recs)
         finite = [v for row in table[task].values() for recs in row.values() for v in values(recs) if math.isfinite(v)]
-        top = max(finite) * (1.3 if what == "metric" else 1.05) if finite else 1.0
+        # A metric a thousand times the best one is off the scale: drawn at the top as a triangle
+        # (the summary has its value), so that one absurd run does not flatten the panel.
+        cap = min(finite) * 1000 if finite and what == "metric" else math.inf
+        top = min(max(finite), cap) * (1.3 if what == "metric" else 1.05) if finite else 1.0
         for k, row in enumerate(("SGD", "Adam")):
             by_lr = table[task][row]
-            xs, ms, bad = [], [], []
+            xs, ms, bad, off = [], [], [], []
             for lr in sorted(by_lr):
                 v = values(by_lr[lr][:1])[0]
-                if math.isfinite(v):
+                if not math.isfinite(v):
+                    bad.append(lr)
+                elif v > cap:
+                    off.append(lr)
+                else:
                     xs.append(lr)
                     ms.append(v)
-                else:
-                    bad.append(lr)
             ax.plot(xs, ms, "o-", ms=4, color=COLORS[row], label=f"{row}, seed 0")
             ax.plot(bad, [top] * len(bad), "x", color=COLORS[row], ms=8, mew=2, label=f"{row}: diverged" if bad else None)
+            ax.plot(off, [top] * len(off), "^", color=COLORS[row], ms=8, label=f"{row}: above {cap:.3g} (off the scale)" if off else None)
             lr = summary[task][row][0]
             vals = values(by_lr[lr])
             if all(math.isfinite(v) for v in vals):
-                by = "" if what == "metric" else " by Frechet distance"
+                by = "" if what == "metric" else " (by distance)"
                 m = statistics.fmean(vals)
                 ax.errorbar([lr], [m], yerr=[[m - min(vals)], [max(vals) - m]], fmt="*", ms=14, mec="k", capsize=4, color=COLORS[row],
-                            label=f"{row} tuned{by}: lr {lr:g}, mean and min-max of {len(vals)} seeds")
+                            label=f"{row} tuned{by}: lr {lr:g}, mean, min-max of {len(vals)} seeds")
         for row, style in (("Fromage", "-"), ("Fromage, p_bound 1", "--")):
             if row not in table[task]:
                 continue
@@ -345,7 +355,7 @@ def plot(path, args, table, summary, grid) -> None:
         ax.set_xlabel("learning rate")
         ax.set_ylabel({"metric": f"{METRIC[task]} (lower is better)", "accuracy": "classifier accuracy on generated digits"}[what])
         ax.set_title(f"{task}: {METRIC[task] if what == 'metric' else 'accuracy (higher is better)'}")
-        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.suptitle(f"Table 1 at small scale: SGD and Adam tuned over lr on seed 0, Fromage at 0.01; {args.seeds} seeds at the tuned lr"
                  + (" (--quick)" if args.quick else ""))
     fig.tight_layout()
