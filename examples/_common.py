@@ -121,6 +121,9 @@ class Runs:
                              "from the commit; commit first, so that the records name the code that wrote them")
         if fresh and not report_only and os.path.exists(self.path):
             os.remove(self.path)
+        self._load()
+
+    def _load(self) -> None:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 for line in f:
@@ -172,9 +175,14 @@ class Runs:
         if rec is None and self.shard and zlib.crc32(key.encode()) % self.shard[1] != self.shard[0]:
             self.waiting = True
             return None
-        if rec is None and self.claims and not self._claim(key):
-            self.waiting = True
-            return None
+        if rec is None and self.claims:
+            if not self._claim(key):
+                self.waiting = True
+                return None
+            # A claim left by a process that has ended may hide a run it finished after this one
+            # read the file: read it again rather than run it twice.
+            self._load()
+            rec = self.records.get(key)
         if rec is None:
             if self.report_only:
                 raise SystemExit(f"--report-only: no record in {self.path} for {key}")

@@ -203,6 +203,20 @@ def test_runs_resume_and_report_only(tmp_path):
     assert not (tmp_path / "runs.jsonl").exists()
 
 
+def test_a_run_finished_by_another_process_is_not_run_again(tmp_path):
+    # Two --shard any processes read runs.jsonl when they start; a run the first finishes later
+    # (its claim left behind when it ends) is read back, not run a second time.
+    _load("prefactor")
+    common = sys.modules["_common"]
+    calls = []
+    first = common.Runs(str(tmp_path), "prefactor.py", ["--x"], shard="any")
+    second = common.Runs(str(tmp_path), "prefactor.py", ["--x"], shard="any")
+    done = first.get({"seed": 0, "a": 1}, lambda: calls.append(1) or {"v": 2.5})
+    again = second.get({"seed": 0, "a": 1}, lambda: calls.append(2) or {"v": 7})
+    assert calls == [1] and again["result"] == done["result"] == {"v": 2.5}
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 1
+
+
 def test_shipped_text_is_there():
     _load("lr_transfer")
     models = sys.modules["_models"]
