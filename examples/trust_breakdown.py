@@ -32,7 +32,8 @@ import torch
 
 from fromage_fused import Fromage, max_safe_lr
 from fromage_fused.trust import count_layers, gradient_breakdown
-from _common import AUTHORS_EPOCH, Runs, add_provenance_args, batches, decay_every, digits, out_dir, parser, save_figure, write_summary
+from _common import (AUTHORS_EPOCH, Runs, add_provenance_args, batches, decay_every, digits, finite_or_none, out_dir, parser, save_figure,
+                     write_summary)
 
 BATCH = 250
 CONFIGS = [("mlp", 2), ("mlp", 16), ("residual", 16)]  # (architecture, L = weight matrices)
@@ -90,7 +91,9 @@ def probe(arch, depth, args, etas, checkpoints, x, y) -> dict:
         b = gradient_breakdown(net, torch.nn.functional.cross_entropy, x, y, etas, layers=[layer])
         with torch.no_grad():
             logits = net(x)
-        out[str(target)] = {"loss0": b.loss0.item(), "loss": b.loss.tolist(), "change": b.grad_change[:, 0].tolist(),
+        # A large move can overflow the loss (and so the gradient): written as null, read back as inf.
+        out[str(target)] = {"loss0": b.loss0.item(), "loss": [finite_or_none(v) for v in b.loss.tolist()],
+                            "change": [finite_or_none(v) for v in b.grad_change[:, 0].tolist()],
                             "accuracy": (logits.argmax(1) == y).float().mean().item(), "moved": int(b.moved.item()),
                             "output_spread": logits.std(0).mean().item()}
         print(f"{arch} L={depth} step {target}: probed", flush=True)
@@ -127,13 +130,20 @@ def main(argv=None) -> dict:
         settings = {"arch": arch, "depth": depth, "width": args.width, "seed": args.seed, "checkpoints": checkpoints, "etas": etas}
         rec = runs.get(settings, lambda: probe(arch, depth, args, etas, checkpoints, x, y))
         if rec is not None:
-            results[(arch, depth)] = rec["result"]
+            results[(arch, depth)] = _read_back(rec["result"])
     if args.shard:
         runs.finish_shard(args.shard)
     plot(path, args, configs, checkpoints, etas, results)
     lines = report(args, configs, checkpoints, etas, results, runs)
     write_summary(path, lines)
     return results
+
+
+def _read_back(result: dict) -> dict:
+    """A record's result with the nulls of an overflowed loss or gradient change as inf."""
+    checkpoints = {step: {**c, **{k: [math.inf if v is None else v for v in c[k]] for k in ("loss", "change")}}
+                   for step, c in result["checkpoints"].items()}
+    return {**result, "checkpoints": checkpoints}
 
 
 def at_chance(c, step) -> bool:
