@@ -166,14 +166,14 @@ def report(args, lrs, grid, best_lr, best, runs) -> list:
         f"  240 steps (a diverged run scores chance, 0.1); every lr on seed 0, then seeds 1..{args.seeds - 1} at each optimizer's best lr",
         f"lr grids: {json.dumps(lrs)}",
         f"score at each optimizer's best lr, mean [min, max] over {args.seeds} seeds (best lr of seed 0):",
-        "depth " + "".join(f"{n:>30s}" for n in OPTIMIZER_NAMES),
+        "depth " + "".join(f"{n:>33s}" for n in OPTIMIZER_NAMES),
     ]
     for d in depths:
         cells = []
         for n in OPTIMIZER_NAMES:
             v = best[n][d]
             cells.append(f"{statistics.fmean(v):.3f} [{min(v):.3f}, {max(v):.3f}] ({best_lr[n][d]:g})")
-        lines.append(f"{d:5d} " + "".join(f"{c:>30s}" for c in cells))
+        lines.append(f"{d:5d} " + "".join(f"{c:>33s}" for c in cells))
     lines.append("seed 0 at every lr (diverged: -):")
     for n in OPTIMIZER_NAMES:
         for d in depths:
@@ -192,6 +192,9 @@ def report(args, lrs, grid, best_lr, best, runs) -> list:
     else:
         verdict = "contradicted here: SGD or Adam trains deeper than Fromage"
     lines.append(f"verdict (depth): {verdict}, at this scale.")
+    largest = {d: max((lr for lr, r in grid["Fromage"][d].items() if score(r) >= TRAINS), default=None) for d in depths}
+    lines.append(f"Fromage's largest lr that trains on seed 0 (score >= {TRAINS:g}), by depth (reported, not part of a rule): "
+                 + ", ".join(f"depth {d}: {'none' if largest[d] is None else f'{largest[d]:g}'}" for d in depths))
     lines.append("Fromage's best lr (seed 0) against the descent lemma's max_safe_lr(L), L = weight matrices | every moved tensor:")
     for d in depths:
         lw, la = depth_l(d)
