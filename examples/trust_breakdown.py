@@ -40,6 +40,7 @@ CONFIGS = [("mlp", 2), ("mlp", 16), ("residual", 16)]  # (architecture, L = weig
 CHECKPOINTS = [0, 24, 96, 240, 480]
 CHANCE_ACC = 0.2
 SLOPE_POINTS = 3
+CHANGE_TOP = 1e4
 
 
 class Residual(torch.nn.Module):
@@ -152,7 +153,7 @@ def at_chance(c, step) -> bool:
 
 
 def plot(path, args, configs, checkpoints, etas, results) -> None:
-    fig, axes = plt.subplots(2, len(configs), figsize=(5.2 * len(configs), 9.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(configs), figsize=(5.2 * len(configs), 10.5), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for col, (arch, depth) in enumerate(configs):
         r = results[(arch, depth)]
@@ -174,13 +175,21 @@ def plot(path, args, configs, checkpoints, etas, results) -> None:
             row[col].set_xlabel("relative perturbation eta of every tensor")
         axes[0][col].set_yscale("log")
         axes[1][col].set_yscale("log")
+        # A change beyond CHANGE_TOP (an overflowing net) would squash every other curve: the panel stops there.
+        changes = [v for c in r["checkpoints"].values() for v in c["change"][1:] if math.isfinite(v)]
+        if any(v > CHANGE_TOP for c in r["checkpoints"].values() for v in c["change"][1:]):
+            axes[1][col].set_ylim(top=CHANGE_TOP)
+            axes[1][col].text(0.02, 0.97, f"curves leaving the top exceed {CHANGE_TOP:g}", transform=axes[1][col].transAxes,
+                              va="top", fontsize=7)
+        elif changes:
+            axes[1][col].set_ylim(top=max(changes) * 2)
         axes[1][col].set_xscale("log")
         axes[0][col].set_title(f"{arch}, L = {lw}: full-batch training loss")
         axes[1][col].set_title(f"{arch}, L = {lw}: relative change of layer-1 gradient")
         axes[0][col].set_ylabel("loss (grey lines: max_safe_lr(L), both counts)")
         axes[1][col].set_ylabel("||g(W + dW) - g(W)|| / ||g(W)||")
-        axes[0][col].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
-        axes[1][col].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
+        axes[0][col].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        axes[1][col].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     fig.suptitle(f"Moving every tensor by eta along the full-batch gradient (digits, width {args.width}, Fromage lr 0.01 x0.9 per "
                  f"{AUTHORS_EPOCH} steps)" + (" (--quick)" if args.quick else ""))
     fig.tight_layout()
