@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Set, Tuple
 import torch
 
 from ._math import UNSET_MAX_NORM
+from ._param_groups import check_weight_decay
 from .functional import FLOAT32_MAX, check_flags, check_lr, check_p_bound
 
 #: The reference implementation keeps the bound as ``state["max"]``, a Python float.
@@ -83,7 +84,8 @@ def check(state_dict: Any, param_groups: List[Dict[str, Any]], defaults: Dict[st
         try:
             check_lr(values["lr"])
             check_p_bound(values["p_bound"])
-            check_flags(**{k: v for k, v in values.items() if k not in ("lr", "p_bound")})
+            check_weight_decay(values["weight_decay"])
+            check_flags(**{k: v for k, v in values.items() if k not in ("lr", "p_bound", "weight_decay")})
         except ValueError as exc:
             raise ValueError(f"parameter group {i} of the loaded state dict: {exc}") from None
     saved_state: Dict[Any, Dict[str, object]] = {}

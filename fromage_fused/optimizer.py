@@ -302,7 +302,8 @@ class Fromage(Optimizer):
 
 _FLAGS = ("maximize", "prefactor", "stochastic_rounding")
 #: What a param group of Fromage holds besides its params.
-_HYPER_PARAMETERS = ("lr", "p_bound") + _FLAGS
+# weight_decay is accepted, checked and saved, never used (docs/faq.md).
+_HYPER_PARAMETERS = ("lr", "p_bound", "weight_decay") + _FLAGS
 
 
 def _local_device(p: torch.Tensor) -> torch.device:

@@ -224,7 +224,7 @@ def test_a_load_gives_back_the_state_dict_it_loaded(dst):
     other = Fromage(groups(make(), 0.5, None, True), lr=0.5, backend=dst)
     other.load_state_dict(copy.deepcopy(saved))
     _assert_same_state_dict(other.state_dict(), saved)
-    assert all(set(g) == {"params", "lr", "p_bound", "maximize", "prefactor", "stochastic_rounding"}
+    assert all(set(g) == {"params", "lr", "p_bound", "weight_decay", "maximize", "prefactor", "stochastic_rounding"}
                for g in other.state_dict()["param_groups"])
 
 
@@ -272,6 +272,8 @@ BAD_LOADS = {
     "group_lr_tensor_negative": _set_group("lr", torch.tensor(-0.1)),
     "group_p_bound_negative": _set_group("p_bound", -1.0),
     "group_flag_string": _set_group("maximize", "False"),
+    "group_weight_decay_negative": _set_group("weight_decay", -0.1),
+    "group_weight_decay_nan": _set_group("weight_decay", float("nan")),
 }
 
 
