@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .fromage_round import nearest_bf16, round_bf16, sr_stream
 from .fromage_table import (ALIGNED_FLAG, ALIGNED_PATH, BOTH_PATHS, UNALIGNED_PATH, as_aligned_ptr, as_ptr, chunk_of,
-                            device_function, div_rn, itemsize, loop_bound, sqrt_rn, tensor_addrs)
+                            device_function, div_rn, loop_bound, sqrt_rn, tensor_addrs)
 
 #: Options every launch of :func:`apply_kernel` must pass. Without multiply-add fusion each product
 #: and sum below is rounded on its own (mul.rn / add.rn in the PTX), as in every other backend; the
@@ -105,16 +105,16 @@ def apply_kernel(layout_ptr, addrs_ptr, max_norm_ptr, stats_ptr, lr_ptr, found_i
         n_full = tl.maximum(hi - lo, 0) // BLOCK
         if PATHS == ALIGNED_PATH:
             # p + head is 16-byte aligned, and so is every full block from element lo = start + head.
-            p = as_aligned_ptr(p_addr + head * itemsize(DTYPE), DTYPE)
-            g = as_aligned_ptr(g_addr + head * itemsize(DTYPE), DTYPE)
+            p = as_aligned_ptr(p_addr, head, DTYPE)
+            g = as_aligned_ptr(g_addr, head, DTYPE)
             _sweep(p + start, g + start, lo, n_full, cp, cg, stream, BLOCK, SR)
         elif PATHS == UNALIGNED_PATH:
             p = as_ptr(p_addr, DTYPE)
             g = as_ptr(g_addr, DTYPE)
             _sweep(p + lo, g + lo, lo, n_full, cp, cg, stream, BLOCK, SR)
         elif (flags & ALIGNED_FLAG) != 0:
-            p = as_aligned_ptr(p_addr + head * itemsize(DTYPE), DTYPE)
-            g = as_aligned_ptr(g_addr + head * itemsize(DTYPE), DTYPE)
+            p = as_aligned_ptr(p_addr, head, DTYPE)
+            g = as_aligned_ptr(g_addr, head, DTYPE)
             _sweep(p + start, g + start, lo, n_full, cp, cg, stream, BLOCK, SR)
         else:
             p = as_ptr(p_addr, DTYPE)

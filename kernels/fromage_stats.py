@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .fromage_table import (ALIGNED_FLAG, ALIGNED_PATH, BOTH_PATHS, UNALIGNED_PATH, as_aligned_ptr, as_ptr, block_sum,
-                            chunk_of, device_function, itemsize, loop_bound, tensor_addrs)
+                            chunk_of, device_function, loop_bound, tensor_addrs)
 
 
 @device_function
@@ -48,16 +48,16 @@ def partials_kernel(layout_ptr, addrs_ptr, partials_ptr, n, DTYPE: tl.constexpr,
     if PATHS == ALIGNED_PATH:
         # p + head and g + head are 16-byte aligned and full blocks start at multiples of BLOCK
         # elements from there: unmasked 16-byte vector loads.
-        p = as_aligned_ptr(p_addr + head * itemsize(DTYPE), DTYPE)
-        g = as_aligned_ptr(g_addr + head * itemsize(DTYPE), DTYPE)
+        p = as_aligned_ptr(p_addr, head, DTYPE)
+        g = as_aligned_ptr(g_addr, head, DTYPE)
         acc_pp, acc_gg, acc_pg = _accumulate(p + start, g + start, n_full, acc_pp, acc_gg, acc_pg, BLOCK, INNER)
     elif PATHS == UNALIGNED_PATH:
         p = as_ptr(p_addr, DTYPE)
         g = as_ptr(g_addr, DTYPE)
         acc_pp, acc_gg, acc_pg = _accumulate(p + lo, g + lo, n_full, acc_pp, acc_gg, acc_pg, BLOCK, INNER)
     elif (flags & ALIGNED_FLAG) != 0:
-        p = as_aligned_ptr(p_addr + head * itemsize(DTYPE), DTYPE)
-        g = as_aligned_ptr(g_addr + head * itemsize(DTYPE), DTYPE)
+        p = as_aligned_ptr(p_addr, head, DTYPE)
+        g = as_aligned_ptr(g_addr, head, DTYPE)
         acc_pp, acc_gg, acc_pg = _accumulate(p + start, g + start, n_full, acc_pp, acc_gg, acc_pg, BLOCK, INNER)
     else:
         p = as_ptr(p_addr, DTYPE)

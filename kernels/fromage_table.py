@@ -115,23 +115,16 @@ def tensor_addrs(addrs_ptr, t, n):
     return tl.load(addrs_ptr + t), tl.load(addrs_ptr + n + t)
 
 
-if INTERPRETED:
-    def itemsize(DTYPE):
-        return DTYPE.primitive_bitwidth // 8
-else:
-    @triton.jit
-    def itemsize(DTYPE: tl.constexpr):
-        return DTYPE.primitive_bitwidth // 8
-
-
 @device_function
 def as_ptr(addr, DTYPE: tl.constexpr):
     return addr.to(tl.pointer_type(DTYPE))
 
 
 @device_function
-def as_aligned_ptr(addr, DTYPE: tl.constexpr):
+def as_aligned_ptr(addr, head, DTYPE: tl.constexpr):
     """A pointer promised to be 16-byte aligned (the host checked). Call it only inside the branch
     that checked the flag: ``multiple_of`` marks the op that made its argument, so a pointer
     shared with another path would carry the promise there too (and fault on a GPU)."""
-    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 16)
+    # The element width by pointer arithmetic: Triton 3.2 has no attributes on a constexpr dtype.
+    width = (addr.to(tl.pointer_type(DTYPE)) + 1).to(tl.int64) - addr
+    return tl.multiple_of((addr + head * width).to(tl.pointer_type(DTYPE)), 16)
