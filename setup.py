@@ -4,7 +4,7 @@ A plain install compiles nothing: the package carries the sources (``fromage_fus
 the extension is JIT-built on first use. ``FROMAGE_FUSED_BUILD_EXT=1 pip install .`` builds it
 now as ``fromage_fused._C`` (with the CUDA kernels where torch is a CUDA build and nvcc is found),
 beside ``_C.json``, the record the loader checks before it loads the binary: the torch it was
-compiled for, the sources' hash, the CPU instruction set.
+compiled for, the sources' hash, the CPU instruction set, the binary's checksum.
 
 With build isolation, torch (and ninja) become build requirements: the same torch release as the
 one installed in the environment being installed into (``FROMAGE_FUSED_BUILD_TORCH=<requirement>``
@@ -74,16 +74,26 @@ def _extension_kwargs():
 
     record = {"torch": torch.__version__, "cuda": with_cuda, "isa": isa, "sources": build.sources_hash(ROOT / "csrc")}
 
+    def recorded(path):
+        """What the record at ``path`` says the binary was built for (without its checksum)."""
+        if not path.is_file():
+            return None
+        stored = json.loads(path.read_text())
+        stored.pop("sha256", None)
+        return stored
+
     class BuildWithRecord(BuildExtension):
         def run(self):
-            records = [Path(self.get_ext_fullpath(e.name)).with_name("_C.json") for e in self.extensions]
+            libraries = [Path(self.get_ext_fullpath(e.name)) for e in self.extensions]
+            records = [library.with_name("_C.json") for library in libraries]
             # setuptools keeps a binary whose sources did not change, even if it was compiled for
             # another torch (a second install from the same tree): rebuild unless the record matches.
-            if any(not path.is_file() or json.loads(path.read_text()) != record for path in records):
+            if any(recorded(path) != record for path in records):
                 self.force = True
             super().run()
-            for path in records:
-                path.write_text(json.dumps(record, indent=1) + "\n")
+            for library, path in zip(libraries, records):
+                # The loader checks the binary against this checksum before it loads it.
+                path.write_text(json.dumps(dict(record, sha256=build.file_sha256(library)), indent=1) + "\n")
 
     return dict(ext_modules=[ext], cmdclass={"build_ext": BuildWithRecord})
 

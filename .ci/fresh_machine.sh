@@ -58,7 +58,7 @@ grep -q "^epoch   3 .*test accuracy" "$work/demo.txt" || { echo "fresh_machine: 
 
 if [ "${PREBUILT:-0}" = 1 ]; then
     stage "prebuilt extension, no build isolation (against the torch installed)"
-    "${pip[@]}" install -q "setuptools>=64" wheel
+    "${pip[@]}" install -q "setuptools>=77" wheel
     FROMAGE_FUSED_BUILD_EXT=1 "${pip[@]}" install -q --no-build-isolation --no-deps --force-reinstall "$sdist"
     SMOKE_EXPECT_LOAD=prebuilt "$work/venv/bin/python" "$root/.ci/smoke.py" >/dev/null
     stage "prebuilt extension, with build isolation (torch as a build requirement)"

@@ -6,16 +6,18 @@
 #   GPU_CHECK_REHEARSAL=1 OUT=/tmp/rehearsal bash benchmarks/gpu_check.sh   # the same on CPU, short
 #
 # $OUT receives at most 7 files, flat: summary.txt (written first and rewritten after every
-# stage, so a run cut off anywhere still says what it learned), setup.log (install, build, nvcc
-# check), tests.log, bench.log and the benchmark's NAME.json/.csv/.png with NAME =
-# gpu-<device>-<YYYYMMDD>. The benchmark rows are also copied into $RESULTS_DIR (default
+# stage, so a run cut off anywhere still says what it learned; it names the modules the run needs
+# that do not import here), setup.log (install, build, nvcc check), tests.log, bench.log and the
+# benchmark's NAME.json/.csv/.png with NAME = gpu-<device>-<YYYYMMDD>. The benchmark rows are also copied into $RESULTS_DIR (default
 # benchmarks/results; $OUT/results in a rehearsal), rows carrying device, versions and date.
 #
 # Time: the stages share GPU_CHECK_BUDGET seconds (default 480: one call of 8 minutes, which leaves
 # a 15-minute device session room for the machine's start and a shorter rerun). Each stage runs
 # under `timeout -s INT` (pytest prints its failures and summary on SIGINT, not on SIGTERM) with
 # LIMIT_<STAGE> seconds at most: install 30, build 150, nvcc 60, tests 240 (LIMIT_TEST=90 per
-# test), and the benchmark gets what is left (its rows are saved as they finish). STAGES="tests
+# test), and the benchmark gets what is left (its rows are saved as they finish): the presets and
+# contenders that decide the goals run first, so a run cut off there still decides them. A test
+# module that cannot be collected (a missing dependency) fails alone; the others run. STAGES="tests
 # bench" runs a subset (a rerun of what failed); PYTEST_ARGS adds pytest arguments (e.g. -k name).
 set -u
 cd "$(dirname "$0")/.."
@@ -27,6 +29,27 @@ clear_build_locks() {  # torch's FileBaton waits for ever on a lock a killed bui
     local dir=$1
     [ -d "$dir" ] || return 0
     find "$dir" -name lock -type f -print -delete 2>/dev/null | sed 's/^/removed stale build lock: /'
+}
+
+# Every third-party module the package, its tests and the benchmark import (tests/test_gpu_check.py
+# keeps the list whole), with what needs it.
+NEEDED_MODULES="torch:everything numpy:tests pytest:tests hypothesis:tests triton:the-triton-backend \
+ninja:the-extension-build tqdm:the-benchmark matplotlib:the-benchmark-plot sklearn:the-examples-tests"
+# Imported only where present (a contender or a test that is skipped without them): not checked.
+OPTIONAL_MODULES="apex:the-apex-FusedLAMB-contender torchvision:timm-in-the-integration-tests"
+
+missing_modules() {  # missing_modules PYTHON: "name (for what; error)" per module that does not import
+    "$1" - $NEEDED_MODULES 2>/dev/null <<'EOF'
+import importlib, sys
+missing = []
+for item in sys.argv[1:]:
+    name, _, why = item.partition(":")
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # absent, or broken on import
+        missing.append(f"{name} (for {why.replace('-', ' ')}; {type(exc).__name__})")
+print("; ".join(missing) if missing else "none")
+EOF
 }
 
 slug() {  # "NVIDIA H200 NVL" -> "h200-nvl"
@@ -62,8 +85,11 @@ else
     DEF_INSTALL=30; DEF_BUILD=150; DEF_TESTS=240; DEF_TEST_EACH=90
     RESULTS_DIR=${RESULTS_DIR:-$ROOT/benchmarks/results}
     # The presets of the goals first (a limit cuts the last rows), the contenders they compare.
+    # Presets in the order of the goals they decide (benchmarks/gpu_goals.py: copy bandwidth and
+    # AdamW on gpt2-small and larger, the loop on gpt2-small and many-small, Triton on every one),
+    # contenders in the order given (those the goals compare first): a limit cuts the last rows.
     BENCH_ARGS=(--presets gpt2-small,many-small,gpt2-medium,decoder-1b,few-huge,vit-b16,resnet50
-                --contenders 'fromage:cuda,fromage:triton,torch:adamw,loop,fromage:foreach,torch:sgd')
+                --contenders 'fromage:cuda,torch:adamw,loop,fromage:triton,fromage:foreach,torch:sgd')
 fi
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-install build tests bench}
@@ -101,6 +127,7 @@ print(", ".join(parts))
 EOF
 )
 NVCC_VERSION=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -n 1)
+MISSING=$(missing_modules "$PY")
 
 : >"$WORK/stages"
 : >"$WORK/notes"
@@ -113,6 +140,7 @@ write_summary() {  # write_summary CURRENT: rewrite $OUT/summary.txt from what i
         echo "device:   ${GPU_LINE:-$GPU_NAME}"
         echo "versions: ${VERSIONS:-python unknown}, nvcc ${NVCC_VERSION:-absent}; TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset}"
         echo "commit:   $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+        echo "missing:  ${MISSING:-not checked} (modules the run needs that do not import)"
         echo
         printf '%-8s %-8s %4s %6s %6s\n' stage status rc time limit
         cat "$WORK/stages"
@@ -179,7 +207,7 @@ EOF
 )
     printf '  install tools: %s (the editable install needs setuptools >= 64)\n' "$TOOLS" >>"$WORK/notes"
     run_stage install setup.log "$(min "${LIMIT_INSTALL:-$DEF_INSTALL}" "$(left 60)")" \
-        "$PY" -m pip install --no-build-isolation --no-deps -e .
+        "$PY" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
 fi
 
 if has_stage build; then
@@ -227,7 +255,8 @@ if has_stage tests; then
     WORKERS=()
     if [ "$MODE" = gpu ] && "$PY" -c 'import xdist' 2>/dev/null; then WORKERS=(-n "${TEST_WORKERS:-4}"); fi
     run_stage tests tests.log "$(min "${LIMIT_TESTS:-$DEF_TESTS}" "$(left 45)")" \
-        "$PY" -m pytest -m gpu -q -rfEs --durations=15 -p no:cacheprovider "${WORKERS[@]}" "${PER_TEST[@]}" ${PYTEST_ARGS:-}
+        "$PY" -m pytest -m gpu -q -rfEs --durations=15 -p no:cacheprovider --continue-on-collection-errors \
+        "${WORKERS[@]}" "${PER_TEST[@]}" ${PYTEST_ARGS:-}
     result=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/tests.log" | grep -E ' in [0-9.]+s' | tail -n 1)
     printf '  tests: %s\n' "${result:-no pytest summary line (see tests.log)}" >>"$WORK/notes"
     grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -n 40 >"$WORK/failures"

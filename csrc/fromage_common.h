@@ -55,7 +55,7 @@ FF_HD uint32_t index_low(int64_t idx) { return static_cast<uint32_t>(static_cast
 // Correctly rounded fp32 operations that no compiler fuses into a multiply-add: on the GPU the
 // _rn intrinsics (never contracted, whatever -fmad says); on the host plain operators, which the
 // CPU kernels compile with -ffp-contract=off. Every backend's apply phase is this arithmetic
-// (README, "Bit-identical results"); torch's ops and the Triton kernel carry the same sequence.
+// (docs/backends.md, "Bit-identical results"); torch's ops and the Triton kernel carry the same sequence.
 FF_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
@@ -91,6 +91,11 @@ FF_HD float sqrt_rn(float x) {
   return std::sqrt(x);
 #endif
 }
+
+// Whether a step can use lr: >= 0 and finite in float32 (false for NaN). A tensor lr edited after
+// construction is never read on the host: a step whose lr is not usable skips, as with found_inf
+// (fromage_fused/_math.py: usable_lr).
+FF_HD bool usable_lr(float lr) { return lr >= 0.f && lr <= 3.40282347e+38f; }
 
 // The update of one tensor is p <- round(round(cp * p) + round(cg * g)).
 struct Coef {

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -256,6 +257,7 @@ void apply_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& st
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f) return;
   const int64_t n = static_cast<int64_t>(params.size());
   const float lr_v = *lr.const_data_ptr<float>();
+  if (!usable_lr(lr_v)) return;
   const float scale = grad_scale.has_value() ? *grad_scale->const_data_ptr<float>() : 1.f;
   const float* s = stats.const_data_ptr<float>();
   const bool bounded = p_bound.has_value();
@@ -308,6 +310,30 @@ at::Tensor round_bf16_nearest_cpu(const at::Tensor& x) {
   return out;
 }
 
+// apply_ writes its tensors through raw pointers, below autograd: like torch's own in-place ops
+// (and fused optimizers), it bumps their version counters here, so that a backward that saved one
+// of them before the step raises "modified by an inplace operation" instead of using new values.
+// Registered for ADInplaceOrView, it serves every device's kernel. (Inference tensors have no
+// version counter.)
+void bump_version(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+void apply_inplace_or_view(at::TensorList params, at::TensorList grads, const at::Tensor& stats, const at::Tensor& lr,
+                           const std::optional<at::Tensor>& max_norm, std::optional<double> p_bound, bool maximize,
+                           bool prefactor, const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& sr_seed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fromage_fused::apply_", "")
+                             .typed<decltype(apply_cpu)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed);
+  }
+  for (const auto& p : params) bump_version(p);
+  if (max_norm.has_value()) bump_version(*max_norm);
+}
+
 // How many threads at::parallel_for runs a body on (1 when the extension was built without
 // OpenMP, whatever torch's thread count): lets a test check that the kernels use torch's threads.
 int64_t parallel_width() {
@@ -327,6 +353,10 @@ TORCH_LIBRARY(fromage_fused, m) {
   m.def("round_bf16_stochastic(Tensor x, Tensor seed, int tensor_index) -> Tensor");
   m.def("round_bf16_nearest(Tensor x) -> Tensor");
   m.def("parallel_width() -> int", &ff::parallel_width);
+}
+
+TORCH_LIBRARY_IMPL(fromage_fused, ADInplaceOrView, m) {
+  m.impl("apply_", &ff::apply_inplace_or_view);
 }
 
 TORCH_LIBRARY_IMPL(fromage_fused, CPU, m) {

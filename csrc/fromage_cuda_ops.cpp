@@ -1,6 +1,6 @@
 // torch glue of the CUDA kernels: validation, the tensor tables (built by tensor_table.h, uploaded
-// from pinned buffers and cached), workspace from torch's allocator, the current stream under a
-// device guard, and the CUDA registrations of the ops defined in fromage_cpu.cpp.
+// from pinned buffers and cached, for every thread), workspace from torch's allocator, the current
+// stream under a device guard, and the CUDA registrations of the ops defined in fromage_cpu.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "fromage_checks.h"
@@ -21,7 +20,9 @@
 namespace ff {
 namespace {
 
-constexpr size_t kCachedTables = 64;  // tables of tensors (one per group)
+constexpr size_t kCachedTables = 64;       // tables of tensors (one per group)
+constexpr size_t kGraphTableLimit = 256;   // of them held for captured CUDA graphs, at most
+constexpr int64_t kStagingMinFree = 32768;  // int64 words of pinned memory kept for captured uploads
 
 DType dtype_of(at::ScalarType t) {
   return t == at::kFloat ? DType::F32 : (t == at::kBFloat16 ? DType::BF16 : DType::F16);
@@ -41,8 +42,8 @@ void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "fromage_fused: CUDA ", what, " launch failed: ", cuda_error_string(err));
 }
 
-// An uploaded table. `host` is the pinned staging buffer the upload copied from: it lives as long
-// as the entry, because a captured upload copies from it again at every replay.
+// An uploaded table. `host` is the pinned buffer the upload copied from: it lives as long as the
+// entry, because a captured upload copies from it again at every replay.
 struct Uploaded {
   at::Tensor host;
   at::Tensor device;
@@ -55,30 +56,40 @@ struct Table {
   int64_t blocks;
 };
 
-std::mutex cache_mutex;
+// Never destroyed: freeing CUDA memory from a static destructor at exit can outlive the allocator.
 TableCache<Uploaded>& cache() {
-  // Never destroyed: freeing CUDA memory from a static destructor at exit can outlive the allocator.
-  static auto* tables = new TableCache<Uploaded>(kCachedTables);
+  static auto* tables = new TableCache<Uploaded>(kCachedTables, kGraphTableLimit);
   return *tables;
+}
+// Used under the cache's lock only (in its callbacks).
+StagingPool<at::Tensor>& staging() {
+  static auto* pool = new StagingPool<at::Tensor>(kStagingMinFree, [](int64_t words) {
+    return at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  });
+  return *pool;
 }
 
 // The cached device copy of the table for `key`; on a miss `build(words)` fills it and returns its
 // block count, and it is uploaded on the current stream. Capture-safe: inside CUDA-graph capture
-// the upload is captured from the entry's pinned buffer, and the entry is held for as long as the
-// process lives (the graph may replay at any time).
+// the upload is captured from pinned memory the staging pool set aside outside capture, and the
+// entry is held (the graph may replay at any time), up to kGraphTableLimit held entries.
 template <class Build>
-Table upload(std::vector<int64_t> key, const at::Device& device, Build build) {
+Table upload(const std::vector<int64_t>& key, const at::Device& device, Build build) {
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  Uploaded* hit = cache().find(key, capturing);
-  if (hit == nullptr) {
+  auto make = [&] {
     std::vector<int64_t> words;
     Uploaded entry;
     entry.blocks = build(words);
     const int64_t size = static_cast<int64_t>(words.size());
     try {
-      entry.host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      at::Tensor segment;
+      int64_t offset = 0;
+      if (capturing && staging().take(size, &segment, &offset)) {
+        entry.host = segment.narrow(0, offset, size);
+      } else {  // eager, or a capture the pool cannot serve (torch may still allocate there)
+        entry.host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      }
       std::memcpy(entry.host.data_ptr<int64_t>(), words.data(), words.size() * sizeof(int64_t));
       entry.device = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
       entry.device.copy_(entry.host, /*non_blocking=*/true);
@@ -89,15 +100,35 @@ Table upload(std::vector<int64_t> key, const at::Device& device, Build build) {
                   ". Keep the gradients' storage of the warm-up steps instead: call zero_grad(set_to_none=False) "
                   "before capturing (or capture after a step on the same storage)");
     }
+    if (!capturing) staging().reserve(size);
     entry.streams.push_back(stream.id());
-    hit = &cache().insert(std::move(key), std::move(entry), capturing);
-  } else if (!capturing && std::find(hit->streams.begin(), hit->streams.end(), stream.id()) == hit->streams.end()) {
-    // Read on another stream than the one it was made on: when it is evicted, the allocator must
-    // wait for this stream's work too before reusing the memory.
-    c10::cuda::CUDACachingAllocator::recordStream(hit->device.storage().data_ptr(), stream);
-    hit->streams.push_back(stream.id());
+    return entry;
+  };
+  auto touch = [&](Uploaded& hit) {
+    if (capturing) return;
+    staging().reserve(hit.host.numel());
+    if (std::find(hit.streams.begin(), hit.streams.end(), stream.id()) == hit.streams.end()) {
+      // Read on another stream than the one it was made on: when it is evicted, the allocator must
+      // wait for this stream's work too before reusing the memory.
+      c10::cuda::CUDACachingAllocator::recordStream(hit.device.storage().data_ptr(), stream);
+      hit.streams.push_back(stream.id());
+    }
+  };
+  try {
+    const Uploaded entry = cache().get(key, capturing, make, touch);
+    return Table{entry.device, entry.blocks};
+  } catch (const GraphTablesFull&) {
+    TORCH_CHECK(false, "fromage_fused: the cuda backend holds ", kGraphTableLimit, " tensor tables for captured CUDA "
+                "graphs, its limit: a graph reads its tables at every replay, so each capture that sees new parameter "
+                "or gradient storage holds new ones for good. Capture on the storage of the warm-up steps "
+                "(zero_grad(set_to_none=False)), or, once the graphs that used them are freed and will not replay, "
+                "call fromage_fused.release_graph_tables()");
   }
-  return Table{hit->device, hit->blocks};
+  return Table{};  // not reached
+}
+
+int64_t release_graph_tables_op() {
+  return static_cast<int64_t>(cache().release_held([] { staging().clear(); }));
 }
 
 // Key: what the table holds (kind, device, addresses, sizes), so a hit is always a valid table.
@@ -111,7 +142,7 @@ Table tensor_table(const std::vector<TensorRef>& r, const at::Device& device) {
     key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.g)));
     key.push_back(t.numel);
   }
-  Table table = upload(std::move(key), device, [&](std::vector<int64_t>& words) {
+  Table table = upload(key, device, [&](std::vector<int64_t>& words) {
     return build_tensor_table(r.data(), static_cast<int64_t>(r.size()), kCudaChunk, words);
   });
   TORCH_CHECK(table.blocks <= std::numeric_limits<int32_t>::max(), "fromage_fused: a group of ", table.blocks,
@@ -176,6 +207,11 @@ at::Tensor round_bf16_stochastic_cuda(const at::Tensor& x, const at::Tensor& see
 
 }  // namespace
 }  // namespace ff
+
+TORCH_LIBRARY_FRAGMENT(fromage_fused, m) {
+  // Present only where the CUDA ops are built: fromage_fused.release_graph_tables() calls it.
+  m.def("_release_graph_tables() -> int", &ff::release_graph_tables_op);
+}
 
 TORCH_LIBRARY_IMPL(fromage_fused, CUDA, m) {
   m.impl("stats", &ff::stats_cuda);

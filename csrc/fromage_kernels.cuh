@@ -22,6 +22,9 @@ constexpr int kWarps = kThreads / 32;
 // registers first, each store waits for the loads before it (the compiler cannot move a load
 // above a store through pointers that may alias), and only 2-3 loads are in flight.
 constexpr int kStage = 4;
+// Elements of each operand a thread loads before it uses any, where p and g cannot be read as
+// aligned vectors together: scalar loads, so more of them (16 loads in flight per thread).
+constexpr int kScalarStage = 8;
 
 // This block's place in the tensor table.
 struct Slot {
@@ -33,7 +36,7 @@ struct Slot {
 };
 
 // Addresses read from the table are plain integers: promising that they point to global memory
-// lets the compiler use global loads and stores instead of generic ones.
+// lets the compiler use global loads and stores instead of generic ones (slot_of makes sure they do).
 template <class T>
 __device__ __forceinline__ T* global_ptr(int64_t address, int64_t offset = 0) {
   T* ptr = reinterpret_cast<T*>(address) + offset;
@@ -49,6 +52,11 @@ __device__ __forceinline__ Slot slot_of(const int64_t* __restrict__ table, int64
   s.numel = table[kColNumel * n + s.t];
   s.p = table[kColP * n + s.t];
   s.g = table[kColG * n + s.t];
+  // An empty tensor's address may be null, which is not a global address (global_ptr's promise
+  // would be false: undefined behaviour). Its block reads nothing through it, so any global
+  // address does: the table's.
+  if (s.p == 0) s.p = reinterpret_cast<int64_t>(table);
+  if (s.g == 0) s.g = reinterpret_cast<int64_t>(table);
   return s;
 }
 
@@ -115,7 +123,65 @@ __device__ __forceinline__ typename Tr::S round_to(float x, int64_t idx, uint32_
   }
 }
 
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+// How a block's elements [0, len) are read: elements [head, vec_end) as 16-byte vectors, the others
+// one by one. Vectors need p + head and g + head both 16-byte aligned: when p and g are misaligned by
+// the same amount (views into buffers at the same offset) a head of fewer than kVec elements gets
+// them there; otherwise there are no vectors.
+struct Split {
+  int head;
+  int vec_end;
+};
+template <class Tr>
+__device__ __forceinline__ Split split_of(const void* p, const void* g, int len) {
+  const auto a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(g);
+  constexpr uintptr_t kSize = sizeof(typename Tr::S);
+  if (((a ^ b) & 15u) != 0 || (a & (kSize - 1)) != 0) return Split{0, 0};
+  const int to_aligned = static_cast<int>(((16u - (a & 15u)) & 15u) / kSize);
+  const int head = to_aligned < len ? to_aligned : len;
+  return Split{head, head + (len - head) / Tr::kVec * Tr::kVec};
+}
+
+// Visits the block's `len` elements of p and g, in fp32: op.vec(i, pv, gv) for the Tr::kVec elements
+// from i, op.one(i, pf, gf) for one element (i counts from the block's first element). Each thread
+// loads kStage vectors (or kScalarStage elements) of both operands before it hands any to `op`:
+// an op that stores into p would otherwise wait for each load before the store after it (the
+// compiler cannot move a load above a store through pointers that may alias). Every element is
+// visited once, by one thread, in an order that depends only on len and the alignment.
+template <class Tr, class P, class Op>
+__device__ __forceinline__ void sweep(P* p, const typename Tr::S* g, int len, Op& op) {
+  constexpr int kStep = kThreads * Tr::kVec;  // elements per vector pass of the whole block
+  const Split split = split_of<Tr>(p, g, len);
+  if (static_cast<int>(threadIdx.x) < split.head) op.one(threadIdx.x, Tr::to_f(p[threadIdx.x]), Tr::to_f(g[threadIdx.x]));
+  int i = split.head + static_cast<int>(threadIdx.x) * Tr::kVec;
+  for (; i + (kStage - 1) * kStep < split.vec_end; i += kStage * kStep) {
+    float pv[kStage][Tr::kVec], gv[kStage][Tr::kVec];
+#pragma unroll
+    for (int s = 0; s < kStage; ++s) {
+      load_vec<Tr>(p + i + s * kStep, pv[s]);
+      load_vec<Tr>(g + i + s * kStep, gv[s]);
+    }
+#pragma unroll
+    for (int s = 0; s < kStage; ++s) op.vec(i + s * kStep, pv[s], gv[s]);
+  }
+  for (; i < split.vec_end; i += kStep) {
+    float pv[Tr::kVec], gv[Tr::kVec];
+    load_vec<Tr>(p + i, pv);
+    load_vec<Tr>(g + i, gv);
+    op.vec(i, pv, gv);
+  }
+  int k = split.vec_end + static_cast<int>(threadIdx.x);
+  for (; k + (kScalarStage - 1) * kThreads < len; k += kScalarStage * kThreads) {
+    float pf[kScalarStage], gf[kScalarStage];
+#pragma unroll
+    for (int s = 0; s < kScalarStage; ++s) {
+      pf[s] = Tr::to_f(p[k + s * kThreads]);
+      gf[s] = Tr::to_f(g[k + s * kThreads]);
+    }
+#pragma unroll
+    for (int s = 0; s < kScalarStage; ++s) op.one(k + s * kThreads, pf[s], gf[s]);
+  }
+  for (; k < len; k += kThreads) op.one(k, Tr::to_f(p[k]), Tr::to_f(g[k]));
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -144,6 +210,21 @@ __device__ __forceinline__ void block_sum3(float& a, float& b, float& c) {
   __syncthreads();
 }
 
+// The sums of phase 1 over one thread's elements: a chain of fused multiply-adds each.
+template <class Tr>
+struct StatsOp {
+  float pp = 0.f, gg = 0.f, pg = 0.f;
+  __device__ __forceinline__ void one(int, float pf, float gf) {
+    pp = fmaf(pf, pf, pp);
+    gg = fmaf(gf, gf, gg);
+    pg = fmaf(pf, gf, pg);
+  }
+  __device__ __forceinline__ void vec(int i, const float* pv, const float* gv) {
+#pragma unroll
+    for (int j = 0; j < Tr::kVec; ++j) one(i + j, pv[j], gv[j]);
+  }
+};
+
 // Phase 1. Each block sums its elements in fp32. A tensor of one block writes its stats row
 // directly; otherwise each block writes its partial sums and the last block of the tensor to
 // finish (an integer counter per tensor, no float atomics) adds the tensor's partials in a fixed
@@ -153,53 +234,13 @@ __global__ void __launch_bounds__(kThreads, 2) stats_kernel(const int64_t* __res
                                                          float* __restrict__ stats, float* __restrict__ partials,
                                                          unsigned* __restrict__ counters, int inner) {
   using S = typename Tr::S;
-  constexpr int kStep = kThreads * Tr::kVec;  // elements per pass of the whole block
   const Slot at = slot_of(table, n);
   const int64_t start = at.block * kCudaChunk;
   const int64_t left = at.numel - start;
   const int len = static_cast<int>(left < kCudaChunk ? left : kCudaChunk);
-  const S* p = global_ptr<const S>(at.p, start);
-  const S* g = global_ptr<const S>(at.g, start);
-  float pp = 0.f, gg = 0.f, pg = 0.f;
-  int vec_end = 0;
-  if (aligned16(p) && aligned16(g)) {
-    vec_end = len - len % Tr::kVec;
-    int i = threadIdx.x * Tr::kVec;
-    for (; i + (kStage - 1) * kStep < vec_end; i += kStage * kStep) {
-      float pv[kStage][Tr::kVec], gv[kStage][Tr::kVec];
-#pragma unroll
-      for (int s = 0; s < kStage; ++s) {
-        load_vec<Tr>(p + i + s * kStep, pv[s]);
-        load_vec<Tr>(g + i + s * kStep, gv[s]);
-      }
-#pragma unroll
-      for (int s = 0; s < kStage; ++s) {
-#pragma unroll
-        for (int j = 0; j < Tr::kVec; ++j) {
-          pp = fmaf(pv[s][j], pv[s][j], pp);
-          gg = fmaf(gv[s][j], gv[s][j], gg);
-          pg = fmaf(pv[s][j], gv[s][j], pg);
-        }
-      }
-    }
-    for (; i < vec_end; i += kStep) {
-      float pv[Tr::kVec], gv[Tr::kVec];
-      load_vec<Tr>(p + i, pv);
-      load_vec<Tr>(g + i, gv);
-#pragma unroll
-      for (int j = 0; j < Tr::kVec; ++j) {
-        pp = fmaf(pv[j], pv[j], pp);
-        gg = fmaf(gv[j], gv[j], gg);
-        pg = fmaf(pv[j], gv[j], pg);
-      }
-    }
-  }
-  for (int i = vec_end + threadIdx.x; i < len; i += kThreads) {
-    const float pf = Tr::to_f(p[i]), gf = Tr::to_f(g[i]);
-    pp = fmaf(pf, pf, pp);
-    gg = fmaf(gf, gf, gg);
-    pg = fmaf(pf, gf, pg);
-  }
+  StatsOp<Tr> sums;
+  sweep<Tr>(global_ptr<const S>(at.p, start), global_ptr<const S>(at.g, start), len, sums);
+  float pp = sums.pp, gg = sums.gg, pg = sums.pg;
   block_sum3(pp, gg, pg);
   float* row = stats + 3 * static_cast<int64_t>(at.t);
   if (at.blocks == 1) {
@@ -238,9 +279,37 @@ __global__ void __launch_bounds__(kThreads, 2) stats_kernel(const int64_t* __res
   }
 }
 
-// Phase 2. Every block derives its tensor's coefficients from the stats on the device. An unset
-// max_norm is written by the first block of the tensor; its other blocks read either the unset
-// value or the written one, and both lead to the same number.
+// The update of one block's elements, rounded to the storage format.
+template <class Tr, bool SR>
+struct ApplyOp {
+  typename Tr::S* p;
+  Coef c;
+  int64_t start;    // the block's first element in its tensor (the stochastic rounding's index)
+  uint32_t stream;  // the tensor's stochastic-rounding stream
+  __device__ __forceinline__ void vec(int i, const float* pv, const float* gv) {
+    typename Tr::S out[Tr::kVec];
+#pragma unroll
+    for (int j = 0; j < Tr::kVec; ++j) out[j] = round_to<Tr, SR>(update(c, pv[j], gv[j]), start + i + j, stream);
+    store_vec<Tr>(p + i, out);
+  }
+  __device__ __forceinline__ void one(int i, float pf, float gf) {
+    p[i] = round_to<Tr, SR>(update(c, pf, gf), start + i, stream);
+  }
+};
+
+// A tensor's max_norm, read by every block of the tensor while, when it is unset, the tensor's
+// first block writes it. One thread per block reads it, with an atomic (adding 0 to its bits
+// changes nothing), and hands it to the others through shared memory; the write is an atomic
+// exchange: no data race. The other blocks read the unset value or the written one, and both lead
+// to the same coefficients. (Built-in atomics: <cuda/atomic> would double the kernels' compile time.)
+__device__ __forceinline__ float read_max_norm(float* max_norm) {
+  __shared__ float value;
+  if (threadIdx.x == 0) value = __uint_as_float(atomicAdd(reinterpret_cast<unsigned*>(max_norm), 0u));
+  __syncthreads();
+  return value;
+}
+
+// Phase 2. Every block derives its tensor's coefficients from the stats on the device.
 template <class Tr, bool SR>
 __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __restrict__ table,
                                                          float* __restrict__ max_norms, int64_t n,  // [n] or null
@@ -251,54 +320,21 @@ __global__ void __launch_bounds__(kThreads, 2) apply_kernel(const int64_t* __res
                                                          const int64_t* __restrict__ seed, float p_bound,
                                                          int maximize, int prefactor) {
   using S = typename Tr::S;
-  constexpr int kStep = kThreads * Tr::kVec;
-  if (found_inf != nullptr && *found_inf != 0.f) return;
+  if ((found_inf != nullptr && *found_inf != 0.f) || !usable_lr(*lr)) return;
   const Slot at = slot_of(table, n);
   const bool has_p_bound = max_norms != nullptr;
   float* max_norm = has_p_bound ? max_norms + at.t : nullptr;
   const float* row = stats + 3 * static_cast<int64_t>(at.t);
-  const float old = has_p_bound ? *max_norm : 0.f;
+  const float old = has_p_bound ? read_max_norm(max_norm) : 0.f;
   const Coef c = coefficients(row[0], row[1], row[2], *lr, grad_scale ? *grad_scale : 1.f, grad_scale != nullptr,
                               has_p_bound, p_bound, old, maximize, prefactor);
-  if (has_p_bound && at.block == 0 && threadIdx.x == 0 && old < 0.f) *max_norm = c.max_norm;
-  const uint32_t stream = SR ? sr_stream(*seed, at.t) : 0u;
+  if (has_p_bound && at.block == 0 && threadIdx.x == 0 && old < 0.f)
+    atomicExch(max_norm, c.max_norm);
   const int64_t start = at.block * kCudaChunk;
   const int64_t left = at.numel - start;
   const int len = static_cast<int>(left < kCudaChunk ? left : kCudaChunk);
-  S* p = global_ptr<S>(at.p, start);
-  const S* g = global_ptr<const S>(at.g, start);
-  int vec_end = 0;
-  if (aligned16(p) && aligned16(g)) {
-    vec_end = len - len % Tr::kVec;
-    int i = threadIdx.x * Tr::kVec;
-    for (; i + (kStage - 1) * kStep < vec_end; i += kStage * kStep) {
-      float pv[kStage][Tr::kVec], gv[kStage][Tr::kVec];
-#pragma unroll
-      for (int s = 0; s < kStage; ++s) {
-        load_vec<Tr>(p + i + s * kStep, pv[s]);
-        load_vec<Tr>(g + i + s * kStep, gv[s]);
-      }
-#pragma unroll
-      for (int s = 0; s < kStage; ++s) {
-        S out[Tr::kVec];
-#pragma unroll
-        for (int j = 0; j < Tr::kVec; ++j)
-          out[j] = round_to<Tr, SR>(update(c, pv[s][j], gv[s][j]), start + i + s * kStep + j, stream);
-        store_vec<Tr>(p + i + s * kStep, out);
-      }
-    }
-    for (; i < vec_end; i += kStep) {
-      float pv[Tr::kVec], gv[Tr::kVec];
-      S out[Tr::kVec];
-      load_vec<Tr>(p + i, pv);
-      load_vec<Tr>(g + i, gv);
-#pragma unroll
-      for (int j = 0; j < Tr::kVec; ++j) out[j] = round_to<Tr, SR>(update(c, pv[j], gv[j]), start + i + j, stream);
-      store_vec<Tr>(p + i, out);
-    }
-  }
-  for (int i = vec_end + threadIdx.x; i < len; i += kThreads)
-    p[i] = round_to<Tr, SR>(update(c, Tr::to_f(p[i]), Tr::to_f(g[i])), start + i, stream);
+  ApplyOp<Tr, SR> op{global_ptr<S>(at.p, start), c, start, SR ? sr_stream(*seed, at.t) : 0u};
+  sweep<Tr>(op.p, global_ptr<const S>(at.g, start), len, op);
 }
 
 __global__ void round_bf16_kernel(const float* __restrict__ x, uint16_t* __restrict__ out, int64_t n,

@@ -3,7 +3,7 @@
 // A PlanRecord is made when a plan is built, from the stepped parameters (in plan order) and the
 // others of one list; grads() returns the stepped parameters' gradients in plan order, and whether
 // everything still matches: the others still have no gradient; each stepped parameter has the same
-// storage address, dtype, device and contiguity, and a gradient that is strided, of its dtype,
+// address, shape, strides, dtype, device and contiguity, and a gradient that is strided, of its dtype,
 // device and shape, as contiguous as it was, and lazily negated or conjugated exactly when it was.
 // Host metadata only; the tensors are held as Python holds them (autograd metadata included), so
 // .grad() reads what p.grad would.
@@ -37,6 +37,7 @@ struct PlanRecord : torch::CustomClassHolder {
   std::vector<at::Tensor> params;  // the stepped parameters, in plan order
   std::vector<at::Tensor> absent;  // the others: they must still have no gradient
   std::vector<int64_t> address, meta;
+  std::vector<std::vector<int64_t>> sizes, strides;
 
   PlanRecord(std::vector<at::Tensor> stepped, std::vector<at::Tensor> without) :
       params(std::move(stepped)), absent(std::move(without)) {
@@ -45,6 +46,8 @@ struct PlanRecord : torch::CustomClassHolder {
       TORCH_CHECK(g.defined() && g.layout() == at::kStrided, "fromage_fused: PlanRecord: a stepped parameter has no strided gradient");
       address.push_back(data_address(p));
       meta.push_back(metadata(p, g));
+      sizes.push_back(p.sizes().vec());
+      strides.push_back(p.strides().vec());
     }
   }
 
@@ -58,6 +61,7 @@ struct PlanRecord : torch::CustomClassHolder {
       const at::Tensor& p = params[i];
       const at::Tensor& g = p.grad();
       if (!g.defined() || g.layout() != at::kStrided || data_address(p) != address[i] || metadata(p, g) != meta[i] ||
+          p.sizes() != at::IntArrayRef(sizes[i]) || p.strides() != at::IntArrayRef(strides[i]) ||
           g.scalar_type() != p.scalar_type() || g.device() != p.device() || g.sizes() != p.sizes())
         return {std::vector<at::Tensor>(), false};
       out.push_back(g);

@@ -1,4 +1,5 @@
-// The tensor table of the multi-tensor CUDA kernels, and the cache that keeps uploaded tables.
+// The tensor table of the multi-tensor CUDA kernels, the cache that keeps uploaded tables and the
+// pinned staging pool of uploads made inside CUDA-graph capture.
 // Pure host C++ (no torch, no CUDA runtime) shared by the CUDA path (fromage_cuda_ops.cpp builds
 // and uploads tables, the kernels read them) and a CPU-built test hook (fromage_table_hook.cpp),
 // so that the packing and the cache are tested without a GPU.
@@ -14,7 +15,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <list>
+#include <mutex>
+#include <stdexcept>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -68,47 +72,81 @@ struct KeyHash {
   }
 };
 
+// Thrown by TableCache::get when a capture needs one more held table than the limit allows.
+struct GraphTablesFull : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // Least-recently-used cache of uploaded tables, keyed by what the table holds (addresses, sizes),
 // so an entry is valid for as long as it exists. An entry used while a CUDA graph is being captured
-// is held for good: the graph's kernels read its device memory, and a captured upload re-reads its
-// pinned host buffer, at every replay. Only entries no graph holds are evicted; when every entry is
-// held the cache grows instead.
+// is held: the graph's kernels read its device memory, and a captured upload re-reads its host
+// buffer, at every replay. Only entries no graph holds are evicted; at most `held_limit` are held
+// (a capture that needs one more is refused), until release_held(). Every access takes the
+// cache's lock, and callers get a copy of the value, never a pointer into the cache: one cache
+// serves every thread.
 template <class Value>
 class TableCache {
  public:
-  explicit TableCache(size_t capacity) : capacity_(capacity) {}
+  TableCache(size_t capacity, size_t held_limit) : capacity_(capacity), held_limit_(held_limit) {}
 
-  // The entry for `key` (now the most recently used), or nullptr.
-  Value* find(const std::vector<int64_t>& key, bool capturing) {
+  // The value for `key`: on a hit `touch(value)` runs on the entry (now the most recently used), on
+  // a miss `make()` makes it, and it is inserted. Both run under the lock; if either throws, nothing
+  // changes. Throws GraphTablesFull, before calling either, when `capturing` would hold one more
+  // table than the limit allows. `*hit` (if given) says which.
+  template <class Make, class Touch>
+  Value get(const std::vector<int64_t>& key, bool capturing, Make&& make, Touch&& touch, bool* hit = nullptr) {
+    std::lock_guard<std::mutex> lock(mutex_);
     auto it = index_.find(key);
-    if (it == index_.end()) return nullptr;
-    order_.splice(order_.end(), order_, it->second);
-    it->second->held = it->second->held || capturing;
-    return &it->second->value;
-  }
-
-  // Adds `value` under `key` unless the key is there already (a held entry must never be replaced);
-  // returns the entry.
-  Value& insert(std::vector<int64_t> key, Value value, bool capturing) {
-    if (Value* existing = find(key, capturing)) return *existing;
-    order_.push_back(Node{key, std::move(value), capturing});
+    const bool found = it != index_.end();
+    if (hit != nullptr) *hit = found;
+    if (capturing && !(found && it->second->held) && held_ >= held_limit_)
+      throw GraphTablesFull("held tables at their limit");
+    if (found) {
+      touch(it->second->value);
+      order_.splice(order_.end(), order_, it->second);
+      hold(*it->second, capturing);
+      return it->second->value;
+    }
+    Value value = make();
+    order_.push_back(Node{key, std::move(value), false});
     auto node = std::prev(order_.end());
-    index_[std::move(key)] = node;
-    for (auto it = order_.begin(); order_.size() > capacity_ && it != node;) {
-      if (it->held) {
-        ++it;
+    index_[key] = node;
+    hold(*node, capturing);
+    for (auto e = order_.begin(); order_.size() > capacity_ && e != node;) {
+      if (e->held) {
+        ++e;
         continue;
       }
-      index_.erase(it->key);
-      it = order_.erase(it);
+      index_.erase(e->key);
+      e = order_.erase(e);
     }
     return node->value;
   }
 
-  size_t size() const { return order_.size(); }
+  // Held entries become ordinary ones again (the least recently used past the capacity go);
+  // `then()` runs under the lock. Returns how many were held.
+  template <class Then>
+  size_t release_held(Then&& then) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const size_t released = held_;
+    for (auto& node : order_) node.held = false;
+    held_ = 0;
+    while (order_.size() > capacity_) {
+      index_.erase(order_.front().key);
+      order_.pop_front();
+    }
+    then();
+    return released;
+  }
+
+  size_t size() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return order_.size();
+  }
 
   // Keys from the least to the most recently used, each followed by 1 if a graph holds it, else 0.
-  std::vector<int64_t> describe() const {
+  std::vector<int64_t> describe() {
+    std::lock_guard<std::mutex> lock(mutex_);
     std::vector<int64_t> out;
     for (const auto& node : order_) {
       out.insert(out.end(), node.key.begin(), node.key.end());
@@ -123,9 +161,62 @@ class TableCache {
     Value value;
     bool held;
   };
-  size_t capacity_;
+  void hold(Node& node, bool capturing) {
+    if (capturing && !node.held) {
+      node.held = true;
+      ++held_;
+    }
+  }
+  size_t capacity_, held_limit_, held_ = 0;
+  std::mutex mutex_;
   std::list<Node> order_;
   std::unordered_map<std::vector<int64_t>, typename std::list<Node>::iterator, KeyHash> index_;
+};
+
+// Host memory for the uploads made while a CUDA graph is captured, set aside outside capture:
+// allocating pinned memory inside a capture fails on older torch, and the graph copies from the
+// buffer again at every replay, so it must stay. reserve() (outside capture) keeps enough free,
+// allocating a new segment if need be; take() (inside) hands out words of the current segment and
+// never allocates. Words are never handed out twice; a segment lives as long as a table holds
+// some of it (Segment is a reference-counted buffer). Not locked: used under the table cache's lock.
+template <class Segment>
+class StagingPool {
+ public:
+  using Allocate = std::function<Segment(int64_t words)>;
+  StagingPool(int64_t min_free, Allocate allocate) : min_free_(min_free), allocate_(std::move(allocate)) {}
+
+  int64_t free_words() const { return size_ - used_; }
+
+  // After a table of `words` was needed: at least max(min_free, 2 * the largest table) words free.
+  void reserve(int64_t words) {
+    largest_ = words > largest_ ? words : largest_;
+    const int64_t want = min_free_ > 2 * largest_ ? min_free_ : 2 * largest_;
+    if (free_words() < want) {
+      segment_ = allocate_(2 * want);
+      size_ = 2 * want;
+      used_ = 0;
+    }
+  }
+
+  // `words` of the current segment, at `*offset`; false (and nothing taken) if they do not fit.
+  bool take(int64_t words, Segment* segment, int64_t* offset) {
+    if (free_words() < words) return false;
+    *segment = segment_;
+    *offset = used_;
+    used_ += words;
+    return true;
+  }
+
+  // A fresh segment at the next reserve(); what was handed out stays with its tables.
+  void clear() {
+    segment_ = Segment();
+    size_ = used_ = 0;
+  }
+
+ private:
+  int64_t min_free_, largest_ = 0, size_ = 0, used_ = 0;
+  Allocate allocate_;
+  Segment segment_{};
 };
 
 }  // namespace ff

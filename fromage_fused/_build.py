@@ -60,7 +60,7 @@ def cpu_isa() -> Optional[str]:
 
 def cpu_compile_flags(isa: Optional[str] = "detect") -> List[str]:
     """C++ flags of the CPU kernels: the vector ISA (of this machine unless given), and no FMA
-    contraction (the apply phase rounds every product and sum, as every backend does: README,
+    contraction (the apply phase rounds every product and sum, as every backend does: docs/backends.md,
     "Bit-identical results")."""
     if isa == "detect":
         isa = cpu_isa()
@@ -142,6 +142,30 @@ def cuda_unbuildable_reason() -> Optional[str]:
     return None
 
 
+def cuda_archs() -> str:
+    """The GPU architectures a CUDA build compiles for, as torch's ``cpp_extension`` chooses them:
+    ``$TORCH_CUDA_ARCH_LIST`` when set, else the compute capabilities of the visible GPUs (sorted,
+    separators normalised). Part of the build key: a build for one GPU has no kernels for another."""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if listed:
+        return " ".join(sorted(set(listed.replace(";", " ").split())))
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return " ".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes (a built library, checked against its build record before loading)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def build_info(variant: str, isa: Optional[str] = "detect") -> Dict[str, object]:
     """Everything a build of ``variant`` ('cpu' or 'cuda') depends on; its hash names the build."""
     import torch
@@ -154,6 +178,7 @@ def build_info(variant: str, isa: Optional[str] = "detect") -> Dict[str, object]
         "torch": torch.__version__,
         "torch_git": getattr(torch.version, "git_version", ""),
         "cuda": torch.version.cuda if variant == "cuda" else None,
+        "cuda_arch": cuda_archs() if variant == "cuda" else None,
         "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
         "machine": platform.machine(),
         "isa": isa,

@@ -1,14 +1,15 @@
 """Per-step revalidation of a step plan: is each tensor still what the plan was built for?
 
 A plan is built for one list of parameters: which of them have gradients, and each stepped
-parameter's storage, shape, dtype, device and contiguity, and its gradient's layout and contiguity.
+parameter's address, shape, strides, dtype and device, and its gradient's layout and contiguity.
 Every step brings new gradient tensors (``zero_grad()`` sets them to None, backward makes new ones),
 so every step checks, for every parameter of the list:
 
 - it is the same tensor object as when the plan was built, and has a gradient exactly when it had;
-- a stepped parameter still has its storage address, dtype, device and contiguity (``p.data = ...``
-  and ``module.to(...)`` change them; a new shape on the same storage needs no new plan, the plan
-  holds the parameter itself);
+- a stepped parameter still has its address, shape, strides, dtype and device (``p.data = ...`` and
+  ``module.to(...)`` change them; so does ``p.data = p.data[:k]`` on the same storage: backends
+  keep what they derive from a plan's tensors, element counts and addresses, and the overlap check
+  of a build holds only for the ranges it saw);
 - its gradient is strided, of the parameter's dtype, device and shape, as contiguous as then, and
   lazily negated or conjugated exactly when it was then.
 
@@ -31,6 +32,7 @@ _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _SHAPE = operator.attrgetter("shape")
+_STRIDE = torch.Tensor.stride
 _LAYOUT = operator.attrgetter("layout")
 _PTR = torch.Tensor.data_ptr
 _CONTIGUOUS = torch.Tensor.is_contiguous
@@ -79,6 +81,8 @@ class Record:
             return
         grads = list(map(_GRAD, self.planned))
         self.ptrs = list(map(_PTR, self.planned))
+        self.shapes = list(map(_SHAPE, self.planned))
+        self.strides = list(map(_STRIDE, self.planned))
         self.dtypes = list(map(_DTYPE, self.planned))
         self.devices = list(map(_DEVICE, self.planned))
         self.contiguous = list(map(_CONTIGUOUS, self.planned))
@@ -110,6 +114,8 @@ class Record:
     def _fits(self, params, grads) -> bool:
         return (
             list(map(_PTR, params)) == self.ptrs
+            and list(map(_SHAPE, params)) == self.shapes
+            and list(map(_STRIDE, params)) == self.strides
             and list(map(_LAYOUT, grads)) == self.layouts
             and list(map(_DTYPE, params)) == self.dtypes
             and list(map(_DTYPE, grads)) == self.dtypes
@@ -141,6 +147,8 @@ def record_pairs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) 
     rec.absent = []
     rec.native = None
     rec.ptrs = list(map(_PTR, params))
+    rec.shapes = list(map(_SHAPE, params))
+    rec.strides = list(map(_STRIDE, params))
     rec.dtypes = list(map(_DTYPE, params))
     rec.devices = list(map(_DEVICE, params))
     rec.contiguous = list(map(_CONTIGUOUS, params))

@@ -163,6 +163,11 @@ def group_tensors(
             if not chosen.supports_dtype(p.dtype):
                 chosen = fallback()
             group = groups[key] = Group(p.device, p.dtype, chosen, max_norms=None if max_norms is None else [])
+        if not eager and source.is_complex():
+            # A traced graph cannot have an op mutate a view of another dtype of its input (torch
+            # fails to compile it, or reads out of bounds): the step writes a real copy, copied back.
+            group.writeback.append((len(group.params), source))
+            p = p.clone()
         group.params.append(p)
         group.grads.append(g)
         group.indices.append(i)
@@ -175,6 +180,10 @@ def group_tensors(
     for group in groups.values():
         make_dense(group)
     return list(groups.values())
+
+
+def _write_back(original: torch.Tensor, result: torch.Tensor) -> None:
+    original.copy_(torch.view_as_complex(result) if original.is_complex() and not result.is_complex() else result)
 
 
 def consecutive_view(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -210,8 +219,9 @@ def make_dense(group: Group) -> None:
     written back after the apply phase)."""
     if not group.backend.dense_only:
         return
+    copies = {i for i, _ in group.writeback}
     for i, (p, g) in enumerate(zip(group.params, group.grads)):
-        if not p.is_contiguous():
+        if i not in copies and not p.is_contiguous():
             group.params[i] = p.contiguous()
             group.writeback.append((i, p))
         if not g.is_contiguous():
@@ -229,9 +239,21 @@ def _lr_of(group: Group) -> torch.Tensor:
     if isinstance(lr, torch.Tensor):
         return lr.to(device=group.device, dtype=accumulate_dtype(group.dtype), non_blocking=True).reshape(())
     if group._lr_tensor is None or group._lr_value != lr or type(group._lr_value) is not type(lr):
-        group._lr_tensor = torch.full((), lr, device=group.device, dtype=accumulate_dtype(group.dtype))
+        # float(): lr may be any real number the checks accept (a Fraction, a numpy scalar).
+        group._lr_tensor = torch.full((), float(lr), device=group.device, dtype=accumulate_dtype(group.dtype))
         group._lr_value = lr
     return group._lr_tensor
+
+
+def _stacked(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """A new 1-d tensor holding the values of the 0-d ``tensors``. Traced, as copies into a new
+    tensor: inductor turns ``stack`` of one view of an input into a read at the storage's start
+    (another parameter's max_norm when the view is not the first of its storage)."""
+    if not torch.compiler.is_compiling():
+        return torch.stack(tensors)
+    out = torch.empty(len(tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+    torch._foreach_copy_(list(out.unbind()), tensors)
+    return out
 
 
 def run_stats(group: Group, *, inner: Optional[bool] = None) -> torch.Tensor:
@@ -257,7 +279,7 @@ def run_apply(
     # copy, written back to the parameters' state tensors.
     copied = max_norm is None and group.p_bound is not None
     if copied:
-        max_norm = torch.stack(list(group.max_norms))
+        max_norm = _stacked(group.max_norms)
     group.backend.apply(
         group.params,
         group.grads,
@@ -274,7 +296,7 @@ def run_apply(
     if copied:
         torch._foreach_copy_(list(group.max_norms), list(max_norm.unbind()))
     for i, original in group.writeback:
-        original.copy_(group.params[i])
+        _write_back(original, group.params[i])
 
 
 def _as(stats: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

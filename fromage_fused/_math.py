@@ -5,7 +5,7 @@ The update of tensor i is ``p_i <- round(round(coef_p[i] * p_i) + round(coef_g[i
 (two products and a sum, no fused multiply-add). For fp32 stats the coefficients are a fixed
 sequence of correctly rounded fp32 operations (+, -, *, /, sqrt, compare, select). The C++, CUDA
 and Triton kernels carry the same sequence in their own language, so that every backend's apply
-phase gives the same bits from the same stats (README, "Bit-identical results").
+phase gives the same bits from the same stats (docs/backends.md, "Bit-identical results").
 """
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ import torch
 #: A ``max_norm`` below zero means "not set yet": the first applied step sets it to
 #: ``p_bound * ||p||`` measured before that step's update. A skipped step (found_inf) leaves it unset.
 UNSET_MAX_NORM = -1.0
+#: The largest float32: a step holds lr as a float32 tensor (float64 for float64 groups).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def usable_lr(lr: torch.Tensor) -> torch.Tensor:
+    """Whether a tensor lr can be stepped with (>= 0 and finite in float32; False for NaN), on its
+    device. A tensor lr edited after construction is never read on the host: a step whose lr is not
+    usable leaves every parameter and its state as they were, as a found_inf step does."""
+    return (lr >= 0) & (lr <= FLOAT32_MAX)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._math import coefficients
+from ._math import coefficients, usable_lr
 
 __all__ = ["StepStats", "Record", "summarize"]
 
@@ -94,8 +94,10 @@ def summarize(rec: Record) -> StepStats:
         clamped = cp < free
     else:
         clamped = torch.zeros_like(p_norm, dtype=torch.bool)
+    # a step skipped (found_inf, an unusable lr) changed nothing
+    applied = usable_lr(rec.lr)
     if rec.found_inf is not None:
-        applied = rec.found_inf == 0
-        relative = torch.where(applied, relative, torch.zeros_like(relative))
-        clamped = clamped & applied
+        applied = applied & (rec.found_inf == 0)
+    relative = torch.where(applied, relative, torch.zeros_like(relative))
+    clamped = clamped & applied
     return StepStats(rec.params, p_norm, g_norm, cos, relative, clamped)

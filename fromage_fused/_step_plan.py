@@ -14,7 +14,8 @@ when:
 - a group's ``p_bound``, ``maximize``, ``prefactor`` or ``stochastic_rounding`` changed (``lr`` is
   read and checked every step: schedulers change it);
 - a gradient appeared, disappeared, or changed dtype, device, shape, layout or contiguity; a
-  parameter changed storage, shape or contiguity (``p.data = ...``, ``module.to(...)``);
+  parameter changed address, shape or strides (``p.data = ...``, also on the same storage,
+  ``module.to(...)``);
 - a DTensor parameter's local shard is another tensor (FSDP2 resharding, ``reset_sharded_param``).
 
 Building validates everything and creates missing state only after all of it passed, so a step
@@ -32,8 +33,9 @@ from . import _training
 from . import _grad_check
 from ._grad_check import Record, record_pairs
 from ._groups import Group, PlanList, adopt_max_norms, group_tensors
+from ._overlap import refuse_overlaps
 from .distributed import _dtensor_type, local_pairs, local_groups, refuse_flat_parameters, refuse_stochastic_rounding
-from .functional import check_flags, check_lr, check_p_bound
+from .functional import as_float, check_flags, check_lr, check_p_bound
 
 __all__ = ["StepPlan", "build"]
 
@@ -166,7 +168,7 @@ class _GroupPlan:
 class StepPlan:
     """Everything one ``step()`` needs, for the optimizer as it was when this was built."""
 
-    def __init__(self, opt, parts: List[_GroupPlan], seeds: List[torch.Tensor]):
+    def __init__(self, opt, parts: List[_GroupPlan], seeded: List[Group]):
         self.generation = opt._plan_generation
         self.param_groups = opt.param_groups
         self.pgs = list(opt.param_groups)
@@ -174,7 +176,7 @@ class StepPlan:
         self.state_values = list(opt.state.values())
         self.parts = parts
         self.groups = [g for part in parts for g in part.groups]
-        self.seeds = seeds
+        self.seeded = seeded  # the groups that round stochastically, each with its seed
 
     def refresh(self, opt) -> bool:
         """Revalidate for this step (new gradients); False: the plan must be built again."""
@@ -221,8 +223,12 @@ def build(opt, *, keep: bool = True) -> StepPlan:
     param_groups = opt.param_groups
     pending = _Pending(opt.state)
     parts: List[_GroupPlan] = []
-    seeds: List[torch.Tensor] = []
+    seeded: List[Group] = []
     dtensor = _dtensor_type()
+    # Every tensor the backends will step, its gradient and where it is, for the overlap check.
+    stepped_p: List[torch.Tensor] = []
+    stepped_g: List[torch.Tensor] = []
+    places: List[Tuple[int, int]] = []
     for index, pg in enumerate(param_groups):
         # Groups can be edited after construction (schedulers, users): check what costs no sync.
         lr = pg["lr"]
@@ -245,6 +251,9 @@ def build(opt, *, keep: bool = True) -> StepPlan:
         else:
             plain_order = order
         plain = [params[i] for i in plain_order]
+        stepped_p += plain
+        stepped_g += [p.grad for p in plain]
+        places += [(index, i) for i in plain_order]
         if plain_order or not part.dtensors:
             max_norms = [opt._max_norm(p, p.device, pending) for p in plain] if bound else None
             groups = group_tensors(plain, [p.grad for p in plain], max_norms, opt._backend_for, opt._fallback)
@@ -265,6 +274,9 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             if pg["stochastic_rounding"]:
                 refuse_stochastic_rounding(part.dtensors)
             local_p, local_g = local_pairs(part.dtensors)
+            stepped_p += local_p
+            stepped_g += local_g
+            places += [(index, i) for i in order if isinstance(params[i], dtensor)]
             max_norms = [opt._max_norm(p, lp.device, pending) for p, lp in zip(part.dtensors, local_p)] if bound else None
             groups = local_groups(part.dtensors, local_p, local_g, max_norms, opt._backend_for, opt._fallback)
             for g in groups:
@@ -278,17 +290,19 @@ def build(opt, *, keep: bool = True) -> StepPlan:
             part.groups += groups
         for g in part.groups:
             g.lr = lr
-            g.p_bound = pg["p_bound"]
+            g.p_bound = as_float(pg["p_bound"])
             g.maximize = pg["maximize"]
             g.prefactor = pg["prefactor"]
             if pg["stochastic_rounding"] and g.dtype == torch.bfloat16 and g.reduce is None:
                 anchor, g.sr_seed = opt._sr_seed(pg, index, g.device, pending)
-                seeds.append(g.sr_seed)
+                seeded.append(g)
                 part.state_refs.append(([anchor], "sr_seed", [g.sr_seed]))
         parts.append(part)
+    if not torch.compiler.is_compiling():  # (fake tensors have no addresses; the eager steps check)
+        refuse_overlaps(stepped_p, stepped_g, lambda k: "parameter {1} of param group {0}".format(*places[k]))
     pending.commit()
     state = opt.state
     for part in parts:
         part.state_refs = [([state[p] for p in entries], key, held) for entries, key, held in part.state_refs]
-    return StepPlan(opt, parts, seeds)
+    return StepPlan(opt, parts, seeded)
 

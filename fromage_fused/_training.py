@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._math import usable_lr
+
 _SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
 _MASK63 = (1 << 63) - 1
 
@@ -87,9 +89,13 @@ def group_seed(base: int, group_index: int, device: torch.device) -> int:
     return _splitmix64(_splitmix64(base) ^ _splitmix64((group_index << 8) ^ (device_index & 0xFF))) & _MASK63
 
 
-def advance_seed(seed: torch.Tensor, found_inf: Optional[torch.Tensor]) -> None:
-    """Move the seed on by one on the device; a step skipped by ``found_inf`` leaves it as it was."""
-    if found_inf is None:
-        seed.add_(1)
-    else:
-        seed.add_((found_inf.to(seed.device, non_blocking=True) == 0).to(torch.int64))
+def advance_seed(seed: torch.Tensor, found_inf: Optional[torch.Tensor], lr=None) -> None:
+    """Move the seed on by one on the device; a step skipped by ``found_inf`` or by an unusable
+    tensor ``lr`` (``_math.usable_lr``) leaves it as it was."""
+    applied = None
+    if isinstance(lr, torch.Tensor):
+        applied = usable_lr(lr.to(seed.device, non_blocking=True))
+    if found_inf is not None:
+        no_inf = found_inf.to(seed.device, non_blocking=True) == 0
+        applied = no_inf if applied is None else applied & no_inf
+    seed.add_(1 if applied is None else applied.reshape(()).to(torch.int64))

@@ -2,7 +2,7 @@
 
     python -m fromage_fused.demo [--epochs N] [--backend NAME] [--p-bound X]
 
-Needs scikit-learn: ``pip install "fromage_fused[examples]"``.
+Needs scikit-learn: ``pip install scikit-learn`` (what the ``[examples]`` extra installs).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def load_digits(device="cpu"):
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError:
-        raise SystemExit('the demo trains on scikit-learn\'s digits: pip install "fromage_fused[examples]"') from None
+        raise SystemExit("the demo trains on scikit-learn's digits: pip install scikit-learn "
+                         "(what the [examples] extra installs)") from None
 
     data = _load()
     x = torch.tensor(data.data, dtype=torch.float32, device=device) / 16.0

@@ -14,17 +14,34 @@ import torch
 
 from . import backends as _backends
 from ._groups import FALLBACK, Group, execute, group_tensors, run_apply as _run_apply, run_stats as _run_stats
-from ._math import UNSET_MAX_NORM
+from ._math import FLOAT32_MAX, UNSET_MAX_NORM
+from ._overlap import refuse_overlaps
 from .backends import Backend
 
 __all__ = ["fromage", "check_lr", "check_p_bound", "check_flags", "Group", "plan", "run_stats", "run_apply", "step_groups", "UNSET_MAX_NORM"]
 
-def check_lr(lr, *, read_tensor: bool = True) -> None:
-    """ValueError unless lr is a finite number >= 0 or such a 1-element float tensor.
+def _real(value) -> Optional[float]:
+    """``float(value)`` for a real number (not a bool), inf where that overflows (``10**400``);
+    None for anything else. Steps use this float, so that any real type the checks accept
+    (``Fraction``, numpy scalars of any width) is one the step can use."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
-    ``read_tensor=False`` checks a tensor's shape and dtype only: its value stays on the device.
+
+def check_lr(lr, *, read_tensor: bool = True) -> None:
+    """ValueError unless lr is a finite real number >= 0 (at most the largest float32) or such a
+    1-element dense floating-point tensor.
+
+    ``read_tensor=False`` checks a tensor's layout, shape and dtype only: its value stays on the
+    device (a step guards against a bad value there: see ``_math.usable_lr``).
     """
     if isinstance(lr, torch.Tensor):
+        if lr.layout != torch.strided:
+            raise ValueError(f"a tensor lr must be dense (strided), got a {lr.layout} tensor")
         if lr.numel() != 1:
             raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
         if not lr.is_floating_point():
@@ -34,21 +51,27 @@ def check_lr(lr, *, read_tensor: bool = True) -> None:
         if not read_tensor:
             return
         value = float(lr.detach().cpu())  # at construction only: a step never reads it
-    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
-        value = float(lr)
     else:
-        # A string or a bool would convert silently to a float; refuse them.
-        raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"invalid learning rate: {lr} (must be finite and >= 0)")
+        value = _real(lr)
+        if value is None:
+            # A string or a bool would convert silently to a float; refuse them.
+            raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}")
+    if not math.isfinite(value) or value < 0 or value > FLOAT32_MAX:
+        raise ValueError(f"invalid learning rate: {lr} (must be finite, >= 0 and at most {FLOAT32_MAX:.6g})")
 
 
 def check_p_bound(p_bound) -> None:
-    """ValueError unless p_bound is None or a finite number > 0."""
+    """ValueError unless p_bound is None or a finite real number > 0."""
     if p_bound is None:
         return
-    if isinstance(p_bound, bool) or not isinstance(p_bound, numbers.Real) or not math.isfinite(p_bound) or not p_bound > 0:
+    value = _real(p_bound)
+    if value is None or not math.isfinite(value) or not value > 0:
         raise ValueError(f"invalid p_bound: {p_bound!r} (must be None or a finite number > 0)")
+
+
+def as_float(value) -> Optional[float]:
+    """A checked hyper-parameter as the step uses it: None stays None, a number becomes a float."""
+    return None if value is None else float(value)
 
 
 def check_flags(**flags) -> None:
@@ -102,8 +125,10 @@ def plan(
     name = backend
     groups = group_tensors(params, grads, max_norms if p_bound is not None else None,
                            lambda device: _backend_for(name, device), _fallback)
+    if not torch.compiler.is_compiling():  # (fake tensors have no addresses)
+        refuse_overlaps(params, grads, lambda i: f"parameter {i}")
     for group in groups:
-        group.p_bound = p_bound
+        group.p_bound = as_float(p_bound)
     return groups
 
 
@@ -132,7 +157,7 @@ def run_apply(
 def _set_hyper(group: Group, lr, p_bound, maximize, prefactor, sr_seed) -> None:
     if p_bound is not None and group.max_norms is None:
         raise ValueError("p_bound is set but the group was planned without max_norm tensors")
-    group.lr, group.p_bound, group.maximize, group.prefactor = lr, p_bound, maximize, prefactor
+    group.lr, group.p_bound, group.maximize, group.prefactor = lr, as_float(p_bound), maximize, prefactor
     group.sr_seed = sr_seed if group.dtype == torch.bfloat16 else None
 
 
@@ -169,7 +194,7 @@ def fromage(
     reduce_stats: Optional[Callable[[torch.Tensor, Group], torch.Tensor]] = None,
     sr_seed: Optional[torch.Tensor] = None,
 ) -> None:
-    """One Fromage step over ``params`` in place (see the README's "Exact semantics").
+    """One Fromage step over ``params`` in place (see docs/fromage.md, "Exact semantics").
 
     ``max_norms``: with ``p_bound``, one float32 0-d tensor per parameter; a negative value means
     "not set yet" and is set from this step's pre-update norm. ``lr`` is a float or a 0-d tensor.

@@ -1,13 +1,12 @@
 """``Fromage``: the torch.optim.Optimizer users construct. It owns hyper-parameters and state."""
 from __future__ import annotations
 
-import numbers
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch.optim import Optimizer
 
-from . import _step_plan, _training
+from . import _param_groups, _state_dict, _step_plan, _training
 from . import backends as _backends
 from ._groups import FALLBACK, dtype_refusal, execute
 from .functional import UNSET_MAX_NORM, check_flags as _check_flags, check_lr as _check_lr, check_p_bound as _check_p_bound
@@ -44,6 +43,14 @@ class Fromage(Optimizer):
             group rounds stochastically, so that other runs' random streams stay as they were).
         monitor: keep per-parameter statistics of each step, read with :meth:`last_stats`
             (``opt.monitor`` switches it at any time; costs nothing when off).
+        weight_decay: accepted (and saved in the param groups) for the training frameworks that
+            pass it, but Fromage has no weight decay: a non-zero value is ignored with a warning.
+            The ``1/sqrt(1 + lr^2)`` prefactor already shrinks every tensor by a factor of about
+            ``1 - lr^2/2`` per step, and ``p_bound`` caps norms.
+
+    A ``p_bound`` group that holds an all-zero tensor (which would stay zero for ever) and a
+    non-zero ``weight_decay`` each give one warning at construction or ``add_param_group``;
+    ``fromage_fused.param_groups`` builds groups that avoid the first.
 
     Works with ``torch.amp.GradScaler`` without an unscale pass, with CUDA-graph capture (``lr``
     as a device tensor, state created by eager warm-up steps) and with ``torch.compile``.
@@ -55,9 +62,10 @@ class Fromage(Optimizer):
 
     def __init__(self, params, lr=0.01, p_bound: Optional[float] = None, *, maximize: bool = False, prefactor: bool = True,
                  backend: str = "auto", stochastic_rounding: bool = False, seed: Optional[int] = None,
-                 monitor: bool = False):
+                 monitor: bool = False, weight_decay: float = 0.0):
         _check_lr(lr)
         _check_p_bound(p_bound)
+        _param_groups.check_weight_decay(weight_decay)
         _check_flags(monitor=monitor)
         #: Keep each step's per-parameter statistics for :meth:`last_stats` (see ``_monitor.py``).
         self.monitor = monitor
@@ -72,14 +80,20 @@ class Fromage(Optimizer):
         self._plan = None
         self._plan_generation = 0
         defaults = dict(lr=lr, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
-                        stochastic_rounding=stochastic_rounding)
+                        stochastic_rounding=stochastic_rounding, weight_decay=weight_decay)
+        # The groups' traps are told once for the whole construction, not once per group.
+        self._defer_trap_warnings = True
         super().__init__(params, defaults)
+        del self._defer_trap_warnings
+        _param_groups.warn_traps(self, range(len(self.param_groups)), stacklevel=3)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if "lr" in param_group:
             _check_lr(param_group["lr"])
         if "p_bound" in param_group:
             _check_p_bound(param_group["p_bound"])
+        if "weight_decay" in param_group:
+            _param_groups.check_weight_decay(param_group["weight_decay"])
         _check_flags(**{flag: param_group.get(flag, self.defaults[flag]) for flag in _FLAGS})
         rounding = param_group.get("stochastic_rounding", self.defaults["stochastic_rounding"])
         params = param_group["params"]
@@ -104,6 +118,8 @@ class Fromage(Optimizer):
             self._sr_base = _training.initial_seed(None)
         self._create_max_norms(self.param_groups[-1])
         self._invalidate_plan()
+        if not getattr(self, "_defer_trap_warnings", False):
+            _param_groups.warn_traps(self, [len(self.param_groups) - 1], stacklevel=3)
 
     def _create_max_norms(self, group: Dict[str, Any]) -> None:
         # Unset max_norm state exists from the start so that torch.distributed.checkpoint's
@@ -140,11 +156,15 @@ class Fromage(Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.defaults.setdefault("weight_decay", 0.0)  # pickled before the key existed
         # Groups saved before a hyper-parameter existed, or by another implementation of Fromage,
-        # take this optimizer's defaults, as torch does for its own optimizers' new options.
+        # take this optimizer's defaults, as torch does for its own optimizers' new options. Only
+        # Fromage's own: torch's __setstate__ has just added its options (differentiable, ...) to
+        # the defaults, and copying those into the groups would make a load change state_dict().
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in _HYPER_PARAMETERS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
         self.__dict__.setdefault("backend", _backends.AUTO)
         self.__dict__.setdefault("_sr_base", None)
         self.__dict__.setdefault("_device_backends", {})
@@ -231,8 +251,8 @@ class Fromage(Optimizer):
                 # Only when there is something to keep or to drop: torch.compile before 2.7
                 # cannot trace an attribute set on the optimizer.
                 self._last_records = records
-            for seed in plan.seeds:
-                _training.advance_seed(seed, found_inf)
+            for group in plan.seeded:
+                _training.advance_seed(group.sr_seed, found_inf, group.lr)
         except BaseException:
             _training.drop_scaler_attributes(self)
             raise
@@ -249,42 +269,41 @@ class Fromage(Optimizer):
 
     # State whose dtype is fixed by contract, whatever the parameter's dtype.
     _STATE_DTYPES = {"max_norm": torch.float32, "sr_seed": torch.int64}
-    #: The reference implementation keeps the bound as state["max"], a Python float.
-    _AUTHORS_MAX = "max"
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # torch casts every state tensor of a floating parameter to the parameter's dtype (bf16,
-        # complex...), which would round max_norm and destroy the int64 seed: put the saved values
-        # back after the base class has loaded. A checkpoint of the reference implementation keeps
-        # the bound as a float under "max": it becomes max_norm.
-        saved, converted = {}, set()
-        for k, v in state_dict["state"].items():
-            if not isinstance(v, dict):
-                continue
-            entry = {key: v[key] for key in self._STATE_DTYPES if key in v}
-            authors = v.get(self._AUTHORS_MAX)
-            if "max_norm" not in entry and isinstance(authors, numbers.Real) and not isinstance(authors, bool):
-                entry["max_norm"] = float(authors)
-                converted.add(k)
-            saved[k] = entry
+        # Everything Fromage reads is checked first (_state_dict.py): a load that raises changes
+        # nothing. torch casts every state tensor of a floating parameter to the parameter's dtype
+        # (bf16, complex...), which would round max_norm and destroy the int64 seed: the checked
+        # values are put back after the base class has loaded. A checkpoint of the reference
+        # implementation keeps the bound as a float under "max": it becomes max_norm.
+        saved, converted = _state_dict.check(state_dict, self.param_groups, self.defaults, _HYPER_PARAMETERS)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            if pid not in saved:
-                continue
-            state = self.state[p]
-            if pid in converted:
-                state.pop(self._AUTHORS_MAX, None)
-            for key, value in saved[pid].items():
-                dtype = self._STATE_DTYPES[key]
-                state[key] = torch.as_tensor(value).detach().to(device=_local_device(p), dtype=dtype).clone().reshape(())
-        for group in self.param_groups:
-            self._create_max_norms(group)  # a bounded group whose checkpoint had no bound yet
-        self._invalidate_plan()
+        # torch's loader puts new state and param_groups objects in place: restoring these undoes it.
+        before = {key: self.__dict__[key] for key in ("state", "param_groups")}
+        try:
+            super().load_state_dict(state_dict)
+            params = [p for g in self.param_groups for p in g["params"]]
+            for pid, p in zip(saved_ids, params):
+                if pid not in saved:
+                    continue
+                state = self.state[p]
+                if pid in converted:
+                    state.pop(_state_dict.AUTHORS_MAX, None)
+                for key, value in saved[pid].items():
+                    state[key] = torch.tensor(value, dtype=self._STATE_DTYPES[key], device=_local_device(p))
+            for group in self.param_groups:
+                self._create_max_norms(group)  # a bounded group whose checkpoint had no bound yet
+        except BaseException:
+            self.__dict__.update(before)
+            raise
+        finally:
+            self._invalidate_plan()
 
 
 _FLAGS = ("maximize", "prefactor", "stochastic_rounding")
+#: What a param group of Fromage holds besides its params.
+# weight_decay is accepted, checked and saved, never used (docs/faq.md).
+_HYPER_PARAMETERS = ("lr", "p_bound", "weight_decay") + _FLAGS
 
 
 def _local_device(p: torch.Tensor) -> torch.device:

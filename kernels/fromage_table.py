@@ -6,8 +6,10 @@ chosen per tensor: a multiple of the kernels' ``BLOCK``):
 * ``layout`` (depends only on the sizes): ``[numel (n) | first_chunk (n) | n_chunks (n) |
   chunk (n) | chunk_tensor (C)]``. Every tensor owns at least one chunk, so an empty tensor still
   gets a program (its max_norm must be set like any other).
-* ``addrs`` (depends on the storages): ``[p address (n) | g address (n) | flags (n)]``; flag bit 0
-  says both addresses are 16-byte aligned, which the host checked before promising it here.
+* ``addrs`` (depends on the storages): ``[p address (n) | g address (n) | flags (n)]``. Flag bit 0
+  says that ``p + head`` and ``g + head`` are both 16-byte aligned, with ``head = flags >> 1``
+  elements (0 for aligned tensors; fewer than a 16-byte vector's elements for views whose parameter
+  and gradient are misaligned by the same amount), which the host checked before promising it here.
 """
 import os
 
@@ -15,6 +17,13 @@ import triton
 import triton.language as tl
 
 ALIGNED_FLAG = tl.constexpr(1)
+HEAD_SHIFT = tl.constexpr(1)  # flags >> HEAD_SHIFT: elements before the aligned part
+
+# Which element paths a launch compiles (its PATHS, chosen by the host from the flags): the 16-byte
+# aligned one, the other, or both (then each tensor's flag picks).
+ALIGNED_PATH = tl.constexpr(1)
+UNALIGNED_PATH = tl.constexpr(2)
+BOTH_PATHS = tl.constexpr(3)
 
 
 def _interpreting() -> bool:
@@ -81,18 +90,23 @@ else:
 
 @device_function
 def chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK: tl.constexpr):
-    """Tensor index, this chunk's start and end elements, the tensor's first chunk, its pointers' flags.
+    """Tensor index, the range ``[lo, hi)`` of this chunk's elements, the tensor's first chunk, its
+    pointers' flags and head.
 
-    ``start`` is a multiple of ``BLOCK`` (every chunk size is): with a 16-byte aligned base, each
-    block of the chunk starts 16-byte aligned."""
+    Chunk k of a tensor covers its elements ``[k * chunk + head, (k + 1) * chunk + head)`` (clipped
+    to the tensor), and its first chunk also the head ``[0, head)``: with an aligned ``p + head``,
+    each full block of a chunk starts 16-byte aligned, since ``k * chunk`` is a multiple of
+    ``BLOCK`` (every chunk size is)."""
     t = tl.load(layout_ptr + 4 * n + c)
     numel = tl.load(layout_ptr + t)
     first = tl.load(layout_ptr + n + t)
     chunk = tl.load(layout_ptr + 3 * n + t)
     flags = tl.load(addrs_ptr + 2 * n + t)
+    head = flags >> HEAD_SHIFT
     start = tl.multiple_of((c - first) * chunk, BLOCK)
-    end = tl.minimum(start + chunk, numel)
-    return t, start, end, first, flags
+    lo = tl.minimum(start + head, numel)
+    hi = tl.minimum(start + chunk + head, numel)
+    return t, start, lo, hi, first, flags, head
 
 
 @device_function
@@ -107,8 +121,10 @@ def as_ptr(addr, DTYPE: tl.constexpr):
 
 
 @device_function
-def as_aligned_ptr(addr, DTYPE: tl.constexpr):
+def as_aligned_ptr(addr, head, DTYPE: tl.constexpr):
     """A pointer promised to be 16-byte aligned (the host checked). Call it only inside the branch
     that checked the flag: ``multiple_of`` marks the op that made its argument, so a pointer
     shared with another path would carry the promise there too (and fault on a GPU)."""
-    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 16)
+    # The element width by pointer arithmetic: Triton 3.2 has no attributes on a constexpr dtype.
+    width = (addr.to(tl.pointer_type(DTYPE)) + 1).to(tl.int64) - addr
+    return tl.multiple_of((addr + head * width).to(tl.pointer_type(DTYPE)), 16)

@@ -1,6 +1,6 @@
-"""An independent numpy model of what the README promises bit for bit, and the values that test it.
+"""An independent numpy model of what docs/backends.md promises bit for bit, and the values that test it.
 
-The model is written from the README's definitions, not from the package's code: uint32 arithmetic
+The model is written from the definitions of docs/backends.md, not from the package's code: uint32 arithmetic
 for the bf16 roundings, and numpy float32 (every operation correctly rounded, nothing fused) for
 the coefficients and the update. Values are drawn to reach every case a rounding can get wrong:
 each sign and exponent (subnormals, the largest finite values, infinities, NaNs of any sign and
@@ -28,7 +28,7 @@ def is_nan_bits(bits):
 
 
 def sr_bits(bits, seed: int, tensor_index: int):
-    """bf16 bits of fp32 ``bits`` (uint32, flat) rounded stochastically: the README's recipe."""
+    """bf16 bits of fp32 ``bits`` (uint32, flat) rounded stochastically: the documented recipe."""
     stream = mix32(np.array([(seed + tensor_index * 0x9E3779B9) & MASK32], dtype=np.uint64).astype(np.uint32))
     idx = (np.arange(bits.size, dtype=np.uint64) & MASK32).astype(np.uint32)
     r = mix32(idx ^ stream) & np.uint32(0xFFFF)
@@ -79,7 +79,7 @@ def hard_sqrt_args(rng, n):
 
 
 def coefficients(stats, lr, *, max_norm=None, p_bound=None, maximize=False, prefactor=True, grad_scale=None):
-    """``(cp, cg, max_norm)`` of the README's update rule, one fp32 rounding per operation."""
+    """``(cp, cg, max_norm)`` of the documented update rule, one fp32 rounding per operation."""
     f = np.float32
     s_pp, s_gg, s_pg = (np.ascontiguousarray(stats[:, k], dtype=f) for k in range(3))
     lr = f(lr)

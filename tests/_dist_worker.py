@@ -210,6 +210,25 @@ def check_2d_sharded(mesh2d, backend, rank, world):
     return {"full_p": full_p, "full_g": full_g, "stepped": p.detach().full_tensor(), "comm_counts": counts}
 
 
+def check_zero_warning(mesh, backend, rank, world):
+    """The all-zero warning of p_bound groups judges the full tensor, not the local shard: one
+    tensor nonzero on rank 0's shard only (no warning), one zero everywhere (a warning)."""
+    import warnings
+
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    placements = [Shard(0)] * mesh.ndim
+    rows = 2 * mesh.size() + 1
+    first_only = torch.zeros(rows, 3)
+    first_only[0, 0] = 1.0
+    a = nn.Parameter(distribute_tensor(first_only, mesh, placements))
+    b = nn.Parameter(distribute_tensor(torch.zeros(rows), mesh, placements))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        Fromage([a, b], lr=LR, p_bound=P_BOUND, backend=backend)
+    return [str(w.message) for w in record]
+
+
 def run(rank: int, world: int, store: str, outdir: str, backends, resume_from=None):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -222,6 +241,7 @@ def run(rank: int, world: int, store: str, outdir: str, backends, resume_from=No
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
         out = {"fsdp": {b: check_fsdp(mesh, b, rank, world) for b in backends}}
         out["partial_grad"] = check_partial_grad(mesh, backends[0], rank, world)
+        out["zero_warning"] = check_zero_warning(mesh, backends[0], rank, world)
         if world == 2:
             out["bad_input"] = check_bad_input(mesh, backends[0], rank, world)
             out["ddp"] = check_ddp(backends[0], rank, world)
@@ -230,6 +250,7 @@ def run(rank: int, world: int, store: str, outdir: str, backends, resume_from=No
             mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
             out["hsdp"] = check_fsdp(mesh2d, backends[0], rank, world)
             out["sharded_2d"] = check_2d_sharded(mesh2d, backends[0], rank, world)
+            out["zero_warning_2d"] = check_zero_warning(mesh2d, backends[0], rank, world)
         if resume_from is not None:
             out["dcp_reshard"] = check_dcp_reshard(mesh, backends[0], rank, world, resume_from)
         torch.save(out, os.path.join(outdir, f"r{rank}.pt"))

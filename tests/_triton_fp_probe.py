@@ -2,7 +2,7 @@
 options the backend uses, and count the fp32 arithmetic in its PTX.
 
 Run as a script in a process without TRITON_INTERPRET; prints one JSON object
-``{variant: {instruction: count}}``. The README's bit-identity promise needs every fp32 product and
+``{variant: {instruction: count}}``. The documented bit-identity promise needs every fp32 product and
 sum rounded on its own (``mul.rn``/``add.rn``/``sub.rn``), no ``fma``, correctly rounded division and
 square root (``div.rn``/``sqrt.rn``, no ``approx``/``full``), and no flushing of subnormals (``ftz``).
 """
@@ -41,7 +41,8 @@ def counts(constexprs):
 
 
 def main():
-    flags = {"HAS_BOUND": True, "MAXIMIZE": True, "PREFACTOR": True, "HAS_FOUND_INF": True, "HAS_GRAD_SCALE": True}
+    flags = {"HAS_BOUND": True, "MAXIMIZE": True, "PREFACTOR": True, "HAS_FOUND_INF": True, "HAS_GRAD_SCALE": True,
+             "PATHS": 3}
 
     def size(dtype):  # the block and warps the backend launches this dtype with
         cfg = CUDA_CONFIGS[dtype]

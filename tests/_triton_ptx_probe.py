@@ -1,15 +1,22 @@
-"""Compile the triton kernels for sm_90 on this machine (no GPU needed) and count vector accesses.
+"""Compile the triton kernels for sm_90 on this machine (no GPU needed) and count what the tests check.
 
 Run as a script in a process without TRITON_INTERPRET; prints one JSON object
-``{kernel: {"ld_v": n, "st_v": n, "ld_16": n, "st_16": n}}`` (vector accesses of any width, and
-the 16-byte ones). With ``--no-aligned-path`` the branch taken for 16-byte
-aligned tensors is compiled away first, so what remains is the path for everything else, which
-must not contain a single vector access (a misaligned one faults on a GPU; the interpreter cannot
-tell).
+``{kernel: {"ld_v": n, "st_v": n, "ld_16": n, "st_16": n, "st_shared": n, "bar_sync": n,
+"ld_volatile": n, "atom_exch": n, "regs": n}}``: vector accesses of any width and the 16-byte ones,
+shared-memory stores and barriers, relaxed loads and atomic exchanges (the max_norm accesses), and
+the registers per thread of the sm_90 cubin (None when Triton ships no cuobjdump).
+
+``--paths N`` compiles the kernels' PATHS=N specialisation (1: only the 16-byte aligned path, 2: only
+the other, 3: both, the default). With ``--no-aligned-path`` the branch taken for 16-byte aligned
+tensors is compiled away first, so what remains is the path for everything else, which must not
+contain a single vector access (a misaligned one faults on a GPU; the interpreter cannot tell).
 """
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 import triton.language as tl
@@ -24,14 +31,16 @@ from fromage_fused.kernels import fromage_apply, fromage_stats
 if "--no-aligned-path" in sys.argv:
     fromage_stats.ALIGNED_FLAG = tl.constexpr(0)
     fromage_apply.ALIGNED_FLAG = tl.constexpr(0)
+PATHS = int(sys.argv[sys.argv.index("--paths") + 1]) if "--paths" in sys.argv else 3
 
 TABLE = {"layout_ptr": "*i64", "addrs_ptr": "*i64"}
 STATS_SIG = {**TABLE, "partials_ptr": "*fp32", "n": "i64", "DTYPE": "constexpr", "BLOCK": "constexpr",
-             "INNER": "constexpr"}
+             "INNER": "constexpr", "PATHS": "constexpr"}
 APPLY_SIG = {**TABLE, "max_norm_ptr": "*fp32", "stats_ptr": "*fp32", "lr_ptr": "*fp32", "found_inf_ptr": "*fp32",
              "grad_scale_ptr": "*fp32", "seed_ptr": "*i64", "p_bound": "fp32", "n": "i64", "DTYPE": "constexpr",
              "BLOCK": "constexpr", "HAS_BOUND": "constexpr", "MAXIMIZE": "constexpr",
-             "PREFACTOR": "constexpr", "HAS_FOUND_INF": "constexpr", "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr"}
+             "PREFACTOR": "constexpr", "HAS_FOUND_INF": "constexpr", "HAS_GRAD_SCALE": "constexpr", "SR": "constexpr",
+             "PATHS": "constexpr"}
 
 
 def _source(fn, signature, constexprs):
@@ -41,28 +50,54 @@ def _source(fn, signature, constexprs):
         return ASTSource(fn=fn, signature=signature, constants=constexprs)
 
 
-def count(fn, signature, constexprs, dtype):
+def registers(cubin: bytes):
+    """Registers per thread of a cubin, from the cuobjdump Triton ships (None without one)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+)", out)
+    return int(found.group(1)) if found else None
+
+
+def count(fn, signature, constexprs, dtype, options=None):
     cfg = CUDA_CONFIGS[dtype]
-    constexprs = {**constexprs, "BLOCK": cfg.block}
+    constexprs = {**constexprs, "BLOCK": cfg.block, "PATHS": PATHS}
     kernel = triton.compile(_source(fn, signature, constexprs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps, **(options or {})})
     ptx = kernel.asm["ptx"]
     # Any vector access (it needs more than the element's alignment), and the 16-byte ones.
     vector, wide = r"\.v[248]\.", r"\.(?:v4\.[bfsu]32|v2\.[bfsu]64)"
     return {"ld_v": len(re.findall(r"ld\.global(?:\.\w+)*" + vector, ptx)),
             "st_v": len(re.findall(r"st\.global(?:\.\w+)*" + vector, ptx)),
             "ld_16": len(re.findall(r"ld\.global(?:\.\w+)*" + wide, ptx)),
-            "st_16": len(re.findall(r"st\.global(?:\.\w+)*" + wide, ptx))}
+            "st_16": len(re.findall(r"st\.global(?:\.\w+)*" + wide, ptx)),
+            "st_shared": len(re.findall(r"\bst\.shared\b", ptx)),
+            "bar_sync": len(re.findall(r"\bbar\.sync\b", ptx)),
+            "ld_volatile": len(re.findall(r"\bld\.volatile\.global\b", ptx)),
+            "atom_exch": len(re.findall(r"\batom\.global(?:\.\w+)*\.exch\b", ptx)),
+            "regs": registers(kernel.asm["cubin"])}
 
 
 def main():
     apply_flags = {"HAS_BOUND": True, "MAXIMIZE": False, "PREFACTOR": True, "HAS_FOUND_INF": True, "HAS_GRAD_SCALE": True}
+    apply_options = fromage_apply.LAUNCH_OPTIONS
     out = {
         "partials_fp32": count(fromage_stats.partials_kernel, STATS_SIG, {"DTYPE": tl.float32, "INNER": True}, torch.float32),
         "partials_bf16": count(fromage_stats.partials_kernel, STATS_SIG, {"DTYPE": tl.bfloat16, "INNER": True}, torch.bfloat16),
-        "apply_fp32": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.float32, "SR": False, **apply_flags}, torch.float32),
-        "apply_bf16_sr": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.bfloat16, "SR": True, **apply_flags}, torch.bfloat16),
-        "apply_fp16": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.float16, "SR": False, **apply_flags}, torch.float16),
+        "partials_fp16": count(fromage_stats.partials_kernel, STATS_SIG, {"DTYPE": tl.float16, "INNER": True}, torch.float16),
+        "apply_fp32": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.float32, "SR": False, **apply_flags},
+                            torch.float32, apply_options),
+        "apply_bf16": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.bfloat16, "SR": False, **apply_flags},
+                            torch.bfloat16, apply_options),
+        "apply_bf16_sr": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.bfloat16, "SR": True, **apply_flags},
+                               torch.bfloat16, apply_options),
+        "apply_fp16": count(fromage_apply.apply_kernel, APPLY_SIG, {"DTYPE": tl.float16, "SR": False, **apply_flags},
+                            torch.float16, apply_options),
     }
     print(json.dumps(out))
 

@@ -1,7 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# Tests import the installed package, never the checkout's top-level folders: kernels/ (installed as
+# fromage_fused.kernels) would otherwise shadow PyPI's kernels package, which transformers imports.
+# `python -m pytest` puts the working directory first on sys.path.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 CUDA = torch.cuda.is_available()
 

@@ -267,3 +267,62 @@ def test_a_parameter_cast_to_float8_after_construction_is_refused_before_any_gro
     with pytest.raises(RuntimeError, match="cannot step"):
         opt.step()
     assert_unchanged(opt, snap)
+
+
+BACKENDS = fromage_fused.available_backends("cpu")
+
+
+def _exotic_numbers():
+    """Real numbers of types other than int and float, each with its float value."""
+    from fractions import Fraction
+
+    out = [(Fraction(1, 10), 0.1), (Fraction(3, 2), 1.5)]
+    np = pytest.importorskip("numpy")
+    out += [(np.longdouble(0.1), float(np.longdouble(0.1))), (np.float32(1.5), 1.5), (np.int64(2), 2.0)]
+    return out
+
+
+def _two_groups(backend, dtype, **hyper):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 3, dtype=dtype)), nn.Parameter(torch.randn(5, dtype=dtype))]
+    opt = Fromage([{"params": params[:1]}, {"params": params[1:], **hyper}], lr=0.05, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_real_number_a_check_accepts_steps_as_its_float(backend, dtype):
+    # Set on the second group after construction (re-checked at the step), and at construction:
+    # the step uses the number's float value; it never fails half-way with group 0 changed.
+    for value, as_float in _exotic_numbers():
+        for key in ("lr", "p_bound"):
+            results = []
+            for v in (value, as_float):
+                params, opt = _two_groups(backend, dtype, p_bound=1.0)
+                opt.param_groups[1][key] = v
+                opt.step()
+                results.append([p.detach().clone() for p in params] + [opt.state[params[1]]["max_norm"].clone()])
+                params, opt = _two_groups(backend, dtype, **{key: v, "p_bound": v if key == "p_bound" else 1.0})
+                opt.step()
+                results.append([p.detach().clone() for p in params] + [opt.state[params[1]]["max_norm"].clone()])
+            for got in results[:2]:
+                assert all(torch.equal(a, b) for a, b in zip(got, results[2])), (key, value)
+
+
+@pytest.mark.parametrize("lr", [10 ** 400, -10 ** 400, 1e39, torch.tensor([0.01]).to_sparse(), torch.tensor(1e39, dtype=torch.float64)],
+                         ids=["10**400", "-10**400", "1e39", "sparse", "tensor-1e39"])
+def test_numbers_a_step_cannot_use_are_refused_up_front(lr):
+    with pytest.raises(ValueError, match="lr|learning rate"):
+        Fromage([nn.Parameter(torch.randn(2))], lr=lr)
+    net, opt = trained()
+    snap = snapshot(opt)
+    if not isinstance(lr, torch.Tensor):  # (a tensor's value is read at construction only)
+        opt.param_groups[1]["lr"] = lr
+        with pytest.raises(ValueError, match="lr|learning rate"):
+            opt.step()
+        opt.param_groups[1]["lr"] = 0.02
+    assert_unchanged(opt, snap)
+    with pytest.raises(ValueError, match="p_bound"):
+        Fromage([nn.Parameter(torch.randn(2))], p_bound=10 ** 400)

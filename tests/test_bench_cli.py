@@ -3,9 +3,11 @@ import csv
 import json
 
 import pytest
+import torch
 
 import fromage_fused
 from fromage_fused.bench import __main__ as cli
+from fromage_fused.bench import external
 from fromage_fused.bench import presets as P
 from fromage_fused.bench.report import COLUMNS
 
@@ -33,7 +35,8 @@ def quick_run(tmp_path_factory):
     mp.setattr(cli, "_copy_bytes", lambda device: 2**22)
     out = tmp_path_factory.mktemp("bench")
     try:
-        code = cli.main(["--quick", "--device", "cpu", "--out", str(out), "--repeats", "3", "--sets", "2", "--no-progress"])
+        code = cli.main(["--quick", "--device", "cpu", "--out", str(out), "--repeats", "3", "--sets", "2", "--no-progress",
+                         "--max-spread", "inf"])  # noise has its own test: these rows must all be results
     finally:
         mp.undo()
     return code, out
@@ -45,15 +48,20 @@ def test_quick_run_writes_json_csv_and_plot(quick_run, capsys):
     data = json.loads((out / "bench-cpu-quick.json").read_text())
     assert data["columns"] == COLUMNS
     rows = data["rows"]
-    expected = {"loop", "compile:foreach", "torch:sgd", "torch:adamw", "amp:fromage", "amp:adamw"} | {
-        f"fromage:{b}" for b in fromage_fused.available_backends("cpu")}
+    expected = {"loop", "compile:foreach", "torch:sgd", "torch:adamw", "amp:fromage", "amp:adamw", "timm:lars",
+                "timm:lamb"} | {f"fromage:{b}" for b in fromage_fused.available_backends("cpu")}
     assert {r["contender"] for r in rows} == expected
     assert len(rows) == len(TINY) * len(expected)
+    try:
+        external.timm_optimizers()
+        skipped = {"compile:foreach": "compile"}
+    except external.Unavailable:
+        skipped = {"compile:foreach": "compile", "timm:lars": "timm", "timm:lamb": "timm"}
     for r in rows:
         assert list(r) == COLUMNS
         assert r["device"] == "cpu" and r["torch"] and r["date"] and r["device_name"]
-        if r["contender"] == "compile:foreach":
-            assert r["status"] == "skipped" and "compile" in r["note"]
+        if r["contender"] in skipped:
+            assert r["status"] == "skipped" and skipped[r["contender"]] in r["note"]
             assert r["median_ms"] is None
             continue
         assert r["status"] == "ok", r
@@ -98,3 +106,18 @@ def test_selected_contenders_bf16_and_fresh_grads(tmp_path, tiny_presets):
     assert all(r["dtype"] == "bfloat16" and r["fresh_grads"] for r in rows)
     assert [r["work_bytes_per_param"] for r in rows] == [10, 6]
     assert not (tmp_path / "sel.png").exists()
+
+
+def test_misaligned_views(tmp_path, tiny_presets):
+    # Parameters and gradients carved out of buffers at element offsets, as flat-buffer views are:
+    # what the kernels' misaligned paths are measured with.
+    params, grads = P.make_tensors([(3, 5), (64, 3)], dtype=torch.float32,
+                                   device="cpu", seed=0, misalign=(1, 3))
+    assert all(p.data_ptr() % 16 == 4 and g.data_ptr() % 16 == 12 for p, g in zip(params, grads))
+    args = ["--presets", "tiny", "--contenders", "fromage:cpu,fromage:foreach", "--misalign", "1,1", "--fresh-grads",
+            "--repeats", "3", "--warmup", "1", "--sets", "2", "--out", str(tmp_path), "--name", "mis", "--no-plot",
+            "--no-progress", "--max-spread", "inf"]  # (noise has its own test: these rows must be results)
+    assert cli.main(args) == 0
+    rows = json.loads((tmp_path / "mis.json").read_text())["rows"]
+    assert [r["misalign"] for r in rows] == ["1,1", "1,1"] and all(r["status"] == "ok" for r in rows)
+    assert cli.main(args[:4] + ["--misalign", "1", "--out", str(tmp_path)]) == 2

@@ -109,7 +109,7 @@ def test_out_of_memory_is_a_skipped_row(monkeypatch):
         raise MemoryError("cannot allocate 80 GB")
 
     cfg = Config(device=torch.device("cpu"), presets=[tiny], contender_patterns=["loop", "fromage:foreach"],
-                 repeats=3, warmup=1, copy_bytes=2**20, progress=False, plot=False)
+                 repeats=3, warmup=1, copy_bytes=2**20, progress=False, plot=False, max_spread=float("inf"))
     monkeypatch.setattr(C, "_loop", no_memory)
     rows, _ = R.run(cfg, log=lambda msg: None)
     by = {r["contender"]: r for r in rows}

@@ -1,4 +1,4 @@
-"""The README's "Bit-identical results", each promise checked so that no data can pass it by luck.
+"""docs/backends.md's "Bit-identical results", each promise checked so that no data can pass it by luck.
 
 1. The bf16 roundings (stochastic, and to nearest in the kernels) of equal fp32 values are the same
    bits everywhere, NaN included: checked against the independent model of ``_bit_model`` on every
@@ -77,7 +77,7 @@ def test_torch_recipes_are_the_model(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_cast_is_the_nearest_model_except_for_nan_bits(device):
-    # The foreach backend rounds bf16 to nearest with torch's cast: the README promises its bits
+    # The foreach backend rounds bf16 to nearest with torch's cast: the docs promise its bits
     # for every value but NaN. The CPU cast has vector and scalar kernels (the tail of a tensor).
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

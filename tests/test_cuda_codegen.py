@@ -16,6 +16,7 @@ import pytest
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 STAGED_LOADS = 8
+STAGED_SCALAR_LOADS = 16  # 2 operands x kScalarStage
 
 
 def _tool(name):
@@ -63,6 +64,18 @@ def loads_in_flight(lines):
     return best
 
 
+def scalar_loads_in_flight(lines):
+    """The longest run of 32- or 16-bit global loads (plain, not cache-global) with no store or branch between them."""
+    best = run = 0
+    for line in lines:
+        if re.search(r"\bLDG\.E(\.U16)?\s", line):
+            run += 1
+            best = max(best, run)
+        elif re.search(r"\bSTG\.|\bBRA\b", line):
+            run = 0
+    return best
+
+
 def kernels(sass, prefix):
     found = {name: lines for name, lines in sass.items() if prefix in name}
     assert found, f"no {prefix} kernels in {list(sass)}"
@@ -80,3 +93,12 @@ def test_table_addresses_become_global_accesses(sass):
     for name, lines in kernels(sass, "_kernel").items():
         generic = [ln for ln in lines if re.search(r"\b(LD|ST)\.E\.128\b", ln)]
         assert not generic, f"{name}: generic 16-byte accesses {generic[:2]}"
+
+
+def test_misaligned_update_keeps_sixteen_loads_in_flight(sass):
+    # Where p and g cannot be read as aligned vectors together, each thread loads kScalarStage
+    # elements of both before it stores any (one pair at a time, a load waits for the store before
+    # it). The kernel's prologue (table, stats row, scalars) has fewer plain loads in a row.
+    for name, lines in kernels(sass, "apply_kernel").items():
+        got = scalar_loads_in_flight(lines)
+        assert got >= STAGED_SCALAR_LOADS, f"{name}: {got} scalar loads in flight"

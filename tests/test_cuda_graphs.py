@@ -129,3 +129,46 @@ def test_eager_step_does_not_sync(backend):
         with forbid_cuda_sync():
             opt.step()
     assert opt.state[model.lin.weight]["max_norm"].item() > 0
+
+
+@pytest.mark.parametrize("backend", capture_backends())
+def test_repeated_captures_on_new_storage_are_bounded(backend, monkeypatch):
+    # Each capture on new gradient storage holds a new tensor table for as long as its graph may
+    # replay: past the bound a capture refuses, saying what to do; released, captures go on.
+    import fromage_fused
+    from fromage_fused.backends import triton as triton_backend
+
+    if backend not in ("cuda", "triton"):
+        pytest.skip("only the cuda and triton backends keep tensor tables")
+    monkeypatch.setattr(triton_backend, "GRAPH_TABLE_LIMIT", 8)
+    limit = 256 if backend == "cuda" else 8
+    fromage_fused.release_graph_tables()
+    params = [torch.randn(5, device=DEVICE), torch.randn(70_000, device=DEVICE)]
+    lr = device_lr()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        functional.fromage(params, [torch.randn_like(p) for p in params], None, lr=lr, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    kept, graphs = [], []
+
+    def capture():
+        grads = [torch.randn_like(p) for p in params]  # new storage: new tables, made inside the capture
+        kept.append(grads)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            functional.fromage(params, grads, None, lr=lr, backend=backend)
+        graphs.append(graph)
+
+    with pytest.raises(RuntimeError, match=r"tensor tables for captured CUDA graphs, its limit.*release_graph_tables"):
+        for _ in range(limit + 1):
+            capture()
+    assert limit - 2 <= len(graphs) <= limit
+    graphs[-1].replay()  # the graphs made before the refusal still replay
+    torch.cuda.synchronize()
+    graphs.clear()
+    assert fromage_fused.release_graph_tables() >= limit - 1
+    capture()
+    graphs[-1].replay()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)

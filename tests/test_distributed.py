@@ -154,3 +154,12 @@ def test_dcp_checkpoint_of_2_ranks_resumes_on_4(ranks2, ranks4):
     want = ranks2[0]["dcp"]["continued"]
     for rank, out in enumerate(ranks4):
         assert_params_close(out["dcp_reshard"]["resumed"], want, f"resumed on 4 ranks, rank {rank}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero_warning_judges_the_full_tensor(request, world):
+    outs = _ranks(request, world)
+    for key in ["zero_warning"] + (["zero_warning_2d"] if world == 4 else []):
+        for rank, out in enumerate(outs):
+            [warning] = out[key]  # the same on every rank, whatever its shard holds
+            assert "stay zero" in warning and "params[1]" in warning and "params[0]" not in warning, f"rank {rank}"

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -130,3 +131,84 @@ def test_goal_evaluation():
     assert got["triton within 15% of cuda on gpt2-small"] == "PASS"
     assert got["triton within 15% of cuda on decoder-1b"] == "ABSENT"  # skipped row
     assert got["triton within 15% of cuda on many-small"] == "ABSENT"
+
+
+def _lib(command):
+    return subprocess.run(["bash", "-c", f'GPU_CHECK_LIB=1 . "{SCRIPT}"; {command}'], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_dependency_list_covers_every_third_party_import():
+    # The package, its tests, the examples and the benchmark's helpers: every import that is neither
+    # the standard library nor the project's own modules must be on the script's list.
+    import ast
+
+    listed = {item.split(":")[0] for item in _lib('echo "$NEEDED_MODULES $OPTIONAL_MODULES"').stdout.split()}
+    local = {p.stem for d in ("tests", "benchmarks", "examples") for p in (ROOT / d).glob("*.py")} | {"fromage_fused"}
+    used = set()
+    for path in [*ROOT.glob("fromage_fused/**/*.py"), *ROOT.glob("kernels/*.py"), *ROOT.glob("tests/*.py"),
+                 *ROOT.glob("examples/*.py"), *ROOT.glob("benchmarks/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                used |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                used.add(node.module.split(".")[0])
+    third_party = used - set(sys.stdlib_module_names) - local
+    assert third_party <= listed, f"imported but not checked by gpu_check.sh: {sorted(third_party - listed)}"
+
+
+def _shadow(root, name, error):
+    """A package `name` under `root` that raises `error` on import: first on PYTHONPATH, it stands
+    for a module that is absent (ModuleNotFoundError) or present but broken (ImportError)."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(f"raise {error}('simulated: {name}', name={name!r})\n")
+
+
+def test_missing_modules_are_named(tmp_path):
+    _shadow(tmp_path, "numpy", "ModuleNotFoundError")
+    _shadow(tmp_path, "hypothesis", "ImportError")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    done = subprocess.run(["bash", "-c", f'GPU_CHECK_LIB=1 . "{SCRIPT}"; missing_modules "{sys.executable}"'],
+                          capture_output=True, text=True, timeout=120, env=env)
+    out = done.stdout.strip()
+    assert out.startswith("numpy (for tests; ModuleNotFoundError); hypothesis (for tests; ImportError)"), out + done.stderr
+    assert "torch" not in out
+
+
+def test_a_missing_test_dependency_is_in_the_summary_and_the_other_tests_run(tmp_path):
+    # Before, pytest stopped at collection and no test ran; now the summary names the module up
+    # front, and only the test modules that import it fail.
+    _shadow(tmp_path / "shadow", "numpy", "ModuleNotFoundError")
+    out = tmp_path / "out"
+    done = _run_check(out, timeout=300, STAGES="tests", PYTHONPATH=str(tmp_path / "shadow"),
+                      PYTEST_ARGS="tests/test_cuda_emulated.py tests/test_native_cuda.py")
+    summary = (out / "summary.txt").read_text()
+    assert "missing:  numpy (for tests; ModuleNotFoundError)" in summary, summary
+    line = summary.split("tests:")[-1].splitlines()[0]
+    assert "1 error" in line and "skipped" in line, summary + done.stdout[-2000:]
+
+
+def test_bench_runs_the_goal_deciding_presets_and_contenders_first():
+    # A run cut off by its limit keeps its first rows: they must be the ones the goals compare.
+    from fromage_fused.bench import contenders as C
+    from fromage_fused.bench.presets import PRESETS, numel
+
+    text = SCRIPT.read_text()
+    gpu_args = text[text.index('MODE=gpu'):]
+    presets = gpu_args.split("--presets ")[1].split()[0].split(",")
+    patterns = gpu_args.split("--contenders '")[1].split("'")[0].split(",")
+    size = {p: numel(PRESETS[p].shapes(torch.device("cuda"))) for p in presets}
+    deciding = [p for p in presets if size[p] >= size[gpu_goals.LARGE_FROM] or p in gpu_goals.LOOP_SPEEDUP]
+    assert presets[:len(deciding)] == deciding, f"presets deciding the cuda goals first: {deciding}, got {presets}"
+    goal_contenders = {"fromage:cuda", "torch:adamw", "loop", "fromage:triton"}
+    assert set(patterns[:len(goal_contenders)]) == goal_contenders, patterns
+    # The benchmark runs contenders in the order asked for.
+    fake = [C.Contender(name, 20, 20, None, "") for name in
+            ["loop", "fromage:cuda", "fromage:triton", "fromage:foreach", "torch:sgd", "torch:adamw"]]
+    assert [c.name for c in C.select(fake, patterns)] == patterns
+    assert [c.name for c in C.select(fake, ["torch:*", "fromage:*"])] == [
+        "torch:sgd", "torch:adamw", "fromage:cuda", "fromage:triton", "fromage:foreach"]
+
+
+def test_pip_skips_its_version_check():
+    assert "pip install --disable-pip-version-check" in SCRIPT.read_text()

@@ -67,15 +67,3 @@ def test_bf16_example():
     ns = run(EXAMPLES["bf16 weights: stochastic rounding or fp32 master weights"])
     seed = ns["opt"].state[next(ns["model"].parameters())]["sr_seed"]
     assert seed.dtype == torch.int64
-
-
-def test_readme_snippets_come_from_the_guide():
-    readme = (GUIDE.parent.parent / "README.md").read_text()
-    match = re.search(r"^## Training loops.*?(?=^## |\Z)", readme, flags=re.M | re.S)
-    if match is None:
-        pytest.skip("README.md has no 'Training loops' section yet")
-    guide_lines = {line.strip() for code in EXAMPLES.values() for line in code.splitlines()}
-    snippets = re.findall(r"```python\n(.*?)```", match.group(0), flags=re.S)
-    assert snippets
-    for line in (l.strip() for s in snippets for l in s.splitlines()):
-        assert not line or line in guide_lines, f"README line not in a tested example: {line!r}"

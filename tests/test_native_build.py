@@ -160,7 +160,7 @@ def test_first_use_build_says_so_on_stderr_in_one_line_each_way(unbuilt, monkeyp
     native._jit("cpu")
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 2, lines
-    assert lines[0].startswith(f"building the fromage_fused C++ extension for torch {torch.__version__} (first use, about a minute)")
+    assert lines[0].startswith(f"building the fromage_fused C++ extension for torch {torch.__version__} (first use, 1-2 minutes on a 2-core CPU; cached for later runs)")
     assert lines[1].startswith("fromage_fused: built the C++ extension in ")
     assert len(calls) == 1 and calls[0]["with_cuda"] is False
     assert json.loads((native.build_dir("cpu") / "built.json").read_text())["sources"] == _build.sources_hash()
@@ -211,7 +211,8 @@ def test_waiting_for_another_build_is_bounded(tmp_path, monkeypatch, capfd):
 def _record(tmp_path, **fields):
     library = tmp_path / "_C.so"
     library.write_bytes(b"")
-    record = {"torch": torch.__version__, "cuda": False, "isa": None, "sources": _build.sources_hash()}
+    record = {"torch": torch.__version__, "cuda": False, "isa": None, "sources": _build.sources_hash(),
+              "sha256": _build.file_sha256(library)}
     record.update(fields)
     (tmp_path / "_C.json").write_text(json.dumps(record))
     return str(library)
@@ -229,6 +230,13 @@ def test_a_prebuilt_binary_is_loaded_only_where_it_fits(tmp_path, monkeypatch):
     assert "torch detects CPU capability" in native.prebuilt_problem(_record(tmp_path, isa="avx2"))
     (tmp_path / "_C.json").unlink()
     assert "no readable build record" in native.prebuilt_problem(str(tmp_path / "_C.so"))
+
+
+def test_a_prebuilt_binary_that_does_not_match_its_checksum_is_not_loaded(tmp_path):
+    origin = _record(tmp_path)
+    Path(origin).write_bytes(b"\0" * 64)  # overwritten (or truncated) after its record was written
+    assert "checksum" in native.prebuilt_problem(origin)
+    assert "checksum" in native.prebuilt_problem(_record(tmp_path, sha256=None))  # a record without one
 
 
 def test_an_unfit_prebuilt_binary_is_left_for_the_jit_build_with_its_reason(unbuilt, tmp_path, monkeypatch):
@@ -283,3 +291,103 @@ def test_torch_compile_traces_the_ops_through_their_fake_implementations():
         fp = [mode.from_tensor(p) for p in params]
         out = torch.ops.fromage_fused.stats(fp, fp, True)
         assert out.shape == (2, 3) and out.dtype == torch.float32
+
+
+def _fake_builds(monkeypatch, content=b"a library"):
+    """torch's JIT build replaced by one that writes ``content`` as the library (and counts builds),
+    and library loading by a recorder: nothing is compiled or executed."""
+    builds, loaded = [], []
+
+    def fake_load(name, build_directory, **kwargs):
+        builds.append(sorted(p.name for p in Path(build_directory).iterdir()))
+        Path(build_directory, "ninja.o").write_bytes(b"an object")
+        Path(build_directory, f"{name}{native._LIB_SUFFIX}").write_bytes(content)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(path))
+    return builds, loaded
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "no_checksum", "unreadable_record", "fails_to_load"])
+def test_a_damaged_cached_build_is_built_again_once_and_says_so(unbuilt, monkeypatch, capfd, damage):
+    builds, loaded = _fake_builds(monkeypatch)
+    native._jit("cpu")
+    directory = native.build_dir("cpu")
+    library = directory / f"{native._library_name('cpu')}{native._LIB_SUFFIX}"
+    record = json.loads((directory / "built.json").read_text())
+    assert record["sha256"] == _build.file_sha256(library) and record["size"] == library.stat().st_size
+    assert len(builds) == 1 and loaded == []  # (torch's load() loads what it built)
+    capfd.readouterr()
+    if damage == "zeroed":  # the same size: only the checksum tells
+        library.write_bytes(bytes(library.stat().st_size))
+    elif damage == "truncated":  # loading it would kill the process (SIGBUS)
+        library.write_bytes(library.read_bytes()[:3])
+    elif damage == "no_checksum":
+        del record["sha256"]
+        (directory / "built.json").write_text(json.dumps(record))
+    elif damage == "unreadable_record":
+        (directory / "built.json").write_text("{")
+    else:
+        def refuse(path):
+            raise OSError("could not load this library (simulated)")
+
+        monkeypatch.setattr(torch.ops, "load_library", refuse)
+    native._checksums.clear()  # (a new process)
+    native._jit("cpu")
+    err = capfd.readouterr().err
+    assert len(builds) == 2 and builds[1] == ["build.lock"]  # from scratch: the old files removed
+    assert "is not usable" in err and "building it again" in err
+    if damage != "fails_to_load":
+        assert loaded == []  # the damaged library was never loaded
+    assert json.loads((directory / "built.json").read_text())["sha256"] == _build.file_sha256(library)
+
+
+def test_an_intact_cached_build_is_loaded_without_building(unbuilt, monkeypatch):
+    builds, loaded = _fake_builds(monkeypatch)
+    native._jit("cpu")
+    native._checksums.clear()
+    native._jit("cpu")
+    assert len(builds) == 1 and loaded == [str(native.build_dir("cpu") / f"{native._library_name('cpu')}{native._LIB_SUFFIX}")]
+
+
+def test_a_truncated_build_in_the_cache_never_kills_the_process(tmp_path):
+    """The real library, truncated in a copy of the cache: the loader must not map it (SIGBUS);
+    it builds again (here, a build that fails at once) and says why."""
+    require_native()
+    if native._state["loaded"] == "prebuilt":
+        pytest.skip("the prebuilt extension is in use")
+    source = native.build_dir("cpu")
+    cache = tmp_path / "cache"
+    shutil.copytree(source, cache / source.name, ignore=shutil.ignore_patterns("build.lock", "lock"))
+    library = cache / source.name / f"{native._library_name('cpu')}{native._LIB_SUFFIX}"
+    library.write_bytes(library.read_bytes()[:4096])
+    code = ("import torch.utils.cpp_extension as ext\n"
+            "def fail(*a, **k): raise RuntimeError('compile error (simulated)')\n"
+            "ext.load = fail\n"
+            "from fromage_fused.backends import native\n"
+            "try:\n    native.load()\nexcept Exception as exc:\n    print('unavailable:', exc)\n")
+    env = dict(os.environ, **{native.DIR_ENV: str(cache)})
+    env.pop(native.REQUIRE_ENV, None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "building it again" in done.stderr
+    assert "unavailable:" in done.stdout and "compile error (simulated)" in done.stdout
+
+
+def test_the_cuda_build_key_has_the_gpu_architectures(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    capabilities = {0: (9, 0), 1: (8, 0), 2: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    assert _build.cuda_archs() == "8.0 9.0"
+    hopper_and_ampere = _build.build_key(_build.build_info("cuda"))
+    capabilities.update({0: (8, 0), 2: (8, 0)})
+    assert _build.build_key(_build.build_info("cuda")) != hopper_and_ampere  # another machine's GPUs
+    cpu = _build.build_key(_build.build_info("cpu"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0;8.0")  # the list torch compiles for, when given
+    assert _build.cuda_archs() == "8.0 9.0"
+    assert _build.build_key(_build.build_info("cuda")) == hopper_and_ampere
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
+    assert _build.build_key(_build.build_info("cuda")) != hopper_and_ampere
+    assert _build.build_key(_build.build_info("cpu")) == cpu  # CPU builds are shared across GPUs

@@ -109,11 +109,12 @@ def test_table_properties(numels, chunk):
 # -- the cache of uploaded tables ---------------------------------------------------------------
 
 
-def trace(capacity, accesses):
-    """accesses: [(key, capturing)] -> (hits, [(key, held)] from least to most recently used)."""
+def trace(capacity, accesses, held_limit=1_000_000):
+    """accesses: [(key, capturing)] (key -1: release the held entries) -> (per access: 1 hit, 0 made,
+    -1 refused, or the count released; [(key, held)] from least to most recently used)."""
     keys = [k for k, _ in accesses]
     flags = [int(c) for _, c in accesses]
-    out = torch.ops.fromage_fused._table_cache_trace(capacity, keys, flags)
+    out = torch.ops.fromage_fused._table_cache_trace(capacity, keys, flags, held_limit)
     hits, rest = out[:len(keys)], out[len(keys):]
     return hits, [(rest[i], bool(rest[i + 1])) for i in range(0, len(rest), 2)]
 
@@ -138,14 +139,78 @@ def test_entry_made_under_capture_is_held_and_the_cache_grows_when_all_are_held(
     assert [k for k, held in entries if not held] == [5]  # 4 went: only unheld entries are evicted
 
 
+def test_held_entries_are_bounded_and_released():
+    # Captures on new storage hold new tables; at the limit a capture that needs one more is refused
+    # (nothing made, nothing changed), hits on held entries still work, eager use goes on; a release
+    # makes them ordinary entries (the oldest past the capacity go).
+    hits, entries = trace(2, [(1, True), (2, True), (3, True), (1, True), (4, False), (5, False), (-1, False),
+                              (3, True)], held_limit=2)
+    assert hits == [0, 0, -1, 1, 0, 0, 2, 0]
+    assert entries == [(5, False), (3, True)]
+
+
+def test_a_cache_serves_many_threads():
+    # Threads that miss and evict at once, each checking it got the value of its key.
+    wrong, size = torch.ops.fromage_fused._table_cache_threads(4, 6, 3000)
+    assert wrong == 0 and size <= 4
+
+
+def pool_trace(min_free, requests):
+    """requests: [(words, capturing)] -> (per request: offset taken, -1 refused, -2 reserved; segments allocated)."""
+    out = torch.ops.fromage_fused._staging_pool_trace(min_free, [w for w, _ in requests], [int(c) for _, c in requests])
+    return out[:len(requests)], out[len(requests):]
+
+
+def test_staging_pool_allocates_outside_capture_only():
+    got, segments = pool_trace(100, [(5, True), (30, False), (150, True), (60, True), (40, True), (120, False),
+                                      (10, True), (10, False)])
+    # Nothing set aside yet: refused. Reserve: 2 * max(100, 2 * 30) words. Captures take in order
+    # and are refused when they do not fit; a larger table asks for more room, outside capture.
+    assert got == [-1, -2, 0, -1, 150, -2, 0, -2]
+    assert segments == [200, 480]
+
+
 @settings(max_examples=60, deadline=None)
-@given(capacity=st.integers(1, 4), accesses=st.lists(st.tuples(st.integers(0, 6), st.booleans()), max_size=40))
-def test_cache_against_a_model(capacity, accesses):
-    hits, entries = trace(capacity, accesses)
+@given(min_free=st.integers(0, 50), requests=st.lists(st.tuples(st.integers(0, 40), st.booleans()), max_size=30))
+def test_staging_pool_against_a_model(min_free, requests):
+    got, segments = pool_trace(min_free, requests)
+    size = used = largest = 0
+    want, allocated = [], []
+    for words, capturing in requests:
+        if capturing:
+            if size - used >= words:
+                want.append(used)
+                used += words
+            else:
+                want.append(-1)
+        else:
+            largest = max(largest, words)
+            need = max(min_free, 2 * largest)
+            if size - used < need:
+                size, used = 2 * need, 0
+                allocated.append(size)
+            want.append(-2)
+    assert got == want and segments == allocated
+
+
+@settings(max_examples=60, deadline=None)
+@given(capacity=st.integers(1, 4), held_limit=st.integers(0, 5),
+       accesses=st.lists(st.tuples(st.integers(-1, 6), st.booleans()), max_size=40))
+def test_cache_against_a_model(capacity, held_limit, accesses):
+    hits, entries = trace(capacity, accesses, held_limit)
     model = []  # [key, held], least recently used first
     want = []
     for key, capturing in accesses:
+        if key == -1:
+            want.append(sum(e[1] for e in model))
+            for e in model:
+                e[1] = False
+            del model[:max(0, len(model) - capacity)]
+            continue
         found = next((e for e in model if e[0] == key), None)
+        if capturing and not (found is not None and found[1]) and sum(e[1] for e in model) >= held_limit:
+            want.append(-1)
+            continue
         want.append(int(found is not None))
         if found is not None:
             model.remove(found)

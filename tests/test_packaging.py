@@ -16,7 +16,7 @@ from fromage_fused import _build
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p.name for p in (ROOT / "csrc").iterdir() if p.suffix in _build.SOURCE_SUFFIXES)
-EXTRAS = {"bench", "examples", "triton", "test", "all"}
+EXTRAS = {"bench", "examples", "triton", "integrations", "docs", "test", "all"}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def test_the_wheel_declares_torch_extras_and_the_console_script(wheel):
     base = [r for r in requires if "extra ==" not in r]
     assert sorted(base) == ["ninja", "torch>=2.6"]
     assert meta["Requires-Python"] == ">=3.10"
+    assert meta["License-Expression"] == "Apache-2.0" and meta["License-File"] == "LICENSE"
     bench = [r for r in requires if 'extra == "bench"' in r]
     assert any(r.startswith("tqdm") for r in bench) and any(r.startswith("matplotlib") for r in bench)
     assert any(r.startswith("scikit-learn") for r in requires if 'extra == "examples"' in r)
@@ -66,7 +67,9 @@ def test_an_installed_package_finds_its_own_sources(wheel, tmp_path):
 
 
 def test_the_sdist_carries_everything_a_wheel_is_built_from(tmp_path):
-    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    # (sys.path[0], the checkout, would let its kernels/ shadow the kernels package of the same name,
+    # whose setuptools hook transformers' dependency installs.)
+    code = "import sys; del sys.path[0]; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
     env = {k: v for k, v in os.environ.items() if k != "FROMAGE_FUSED_BUILD_EXT"}
     name = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           check=True, env=env).stdout.strip().splitlines()[-1]
@@ -108,3 +111,14 @@ def test_the_install_stamp_follows_torch(tmp_path):
     os.utime(stamp, (2**31, 2**31))  # newer than pyproject.toml, setup.py and requirements-dev.txt
     assert plan("torch==2.13.0") == []
     assert plan("torch==2.14.1") == [f'{venv}/bin/python -m pip install -q "torch==2.14.1"']
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_run_installs_only_the_bench_extra(tmp_path):
+    # The front door: the benchmark's venv gets torch and the [bench] extra, not the test
+    # requirements (pytest, Triton for its interpreter tests, the integrations' libraries).
+    out = subprocess.run(["make", "-n", "run", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    installs = [line for line in out.splitlines() if "pip install" in line and "torch==" not in line]
+    assert installs[-1].endswith('-e ".[bench]"'), installs
+    assert not any(word in line for line in installs for word in ("[test]", "triton", "requirements-dev", "timm"))

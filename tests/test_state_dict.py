@@ -200,3 +200,106 @@ def test_cpu_state_loads_onto_cuda(backend):
         gpu_opt.step()
     for a, b in zip(net.parameters(), gpu.parameters()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def _assert_same_state_dict(a, b):
+    assert [sorted(g) for g in a["param_groups"]] == [sorted(g) for g in b["param_groups"]]
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert a["state"][k].keys() == b["state"][k].keys()
+        assert all(torch.equal(v, b["state"][k][n]) for n, v in a["state"][k].items())
+
+
+@pytest.mark.parametrize("dst", BACKENDS)
+def test_a_load_gives_back_the_state_dict_it_loaded(dst):
+    # The param groups hold Fromage's keys only: torch's own options (differentiable, ...) are no
+    # hyper-parameters of Fromage and must not appear after a load.
+    net = make()
+    opt = Fromage(groups(net, 0.02, 1.5, False), lr=0.02, p_bound=1.5, backend="foreach")
+    train(net, opt, 2, seed=1)
+    saved = save_load(opt.state_dict())
+    opt.load_state_dict(copy.deepcopy(saved))
+    _assert_same_state_dict(opt.state_dict(), saved)
+    other = Fromage(groups(make(), 0.5, None, True), lr=0.5, backend=dst)
+    other.load_state_dict(copy.deepcopy(saved))
+    _assert_same_state_dict(other.state_dict(), saved)
+    assert all(set(g) == {"params", "lr", "p_bound", "weight_decay", "maximize", "prefactor", "stochastic_rounding"}
+               for g in other.state_dict()["param_groups"])
+
+
+def _bounded(backend="foreach", rounding=False):
+    net = make()
+    opt = Fromage(groups(net, 0.02, 1.5, False), lr=0.02, p_bound=1.5, backend=backend,
+                  stochastic_rounding=rounding, seed=1)
+    train(net, opt, 2, seed=1)
+    return net, opt
+
+
+def _state_of(net, opt):
+    sd = opt.state_dict()
+    return (copy.deepcopy(sd["param_groups"]), {k: {n: v.clone() for n, v in e.items()} for k, e in sd["state"].items()},
+            [p.detach().clone() for p in net.parameters()])
+
+
+def _set_state(key, value):
+    def edit(sd):
+        sd["state"][0][key] = value
+    return edit
+
+
+def _set_group(key, value):
+    def edit(sd):
+        sd["param_groups"][1][key] = value
+    return edit
+
+
+def _not_a_dict(sd):
+    sd["state"][1] = 3.0
+
+
+BAD_LOADS = {
+    "max_norm_two_values": _set_state("max_norm", torch.tensor([1.0, 2.0])),
+    "max_norm_string": _set_state("max_norm", "1.0"),
+    "max_norm_nan": _set_state("max_norm", torch.tensor(float("nan"))),
+    "max_norm_inf": _set_state("max_norm", float("inf")),
+    "max_norm_negative": _set_state("max_norm", -0.5),
+    "max_norm_beyond_float32": _set_state("max_norm", 1e39),
+    "sr_seed_beyond_int64": _set_state("sr_seed", 2 ** 70),
+    "sr_seed_float": _set_state("sr_seed", torch.tensor(1.5)),
+    "state_not_a_dict": _not_a_dict,
+    "group_lr_nan": _set_group("lr", float("nan")),
+    "group_lr_tensor_negative": _set_group("lr", torch.tensor(-0.1)),
+    "group_p_bound_negative": _set_group("p_bound", -1.0),
+    "group_flag_string": _set_group("maximize", "False"),
+    "group_weight_decay_negative": _set_group("weight_decay", -0.1),
+    "group_weight_decay_nan": _set_group("weight_decay", float("nan")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LOADS))
+def test_a_load_that_raises_changes_nothing(case):
+    net, opt = _bounded(rounding=case.startswith("sr_seed"))
+    twin_net, twin_opt = copy.deepcopy((net, opt))
+    before = _state_of(net, opt)
+    sd = copy.deepcopy(opt.state_dict())
+    BAD_LOADS[case](sd)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(sd)
+    after = _state_of(net, opt)
+    assert before[0] == after[0] and before[1].keys() == after[1].keys()
+    assert all(e.keys() == after[1][k].keys() and all(torch.equal(v, after[1][k][n]) for n, v in e.items())
+               for k, e in before[1].items())
+    train(net, opt, 2, seed=3)  # and it steps on as if nothing had been tried
+    train(twin_net, twin_opt, 2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin_net.parameters()))
+
+
+def test_the_unset_marker_loads():
+    net, opt = _bounded()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["max_norm"] = torch.tensor(-1.0)
+    sd["state"][1]["max_norm"] = 0.0
+    opt.load_state_dict(sd)
+    p0, p1 = list(net[0].parameters())
+    assert opt.state[p0]["max_norm"].item() == -1.0 and opt.state[p1]["max_norm"].item() == 0.0

@@ -62,6 +62,10 @@ def _twin(params, opt):
     twin_params, twin_opt = copy.deepcopy((params, opt))
     for p, q in zip(params, twin_params):
         q.grad = None if p.grad is None else p.grad.clone()
+        storage = p.untyped_storage()
+        if storage.nbytes() != q.untyped_storage().nbytes():  # a view with room: deepcopy copies the view only
+            whole = torch.empty(0, dtype=p.dtype).set_(storage, 0, (storage.nbytes() // p.element_size(),), (1,))
+            q.data = whole.clone().as_strided(p.shape, p.stride(), p.storage_offset())
     assert twin_opt._plan is None
     return twin_params, twin_opt
 
@@ -131,6 +135,26 @@ def _param_to_float64(params, opt):
 
 def _param_transposed(params, opt):
     params[4].data = params[4].data.t()  # same storage and shape, no longer contiguous
+
+
+def _param_shrunk(params, opt):
+    # the same storage, fewer rows: a backend that memoised the element count would read past the
+    # gradient (given room here, so that the forced reuse below reads garbage, not beyond memory).
+    # (Parameter 4: its group steps no views, so the backends get the plan's own lists.)
+    params[4].data = params[4].data[:2]
+    params[4].grad = _randn(4, 4, seed=3)[:2]
+
+
+def _param_grown(params, opt):
+    # a view grown over the storage it has room in: a memoised element count leaves the tail out
+    params[4].data = params[4].data.as_strided((8, 4), (4, 1))
+    params[4].grad = _randn(8, 4, seed=3)
+
+
+def _model_with_room(backend, **kw):
+    params, opt = _model(backend, **kw)
+    params[4].data = _randn(8, 4, seed=5)[:4]  # (before any plan exists)
+    return params, opt
 
 
 def _param_reassigned(params, opt):
@@ -204,6 +228,8 @@ CASES = {
     "param_new_storage": (_param_new_storage_complex, {}),
     "param_to_float64": (_param_to_float64, {}),
     "param_transposed": (_param_transposed, {}),
+    "param_shrunk": (_param_shrunk, {}),
+    "param_grown": (_param_grown, {"model": _model_with_room}),
     "param_reassigned": (_param_reassigned, {}),
     "param_appended": (_param_appended, {}),
     "param_removed": (_param_removed, {}),
@@ -240,10 +266,18 @@ def test_the_checker_asked_for_is_the_one_used(checker, monkeypatch):
     assert all((part.record.native is not None) == (checker == "native") for part in opt._plan.parts)
 
 
+#: Cases a wrongly reused plan gets right on foreach (which holds each parameter itself), but not on
+#: a backend that memoises what it derived from the plan's tensors.
+MEMO_CASES = {"param_shrunk": "triton", "param_grown": "triton"}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_case_catches_a_wrongly_reused_plan(case, monkeypatch):
     change, kw = CASES[case]
-    got, want = _run("foreach", "python", change, monkeypatch, force_reuse=True, **kw)
+    backend = MEMO_CASES.get(case, "foreach")
+    if backend not in BACKENDS:
+        pytest.skip(f"{backend} does not run here")
+    got, want = _run(backend, "python", change, monkeypatch, force_reuse=True, **kw)
     assert not _same(got, want)
 
 
@@ -320,3 +354,51 @@ def test_backends_never_get_an_empty_group(monkeypatch):
     opt.step()
     opt.step()
     assert calls and 0 not in calls
+
+
+def _model_strided(backend, **kw):
+    params, opt = _model(backend, **kw)
+    params[4].data = _randn(64, seed=5).as_strided((4, 4), (8, 1))  # (before any plan exists)
+    return params, opt
+
+
+def _new_address(p):
+    return torch.empty_strided(p.shape, p.stride()).copy_(p)
+
+
+#: For each fact of backends._base.PLAN_KEY that can change alone on a CPU, a change of it alone.
+#: (dtype and device cannot: a cast or a move gives another address; param_to_float64 covers them.)
+FACTS = {
+    "data_ptr": lambda p: _new_address(p),
+    "shape": lambda p: p.as_strided((3, 4), (8, 1)),
+    "stride": lambda p: p.as_strided((4, 4), (8, 2)),
+}
+
+
+def _fact_change(fact):
+    def change(params, opt):
+        p = params[4]
+        before = {"data_ptr": p.data_ptr(), "shape": p.shape, "stride": p.stride(), "dtype": p.dtype, "device": p.device}
+        p.data = FACTS[fact](p.data)
+        after = {"data_ptr": p.data_ptr(), "shape": p.shape, "stride": p.stride(), "dtype": p.dtype, "device": p.device}
+        assert {k for k in before if before[k] != after[k]} == {fact}
+        p.grad = _randn(*p.shape, seed=7)
+    return change
+
+
+def test_every_fact_of_the_plan_key_is_tested():
+    from fromage_fused.backends import _base
+
+    assert set(FACTS) | {"dtype", "device"} == set(_base.PLAN_KEY)
+
+
+@pytest.mark.parametrize("checker", CHECKERS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fact", list(FACTS))
+def test_each_fact_a_backend_may_memoise_rebuilds_the_plan_alone(fact, backend, checker, monkeypatch):
+    builds = []
+    real_build = _step_plan.build
+    monkeypatch.setattr(_step_plan, "build", lambda o, **kw: builds.append(o) or real_build(o, **kw))
+    got, want = _run(backend, checker, _fact_change(fact), monkeypatch, model=_model_strided)
+    assert got[0] is None and _same(got, want)
+    assert len(builds) == 3  # the first step, the step after the change, and the twin's fresh one

@@ -42,3 +42,11 @@ RATIO_ATOL = {torch.float64: 1e-13, torch.float32: 5e-7}
 #: one step with stochastic rounding to bf16 (test_option_matrix.py): the result may land on either
 #: neighbour, so up to one ulp of the largest element (2**-7 relative) instead of half.
 SR_STEP_TOL = (1e-3, 2 ** -7)
+
+#: the LARS and LAMB oracles against timm's Lars and Lamb in float64 (test_lars_lamb_oracles.py),
+#: per element (atol, rtol): both are float64 loops over the same formulas in different orders.
+TIMM_PARITY_TOL = (1e-12, 1e-12)
+
+#: the emulated CUDA stats kernel (test_cuda_emulated.py) against float64 sums, relative to the sum of
+#: the terms' magnitudes: per-thread fp32 chains of at most 128 fused multiply-adds, then a fixed tree.
+EMULATED_STATS_RTOL = 1e-5

@@ -144,6 +144,9 @@ def requested_name(name: str) -> str:
     """``name`` with ``auto`` replaced by ``$FROMAGE_FUSED_BACKEND`` when that is set."""
     if name == AUTO:
         name = os.environ.get(ENV_VAR, "").strip() or AUTO
+        if name != AUTO and name not in _registry():
+            raise ValueError(f"${ENV_VAR} is {name!r}, which names no backend; unset it or choose one of "
+                             f"{[AUTO] + list(_registry())}")
     if name != AUTO:
         get(name)
     return name

@@ -11,13 +11,15 @@ functional API and the DTensor route alike) calls it, so that it need not check 
 - ``stats`` passed to ``apply`` is what ``stats`` returned for the same lists, or its sum over the
   ranks holding shards of the same tensors (same shape and dtype, contiguous, on the device).
 - ``lr`` is a 0-d tensor on the device in the accumulation dtype (float64 for float64 groups, else
-  float32); ``found_inf`` and ``grad_scale`` are None or 0-d float32 tensors on the device;
+  float32); one that is negative or beyond float32 (or NaN: a tensor lr edited after construction,
+  never read on the host) skips the step as ``found_inf`` does (``_math.usable_lr``); ``found_inf`` and ``grad_scale`` are None or 0-d float32 tensors on the device;
   ``sr_seed`` is None or a 0-d int64 tensor on the device, given only to bfloat16 groups;
   ``max_norm`` is None without ``p_bound``, else one contiguous ``[n]`` float32 tensor on the device
   (entry ``i`` for ``params[i]``), read and written in place.
 - Across steps, while the optimizer's plan holds, the same ``params`` list object comes back with
-  the same tensors, each with the same storage address, shape, dtype and device (any change builds
-  a new plan and a new list); only ``grads`` (a new list each step) and the values change. Without
+  the same tensors, each with the same ``PLAN_KEY`` (address, shape, strides, dtype, device: a
+  change of any one of them builds a new plan and a new list); only ``grads`` (a new list each
+  step) and the values change. Without
   views in play (complex parameters, contiguous copies of strided ones) the lists are
   ``_groups.PlanList``s: their ``memo`` dict is where a backend keeps what it derives from the
   tensors (sizes, addresses), once per plan for ``params``, once per step for
@@ -32,6 +34,9 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: What the step plan keys each tensor of a ``params`` list on: a backend may keep whatever it
+#: derives from these in the list's ``memo`` (the triton backend: element counts, addresses).
+PLAN_KEY = ("data_ptr", "shape", "stride", "dtype", "device")
 
 
 class BackendUnavailable(RuntimeError):
@@ -95,7 +100,8 @@ class Backend:
     ) -> None:
         """Update ``params`` in place from ``stats``; set the unset (negative) entries of ``max_norm`` in place.
 
-        ``lr``: 0-d tensor on the group's device. ``found_inf``: 0-d float tensor; when it is
+        ``lr``: 0-d tensor on the group's device; unusable (``_math.usable_lr``), nothing changes.
+        ``found_inf``: 0-d float tensor; when it is
         non-zero nothing changes (parameters nor max_norm). ``grad_scale``: 0-d tensor by which
         the gradients are multiplied; only the zero-norm fallback depends on it. ``sr_seed``: 0-d
         int64 tensor; when given, bf16 results are rounded stochastically exactly as

@@ -6,8 +6,11 @@ to the foreach ops as views of it made once (per device, dtype, group size and t
 products (``sum(x) = 2 sum(max(x, 0)) - sum(|x|)``), not from a ``.sum()`` per tensor.
 
 Arithmetic: ``p <- round(round(c_p p) + round(c_g g))``, a product and a sum each rounded on its
-own, as in every backend (README, "Bit-identical results"): never ``addcmul``, which torch may
+own, as in every backend (docs/backends.md, "Bit-identical results"): never ``addcmul``, which torch may
 compute with a fused multiply-add.
+
+Accuracy: on CPU, norms are summed over pieces of ``PIECE`` elements and combined as a tree, as
+the CPU kernels do (torch's norm of one long tensor drifts with its length).
 
 Memory: everything that needs temporaries (the product ``c_g g``, the products of the stats, the
 float32 copies of bf16/fp16 tensors, the ``found_inf`` selection) runs over bounded pieces: runs of
@@ -23,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._math import accumulate_dtype, coefficients, stochastic_round_bf16
+from .._math import accumulate_dtype, coefficients, stochastic_round_bf16, usable_lr
 from ._base import Backend
 
 #: Temporaries of one step at a time, in bytes, at least (below it, splitting only adds launches).
@@ -40,52 +43,65 @@ class _Piece:
         self.params, self.grads, self.owner = params, grads, owner
 
 
-def _budget(params) -> int:
-    return max(FLOOR_BYTES, max(p.numel() * p.element_size() for p in params))
+#: Norms are summed over flat pieces of this many elements (the CPU kernels' chunk) and the
+#: pieces' sums combined as a tree: torch's CPU norm of one long tensor accumulates in a way whose
+#: error grows with its length (1e-3 relative for 20M float32 elements, more for the L1 norms of
+#: <p, g>). CUDA's ``_foreach_norm`` already sums per chunk: tensors there stay whole.
+PIECE = 32768
+_numel = torch.Tensor.numel
 
 
-def _runs(params, grads, temp_per_element: int, *, split: bool = True, indices: Optional[Sequence[int]] = None) -> List[_Piece]:
+def _runs(params, grads, temp_per_element: int, *, split: bool = True, indices: Optional[Sequence[int]] = None,
+          piece: Optional[int] = None) -> List[_Piece]:
     """Runs of (parameter, gradient) pieces whose temporaries (``temp_per_element`` bytes per
     element) stay within the budget; a contiguous tensor larger than that is cut into flat slices
-    (``split``). The whole group is one run when it fits, the common case."""
-    budget = _budget(params)
-    limit = max(1, budget // max(temp_per_element, 1))
+    (``split``), and with ``piece`` every contiguous tensor larger than ``piece`` elements. The
+    whole group is one run when it fits and nothing is cut, the common case."""
+    sizes = list(map(_numel, params))
+    largest = max(sizes)
+    # the bytes of the largest tensor (a group has one dtype), at least the floor
+    limit = max(1, max(FLOOR_BYTES, largest * params[0].element_size()) // max(temp_per_element, 1))
     indices = range(len(params)) if indices is None else indices
-    total = sum(p.numel() for p in params)
-    if total <= limit:
+    if piece is not None and largest <= piece:
+        piece = None
+    if piece is None and sum(sizes) <= limit:
         return [_Piece(list(params), list(grads), list(indices))]
+    cut = min(piece or limit, limit) if split else piece
     runs, ps, gs, owner, size = [], [], [], [], 0
-    for i, p, g in zip(indices, params, grads):
-        n = p.numel()
-        if split and n > limit and p.is_contiguous() and g.is_contiguous():
-            if ps:
+    for i, p, g, n in zip(indices, params, grads, sizes):
+        if cut is not None and n > cut and p.is_contiguous() and g.is_contiguous():
+            fp, fg = p.view(-1), g.view(-1)
+            entries = [(fp[start:start + cut], fg[start:start + cut], min(cut, n - start)) for start in range(0, n, cut)]
+        else:
+            entries = [(p, g, n)]
+        for ep, eg, en in entries:
+            if ps and size + en > limit:
                 runs.append(_Piece(ps, gs, owner))
                 ps, gs, owner, size = [], [], [], 0
-            fp, fg = p.view(-1), g.view(-1)
-            for start in range(0, n, limit):
-                runs.append(_Piece([fp[start:start + limit]], [fg[start:start + limit]], [i]))
-            continue
-        if ps and size + n > limit:
-            runs.append(_Piece(ps, gs, owner))
-            ps, gs, owner, size = [], [], [], 0
-        ps.append(p)
-        gs.append(g)
-        owner.append(i)
-        size += n
+            ps.append(ep)
+            gs.append(eg)
+            owner.append(i)
+            size += en
     if ps:
         runs.append(_Piece(ps, gs, owner))
     return runs
 
 
 def _combine(values: torch.Tensor, owner: List[int], n: int) -> torch.Tensor:
-    """Per-piece sums (``[pieces]``) to per-tensor ones (``[n]``): the slices of a tensor add up."""
+    """Per-piece sums (``[pieces]``) to per-tensor ones (``[n]``): the pieces of a tensor (consecutive
+    in ``owner``) add up as a tree (torch's ``sum``)."""
     if len(owner) == n:
         return values
-    parts = values.unbind()
-    out: List[Optional[torch.Tensor]] = [None] * n
-    for i, v in zip(owner, parts):
-        out[i] = v if out[i] is None else out[i] + v
-    return torch.stack(out)
+    first = [0] * n
+    counts = [0] * n
+    for k in range(len(owner) - 1, -1, -1):
+        first[owner[k]] = k
+        counts[owner[k]] += 1
+    out = values[first]
+    for i, count in enumerate(counts):
+        if count > 1:
+            out[i] = values[first[i]:first[i] + count].sum()
+    return out
 
 
 class _Coefficients(threading.local):
@@ -132,24 +148,25 @@ class ForeachBackend(Backend):
         n = len(params)
         # Norms in the accumulation dtype; on CPU a bf16/fp16 norm upcasts each tensor inside the
         # op, one at a time, so large ones go in slices.
+        piece = None if params[0].device.type == "cuda" else PIECE
         p_norms, g_norms, owner = [], [], []
-        for run in _runs(params, grads, 4 if low else 0):
+        for run in _runs(params, grads, 4 if low else 0, piece=piece):
             p_norms += torch._foreach_norm(run.params, 2, dtype=acc)
             g_norms += torch._foreach_norm(run.grads, 2, dtype=acc)
             owner += run.owner
         columns = [_combine(torch.stack(p_norms).square(), owner, n), _combine(torch.stack(g_norms).square(), owner, n)]
         if inner:
-            columns.append(self._inner(params, grads, acc, low, n))
+            columns.append(self._inner(params, grads, acc, low, n, piece))
         else:
             columns.append(torch.zeros(n, dtype=acc, device=params[0].device))
         return torch.stack(columns, dim=1)
 
     @staticmethod
-    def _inner(params, grads, acc, low, n) -> torch.Tensor:
+    def _inner(params, grads, acc, low, n, piece) -> torch.Tensor:
         """``<p, g>`` per tensor: sum(x) = 2 sum(max(x, 0)) - sum(|x|) over the products x, with
         two L1 norms (an absolute error of a few ulps of ||p|| ||g||, which is what the clamp reads)."""
         totals, positives, owner = [], [], []
-        for run in _runs(params, grads, 8 if low else 4):
+        for run in _runs(params, grads, 8 if low else 4, piece=piece):
             if low:  # products of bf16/fp16 values are exact in fp32
                 prods = [p.to(acc) for p in run.params]
                 torch._foreach_mul_(prods, run.grads)
@@ -167,11 +184,19 @@ class ForeachBackend(Backend):
         coef_p, coef_g, new_max = coefficients(
             stats, lr, max_norm=old_max, p_bound=p_bound, maximize=maximize, prefactor=prefactor, grad_scale=grad_scale
         )
+        # An unusable lr skips the step: with found_inf, through its exact selection; without
+        # it, through the coefficients (1, 0), which keep every finite value (a -0 may become +0;
+        # a non-finite gradient turns its parameter into NaN, as a valid step would) and spare
+        # every step the selection's extra pass.
+        usable = usable_lr(lr)
         keep = None
         if found_inf is not None:
-            keep = found_inf == 0
-            if new_max is not None:
-                new_max = torch.where(keep, new_max, old_max.to(new_max.dtype))
+            keep = (found_inf == 0) & usable
+        else:
+            coef_p = torch.where(usable, coef_p, 1.0)
+            coef_g = torch.where(usable, coef_g, 0.0)
+        if new_max is not None:
+            new_max = torch.where(usable if keep is None else keep, new_max, old_max.to(new_max.dtype))
         views = _column_views(torch.stack([coef_p, coef_g], dim=1))
         vp, vg = views[0], views[1]
         acc = stats.dtype
@@ -194,6 +219,12 @@ class ForeachBackend(Backend):
         for run in _runs(params, grads, temp, split=sr_seed is None):
             cp = vp if len(run.owner) == whole else [vp[i] for i in run.owner]
             cg = vg if len(run.owner) == whole else [vg[i] for i in run.owner]
+            # The gradients' products first: a gradient may be its own parameter's memory, which
+            # the in-place path is about to scale.
+            # A bf16/fp16 gradient times a float32 0-d tensor would stay bf16/fp16: upcast first.
+            prods = [g.to(acc, copy=True) for g in run.grads] if low else torch._foreach_mul(run.grads, cg)
+            if low:
+                torch._foreach_mul_(prods, cg)
             if in_place:
                 work = run.params
                 torch._foreach_mul_(work, cp)
@@ -202,10 +233,6 @@ class ForeachBackend(Backend):
                 torch._foreach_mul_(work, cp)
             else:
                 work = torch._foreach_mul(run.params, cp)
-            # A bf16/fp16 gradient times a float32 0-d tensor would stay bf16/fp16: upcast first.
-            prods = [g.to(acc, copy=True) for g in run.grads] if low else torch._foreach_mul(run.grads, cg)
-            if low:
-                torch._foreach_mul_(prods, cg)
             torch._foreach_add_(work, prods)
             del prods
             if in_place:

@@ -47,7 +47,7 @@ VERBOSE_ENV = "FROMAGE_FUSED_VERBOSE_BUILD"
 WAIT_ENV = "FROMAGE_FUSED_BUILD_WAIT"
 WAIT_S = 1800.0  # how long to wait for another process's build before giving up
 STALE_S = 3600.0  # where file locks do not work, a torch build lock older than this is stale
-NOT_BUILT = "not built yet: builds on first use (about a minute)"
+NOT_BUILT = "not built yet: builds on first use (1-2 minutes on a 2-core CPU)"
 _LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None, "cuda_error": None}
@@ -85,10 +85,64 @@ def build_dir(variant: str) -> Path:
     return cache_root() / f"{variant}-{_build.build_key(_build.build_info(variant))}"
 
 
+def _library(directory: Path, variant: str) -> Path:
+    return directory / f"{_library_name(variant)}{_LIB_SUFFIX}"
+
+
 def _built(directory: Path, variant: str) -> Optional[Path]:
-    """The library of a finished build in ``directory`` (its record is written last), or None."""
-    library = directory / f"{_library_name(variant)}{_LIB_SUFFIX}"
-    return library if (directory / "built.json").is_file() and library.is_file() else None
+    """The library of a finished build in ``directory`` (its record is written last), or None.
+    Cheap, for queries: the record's size of the library is compared, its checksum only when it
+    is loaded (:func:`_cached`)."""
+    library = _library(directory, variant)
+    try:
+        record = json.loads((directory / "built.json").read_text())
+        return library if library.stat().st_size == record.get("size") else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+_checksums = {}
+
+
+def _checksum(path: Path) -> str:
+    """sha256 of the file at ``path``, computed once per (path, size, modification time)."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _checksums:
+        _checksums[key] = _build.file_sha256(path)
+    return _checksums[key]
+
+
+def _cached(directory: Path, variant: str):
+    """``(library, None)`` for a finished build whose library matches the checksum in its record;
+    ``(None, why)`` for a finished build that must not be loaded (a truncated or overwritten file
+    would kill the process or fail to load); ``(None, None)`` where no build finished."""
+    record_path, library = directory / "built.json", _library(directory, variant)
+    if not record_path.is_file():
+        return None, None
+    try:
+        record = json.loads(record_path.read_text())
+        expected = record.get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None, "its build record is unreadable"
+    if not library.is_file():
+        return None, "its library is missing"
+    if expected is None:
+        return None, "its build record has no checksum (built by an older fromage_fused)"
+    if _checksum(library) != expected:
+        return None, "its library does not match the checksum in its build record (truncated or overwritten)"
+    return library, None
+
+
+def _clear(directory: Path) -> None:
+    """Remove a build's files (not the lock this process holds): the next build starts from scratch."""
+    for path in directory.iterdir():
+        if path.name == "build.lock":
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _variants() -> List[str]:
@@ -112,6 +166,12 @@ def prebuilt_problem(origin: str) -> Optional[str]:
         info = json.loads(record.read_text())
     except (OSError, ValueError):
         return f"it has no readable build record ({record.name})"
+    try:
+        damaged = info.get("sha256") != _checksum(Path(origin))
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    if damaged:
+        return f"it does not match the checksum in its build record ({record.name}): truncated or overwritten"
     if info.get("torch") != torch.__version__:
         return f"it was built for torch {info.get('torch')} and this is torch {torch.__version__}"
     if _build.source_files() and info.get("sources") != _build.sources_hash():
@@ -227,22 +287,41 @@ def _jit(variant: str, why: str = "first use") -> None:
         raise BackendUnavailable(problem)
     info = _build.build_info(variant)
     directory = cache_root() / f"{variant}-{_build.build_key(info)}"
-    library = _built(directory, variant)
+    if _load_cached(directory, variant) is True:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with _build_lock(directory) as locked:
+        # Another process may have finished (or repaired) the build meanwhile.
+        damaged = _load_cached(directory, variant)
+        if damaged is True:
+            return
+        if damaged is not None:
+            # Built again once: a second failure is the error (and the fallback) of any failed build.
+            _say(f"the cached build in {directory} is not usable ({damaged}): building it again")
+            _clear(directory)
+            why = f"the cached build was not usable: {damaged}"
+        _clear_stale_baton(directory, locked)
+        _compile(variant, info, directory, why)  # torch's load() loads it
+
+
+def _load_cached(directory: Path, variant: str):
+    """Load the finished build in ``directory`` if its library is intact: True when loaded; None
+    where there is no finished build; else why it cannot be used."""
+    library, damaged = _cached(directory, variant)
     if library is None:
-        directory.mkdir(parents=True, exist_ok=True)
-        with _build_lock(directory) as locked:
-            library = _built(directory, variant)  # another process may have finished it meanwhile
-            if library is None:
-                _clear_stale_baton(directory, locked)
-                _compile(variant, info, directory, why)
-                return  # torch's load() has loaded it
-    torch.ops.load_library(str(library))
+        return damaged
+    try:
+        torch.ops.load_library(str(library))
+        return True
+    except OSError as exc:
+        return f"it failed to load: {exc}"
 
 
 def _compile(variant: str, info: dict, directory: Path, why: str) -> None:
     from torch.utils.cpp_extension import load
 
-    what, how_long = ("C++/CUDA", "a few minutes") if variant == "cuda" else ("C++", "about a minute")
+    what, how_long = (("C++/CUDA", "several minutes; cached for later runs") if variant == "cuda"
+                      else ("C++", "1-2 minutes on a 2-core CPU; cached for later runs"))
     when = f"{why}, {how_long}" if why == "first use" else f"{how_long}; {why}"
     print(f"building the fromage_fused {what} extension for torch {torch.__version__} ({when})...", file=sys.stderr, flush=True)
     start = time.monotonic()
@@ -263,7 +342,9 @@ def _compile(variant: str, info: dict, directory: Path, why: str) -> None:
     except BaseException:
         _say(f"the {what} build failed after {time.monotonic() - start:.0f} s")
         raise
-    (directory / "built.json").write_text(json.dumps(info, indent=1))
+    library = _library(directory, variant)
+    record = dict(info, library=library.name, size=library.stat().st_size, sha256=_build.file_sha256(library))
+    (directory / "built.json").write_text(json.dumps(record, indent=1))
     _say(f"built the {what} extension in {time.monotonic() - start:.0f} s (cached in {directory})")
 
 
@@ -365,7 +446,7 @@ def pending(device_type: str) -> Optional[str]:
     variant = _variants()[0]
     if _built(build_dir(variant), variant) is not None:
         return None
-    return NOT_BUILT.replace("about a minute", "a few minutes") if variant == "cuda" else NOT_BUILT
+    return NOT_BUILT.replace("1-2 minutes on a 2-core CPU", "several minutes") if variant == "cuda" else NOT_BUILT
 
 
 def _register_fakes() -> None:

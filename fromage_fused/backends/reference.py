@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .._math import accumulate_dtype, stochastic_round_bf16
+from .._math import FLOAT32_MAX, accumulate_dtype, stochastic_round_bf16
 from ._base import Backend
 
 
@@ -33,6 +33,8 @@ class ReferenceBackend(Backend):
         if found_inf is not None and float(found_inf) != 0:
             return
         lr = float(lr)
+        if not 0 <= lr <= FLOAT32_MAX:  # (NaN too) skipped, as found_inf (_math.usable_lr)
+            return
         scale = 1.0 if grad_scale is None else float(grad_scale)
         s = 1.0 / math.sqrt(1.0 + lr * lr) if prefactor else 1.0
         for i, (p, g) in enumerate(zip(params, grads)):

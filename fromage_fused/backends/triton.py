@@ -8,8 +8,12 @@ tables in device memory (see ``kernels/fromage_table.py``), cached by the sizes 
 addresses, so a new gradient storage (``zero_grad(set_to_none=True)``) costs one small
 host-to-device copy, from a pinned buffer that the cache entry owns.
 
-CUDA graphs: a table used while a graph is captured is never evicted (every replay reads it, and
-a captured upload re-reads its pinned buffer), so a table miss inside capture just works.
+CUDA graphs: a table used while a graph is captured is held (every replay reads it, and a captured
+upload re-reads its host buffer), so a table miss inside capture just works: its host buffer comes
+from a pinned staging pool set aside outside capture, and the graph replays that small copy. At
+most ``GRAPH_TABLE_LIMIT`` tables are held per backend; past it, a capture that needs another
+raises, until :func:`fromage_fused.release_graph_tables` lets them go. One backend instance serves
+every optimizer: its cache is guarded by a lock.
 ``torch.compile``: the two phases are custom ops (``fromage_fused_triton::stats`` / ``apply_``)
 with fake implementations, so a compiled step treats them as opaque and never traces the tables.
 
@@ -22,6 +26,7 @@ import contextlib
 import importlib.util
 import itertools
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,7 +39,13 @@ from ._base import Backend
 
 _ALIGN_BYTES = 16
 _CACHE_SIZE = 64  # tables per backend; a group uses a layout and an address table
+#: tables held for captured CUDA graphs, per backend (see release_graph_tables)
+GRAPH_TABLE_LIMIT = 256
+#: int64 words the staging pool keeps free outside capture: at least this, and twice the largest table
+_STAGING_MIN_FREE = 32768
 _LARGE_CHUNKS = 4  # a tensor of at least this many large chunks is cut into large chunks
+
+_ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
@@ -65,12 +76,14 @@ class Config:
         return large if large is not None and numel >= _LARGE_CHUNKS * large else self.chunk
 
 
-# Per dtype on CUDA: 8 warps, each thread loading two 16-byte vectors per operand and inner step
-# (8 fp32 or 16 bf16/fp16 elements).
+# Per dtype on CUDA: 8 warps, each thread with 8 elements per operand and inner step (two 16-byte
+# vectors in fp32, one in bf16/fp16). 16 elements per thread would take 84-105 registers in the
+# 16-bit kernels (two programs of 256 threads per SM); 8 keep every kernel at 64 or fewer
+# (tests/test_triton_backend.py reads them from the sm_90 cubin).
 CUDA_CONFIGS = {
     torch.float32: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
-    torch.bfloat16: Config(block=4096, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
-    torch.float16: Config(block=4096, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
+    torch.bfloat16: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
+    torch.float16: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
 }
 CUDA_CONFIG = CUDA_CONFIGS[torch.float32]
 INTERPRETER_CONFIG = Config(block=512, chunk=2048, num_warps=4, rblock=128)
@@ -146,10 +159,27 @@ def layout_values(numels, cfg: Config):
     return list(numels) + first[:-1] + counts + chunks + owner, first[-1]
 
 
-def address_values(ptrs_p, ptrs_g):
-    # The kernels promise 16-byte alignment to the compiler only where this holds.
-    flags = [int(a % _ALIGN_BYTES == 0 and b % _ALIGN_BYTES == 0) for a, b in zip(ptrs_p, ptrs_g)]
-    return list(ptrs_p) + list(ptrs_g) + flags
+# The PATHS a launch compiles (kernels/fromage_table.py): only the aligned path, only the other, both.
+_ALIGNED_PATH, _UNALIGNED_PATH, _BOTH_PATHS = 1, 2, 3
+
+
+def _flag(a: int, b: int, itemsize: int) -> int:
+    """Bit 0: ``p + head`` and ``g + head`` are both 16-byte aligned; ``head`` (the elements before)
+    in the bits above. True when the two addresses are misaligned by the same whole number of
+    elements: views into their buffers at the same offset."""
+    if (a - b) % _ALIGN_BYTES or a % itemsize:
+        return 0
+    head = (-a % _ALIGN_BYTES) // itemsize
+    return 1 | head << 1
+
+
+def address_values(ptrs_p, ptrs_g, itemsize: int = 4):
+    """``(addrs table as ints, PATHS)``. The kernels promise 16-byte alignment to the compiler only
+    where the flags say it holds."""
+    flags = [_flag(a, b, itemsize) for a, b in zip(ptrs_p, ptrs_g)]
+    aligned = sum(f & 1 for f in flags)
+    paths = _ALIGNED_PATH if aligned == len(flags) else _UNALIGNED_PATH if aligned == 0 else _BOTH_PATHS
+    return list(ptrs_p) + list(ptrs_g) + flags, paths
 
 
 class _Use:
@@ -163,17 +193,69 @@ class _Use:
         self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
+def _pinned(words: int) -> torch.Tensor:
+    return torch.empty(words, dtype=torch.int64, pin_memory=True)
+
+
+def _pinned_copy(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, pin_memory=True)
+
+
+class _StagingPool:
+    """Pinned host memory for the uploads made while a CUDA graph is captured, set aside outside
+    capture: allocating pinned memory inside a capture fails on older torch (and the graph replays
+    the copy from it at every replay, so the buffer must stay). ``reserve`` (outside capture) keeps
+    enough free; ``take`` (inside) hands out a slice and never allocates. A slice is never handed
+    out again; its segment lives as long as some table holds a slice of it."""
+
+    def __init__(self, allocate=None, min_free: int = _STAGING_MIN_FREE):
+        self._allocate = allocate
+        self._min_free = min_free
+        self._segment: Optional[torch.Tensor] = None
+        self._used = 0
+        self._largest = 0
+
+    def free(self) -> int:
+        return 0 if self._segment is None else self._segment.numel() - self._used
+
+    def reserve(self, words: int) -> None:
+        self._largest = max(self._largest, words)
+        want = max(self._min_free, 2 * self._largest)
+        if self.free() < want:
+            self._segment = (self._allocate or _pinned)(2 * want)
+            self._used = 0
+
+    def take(self, words: int) -> Optional[torch.Tensor]:
+        if self.free() < words:
+            return None
+        out = self._segment[self._used:self._used + words]
+        self._used += words
+        return out
+
+    def clear(self) -> None:
+        """A fresh segment at the next reserve (the slices handed out stay with their tables)."""
+        self._segment, self._used = None, 0
+
+
 class _Table:
-    """An int64 table in device memory and the pinned host buffer it was uploaded from (kept as
-    long as the entry: a captured upload copies from it again at every replay)."""
+    """An int64 table in device memory and the host buffer it was uploaded from (kept as long as the
+    entry: a captured upload copies from it again at every replay). ``programs``: the launch's
+    program count for a layout table, the kernels' PATHS for an address table."""
 
     __slots__ = ("device", "host", "programs", "held", "streams")
 
-    def __init__(self, values, use: _Use, programs: int):
+    def __init__(self, values, use: _Use, programs: int, pool: _StagingPool):
         self.programs = programs
-        self.held = use.capturing  # a captured graph reads it: never evicted
+        self.held = use.capturing  # a captured graph reads it
         if use.stream is not None:
-            self.host = torch.tensor(values, dtype=torch.int64, pin_memory=True)
+            staged = pool.take(len(values)) if use.capturing else None
+            if staged is None:  # eager, or inside a capture that the pool cannot serve
+                self.host = _pinned_copy(values)
+            else:
+                self.host = staged
+                self.host.copy_(torch.tensor(values, dtype=torch.int64))
+            if not use.capturing:
+                pool.reserve(len(values))
             self.device = torch.empty(len(values), dtype=torch.int64, device=use.device)
             self.device.copy_(self.host, non_blocking=True)
             self.streams = {use.stream.cuda_stream}
@@ -198,6 +280,13 @@ _CAPTURE_UPLOAD_FAILED = (
     "call zero_grad(set_to_none=False) before capturing (or capture after a step on the same storage)"
 )
 
+GRAPH_TABLES_FULL = (
+    "the {backend} backend holds {limit} tensor tables for captured CUDA graphs, its limit: a graph reads "
+    "its tables at every replay, so each capture that sees new parameter or gradient storage holds new "
+    "ones for good. Capture on the storage of the warm-up steps (zero_grad(set_to_none=False)), or, once "
+    "the graphs that used them are freed and will not replay, call fromage_fused.release_graph_tables()"
+)
+
 _INSTANCES: "weakref.WeakValueDictionary[int, TritonBackend]" = weakref.WeakValueDictionary()
 _TOKENS = itertools.count()
 
@@ -210,6 +299,8 @@ class TritonBackend(Backend):
     def __init__(self, config: Optional[Config] = None):
         self.config = config
         self._tables: "OrderedDict[tuple, _Table]" = OrderedDict()
+        self._lock = threading.Lock()  # the tables and the staging pool, for every thread
+        self._pool = _StagingPool()
         self._admitted = set()  # (device, dtype) pairs checked to run here
         self.table_builds = 0
         self.token = next(_TOKENS)
@@ -220,7 +311,9 @@ class TritonBackend(Backend):
     def unavailable_reason(self, device):
         device = torch.device(device)
         if importlib.util.find_spec("triton") is None:
-            return "Triton is not installed (pip install triton)"
+            if device.type == "cuda":
+                return "Triton is not installed (CUDA builds of torch bring it; or pip install triton)"
+            return f"Triton kernels run on CUDA GPUs, not on {device.type} tensors (and Triton is not installed)"
         if importlib.util.find_spec("fromage_fused.kernels") is None:
             return "the kernels package fromage_fused.kernels is missing: install fromage_fused (pip install -e .)"
         interpreted = _kernels_interpreted()
@@ -277,23 +370,41 @@ class TritonBackend(Backend):
     # -- tables ---------------------------------------------------------------------------------
 
     def _table(self, key, use: _Use, build):
-        hit = self._tables.get(key)
-        if hit is not None:
-            self._tables.move_to_end(key)
-            hit.used(use)
-            return hit
-        values, programs = build()
-        try:
-            table = _Table(values, use, programs)
-        except RuntimeError as exc:
-            if not use.capturing:
-                raise
-            raise RuntimeError(_CAPTURE_UPLOAD_FAILED.format(exc)) from exc
-        self._tables[key] = table
-        if len(self._tables) > _CACHE_SIZE:
-            for old in [k for k, t in self._tables.items() if not t.held][:len(self._tables) - _CACHE_SIZE]:
-                del self._tables[old]
-        return table
+        with self._lock:
+            hit = self._tables.get(key)
+            if use.capturing and (hit is None or not hit.held):
+                held = sum(1 for t in self._tables.values() if t.held)
+                if held >= GRAPH_TABLE_LIMIT:
+                    raise RuntimeError(GRAPH_TABLES_FULL.format(backend=self.name, limit=GRAPH_TABLE_LIMIT))
+            if hit is not None:
+                self._tables.move_to_end(key)
+                hit.used(use)
+                return hit
+            values, programs = build()
+            try:
+                table = _Table(values, use, programs, self._pool)
+            except RuntimeError as exc:
+                if not use.capturing:
+                    raise
+                raise RuntimeError(_CAPTURE_UPLOAD_FAILED.format(exc)) from exc
+            self._tables[key] = table
+            if len(self._tables) > _CACHE_SIZE:
+                for old in [k for k, t in self._tables.items() if not t.held][:len(self._tables) - _CACHE_SIZE]:
+                    del self._tables[old]
+            return table
+
+    def release_graph_tables(self) -> int:
+        """Tables held for captured CUDA graphs become ordinary cache entries again (evicted as any);
+        returns how many. Call only when no graph that used them will replay."""
+        with self._lock:
+            released = 0
+            for table in self._tables.values():
+                released += table.held
+                table.held = False
+            self._pool.clear()
+            while len(self._tables) > _CACHE_SIZE:
+                self._tables.popitem(last=False)
+            return released
 
     def _tables_for(self, params, grads, dtype, cfg, use: _Use):
         """``(layout, addresses)`` tables of a group: one pass over the tensors for the keys."""
@@ -308,7 +419,8 @@ class TritonBackend(Backend):
         def addresses():
             self._check_tensors(params, grads, device, dtype)
             self.table_builds += 1
-            return address_values(ptrs_p, ptrs_g), 0
+            values, paths = address_values(ptrs_p, ptrs_g, _ITEMSIZE[dtype])
+            return values, paths
 
         lay = self._table(("layout", device, cfg, numels), use, layout)
         addrs = self._table(("addrs", device, dtype, ptrs_p, ptrs_g), use, addresses)
@@ -330,6 +442,10 @@ class TritonBackend(Backend):
                 found_inf, grad_scale, sr_seed, self.token)
             return
         self._apply(params, grads, stats, lr, max_norm, p_bound, maximize, prefactor, found_inf, grad_scale, sr_seed)
+        # The kernels write through raw pointers: bump the version counters as torch's in-place
+        # ops do (the custom op above gets this from torch.library), so that a backward that saved
+        # a parameter before the step raises instead of using the new values.
+        torch.autograd.graph.increment_version(list(params) if p_bound is None else [*params, max_norm])
 
     def _stats(self, params, grads, inner):
         device, dtype = self._group(params, grads)
@@ -342,7 +458,8 @@ class TritonBackend(Backend):
             partials = torch.empty(layout.programs, 3, dtype=torch.float32, device=device)
             stats = torch.empty(n, 3, dtype=torch.float32, device=device)
             _launch(stats_k.partials_kernel, (layout.programs,), layout.device, addrs.device, partials, n,
-                    DTYPE=_triton_dtype(dtype), BLOCK=cfg.block, INNER=bool(inner), num_warps=cfg.num_warps)
+                    DTYPE=_triton_dtype(dtype), BLOCK=cfg.block, INNER=bool(inner), PATHS=addrs.programs,
+                    num_warps=cfg.num_warps)
             _launch(stats_k.reduce_kernel, (n,), layout.device, partials, stats, n, RBLOCK=cfg.rblock, num_warps=4)
         return stats
 
@@ -375,7 +492,7 @@ class TritonBackend(Backend):
                     seed, float(p_bound) if p_bound is not None else 0.0, n, DTYPE=_triton_dtype(dtype),
                     BLOCK=cfg.block, HAS_BOUND=p_bound is not None, MAXIMIZE=bool(maximize),
                     PREFACTOR=bool(prefactor), HAS_FOUND_INF=found_inf is not None,
-                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, num_warps=cfg.num_warps,
+                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, PATHS=addrs.programs, num_warps=cfg.num_warps,
                     **apply_k.LAUNCH_OPTIONS)
         if work is not params:
             for p, w in zip(params, work):

@@ -53,7 +53,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run: CPU subset in about a minute; on a GPU every preset, fewer repeats")
     p.add_argument("--sets", type=int, help="parameter sets to rotate through (default: enough that no step finds its data in cache)")
     p.add_argument("--fresh-grads", action="store_true", help="new gradient storage before every step (backends that cache tensor tables rebuild them)")
+    p.add_argument("--misalign", default="0,0", metavar="P,G",
+                   help="parameters and gradients as views starting P and G elements into their buffers (default 0,0: aligned)")
     p.add_argument("--p-bound", type=float, default=None, help="run Fromage with this p_bound (default: none)")
+    p.add_argument("--max-spread", type=float, default=0.5,
+                   help="a row whose samples' interquartile range exceeds this fraction of their median is reported as noisy, not as a result (default 0.5)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); recorded in every row")
     p.add_argument("--compile-presets", help="presets on which torch.compile runs (default: all; --quick: none on CPU, gpt2-small on GPU)")
     p.add_argument("--compile-max-tensors", type=int, default=400, help="skip torch.compile on presets with more tensors")
@@ -69,7 +73,8 @@ def main(argv=None) -> int:
     needed = ([] if args.from_json or args.list else ["tqdm"]) + ([] if args.no_plot or args.list else ["matplotlib"])
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"fromage-bench: needs {' and '.join(missing)}: pip install \"fromage_fused[bench]\"", file=sys.stderr)
+        print(f"fromage-bench: needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+              "(what the [bench] extra installs)", file=sys.stderr)
         return 2
     if args.from_json:
         rows, meta = report.load_json(args.from_json)
@@ -78,6 +83,9 @@ def main(argv=None) -> int:
 
             plot(rows, args.from_json.with_suffix(".png"))
         print(report.format_table(rows, meta))
+        warning = report.noise_warning(rows)
+        if warning:
+            print(f"\nfromage-bench: warning: {warning}", file=sys.stderr)
         return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -99,6 +107,9 @@ def main(argv=None) -> int:
         return 0
     names = _csv(args.presets) or (_presets.QUICK[device.type] if args.quick else list(_presets.PRESETS))
     try:
+        misalign = tuple(int(x) for x in args.misalign.split(","))
+        if len(misalign) != 2 or min(misalign) < 0:
+            raise ValueError(f"--misalign takes two element offsets P,G >= 0, got {args.misalign!r}")
         chosen = _presets.select(names)
         _contenders.select(_contenders.all_contenders(device, settings, names), _csv(args.contenders))
     except ValueError as exc:
@@ -107,13 +118,16 @@ def main(argv=None) -> int:
     cfg = Config(
         device=device, presets=chosen, contender_patterns=_csv(args.contenders), dtype=DTYPES[args.dtype],
         repeats=args.repeats or mode["repeats"], warmup=args.warmup if args.warmup is not None else mode["warmup"],
-        budget_s=args.budget or mode["budget_s"], fresh_grads=args.fresh_grads, sets=args.sets,
+        budget_s=args.budget or mode["budget_s"], fresh_grads=args.fresh_grads, misalign=misalign, sets=args.sets,
         copy_bytes=_copy_bytes(device), settings=settings, out=args.out,
         name=args.name or f"bench-{device.type}{'-quick' if args.quick else ''}", plot=not args.no_plot,
-        progress=not args.no_progress,
+        progress=not args.no_progress, max_spread=args.max_spread,
     )
     rows, meta = run(cfg, log=lambda msg: print(msg, file=sys.stderr))
     print(report.format_table(rows, meta))
+    warning = report.noise_warning(rows)
+    if warning:
+        print(f"\nfromage-bench: warning: {warning}", file=sys.stderr)
     if cfg.out is not None:
         print(f"\nwrote {cfg.out / cfg.name}.json, .csv{'' if args.no_plot else ', .png'}")
     return 0

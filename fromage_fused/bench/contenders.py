@@ -3,7 +3,7 @@
 A contender builds a ``step()`` for one list of parameters whose ``.grad`` is set. The Fromage
 backends come from the registry (a new backend appears here by registering, nothing else); the
 per-tensor loop, ``torch.compile`` of the foreach step, and torch's fused SGD and AdamW are the
-alternatives and yardsticks.
+alternatives and yardsticks; LARS and LAMB, this package's and others', come from ``layerwise.py``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 from .. import Fromage, available_backends
 from .. import backends as _backends
-from . import host, traffic
+from . import host, layerwise, traffic
 from .loop import LoopFromage
 
 LOOP = "loop"
@@ -198,17 +198,22 @@ def all_contenders(device, settings: Settings, presets: Sequence[str] = ()) -> L
                            "GradScaler step + update around Fromage (auto backend)"))
     found.append(Contender(AMP_ADAMW, traffic.ADAMW + traffic.AMP_CHECK, traffic.ADAMW + traffic.AMP_CHECK, _amp(_amp_adamw),
                            "GradScaler step + update around AdamW(fused=True)"))
+    found += layerwise.contenders_for(device, settings, sys.modules[__name__])
     if host.PRESET in presets:
         found += host.contenders_for(device, settings, sys.modules[__name__])
     return found
 
 
 def select(contenders: Sequence[Contender], patterns: Optional[Sequence[str]]) -> List[Contender]:
-    """The contenders matching any of ``patterns`` (names or shell patterns such as ``fromage:*``)."""
+    """The contenders matching any of ``patterns`` (names or shell patterns such as ``fromage:*``),
+    in the order of the patterns (a run cut off by a time limit has measured the first ones), and in
+    report order among those a pattern matches."""
     if not patterns:
         return list(contenders)
     names = [c.name for c in contenders]
     for pattern in patterns:
         if not fnmatch.filter(names, pattern):
             raise ValueError(f"no contender matches {pattern!r} here; choose from {names}")
-    return [c for c in contenders if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    chosen = [c for c in contenders if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    first = {c.name: next(i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(c.name, p)) for c in chosen}
+    return sorted(chosen, key=lambda c: first[c.name])

@@ -14,7 +14,7 @@ import torch
 
 Shape = Tuple[int, ...]
 
-__all__ = ["Preset", "PRESETS", "QUICK", "select", "make_tensors", "numel"]
+__all__ = ["Preset", "PRESETS", "QUICK", "select", "make_tensors", "offset_view", "numel"]
 
 
 def resnet50(width: int = 64, classes: int = 1000) -> List[Shape]:
@@ -124,9 +124,25 @@ def numel(shapes: Sequence[Shape]) -> int:
     return sum(prod(s) for s in shapes)
 
 
-def make_tensors(shapes: Sequence[Shape], *, dtype: torch.dtype, device, seed: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Random parameters (scale 0.02, like common inits) and gradients (scale 1e-3) of ``shapes``."""
+def offset_view(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of ``t`` that starts ``offset`` elements into a buffer of its own (a view at that offset:
+    16-byte aligned only when the offset is a multiple of 16 bytes)."""
+    if not offset:
+        return t
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def make_tensors(shapes: Sequence[Shape], *, dtype: torch.dtype, device, seed: int,
+                 misalign: Tuple[int, int] = (0, 0)) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Random parameters (scale 0.02, like common inits) and gradients (scale 1e-3) of ``shapes``;
+    with ``misalign=(P, G)`` each parameter starts P elements and each gradient G elements into its
+    buffer (views, as parameters carved out of flat buffers are)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    params = [torch.randn(s, generator=gen, device=device, dtype=dtype).mul_(0.02) for s in shapes]
-    grads = [torch.randn(s, generator=gen, device=device, dtype=dtype).mul_(1e-3) for s in shapes]
+    params = [offset_view(torch.randn(s, generator=gen, device=device, dtype=dtype).mul_(0.02), misalign[0])
+              for s in shapes]
+    grads = [offset_view(torch.randn(s, generator=gen, device=device, dtype=dtype).mul_(1e-3), misalign[1])
+             for s in shapes]
     return params, grads

@@ -14,7 +14,7 @@ import torch
 #: Every row has every column (None / empty when it does not apply, e.g. a skipped contender).
 COLUMNS = [
     "date", "device", "device_name", "torch", "triton", "cuda", "threads", "dtype",
-    "preset", "variant", "n_tensors", "n_params", "param_sets", "fresh_grads", "p_bound",
+    "preset", "variant", "n_tensors", "n_params", "param_sets", "fresh_grads", "misalign", "p_bound",
     "contender", "status", "note", "repeats", "median_ms", "q1_ms", "q3_ms", "us_per_tensor",
     "work_bytes_per_param", "traffic_bytes_per_param", "gbps", "traffic_gbps", "copy_gbps", "frac_copy",
     "vs_loop", "vs_foreach", "vs_sgd", "vs_adamw",
@@ -90,7 +90,11 @@ def format_table(rows: Sequence[Dict], meta: Optional[Dict] = None) -> str:
         if r["preset"] != preset:
             preset = r["preset"]
             lines += ["", f"{preset} ({r['variant']}): {r['n_params'] / 1e6:.2f}M params in {r['n_tensors']} tensors, "
-                          f"{r['param_sets']} set(s) rotated{', fresh grads' if r.get('fresh_grads') else ''}", head]
+                          f"{r['param_sets']} set(s) rotated{', fresh grads' if r.get('fresh_grads') else ''}"
+                          f"{', views at element offsets ' + r['misalign'] if (r.get('misalign') or '0,0') != '0,0' else ''}", head]
+        if r["status"] == "noisy":
+            lines.append(f"{r['contender']:<20} {'noisy':>10}  {r['note']}")
+            continue
         if r["status"] != "ok":
             lines.append(f"{r['contender']:<20} {'skipped':>10}  {r['note']}")
             continue
@@ -100,3 +104,13 @@ def format_table(rows: Sequence[Dict], meta: Optional[Dict] = None) -> str:
             f"{_num(r['vs_loop'], '.2f'):>8} {_num(r['vs_foreach'], '.2f'):>7} {_num(r['vs_sgd'], '.2f'):>7} {_num(r['vs_adamw'], '.2f'):>8}  {r['note'] or ''}"
         )
     return "\n".join(lines)
+
+
+def noise_warning(rows: Sequence[Dict]) -> Optional[str]:
+    """What to tell the user when some rows were too noisy to report, else None."""
+    noisy = [r for r in rows if r.get("status") == "noisy"]
+    if not noisy:
+        return None
+    return (f"{len(noisy)} of {len(rows)} rows had samples too spread to trust (interquartile range above half "
+            "the median): other processes were competing for this machine, so those rows are not results. "
+            "Rerun on an idle machine (or only those presets: --presets NAME).")

@@ -10,7 +10,7 @@ import torch
 
 from . import contenders as _contenders
 from . import measure, report, traffic
-from .presets import Preset, make_tensors, numel
+from .presets import Preset, make_tensors, numel, offset_view
 
 
 @dataclass
@@ -24,12 +24,16 @@ class Config:
     budget_s: float = 10.0
     sets: Optional[int] = None  # parameter sets to rotate through; None: enough to defeat the cache
     fresh_grads: bool = False
+    misalign: Tuple[int, int] = (0, 0)  # element offsets of the parameters and the gradients in their buffers
     copy_bytes: int = 2**27
     settings: _contenders.Settings = field(default_factory=_contenders.Settings)
     out: Optional[Path] = None
     name: str = "bench"
     plot: bool = True
     progress: bool = True
+    #: A row whose samples' interquartile range exceeds this fraction of their median is "noisy":
+    #: kept in the files but not reported as a result (no ratios, not a baseline).
+    max_spread: float = 0.5
 
 
 class _Data:
@@ -38,8 +42,8 @@ class _Data:
     def __init__(self, shapes, sets: int, cfg: Config):
         self.params, self.grads = [], []
         for i in range(sets):
-            params, grads = make_tensors(shapes, dtype=cfg.dtype, device=cfg.device, seed=i)
-            alternates = [torch.empty_like(g).copy_(g) for g in grads] if cfg.fresh_grads else None
+            params, grads = make_tensors(shapes, dtype=cfg.dtype, device=cfg.device, seed=i, misalign=cfg.misalign)
+            alternates = [offset_view(g.clone(), cfg.misalign[1]) for g in grads] if cfg.fresh_grads else None
             for p, g in zip(params, grads):
                 p.grad = g
             self.params.append(params)
@@ -64,8 +68,14 @@ def _row(env, cfg: Config, preset: Preset, shapes, sets: int, contender, *, note
     design = traffic.scaled(contender.traffic, cfg.dtype)
     row = dict(env, dtype=str(cfg.dtype).replace("torch.", ""), preset=preset.name, variant=preset.variant(cfg.device),
                n_tensors=len(shapes), n_params=n, param_sets=sets, fresh_grads=cfg.fresh_grads,
+               misalign="{},{}".format(*cfg.misalign),
                p_bound=cfg.settings.p_bound, contender=contender.name, status="ok" if timing else "skipped", note=note,
                work_bytes_per_param=work, traffic_bytes_per_param=design, copy_gbps=copy_gbps)
+    if timing and timing.spread > cfg.max_spread:
+        row["status"] = "noisy"
+        row["note"] = "; ".join(filter(None, [note, (
+            f"samples too spread to trust (q1-q3 {timing.q1 * 1e3:.3g}-{timing.q3 * 1e3:.3g} ms around a median of "
+            f"{timing.median * 1e3:.3g} ms): the machine was busy; rerun when it is idle")]))
     if timing:
         row.update(repeats=len(timing.times), median_ms=timing.median * 1e3, q1_ms=timing.q1 * 1e3, q3_ms=timing.q3 * 1e3,
                    gbps=traffic.gbps(n, work, timing.median), traffic_gbps=traffic.gbps(n, design, timing.median))

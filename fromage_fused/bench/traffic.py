@@ -59,3 +59,20 @@ def speedup(baseline_seconds: Optional[float], seconds: Optional[float]) -> Opti
     if baseline_seconds is None or seconds is None or seconds <= 0:
         return None
     return baseline_seconds / seconds
+
+# The layer-wise optimizers (docs/lars_lamb_semantics.md counts the fused passes).
+#: LARS with momentum, fused: stats read p, g (8); apply reads p, g, buf and writes p, buf (20).
+LARS_MOMENTUM = 28
+#: LAMB with global clipping, fused: the global norm reads g (4); moments read g, p, m, v and
+#: write m, v (24); apply reads m, v, p and writes p (16).
+LAMB_CLIPPED = 44
+#: timm's Lars per tensor (CPU path, adapting, momentum): two norms (8), d = g + wd·p (12),
+#: d *= r (8), buf *= μ (8), buf += d (12), p -= lr·buf (12).
+TIMM_LARS = 60
+#: timm's Lamb per tensor (CPU path, defaults): the global norm (4), g / c (8), m lerp (12),
+#: v *= β2 (8), v += (1-β2)·g² (12), √v (8), / √bc2 (8), + eps (8), m / bc1 (8), / denom (12),
+#: + wd·p (12), two norms (8), u *= r (8), p -= lr·u (12).
+TIMM_LAMB = 128
+#: apex's FusedLAMB: global norm (4), ‖p‖ (4), stage 1 reads g, p, m, v and writes the update
+#: into g, m, v (28), the update's norm (4), stage 2 reads it and p and writes p (12).
+APEX_LAMB = 52
