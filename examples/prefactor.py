@@ -12,11 +12,13 @@ losses are expected, not a finding. BatchNorm always uses the statistics of the 
 (no running statistics), so the loss of the whole training set is measured with full-batch
 statistics.
 
-    python examples/prefactor.py [--quick] [--out DIR] [--steps N]
+Each finished run is appended to ``runs.jsonl`` with its provenance and reused by a later call;
+``--report-only`` rebuilds the plot and the summary from the records.
+
+    python examples/prefactor.py [--quick] [--out DIR] [--steps N] [--fresh] [--report-only]
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -25,7 +27,8 @@ import sys
 import matplotlib.pyplot as plt
 import torch
 
-from _common import COLORS, Clock, batches, command, digits, linear_weights, make_optimizer, out_dir, parser, write_summary
+from _common import (COLORS, Runs, add_provenance_args, batches, digits, finite_or_none, linear_weights, make_optimizer, out_dir, parser,
+                     save_figure, write_summary)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (dtype, lr) of the full run; LARS and Fromage each
@@ -92,25 +95,42 @@ def run(name, lr, dtype, steps, every, x, y, seed):
     return rec
 
 
+def _jsonable(rec: dict) -> dict:
+    """JSON has no inf/NaN: non-finite losses and norms are written as null (read back as inf)."""
+    out = dict(rec)
+    out["loss"] = [finite_or_none(v) for v in rec["loss"]]
+    out["largest"] = [finite_or_none(v) for v in rec["largest"]]
+    out["norms"] = [[finite_or_none(v) for v in row] for row in rec["norms"]]
+    return out
+
+
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12000)
     p.add_argument("--seed", type=int, default=0)
+    add_provenance_args(p)
     args = p.parse_args(argv)
     runs, every = RUNS, 50
     if args.quick:
         runs, args.steps, every = QUICK_RUNS, 60, 5
-    path = out_dir(args, "prefactor")
+    path = out_dir(args, "prefactor-quick" if args.quick else "prefactor")
+    records = Runs(path, "prefactor.py", argv, fresh=args.fresh, report_only=args.report_only, shard=args.shard)
     x, y, _, _ = digits(args.seed)
-    clock = Clock()
     results = {}  # (name, lr, dtype) -> record
     for dtype, lr in runs:
         for name in ("LARS", "Fromage"):
-            rec = run(name, lr, dtype, args.steps, every, x, y, args.seed)
+            settings = {"optimizer": name, "lr": lr, "dtype": dtype, "steps": args.steps, "every": every, "seed": args.seed}
+            rec = records.get(settings, lambda: _jsonable(run(name, lr, dtype, args.steps, every, x, y, args.seed)))
+            if rec is None:
+                continue
+            rec = rec["result"]
+            rec = {k: ([math.inf if v is None else v for v in rec[k]] if k in ("loss", "largest") else rec[k]) for k in rec}
             results[(name, lr, dtype)] = rec
             end = "overflow (inf/NaN) at step %d" % rec["overflow"] if rec["overflow"] is not None else f"finite after {args.steps} steps"
-            print(f"{name:7s} lr {lr:g} {dtype:8s}: {end}; max norm ratio {max(rec['norms'][-2 if rec['overflow'] is not None else -1]):.3g} [{clock}]", flush=True)
+            print(f"{name:7s} lr {lr:g} {dtype:8s}: {end}; max norm ratio {max(rec['norms'][-2 if rec['overflow'] is not None else -1]):.3g}", flush=True)
 
+    if args.shard:
+        records.finish_shard(args.shard)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     styles = {("float32", 0.01): ":", ("float32", 0.1): "-", ("bfloat16", 0.1): "-.", ("float16", 0.1): "--", ("float16", 1.0): "--"}
     for (name, lr, dtype), rec in results.items():
@@ -143,12 +163,11 @@ def main(argv=None) -> dict:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"Scale-invariant MLP (depth {DEPTH}, BatchNorm after every layer) on digits: LARS (no prefactor) vs Fromage")
     fig.tight_layout()
-    fig.savefig(os.path.join(path, "prefactor.png"), dpi=90)
+    save_figure(fig, os.path.join(path, "prefactor.png"))
     plt.close(fig)
 
     lines = [
         "Prefactor study (paper Figure 2) on scikit-learn's digits.",
-        f"command: {command('prefactor.py', argv)}",
         "protocol (here | the authors'):",
         f"  network: MLP depth {DEPTH}, width {WIDTH}, no biases, BatchNorm(affine=False, batch statistics) after every linear layer"
         " | spectrally normalised class-conditional GAN on CIFAR-10",
@@ -194,12 +213,7 @@ def main(argv=None) -> dict:
         verdict = "not shown by this run: " + ("a LARS run at lr >= 0.1 kept computing" if not all(v is not None for v in lars_big.values())
                                                else "a Fromage run broke down or its norms grew tenfold")
     lines.append(f"verdict: {verdict}.")
-    with open(os.path.join(path, "results.json"), "w") as f:
-        json.dump([{"optimizer": n, "lr": lr, "dtype": dt, **{k: v for k, v in r.items() if k != "norms"},
-                    "loss": [v if math.isfinite(v) else None for v in r["loss"]],
-                    "largest": [v if math.isfinite(v) else None for v in r["largest"]]}
-                   for (n, lr, dt), r in results.items()], f)
-    lines.append(f"wall time {clock} on {torch.get_num_threads()} CPU thread(s){', --quick' if args.quick else ''}; seed {args.seed}")
+    lines += records.provenance()
     write_summary(path, lines)
     return results
 

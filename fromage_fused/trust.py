@@ -32,7 +32,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tup
 
 import torch
 
-__all__ = ["deep_relative_trust", "relative_changes", "max_safe_lr", "gradient_breakdown", "Breakdown"]
+__all__ = ["deep_relative_trust", "relative_changes", "max_safe_lr", "count_layers", "gradient_breakdown", "Breakdown"]
 
 Params = Union[torch.nn.Module, Iterable[torch.Tensor]]
 
@@ -186,6 +186,19 @@ def deep_relative_trust(params_a: Params, params_b: Params, *, matrices_only: bo
     return torch.expm1(torch.log1p(ratios).sum()).to(dtype)
 
 
+def count_layers(params: Params, *, matrices_only: bool = False) -> int:
+    """L, the number of layers deep relative trust compounds over, counted as
+    :func:`deep_relative_trust` counts them: every tensor, or with ``matrices_only=True`` every
+    tensor of two or more dimensions (the paper's layers: weight matrices, convolution kernels,
+    embeddings). The two counts differ wherever biases or normalisation scales move too: an MLP of
+    N linear layers with biases has N matrices but 2N tensors that a step changes. Give either
+    to :func:`max_safe_lr`, and say which; under deep relative trust a perturbation that moves
+    every tensor by a relative ``eta`` is a distance of ``(1 + eta)^L - 1`` with L counted over
+    the tensors that move. A module counts its ``parameters()``."""
+    tensors = _tensors(params, "params")
+    return sum(1 for t in tensors if t.dim() >= 2) if matrices_only else len(tensors)
+
+
 def _cosines(cos_theta, depth: int) -> float:
     if isinstance(cos_theta, torch.Tensor):
         if cos_theta.dim() > 1:
@@ -210,7 +223,9 @@ def max_safe_lr(depth: int, cos_theta: Union[float, Sequence[float], torch.Tenso
 
     For a network of ``depth`` layers, perturbing every layer by a relative amount ``lr`` (as
     Fromage does) decreases the loss, under deep relative trust, if ``lr`` is below this bound
-    (Lemma 2). ``cos_theta`` is the cosine of the angle between each layer's perturbation and its
+    (Lemma 2). ``depth`` is L, counted by :func:`count_layers` either over the weight matrices
+    (the paper's layers) or over every tensor that moves (biases too, as Fromage moves them); the
+    second count is larger and gives the smaller bound. ``cos_theta`` is the cosine of the angle between each layer's perturbation and its
     negative gradient: 1 for a step straight down the gradient. Give one cosine per layer (a list,
     tuple or 1-D tensor of length ``depth``) and the bound uses the smallest, since the guarantee
     must hold for the worst-aligned layer. The bound shrinks like ``log(1 + cos_theta)/depth``;
@@ -231,6 +246,9 @@ class Breakdown(NamedTuple):
     perturbation. ``grad_change``: ``[E, K]`` relative change ``||g_k(W + dW) - g_k(W)|| /
     ||g_k(W)||`` of each measured tensor's gradient. ``loss0``: 0-d loss before any perturbation.
     ``layers``: the names of the ``K`` measured tensors (as in ``model.named_parameters()``).
+    ``moved``: 0-d count of the tensors the probe moved (those with a nonzero norm and a nonzero
+    gradient), the L of deep relative trust's model ``(1 + eta)^L - 1`` counted over every tensor
+    that moves; :func:`count_layers` with ``matrices_only=True`` gives the paper's count.
     """
 
     etas: torch.Tensor
@@ -238,6 +256,7 @@ class Breakdown(NamedTuple):
     grad_change: torch.Tensor
     loss0: torch.Tensor
     layers: List[str]
+    moved: torch.Tensor
 
 
 def _measured(named: List[Tuple[str, torch.Tensor]], layers) -> List[int]:
@@ -307,11 +326,14 @@ def gradient_breakdown(
     try:
         loss0, grads0 = _loss_and_grads(model, loss_fn, inputs, targets, params)
         steps = []  # per parameter: the change per unit eta, -||W||/||g|| * g (zero if either norm is)
+        moves = []
         for w, g in zip(saved, grads0):
             wide = _wide(w.device)
             w_norm, g_norm = torch.linalg.vector_norm(w.to(wide)), torch.linalg.vector_norm(g.to(wide))
-            coef = torch.where((w_norm > 0) & (g_norm > 0), -w_norm / g_norm, torch.zeros_like(w_norm))
+            moving = (w_norm > 0) & (g_norm > 0)
+            coef = torch.where(moving, -w_norm / g_norm, torch.zeros_like(w_norm))
             steps.append((g.to(wide) * coef).to(w.dtype))
+            moves.append(moving.to(device=loss0.device))
         losses, changes = [], []
         for eta in etas:
             with torch.no_grad():
@@ -334,4 +356,5 @@ def gradient_breakdown(
         grad_change=torch.stack(changes),
         loss0=loss0,
         layers=[named[i][0] for i in measured],
+        moved=torch.stack(moves).sum(),
     )

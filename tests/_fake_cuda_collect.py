@@ -9,6 +9,8 @@ import torch
 torch.cuda.is_available = lambda: True
 torch.cuda.current_device = lambda: 0
 torch.cuda.device_count = lambda: 1
+# A CUDA build's cache key holds the visible GPUs' architectures (asked when a module lists backends).
+torch.cuda.get_device_capability = lambda device=None: (9, 0)
 
 
 @pytest.hookimpl(trylast=True)

@@ -39,15 +39,22 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _model(device, backend):
+#: torch 2.6's inductor fails on the complex parameters' write-back (an AssertionError in its byte
+#: count of the complex copy_ it leaves to aten): docs/training.md says so. Its cases run without
+#: complex parameters, and test_inductor_with_complex_parameters_on_torch_2_6 holds the failure.
+INDUCTOR_COMPLEX_BROKEN = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 7)
+
+
+def _model(device, backend, complex_params=True):
     torch.manual_seed(0)
 
     def param(shape, dtype):
         return nn.Parameter(torch.randn(shape, dtype=torch.float32 if not dtype.is_complex else dtype).to(dtype).to(device))
 
     frozen = param((9,), torch.float32)  # never gets a gradient: its max_norm stays unset (-1)
-    a = [frozen, param((5, 4), torch.float32), param((33,), torch.bfloat16), param((6,), torch.complex64)]
-    b = [param((4, 3), torch.float32), param((5,), torch.complex64)]
+    cplx = torch.complex64 if complex_params else torch.float32
+    a = [frozen, param((5, 4), torch.float32), param((33,), torch.bfloat16), param((6,), cplx)]
+    b = [param((4, 3), torch.float32), param((5,), cplx)]
     c = [param((6, 2), torch.float32), param((10,), torch.float32)]
     # (The state of a compiled step is used as construction laid it out, one tensor per param
     # group: an eager step first would lay it out per dtype and hide what a compiled step reads.)
@@ -74,8 +81,8 @@ def _move(opt):
     c.append(a_param)
 
 
-def _run(device, backend, compiler):
-    params, frozen, opt = _model(device, backend)
+def _run(device, backend, compiler, complex_params=True):
+    params, frozen, opt = _model(device, backend, complex_params)
     step = opt.step if compiler is None else torch.compile(opt.step, backend=compiler)
     for i in range(2 * STEPS):
         if i == STEPS:
@@ -88,8 +95,9 @@ def _run(device, backend, compiler):
 
 @pytest.mark.parametrize("device,backend,compiler", list(_cases()))
 def test_compiled_step_matches_eager(device, backend, compiler):
-    eager_params, eager_state = _run(device, backend, None)
-    params, state = _run(device, backend, compiler)
+    complex_params = not (compiler == "inductor" and INDUCTOR_COMPLEX_BROKEN)
+    eager_params, eager_state = _run(device, backend, None, complex_params)
+    params, state = _run(device, backend, compiler, complex_params)
     for i, (got, want) in enumerate(zip(params, eager_params)):
         atol, rtol = TOL[want.dtype]
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"parameter {i}: {m}")
@@ -101,3 +109,10 @@ def test_compiled_step_matches_eager(device, backend, compiler):
                 torch.testing.assert_close(state[i][key], want, atol=0, rtol=1e-6, msg=lambda m: f"max_norm {i}: {m}")
             else:
                 assert torch.equal(state[i][key], want), (i, key)
+
+
+@pytest.mark.skipif(not INDUCTOR_COMPLEX_BROKEN, reason="torch 2.6 only (the matrix above covers complex parameters)")
+@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.BackendCompilerFailed,
+                   reason="torch 2.6's inductor cannot compile the complex write-back")
+def test_inductor_with_complex_parameters_on_torch_2_6():
+    _run("cpu", "foreach", "inductor")

@@ -80,7 +80,8 @@ def test_every_tensor_moves_by_eta_so_trust_is_the_compound():
         seen.append((deep_relative_trust(before, net, matrices_only=True).item(), deep_relative_trust(before, net).item()))
         return torch.nn.functional.cross_entropy(out, target)
 
-    gradient_breakdown(net, loss_fn, x, y, ETAS)
+    got = gradient_breakdown(net, loss_fn, x, y, ETAS)
+    assert got.moved.item() == 6 and got.moved.dim() == 0
     assert len(seen) == len(ETAS) + 1
     for eta, (matrices, everything) in zip(ETAS, seen[1:]):
         assert matrices == pytest.approx((1 + eta) ** 3 - 1, rel=1e-12, abs=1e-15)
@@ -134,6 +135,7 @@ def test_zero_tensors_and_unused_parameters_stay():
         return torch.nn.functional.cross_entropy(out, target)
 
     got = gradient_breakdown(net, loss_fn, x, y, [0.1], layers=["2.bias", "unused"])
+    assert got.moved.item() == 5  # of 7 trainable tensors: not the zero bias, not the unused one
     for bias, unused in seen:
         assert torch.equal(bias, torch.zeros(9)) and torch.equal(unused, torch.ones(3))
     assert got.grad_change[0, 1].item() == 0.0  # an unused parameter's gradient is zero and stays zero

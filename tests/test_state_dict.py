@@ -269,6 +269,8 @@ BAD_LOADS = {
     "group_lr_nan": _set_group("lr", float("nan")),
     "group_lr_tensor_negative": _set_group("lr", torch.tensor(-0.1)),
     "group_p_bound_negative": _set_group("p_bound", -1.0),
+    "group_weight_decay_negative": _set_group("weight_decay", -0.1),
+    "group_weight_decay_nan": _set_group("weight_decay", float("nan")),
     "group_flag_string": _set_group("maximize", "False"),
 }
 

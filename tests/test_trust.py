@@ -323,3 +323,24 @@ def test_cuda_matches_float64_and_cpu_snapshots(dtype):
         torch.testing.assert_close(got.double().cpu(), want, rtol=TRUST_RTOL[dtype], atol=0)
     mixed = a_cuda[:4] + a[4:]  # two devices: the result lives on the first tensor's
     torch.testing.assert_close(relative_changes(mixed, b).double().cpu(), want, rtol=TRUST_RTOL[dtype], atol=0)
+
+
+def test_count_layers_both_ways():
+    from fromage_fused.trust import count_layers
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3, bias=False), torch.nn.LayerNorm(3),
+                              torch.nn.Conv1d(3, 2, 2), torch.nn.Embedding(7, 2))
+    # tensors: 2 (Linear) + 1 + 2 (LayerNorm) + 2 (Conv1d) + 1 (Embedding); matrices: Linear, Linear, Conv1d, Embedding
+    assert count_layers(net) == 8
+    assert count_layers(net, matrices_only=True) == 4
+    assert count_layers(list(net.parameters())) == 8
+    # The counts are deep_relative_trust's: moving every tensor by eta gives (1 + eta)^L - 1 with the same L
+    # (a zero tensor scaled does not move: LayerNorm's bias is made nonzero first).
+    torch.nn.init.constant_(net[3].bias, 0.5)
+    moved = [p.detach() * 1.25 for p in net.parameters()]
+    assert deep_relative_trust(net, moved).item() == pytest.approx(1.25 ** count_layers(net) - 1, rel=1e-6)
+    assert deep_relative_trust(net, moved, matrices_only=True).item() == pytest.approx(1.25 ** count_layers(net, matrices_only=True) - 1, rel=1e-6)
+    assert max_safe_lr(count_layers(net)) < max_safe_lr(count_layers(net, matrices_only=True))
+    assert count_layers([]) == 0
+    with pytest.raises(ValueError, match="single tensor"):
+        count_layers(torch.zeros(3, 3))
