@@ -207,7 +207,10 @@ class Runs:
         torches = sorted({r.get("torch", "?") for r in self.used})
         seconds = sum(r["seconds"] for r in self.used)
         timed = [r["cpu_seconds"] for r in self.used if "cpu_seconds" in r]
-        state = lambda d: "clean" if d is False else ("with uncommitted changes" if d else "state unknown")
+
+        def state(d):
+            return "clean" if d is False else ("with uncommitted changes" if d else "state unknown")
+
         return [
             "provenance: " + "; ".join(f"commit {c} ({state(d)})" for c, d in commits),
             "  command: " + " | ".join(commands),

@@ -102,7 +102,9 @@ def main(argv=None) -> dict:
     path = out_dir(args, name_of(args) + ("-quick" if args.quick else ""))
     runs = Runs(path, "depth.py", argv, fresh=args.fresh, report_only=args.report_only, shard=args.shard)
     x, y, _, _ = digits(0)
-    steps_at = lambda d: args.long_steps if d >= args.long_from else args.steps
+
+    def steps_at(d):
+        return args.long_steps if d >= args.long_from else args.steps
 
     def get(depth, name, lr, seed):
         settings = {"depth": depth, "optimizer": name, "lr": lr, "seed": seed, "steps": steps_at(depth), "width": args.width,

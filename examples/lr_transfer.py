@@ -37,7 +37,7 @@ import sys
 import matplotlib.pyplot as plt
 import torch
 
-from _common import (COLORS, OPTIMIZER_NAMES, Runs, add_provenance_args, authors_mlp, batches, digits, finite_or_none, log_grid,
+from _common import (OPTIMIZER_NAMES, Runs, add_provenance_args, authors_mlp, batches, digits, finite_or_none, log_grid,
                      make_optimizer, out_dir, parser, save_figure, write_summary)
 from table1 import run_resnet, run_transformer
 
@@ -93,7 +93,11 @@ def run_gan(opt_name, lr, seed, cfg, p_bound=None) -> dict:
     data = torch.Generator().manual_seed(99)
     real_eval, noise_eval = ring(1000, data), torch.randn(1000, 2, generator=data)
     torch.manual_seed(seed)
-    mlp = lambda out: torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, out))
+
+    def mlp(out):
+        return torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                   torch.nn.Linear(64, out))
+
     G, D = mlp(2), mlp(1)
     beta1 = 0.0 if opt_name == "Adam" else 0.9
     opt_g, opt_d = make_optimizer(opt_name, G.parameters(), lr, beta1=beta1), make_optimizer(opt_name, D.parameters(), lr, beta1=beta1)

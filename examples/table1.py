@@ -246,7 +246,7 @@ def report(args, configs, table, summary, grid, runs) -> list:
         "%(epochs)d epoch(s), lr/10 at epochs %(d0)d and %(d1)d | PreActResNet-18 on CIFAR-10, random crops and flips, batch 128, "
         "350 epochs, lr/10 at 150 and 250" % {**configs["resnet"], "c4": 4 * configs["resnet"]["channels"],
                                               "d0": configs["resnet"]["decay_epochs"][0], "d1": configs["resnet"]["decay_epochs"][1]},
-        f"    metric: mean minibatch training loss over the last epoch | the same",
+        "    metric: mean minibatch training loss over the last epoch | the same",
         f"  gan: class-conditional MLP GAN on digits, spectral norm in G and D, BN in G, projection D, hinge loss, batch {GAN_BATCH}, "
         f"{configs['gan']['steps']} steps, lr/10 at 100/120 of them | conv ResNet GAN with self-attention on CIFAR-10, batch 256, "
         "120 epochs, lr/10 at epoch 100",

@@ -135,7 +135,10 @@ def test_committed_summary_is_rebuilt_from_its_records(name, folder, tmp_path):
     shutil.copy(os.path.join(folder, "runs.jsonl"), tmp_path / "runs.jsonl")
     _load(name).main(argv)
     got = (tmp_path / "summary.txt").read_text()
-    drop = lambda text: [ln for ln in text.splitlines() if not ln.startswith("this summary:")]
+
+    def drop(text):
+        return [ln for ln in text.splitlines() if not ln.startswith("this summary:")]
+
     got_lines, want_lines = drop(got), drop(want)
     assert len(got_lines) == len(want_lines), f"{folder}/summary.txt is not what the code writes from its runs.jsonl: rebuild it"
     for g, w in zip(got_lines, want_lines):
