@@ -93,7 +93,8 @@ def main(argv=None):
     n = sum(p.numel() for p in make_params(int(args.params), "cpu", dtype))
     record = {
         "what": "AMP step: GradScaler inf check + optimizer step + scale update",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype, "numel": n,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
     }

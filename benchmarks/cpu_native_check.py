@@ -46,7 +46,8 @@ def main():
     for backend in ("cpu", "foreach"):
         functional.fromage(params, grads, None, lr=lr, backend=backend)  # warm-up (and JIT build)
         env["groups"] = functional.plan(params, grads, None, backend=backend)
-        t_step = median_s(f"functional.fromage(params, grads, None, lr=lr, backend={backend!r})", env, args.min_run_time)
+        t_step = median_s(f"functional.fromage(params, grads, None, lr=lr, backend={backend!r})", env,
+                          args.min_run_time)
         t_phases = median_s("functional.step_groups(groups, lr=lr)", env, args.min_run_time)
         result[backend] = {
             "step_ms": 1e3 * t_step,

@@ -73,7 +73,8 @@ def rank_main(rank, args, store, out):
         dist.all_reduce(stats)
         reduce_times.append(time.perf_counter() - t)
     payload = sum(stats_bytes_per_step(list(m.parameters())).values())
-    torch.save({"step": step, "step_min": step_min, "all_reduce": statistics.median(reduce_times), "bytes": payload, "tensors": n},
+    torch.save({"step": step, "step_min": step_min, "all_reduce": statistics.median(reduce_times), "bytes": payload,
+                "tensors": n},
                os.path.join(out, f"r{rank}.pt"))
     dist.destroy_process_group()
 
@@ -92,7 +93,8 @@ def main():
     torch.set_num_threads(1)
     base, base_min = unsharded(args)
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(rank_main, args=(args, os.path.join(out, "store"), out), nprocs=args.world, start_method="fork")
+        mp.start_processes(rank_main, args=(args, os.path.join(out, "store"), out), nprocs=args.world,
+                           start_method="fork")
         ranks = [torch.load(os.path.join(out, f"r{r}.pt")) for r in range(args.world)]
     step = max(r["step"] for r in ranks)
     step_min = max(r["step_min"] for r in ranks)
@@ -112,8 +114,8 @@ def main():
     }
     print(json.dumps(result, indent=1))
     print(f"\n{nparams / 1e6:.1f}M fp32 params in {result['tensors']} tensors, {args.world} ranks, 1 thread each: "
-          f"median step {result['unsharded_step_ms']:.2f} ms unsharded -> {result['fsdp_step_ms']:.2f} ms per rank sharded "
-          f"(fastest {result['unsharded_step_min_ms']:.2f} -> {result['fsdp_step_min_ms']:.2f} ms) "
+          f"median step {result['unsharded_step_ms']:.2f} ms unsharded -> {result['fsdp_step_ms']:.2f} ms per rank "
+          f"sharded (fastest {result['unsharded_step_min_ms']:.2f} -> {result['fsdp_step_min_ms']:.2f} ms) "
           f"(of which the stats all-reduce alone takes {result['all_reduce_alone_ms']:.3f} ms); "
           f"{result['all_reduce_payload_bytes_per_rank']} bytes per rank per step")
 

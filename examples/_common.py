@@ -116,9 +116,10 @@ class Runs:
         self.command = command(script, argv)
         results = os.path.realpath(os.path.join(HERE, "results"))
         if (not report_only and self.state["dirty"]
-                and os.path.realpath(folder).startswith(results + os.sep) and not os.environ.get("FROMAGE_EXAMPLES_ALLOW_DIRTY")):
-            raise SystemExit(f"refusing to write into {folder}: examples/{script}, examples/_*.py or fromage_fused differ "
-                             "from the commit; commit first, so that the records name the code that wrote them")
+                and os.path.realpath(folder).startswith(results + os.sep)
+                and not os.environ.get("FROMAGE_EXAMPLES_ALLOW_DIRTY")):
+            raise SystemExit(f"refusing to write into {folder}: examples/{script}, examples/_*.py or fromage_fused "
+                             "differ from the commit; commit first, so that the records name the code that wrote them")
         if fresh and not report_only and os.path.exists(self.path):
             os.remove(self.path)
         self._load()
@@ -207,14 +208,18 @@ class Runs:
         torches = sorted({r.get("torch", "?") for r in self.used})
         seconds = sum(r["seconds"] for r in self.used)
         timed = [r["cpu_seconds"] for r in self.used if "cpu_seconds" in r]
-        state = lambda d: "clean" if d is False else ("with uncommitted changes" if d else "state unknown")
+
+        def state(d):
+            return "clean" if d is False else ("with uncommitted changes" if d else "state unknown")
+
         return [
             "provenance: " + "; ".join(f"commit {c} ({state(d)})" for c, d in commits),
             "  command: " + " | ".join(commands),
             f"  seeds: {', '.join(str(s) for s in seeds) or 'n/a'}; torch {', '.join(torches)}",
-            f"  wall time: {seconds:.0f} s summed over the {len(self.used)} runs ({seconds / 3600:.2f} h; one thread each, "
-            "niced, on a shared 2-core machine)" + (f"; CPU time {sum(timed):.0f} s ({sum(timed) / 3600:.2f} h) over the "
-                                                    f"{len(timed)} runs that recorded it" if timed else ""),
+            f"  wall time: {seconds:.0f} s summed over the {len(self.used)} runs ({seconds / 3600:.2f} h; one thread "
+            "each, niced, on a shared 2-core machine)"
+            + (f"; CPU time {sum(timed):.0f} s ({sum(timed) / 3600:.2f} h) over the {len(timed)} runs that recorded it"
+               if timed else ""),
             f"this summary: {self.command}",
         ]
 

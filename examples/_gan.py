@@ -83,7 +83,8 @@ class Scorer:
         x, y, xt, yt = images()
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            self.features = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU())
+            self.features = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                                                torch.nn.ReLU())
             self.head = torch.nn.Linear(64, 10)
         params = list(self.features.parameters()) + list(self.head.parameters())
         opt = torch.optim.Adam(params, lr=1e-3)
@@ -147,7 +148,8 @@ def train_gan(opt_name: str, lr: float, seed: int, steps: int, *, beta1: float =
     opt_d = make_optimizer(opt_name, disc.parameters(), lr, beta1=beta1)
     stream = batches(len(x), BATCH, seed)
     noise = torch.Generator().manual_seed(seed)
-    layers = {**{f"G.{k}": v for k, v in normalised_weights(gen_net).items()}, **{f"D.{k}": v for k, v in normalised_weights(disc).items()}}
+    layers = {**{f"G.{k}": v for k, v in normalised_weights(gen_net).items()},
+              **{f"D.{k}": v for k, v in normalised_weights(disc).items()}}
     trace: Dict[str, List[float]] = {"step": [], **{k: [] for k in layers}}
 
     scores: Dict[str, list] = {"step": [], "distance": [], "accuracy": []}

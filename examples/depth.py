@@ -25,7 +25,8 @@ Ablations, labelled in their output folder's name: ``--init he`` (He-normal weig
 biases) and ``--no-bias``. Each finished run is appended to ``runs.jsonl`` in the output folder
 with its provenance and reused by a later call, so an interrupted study resumes.
 
-    python examples/depth.py [--quick] [--out DIR] [--init he] [--no-bias] [--steps N] [--long-steps N] [--fresh] [--report-only]
+    python examples/depth.py [--quick] [--out DIR] [--init he] [--no-bias] [--steps N] [--long-steps N]
+                             [--fresh] [--report-only]
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from fromage_fused import max_safe_lr
-from _common import (AUTHORS_EPOCH, COLORS, OPTIMIZER_NAMES, Runs, add_provenance_args, authors_mlp, batches, decay_every, digits,
-                     make_optimizer, out_dir, parser, save_figure, write_summary)
+from _common import (AUTHORS_EPOCH, COLORS, OPTIMIZER_NAMES, Runs, add_provenance_args, authors_mlp, batches,
+                     decay_every, digits, make_optimizer, out_dir, parser, save_figure, write_summary)
 
 LRS = {"SGD": [1.0, 0.1, 0.01], "Adam": [1e-2, 1e-3, 1e-4, 1e-5], "Fromage": [0.1, 0.0316, 0.01, 0.00316, 0.001]}
 DEPTHS = [2, 5, 10, 20, 30, 50]
@@ -85,7 +86,8 @@ def score(rec) -> float:
 
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--init", choices=["default", "he"], default="default", help="default: PyTorch's (the authors'); he: ablation")
+    p.add_argument("--init", choices=["default", "he"], default="default",
+                   help="default: PyTorch's (the authors'); he: ablation")
     p.add_argument("--no-bias", action="store_true", help="ablation: linear layers without biases")
     p.add_argument("--steps", type=int, default=2000, help="steps below depth --long-from")
     p.add_argument("--long-steps", type=int, default=4000, help="steps from depth --long-from on")
@@ -102,17 +104,19 @@ def main(argv=None) -> dict:
     path = out_dir(args, name_of(args) + ("-quick" if args.quick else ""))
     runs = Runs(path, "depth.py", argv, fresh=args.fresh, report_only=args.report_only, shard=args.shard)
     x, y, _, _ = digits(0)
-    steps_at = lambda d: args.long_steps if d >= args.long_from else args.steps
+
+    def steps_at(d):
+        return args.long_steps if d >= args.long_from else args.steps
 
     def get(depth, name, lr, seed):
-        settings = {"depth": depth, "optimizer": name, "lr": lr, "seed": seed, "steps": steps_at(depth), "width": args.width,
-                    "init": args.init, "bias": not args.no_bias}
+        settings = {"depth": depth, "optimizer": name, "lr": lr, "seed": seed, "steps": steps_at(depth),
+                    "width": args.width, "init": args.init, "bias": not args.no_bias}
         rec = runs.get(settings, lambda: run(depth, name, lr, seed, steps_at(depth), args, x, y))
         if rec is None:
             return None
         s = rec["result"]["score"]
-        print(f"depth {depth:2d} {name:7s} lr {lr:<7g} seed {seed}: last-epoch train acc {'diverged' if s is None else f'{s:.3f}'}"
-              f"  [{rec['seconds']:.0f} s]", flush=True)
+        print(f"depth {depth:2d} {name:7s} lr {lr:<7g} seed {seed}: last-epoch train acc "
+              f"{'diverged' if s is None else f'{s:.3f}'}  [{rec['seconds']:.0f} s]", flush=True)
         return rec
 
     # Depth by depth (so that a study cut short has whole depths): every lr on seed 0, then the
@@ -159,11 +163,15 @@ def report(args, lrs, grid, best_lr, best, runs) -> list:
         "  data:   digits, 1437 training images of 64 pixels | MNIST, 60,000 images of 784",
         f"  width:  {args.width} | 784",
         f"  steps:  {steps} of batch {BATCH} | {AUTHORS_STEPS}, 100 epochs of 240 steps",
-        f"  init:   {'PyTorch default' if args.init == 'default' else 'He-normal, zero biases (ablation)'} | PyTorch default",
+        f"  init:   {'PyTorch default' if args.init == 'default' else 'He-normal, zero biases (ablation)'} | PyTorch "
+        "default",
         f"  biases: {'no (ablation)' if args.no_bias else 'yes'} | yes",
-        "  as the authors: hidden Linear+ReLU layers and a final Linear, no batch norm or skips, depth = hidden layers;",
-        "  SGD with momentum 0.9, Adam, Fromage; lr x0.95 every 240 steps; score = mean minibatch train accuracy over the last",
-        f"  240 steps (a diverged run scores chance, 0.1); every lr on seed 0, then seeds 1..{args.seeds - 1} at each optimizer's best lr",
+        "  as the authors: hidden Linear+ReLU layers and a final Linear, no batch norm or skips, depth = hidden "
+        "layers;",
+        "  SGD with momentum 0.9, Adam, Fromage; lr x0.95 every 240 steps; score = mean minibatch train accuracy over "
+        "the last",
+        f"  240 steps (a diverged run scores chance, 0.1); every lr on seed 0, then seeds 1..{args.seeds - 1} at each "
+        "optimizer's best lr",
         f"lr grids: {json.dumps(lrs)}",
         f"score at each optimizer's best lr, mean [min, max] over {args.seeds} seeds (best lr of seed 0):",
         "depth " + "".join(f"{n:>33s}" for n in OPTIMIZER_NAMES),
@@ -177,30 +185,36 @@ def report(args, lrs, grid, best_lr, best, runs) -> list:
     lines.append("seed 0 at every lr (diverged: -):")
     for n in OPTIMIZER_NAMES:
         for d in depths:
-            cells = ", ".join(f"{lr:g}: " + ("-" if r["result"]["score"] is None else f"{r['result']['score']:.3f}") for lr, r in grid[n][d].items())
+            cells = ", ".join(f"{lr:g}: " + ("-" if r["result"]["score"] is None else f"{r['result']['score']:.3f}")
+                              for lr, r in grid[n][d].items())
             lines.append(f"  {n:7s} depth {d:2d}: {cells}")
     reach = {n: deepest(best, n, TRAINS) for n in OPTIMIZER_NAMES}
     learn = {n: deepest(best, n, LEARNS) for n in OPTIMIZER_NAMES}
-    lines.append(f"deepest depth trained (score >= {TRAINS:g}): " + ", ".join(f"{n} {reach[n]}" for n in OPTIMIZER_NAMES))
-    lines.append(f"deepest depth learnt (score >= {LEARNS:g}, twice chance): " + ", ".join(f"{n} {learn[n]}" for n in OPTIMIZER_NAMES))
+    lines.append(f"deepest depth trained (score >= {TRAINS:g}): "
+                 + ", ".join(f"{n} {reach[n]}" for n in OPTIMIZER_NAMES))
+    lines.append(f"deepest depth learnt (score >= {LEARNS:g}, twice chance): "
+                 + ", ".join(f"{n} {learn[n]}" for n in OPTIMIZER_NAMES))
     f_reach, other = reach["Fromage"] or 0, max(reach["SGD"] or 0, reach["Adam"] or 0)
     if f_reach > other:
-        verdict = (f"the paper's claim holds here: Fromage trains deeper nets (to depth {f_reach}) than SGD ({reach['SGD']}) "
-                   f"and Adam ({reach['Adam']})")
+        verdict = (f"the paper's claim holds here: Fromage trains deeper nets (to depth {f_reach}) than SGD "
+                   f"({reach['SGD']}) and Adam ({reach['Adam']})")
     elif f_reach == other:
         verdict = "not shown here: Fromage trains no deeper than the best of SGD and Adam"
     else:
         verdict = "contradicted here: SGD or Adam trains deeper than Fromage"
     lines.append(f"verdict (depth): {verdict}, at this scale.")
     largest = {d: max((lr for lr, r in grid["Fromage"][d].items() if score(r) >= TRAINS), default=None) for d in depths}
-    lines.append(f"Fromage's largest lr that trains on seed 0 (score >= {TRAINS:g}), by depth (reported, not part of a rule): "
+    lines.append(f"Fromage's largest lr that trains on seed 0 (score >= {TRAINS:g}), by depth (reported, not part of a "
+                 "rule): "
                  + ", ".join(f"depth {d}: {'none' if largest[d] is None else f'{largest[d]:g}'}" for d in depths))
-    lines.append("Fromage's best lr (seed 0) against the descent lemma's max_safe_lr(L), L = weight matrices | every moved tensor:")
+    lines.append("Fromage's best lr (seed 0) against the descent lemma's max_safe_lr(L), L = weight matrices | every "
+                 "moved tensor:")
     for d in depths:
         lw, la = depth_l(d)
         b = best_lr["Fromage"][d]
-        lines.append(f"  depth {d:2d}: best lr {b:<7g} max_safe_lr {max_safe_lr(lw):.4f} (L={lw}) | {max_safe_lr(la):.4f} (L={la}); "
-                     f"best lr {'<=' if b <= max_safe_lr(lw) else '>'} the first, {'<=' if b <= max_safe_lr(la) else '>'} the second")
+        lines.append(f"  depth {d:2d}: best lr {b:<7g} max_safe_lr {max_safe_lr(lw):.4f} (L={lw}) | "
+                     f"{max_safe_lr(la):.4f} (L={la}); best lr {'<=' if b <= max_safe_lr(lw) else '>'} the first, "
+                     f"{'<=' if b <= max_safe_lr(la) else '>'} the second")
     shallow, deep = best_lr["Fromage"][depths[0]], best_lr["Fromage"][depths[-1]]
     if deep < shallow:
         v2 = f"holds: Fromage's best lr falls from {shallow:g} at depth {depths[0]} to {deep:g} at depth {depths[-1]}"
@@ -230,9 +244,12 @@ def plot(path, args, lrs, grid, best_lr, seeds, best) -> None:
 
     ax = axes[0][1]
     every = list(range(1, max(depths) + 1))
-    ax.plot(every, [max_safe_lr(depth_l(d)[0]) for d in every], "k-", lw=1, label="max_safe_lr(L), L = weight matrices (N+1)")
-    ax.plot(every, [max_safe_lr(depth_l(d)[1]) for d in every], "k--", lw=1, label="max_safe_lr(L), L = all moved tensors (2N+2)")
-    ax.plot(depths, [best_lr["Fromage"][d] for d in depths], "D", ms=9, color=COLORS["Fromage"], label="Fromage's best lr (seed 0)")
+    ax.plot(every, [max_safe_lr(depth_l(d)[0]) for d in every], "k-", lw=1,
+            label="max_safe_lr(L), L = weight matrices (N+1)")
+    ax.plot(every, [max_safe_lr(depth_l(d)[1]) for d in every], "k--", lw=1,
+            label="max_safe_lr(L), L = all moved tensors (2N+2)")
+    ax.plot(depths, [best_lr["Fromage"][d] for d in depths], "D", ms=9, color=COLORS["Fromage"],
+            label="Fromage's best lr (seed 0)")
     for lr in lrs["Fromage"]:
         ax.axhline(lr, color=COLORS["Fromage"], lw=0.4, alpha=0.5)
     ax.set_yscale("log")
@@ -247,8 +264,8 @@ def plot(path, args, lrs, grid, best_lr, seeds, best) -> None:
         for k, r in enumerate(seeds[n][deepest_d]):
             curve = r["result"]["curve"]
             total = r["steps"]
-            ax.plot([min(AUTHORS_EPOCH * (i + 1), total) for i in range(len(curve))], curve, "o-", ms=2, color=COLORS[n], alpha=0.8,
-                    label=f"{n} lr {best_lr[n][deepest_d]:g}, seeds" if k == 0 else None)
+            ax.plot([min(AUTHORS_EPOCH * (i + 1), total) for i in range(len(curve))], curve, "o-", ms=2,
+                    color=COLORS[n], alpha=0.8, label=f"{n} lr {best_lr[n][deepest_d]:g}, seeds" if k == 0 else None)
     ax.axhline(CHANCE, color="gray", lw=0.8, ls=":")
     ax.set_title(f"depth {deepest_d}: training curves at each optimizer's best lr")
     ax.set_xlabel("step")
@@ -270,7 +287,8 @@ def plot(path, args, lrs, grid, best_lr, seeds, best) -> None:
         ax.set_ylabel("last-epoch minibatch train accuracy (seed 0)")
         ax.set_title(f"{n}: every lr (x: diverged, scored as chance)")
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=5, frameon=False)
-    label = {"default": "PyTorch default init", "he": "He init (ablation)"}[args.init] + (", no biases (ablation)" if args.no_bias else ", biases")
+    label = ({"default": "PyTorch default init", "he": "He init (ablation)"}[args.init]
+             + (", no biases (ablation)" if args.no_bias else ", biases"))
     longer = f" ({args.long_steps} from depth {args.long_from})" if any(d >= args.long_from for d in depths) else ""
     fig.suptitle(f"Plain MLPs on digits, width {args.width}, {label}; {args.steps} steps of batch {BATCH}{longer}"
                  + (" (--quick)" if args.quick else ""))

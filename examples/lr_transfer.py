@@ -18,9 +18,10 @@ seed protocol), scored as the paper scores them, on training metrics:
 
 The authors' baselines: SGD without momentum (their CIFAR-10, GAN and Transformer scripts; clipped
 at gradient norm 0.25 on the Transformer, as theirs), Adam with torch's defaults and beta1 = 0 on
-the GAN. A run whose loss becomes inf/NaN counts as diverged and cannot be best. A task's best lr is the one with the lowest seed-0 metric; an optimizer's spread is the
-distance in decades between its smallest and largest best lr over the tasks, given with and
-without the GAN (the task where SGD's best lr sits furthest from the others).
+the GAN. A run whose loss becomes inf/NaN counts as diverged and cannot be best. A task's best lr is
+the one with the lowest seed-0 metric; an optimizer's spread is the distance in decades between its
+smallest and largest best lr over the tasks, given with and without the GAN (the task where SGD's
+best lr sits furthest from the others).
 
 Each finished run is appended to ``runs.jsonl`` with its provenance and reused by a later call;
 ``--report-only`` rebuilds the plot and the summary from the records.
@@ -37,7 +38,7 @@ import sys
 import matplotlib.pyplot as plt
 import torch
 
-from _common import (COLORS, OPTIMIZER_NAMES, Runs, add_provenance_args, authors_mlp, batches, digits, finite_or_none, log_grid,
+from _common import (OPTIMIZER_NAMES, Runs, add_provenance_args, authors_mlp, batches, digits, finite_or_none, log_grid,
                      make_optimizer, out_dir, parser, save_figure, write_summary)
 from table1 import run_resnet, run_transformer
 
@@ -51,9 +52,12 @@ TASKS = {
                "full": {"channels": 16, "batch": 128, "epochs": 25, "decay_epochs": [NO_DECAY, NO_DECAY]},
                "quick": {"channels": 8, "batch": 128, "epochs": 1, "decay_epochs": [NO_DECAY, NO_DECAY]}},
     "transformer": {"metric": "training perplexity", "optimizers": OPTIMIZER_NAMES,
-                    "full": {"d": 64, "layers": 2, "heads": 2, "context": 32, "streams": 32, "epochs": 7, "decay_epoch": NO_DECAY, "chars": None},
-                    "quick": {"d": 16, "layers": 1, "heads": 2, "context": 16, "streams": 8, "epochs": 1, "decay_epoch": NO_DECAY, "chars": 2000}},
-    "gan": {"metric": "MMD^2 to the data", "optimizers": OPTIMIZER_NAMES, "full": {"steps": 600}, "quick": {"steps": 12}},
+                    "full": {"d": 64, "layers": 2, "heads": 2, "context": 32, "streams": 32, "epochs": 7,
+                             "decay_epoch": NO_DECAY, "chars": None},
+                    "quick": {"d": 16, "layers": 1, "heads": 2, "context": 16, "streams": 8, "epochs": 1,
+                              "decay_epoch": NO_DECAY, "chars": 2000}},
+    "gan": {"metric": "MMD^2 to the data", "optimizers": OPTIMIZER_NAMES, "full": {"steps": 600},
+            "quick": {"steps": 12}},
 }
 
 
@@ -93,10 +97,15 @@ def run_gan(opt_name, lr, seed, cfg, p_bound=None) -> dict:
     data = torch.Generator().manual_seed(99)
     real_eval, noise_eval = ring(1000, data), torch.randn(1000, 2, generator=data)
     torch.manual_seed(seed)
-    mlp = lambda out: torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, out))
+
+    def mlp(out):
+        return torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                   torch.nn.Linear(64, out))
+
     G, D = mlp(2), mlp(1)
     beta1 = 0.0 if opt_name == "Adam" else 0.9
-    opt_g, opt_d = make_optimizer(opt_name, G.parameters(), lr, beta1=beta1), make_optimizer(opt_name, D.parameters(), lr, beta1=beta1)
+    opt_g, opt_d = (make_optimizer(opt_name, G.parameters(), lr, beta1=beta1),
+                    make_optimizer(opt_name, D.parameters(), lr, beta1=beta1))
     gen = torch.Generator().manual_seed(seed)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     batch = 128
@@ -121,7 +130,8 @@ def run_gan(opt_name, lr, seed, cfg, p_bound=None) -> dict:
 
 
 RUNNERS = {"mlp": run_mlp, "resnet": run_resnet, "transformer": run_transformer, "gan": run_gan}
-STYLE = {"SGD": ("tab:blue", "o-"), "Adam": ("tab:orange", "o-"), "Fromage": ("tab:green", "o-"), "Fromage, no p_bound": ("tab:green", "s--")}
+STYLE = {"SGD": ("tab:blue", "o-"), "Adam": ("tab:orange", "o-"), "Fromage": ("tab:green", "o-"),
+         "Fromage, no p_bound": ("tab:green", "s--")}
 
 
 def values(recs) -> list:
@@ -167,13 +177,15 @@ def main(argv=None) -> dict:
             p_bound = 1.0 if (task == "resnet" and row == "Fromage") else None
 
             def get(lr, seed):
-                settings = {"task": task, "optimizer": opt_name, "lr": lr, "p_bound": p_bound, "seed": seed, "config": spec[mode]}
+                settings = {"task": task, "optimizer": opt_name, "lr": lr, "p_bound": p_bound, "seed": seed,
+                            "config": spec[mode]}
                 rec = runs.get(settings, lambda: RUNNERS[task](opt_name, lr, seed, spec[mode], p_bound))
                 if rec is None:
                     return
                 results.setdefault((task, row), {}).setdefault(lr, []).append(rec)
                 m = rec["result"]["metric"]
-                print(f"{task:11s} {row:19s} lr {lr:<7g} seed {seed}: {spec['metric']} {'diverged' if m is None else f'{m:.4g}'}", flush=True)
+                print(f"{task:11s} {row:19s} lr {lr:<7g} seed {seed}: {spec['metric']} "
+                      f"{'diverged' if m is None else f'{m:.4g}'}", flush=True)
 
             for lr in grid:
                 get(lr, 0)
@@ -196,7 +208,8 @@ def plot(path, args, results, best) -> None:
     tasks = {t: s for t, s in TASKS.items() if t in args.tasks}
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 4.9), squeeze=False)
     for ax, (task, spec) in zip(axes[0], tasks.items()):
-        finite = [v for row in spec["optimizers"] for recs in results[(task, row)].values() for v in values(recs) if math.isfinite(v)]
+        finite = [v for row in spec["optimizers"] for recs in results[(task, row)].values() for v in values(recs)
+                  if math.isfinite(v)]
         top = max(finite) * 2 if finite else 1.0
         for k, row in enumerate(spec["optimizers"]):
             color, fmt = STYLE[row]
@@ -211,7 +224,8 @@ def plot(path, args, results, best) -> None:
             v = values(by_lr[b])
             if math.isfinite(mean(v)):
                 m = mean(v)
-                ax.errorbar([b * shift], [m], yerr=[[m - min(v)], [max(v) - m]], fmt="*", ms=15, mec="k", capsize=4, color=color)
+                ax.errorbar([b * shift], [m], yerr=[[m - min(v)], [max(v) - m]], fmt="*", ms=15, mec="k", capsize=4,
+                            color=color)
         ax.set_yscale("log")
         ax.set_xscale("log")
         ax.axvline(0.01, color="gray", ls=":", lw=1)
@@ -219,8 +233,9 @@ def plot(path, args, results, best) -> None:
         ax.set_ylabel(f"{spec['metric']} (lower is better)")
         ax.set_title(task)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
-    fig.suptitle(f"Learning-rate sweeps on training metrics (seed 0); star: the best lr, mean and min-max of {args.seeds} seed(s) there; "
-                 "x at the top: diverged; dotted: lr 0.01" + (" (--quick)" if args.quick else ""))
+    fig.suptitle("Learning-rate sweeps on training metrics (seed 0); star: the best lr, mean and min-max of "
+                 f"{args.seeds} seed(s) there; x at the top: diverged; dotted: lr 0.01"
+                 + (" (--quick)" if args.quick else ""))
     fig.tight_layout()
     save_figure(fig, os.path.join(path, "lr_transfer.png"))
     plt.close(fig)
@@ -232,14 +247,17 @@ def report(args, results, best, grid, runs) -> list:
     lines = [
         "Learning-rate transfer (paper Figure 4) at toy scale.",
         "protocol (here | the authors'):",
-        "  tasks: authors' MLP on digits; Table 1's pre-activation ResNet on digits; Table 1's char-level Transformer; MLP GAN on a "
-        "2-D ring of 8 Gaussians | CIFAR-10 PreActResNet-18, class-conditional GAN on CIFAR-10, Transformer on Wikitext-2",
-        "  training: " + ", ".join(f"{t} {s[mode]}" for t, s in tasks.items()) + "; constant lr | full runs, lr / 10 at set epochs",
-        "  metrics: " + ", ".join(f"{t} {s['metric']}" for t, s in tasks.items()) + " | CIFAR-10 training loss, FID, training perplexity",
-        f"  lr grid {grid[0]:g}..{grid[-1]:g} ({len(grid)} points) on seed 0, seeds 1..{args.seeds - 1} at the best lr of seed 0"
-        " | a grid per task, more seeds at the best lr",
-        "  SGD without momentum (clipped at 0.25 on the Transformer), Adam (beta1 = 0 on the GAN), Fromage with p_bound 1.0 on the "
-        "ResNet (also without) | the same",
+        "  tasks: authors' MLP on digits; Table 1's pre-activation ResNet on digits; Table 1's char-level Transformer; "
+        "MLP GAN on a 2-D ring of 8 Gaussians | CIFAR-10 PreActResNet-18, class-conditional GAN on CIFAR-10, "
+        "Transformer on Wikitext-2",
+        "  training: " + ", ".join(f"{t} {s[mode]}" for t, s in tasks.items())
+        + "; constant lr | full runs, lr / 10 at set epochs",
+        "  metrics: " + ", ".join(f"{t} {s['metric']}" for t, s in tasks.items())
+        + " | CIFAR-10 training loss, FID, training perplexity",
+        f"  lr grid {grid[0]:g}..{grid[-1]:g} ({len(grid)} points) on seed 0, seeds 1..{args.seeds - 1} at the best lr "
+        "of seed 0 | a grid per task, more seeds at the best lr",
+        "  SGD without momentum (clipped at 0.25 on the Transformer), Adam (beta1 = 0 on the GAN), Fromage with "
+        "p_bound 1.0 on the ResNet (also without) | the same",
         "results: best lr of seed 0 (mean [min, max] over the seeds at it):",
     ]
     for task, spec in tasks.items():
@@ -250,15 +268,18 @@ def report(args, results, best, grid, runs) -> list:
             lines.append(f"  {task:11s} {row:19s}: best lr {b:<7g} {spec['metric']} {shown}")
     names = list(tasks)
     rows = [(n, [best[(t, n)] for t in names]) for n in OPTIMIZER_NAMES]
-    rows.append(("Fromage, no p_bound", [best[(t, "Fromage, no p_bound" if t == "resnet" else "Fromage")] for t in names]))
+    rows.append(("Fromage, no p_bound",
+                 [best[(t, "Fromage, no p_bound" if t == "resnet" else "Fromage")] for t in names]))
     if "gan" not in names:
         lines.append(f"tasks run: {', '.join(names)} (not all four: the spreads and verdicts below cover these only)")
-    lines.append("best lr by task:        " + "".join(f"{t:>12s}" for t in names) + "   spread (decades): all tasks | without the GAN")
+    lines.append("best lr by task:        " + "".join(f"{t:>12s}" for t in names)
+                 + "   spread (decades): all tasks | without the GAN")
     spreads = {}
     for name, lrs in rows:
         no_gan = [lr for t, lr in zip(names, lrs) if t != "gan"]
         spreads[name] = (spread(lrs, grid), spread(no_gan, grid))
-        lines.append(f"  {name:20s} " + "".join(f"{lr:>12g}" for lr in lrs) + f"   {spreads[name][0]:.1f} | {spreads[name][1]:.1f}")
+        lines.append(f"  {name:20s} " + "".join(f"{lr:>12g}" for lr in lrs)
+                     + f"   {spreads[name][0]:.1f} | {spreads[name][1]:.1f}")
     fromage = sorted(set(rows[2][1]))
     for k, label in ((0, "all tasks run"), (1, "without the GAN")):
         f, s, a = spreads["Fromage"][k], spreads["SGD"][k], spreads["Adam"][k]
@@ -267,9 +288,11 @@ def report(args, results, best, grid, runs) -> list:
         elif f < min(s, a):
             v = f"in part: Fromage's best lr moves least ({f:.1f} decades; SGD {s:.1f}, Adam {a:.1f})"
         elif f <= max(s, a):
-            v = f"in part: Fromage's best lr moves {f:.1f} decades, no less than one of SGD ({s:.1f}) and Adam ({a:.1f})"
+            v = (f"in part: Fromage's best lr moves {f:.1f} decades, no less than one of SGD ({s:.1f}) and Adam "
+                 f"({a:.1f})")
         else:
-            v = f"not reproduced: Fromage's best lr moves more ({f:.1f} decades) than SGD's ({s:.1f}) and Adam's ({a:.1f})"
+            v = (f"not reproduced: Fromage's best lr moves more ({f:.1f} decades) than SGD's ({s:.1f}) and Adam's "
+                 f"({a:.1f})")
         lines.append(f"verdict, {label} (Fromage as the paper ran it, p_bound on the ResNet): {v}.")
     lines += runs.provenance()
     return lines

@@ -27,8 +27,8 @@ import sys
 import matplotlib.pyplot as plt
 import torch
 
-from _common import (COLORS, Runs, add_provenance_args, batches, digits, finite_or_none, linear_weights, make_optimizer, out_dir, parser,
-                     save_figure, write_summary)
+from _common import (COLORS, Runs, add_provenance_args, batches, digits, finite_or_none, linear_weights, make_optimizer,
+                     out_dir, parser, save_figure, write_summary)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (dtype, lr) of the full run; LARS and Fromage each
@@ -119,20 +119,25 @@ def main(argv=None) -> dict:
     results = {}  # (name, lr, dtype) -> record
     for dtype, lr in runs:
         for name in ("LARS", "Fromage"):
-            settings = {"optimizer": name, "lr": lr, "dtype": dtype, "steps": args.steps, "every": every, "seed": args.seed}
+            settings = {"optimizer": name, "lr": lr, "dtype": dtype, "steps": args.steps, "every": every,
+                        "seed": args.seed}
             rec = records.get(settings, lambda: _jsonable(run(name, lr, dtype, args.steps, every, x, y, args.seed)))
             if rec is None:
                 continue
             rec = rec["result"]
-            rec = {k: ([math.inf if v is None else v for v in rec[k]] if k in ("loss", "largest") else rec[k]) for k in rec}
+            rec = {k: ([math.inf if v is None else v for v in rec[k]] if k in ("loss", "largest") else rec[k])
+                   for k in rec}
             results[(name, lr, dtype)] = rec
-            end = "overflow (inf/NaN) at step %d" % rec["overflow"] if rec["overflow"] is not None else f"finite after {args.steps} steps"
-            print(f"{name:7s} lr {lr:g} {dtype:8s}: {end}; max norm ratio {max(rec['norms'][-2 if rec['overflow'] is not None else -1]):.3g}", flush=True)
+            end = ("overflow (inf/NaN) at step %d" % rec["overflow"] if rec["overflow"] is not None
+                   else f"finite after {args.steps} steps")
+            print(f"{name:7s} lr {lr:g} {dtype:8s}: {end}; max norm ratio "
+                  f"{max(rec['norms'][-2 if rec['overflow'] is not None else -1]):.3g}", flush=True)
 
     if args.shard:
         records.finish_shard(args.shard)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    styles = {("float32", 0.01): ":", ("float32", 0.1): "-", ("bfloat16", 0.1): "-.", ("float16", 0.1): "--", ("float16", 1.0): "--"}
+    styles = {("float32", 0.01): ":", ("float32", 0.1): "-", ("bfloat16", 0.1): "-.", ("float16", 0.1): "--",
+              ("float16", 1.0): "--"}
     for (name, lr, dtype), rec in results.items():
         ls = styles.get((dtype, lr), "-")
         label = f"{name} lr {lr:g} {dtype}"
@@ -145,9 +150,11 @@ def main(argv=None) -> dict:
             axes[0].plot([rec["overflow"]], [finite[-1]], "x", color=COLORS[name], ms=10, mew=2)
             axes[1].plot([rec["overflow"]], [CHANCE_LOSS * 1.1], "x", color=COLORS[name], ms=10, mew=2)
         if rec["dead"] is not None:
-            axes[0].plot([rec["dead"]], [rec["largest"][rec["steps"].index(rec["dead"])]], "o", mfc="none", color=COLORS[name], ms=10, mew=1.5)
+            axes[0].plot([rec["dead"]], [rec["largest"][rec["steps"].index(rec["dead"])]], "o", mfc="none",
+                         color=COLORS[name], ms=10, mew=1.5)
     axes[0].axhline(math.sqrt(torch.finfo(torch.float32).max), color="k", lw=0.6)
-    axes[0].text(0, math.sqrt(torch.finfo(torch.float32).max) * 3, "1.8e19: squares overflow float32 / bfloat16", fontsize=7)
+    axes[0].text(0, math.sqrt(torch.finfo(torch.float32).max) * 3, "1.8e19: squares overflow float32 / bfloat16",
+                 fontsize=7)
     axes[0].axhline(torch.finfo(torch.float16).max, color="k", lw=0.6)
     axes[0].text(0, torch.finfo(torch.float16).max * 3, "65504: float16 max", fontsize=7)
     axes[0].set_yscale("log")
@@ -161,7 +168,8 @@ def main(argv=None) -> dict:
     axes[1].set_ylabel("training loss, full-batch BatchNorm statistics")
     axes[1].set_title("loss (dotted: ln 10, a constant output; x: inf/NaN)")
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"Scale-invariant MLP (depth {DEPTH}, BatchNorm after every layer) on digits: LARS (no prefactor) vs Fromage")
+    fig.suptitle(f"Scale-invariant MLP (depth {DEPTH}, BatchNorm after every layer) on digits: LARS (no prefactor) vs "
+                 "Fromage")
     fig.tight_layout()
     save_figure(fig, os.path.join(path, "prefactor.png"))
     plt.close(fig)
@@ -169,9 +177,10 @@ def main(argv=None) -> dict:
     lines = [
         "Prefactor study (paper Figure 2) on scikit-learn's digits.",
         "protocol (here | the authors'):",
-        f"  network: MLP depth {DEPTH}, width {WIDTH}, no biases, BatchNorm(affine=False, batch statistics) after every linear layer"
-        " | spectrally normalised class-conditional GAN on CIFAR-10",
-        f"  training: batch {BATCH}, constant lr, up to {args.steps} steps, stopped at the first inf/NaN | their GAN schedule",
+        f"  network: MLP depth {DEPTH}, width {WIDTH}, no biases, BatchNorm(affine=False, batch statistics) after "
+        "every linear layer | spectrally normalised class-conditional GAN on CIFAR-10",
+        f"  training: batch {BATCH}, constant lr, up to {args.steps} steps, stopped at the first inf/NaN | their GAN "
+        "schedule",
         "  as the authors: LARS = Fromage without the prefactor, no weight decay or momentum",
         "  loss measured on the whole training set in one batch (full-batch statistics), every %d steps" % every,
         "results:",
@@ -190,9 +199,9 @@ def main(argv=None) -> dict:
         if rec["overflow"] is not None:
             events.append(f"inf/NaN at step {rec['overflow']}")
         end = "; ".join(events) if events else f"finite and training for all {args.steps} steps"
-        lines.append(f"  {name:7s} lr {lr:<4g} {dtype:8s}: {end}; largest ||W|| {rec['largest'][last]:.3g} at step {t}, "
-                     f"||W|| / start {min(n):.4g}..{max(n):.4g} (LARS theory (1+lr^2)^(t/2) = {(1 + lr * lr) ** (t / 2):.4g}); "
-                     f"full-batch loss there {rec['loss'][last]:.4g}")
+        lines.append(f"  {name:7s} lr {lr:<4g} {dtype:8s}: {end}; largest ||W|| {rec['largest'][last]:.3g} at step "
+                     f"{t}, ||W|| / start {min(n):.4g}..{max(n):.4g} (LARS theory (1+lr^2)^(t/2) = "
+                     f"{(1 + lr * lr) ** (t / 2):.4g}); full-batch loss there {rec['loss'][last]:.4g}")
     for dtype, lr in runs:
         # The two compute the same function up to BatchNorm's eps, so their losses agree until
         # LARS's arithmetic gives way; "departs": the first record where LARS's loss is 1.5x Fromage's.
@@ -201,16 +210,18 @@ def main(argv=None) -> dict:
         depart = next(((st, big) for st, a, b, big in rows if not (math.isfinite(a) and a <= 1.5 * b)), None)
         before = [abs(a - b) / b for st, a, b, _ in rows if depart is None or st < depart[0]]
         where = f"departs at step {depart[0]} (largest ||W|| {depart[1]:.3g})" if depart else "never departs"
-        lines.append(f"  lr {lr:g} {dtype}: LARS's loss {where}; {'before that ' if depart else ''}its relative difference from Fromage's "
-                     f"is {statistics.median(before):.2g} (median), {max(before):.2g} (max)")
+        lines.append(f"  lr {lr:g} {dtype}: LARS's loss {where}; {'before that ' if depart else ''}its relative "
+                     f"difference from Fromage's is {statistics.median(before):.2g} (median), {max(before):.2g} (max)")
     lars_big = {k: broken(r) for k, r in results.items() if k[0] == "LARS" and k[1] >= 0.1}
-    fromage_ok = all(broken(r) is None and max(r["norms"][-1]) < 10 for (n, _, _), r in results.items() if n == "Fromage")
+    fromage_ok = all(broken(r) is None and max(r["norms"][-1]) < 10
+                     for (n, _, _), r in results.items() if n == "Fromage")
     if lars_big and all(v is not None for v in lars_big.values()) and fromage_ok:
-        verdict = ("the paper's claim holds: LARS's norms grow by sqrt(1+lr^2) per step until the arithmetic overflows ("
-                   + ", ".join(f"{k[2]} at lr {k[1]:g}: step {v}" for k, v in lars_big.items())
+        verdict = ("the paper's claim holds: LARS's norms grow by sqrt(1+lr^2) per step until the arithmetic "
+                   "overflows (" + ", ".join(f"{k[2]} at lr {k[1]:g}: step {v}" for k, v in lars_big.items())
                    + "), while Fromage's stay within a factor 10 of their start and it keeps training")
     else:
-        verdict = "not shown by this run: " + ("a LARS run at lr >= 0.1 kept computing" if not all(v is not None for v in lars_big.values())
+        verdict = "not shown by this run: " + ("a LARS run at lr >= 0.1 kept computing"
+                                               if not all(v is not None for v in lars_big.values())
                                                else "a Fromage run broke down or its norms grew tenfold")
     lines.append(f"verdict: {verdict}.")
     lines += records.provenance()

@@ -53,13 +53,16 @@ def main(argv=None) -> dict:
     results = {}  # optimizer -> [result per seed]
     for name in OPTIMIZERS:
         for seed in range(args.seeds):
-            settings = {"optimizer": name, "lr": LR, "seed": seed, "steps": args.steps, "norms_every": norms_every, "score_every": score_every}
-            rec = runs.get(settings, lambda: train_gan(name, LR, seed, args.steps, norms_every=norms_every, score_every=score_every))
+            settings = {"optimizer": name, "lr": LR, "seed": seed, "steps": args.steps, "norms_every": norms_every,
+                        "score_every": score_every}
+            rec = runs.get(settings, lambda: train_gan(name, LR, seed, args.steps, norms_every=norms_every,
+                                                       score_every=score_every))
             if rec is None:
                 continue
             results.setdefault(name, []).append(rec["result"])
             r = rec["result"]
-            print(f"{name:7s} seed {seed}: Frechet distance {r['distance']}, accuracy {r['accuracy']:.3f}  [{rec['seconds']:.0f} s]", flush=True)
+            print(f"{name:7s} seed {seed}: Frechet distance {r['distance']}, accuracy {r['accuracy']:.3f}  "
+                  f"[{rec['seconds']:.0f} s]", flush=True)
 
     if args.shard:
         runs.finish_shard(args.shard)
@@ -71,12 +74,14 @@ def main(argv=None) -> dict:
             for layer in layers:
                 ratio = [v / r["norms"][layer][0] for v in r["norms"][layer]]
                 axes[0].plot(steps, ratio, "-", color=COLORS[name], lw=0.8, alpha=0.6,
-                             label=f"{name}: each normalised layer, each seed" if k == 0 and layer == layers[0] else None)
+                             label=(f"{name}: each normalised layer, each seed" if k == 0 and layer == layers[0]
+                                    else None))
             s = r["scores"]
-            axes[1].plot(s["step"], [math.nan if v is None else v for v in s["distance"]], "o-", ms=3, color=COLORS[name],
-                         alpha=0.7, label=f"{name}, seed {k}")
+            axes[1].plot(s["step"], [math.nan if v is None else v for v in s["distance"]], "o-", ms=3,
+                         color=COLORS[name], alpha=0.7, label=f"{name}, seed {k}")
     steps = results["LARS"][0]["norms"]["step"]
-    axes[0].plot(steps, [lars_theory(t, args.steps, LR) for t in steps], "k--", lw=1.2, label="LARS theory: prod sqrt(1 + lr_t^2)")
+    axes[0].plot(steps, [lars_theory(t, args.steps, LR) for t in steps], "k--", lw=1.2,
+                 label="LARS theory: prod sqrt(1 + lr_t^2)")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("||weight_orig|| / its initial value")
     axes[0].set_title(f"spectrally normalised layers (G and D, {len(layers)} layers), lr {LR:g}")
@@ -86,7 +91,8 @@ def main(argv=None) -> dict:
     axes[1].set_ylabel("Frechet distance to the training digits (lower is better)")
     axes[1].set_title("generator quality during training")
     axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Table 1's class-conditional GAN on digits: LARS (no prefactor) vs Fromage at lr {LR:g}, {args.steps} steps"
+    fig.suptitle(f"Table 1's class-conditional GAN on digits: LARS (no prefactor) vs Fromage at lr {LR:g}, "
+                 f"{args.steps} steps"
                  + (" (--quick)" if args.quick else ""))
     fig.tight_layout()
     save_figure(fig, os.path.join(path, "prefactor_gan.png"))
@@ -95,12 +101,14 @@ def main(argv=None) -> dict:
     lines = [
         "Prefactor in its own setting (paper Figure 2): the spectrally normalised layers of Table 1's GAN on digits.",
         "protocol (here | the authors'):",
-        "  network: class-conditional MLP GAN (examples/_gan.py), spectral norm on every G and D layer, BN in G, hinge loss | "
-        "conv ResNet GAN with self-attention on CIFAR-10, the same normalisation and loss",
-        f"  training: batch 256, lr {LR:g} for G and D, {args.steps} steps, lr/10 at {DECAY_AT:.3f} of them | batch 256, lr 0.01, "
-        f"{AUTHORS_STEPS} steps (120 epochs), lr/10 at epoch 100",
-        "  as the authors: LARS = Fromage without the prefactor (Fromage(..., prefactor=False)), no momentum or weight decay",
-        f"results ({args.seeds} seed(s); ratio = ||weight_orig|| at the end / at the start, over the {len(layers)} normalised layers):",
+        "  network: class-conditional MLP GAN (examples/_gan.py), spectral norm on every G and D layer, BN in G, hinge "
+        "loss | conv ResNet GAN with self-attention on CIFAR-10, the same normalisation and loss",
+        f"  training: batch 256, lr {LR:g} for G and D, {args.steps} steps, lr/10 at {DECAY_AT:.3f} of them | batch "
+        f"256, lr 0.01, {AUTHORS_STEPS} steps (120 epochs), lr/10 at epoch 100",
+        "  as the authors: LARS = Fromage without the prefactor (Fromage(..., prefactor=False)), no momentum or weight "
+        "decay",
+        f"results ({args.seeds} seed(s); ratio = ||weight_orig|| at the end / at the start, over the {len(layers)} "
+        "normalised layers):",
     ]
     end = args.steps
     theory = lars_theory(end, args.steps, LR)
@@ -108,18 +116,20 @@ def main(argv=None) -> dict:
         ratios = [r["norms"][layer][-1] / r["norms"][layer][0] for r in results[name] for layer in layers]
         dist = [r["distance"] for r in results[name]]
         acc = [r["accuracy"] for r in results[name]]
-        lines.append(f"  {name:7s}: norm ratio {min(ratios):.4f}..{max(ratios):.4f}; Frechet distance {statistics.fmean(dist):.4g} "
-                     f"[{min(dist):.4g}, {max(dist):.4g}]; classifier accuracy {statistics.fmean(acc):.3f}")
+        lines.append(f"  {name:7s}: norm ratio {min(ratios):.4f}..{max(ratios):.4f}; Frechet distance "
+                     f"{statistics.fmean(dist):.4g} [{min(dist):.4g}, {max(dist):.4g}]; classifier accuracy "
+                     f"{statistics.fmean(acc):.3f}")
     lars = [r["norms"][layer][-1] / r["norms"][layer][0] for r in results["LARS"] for layer in layers]
     fro = [r["norms"][layer][-1] / r["norms"][layer][0] for r in results["Fromage"] for layer in layers]
     worst = max(abs(v / theory - 1) for v in lars)
-    lines.append(f"  LARS theory at step {end}: {theory:.4f}; the largest relative deviation of a LARS layer from it: {worst:.2g}")
+    lines.append(f"  LARS theory at step {end}: {theory:.4f}; the largest relative deviation of a LARS layer from it: "
+                 f"{worst:.2g}")
     grows = min(lars) > 1 and worst < 0.01
     fixed = max(abs(v - 1) for v in fro) < 0.01
     if grows and fixed:
-        verdict = (f"the paper's mechanism holds: every normalised layer's norm grows under LARS as sqrt(1 + lr^2) per step "
-                   f"(x{theory:.4g} after {end} steps, within a relative {worst:.1e} of theory), while Fromage holds every one "
-                   f"within a relative {max(abs(v - 1) for v in fro):.1e} of its start")
+        verdict = ("the paper's mechanism holds: every normalised layer's norm grows under LARS as sqrt(1 + lr^2) per "
+                   f"step (x{theory:.4g} after {end} steps, within a relative {worst:.1e} of theory), while Fromage "
+                   f"holds every one within a relative {max(abs(v - 1) for v in fro):.1e} of its start")
     else:
         verdict = "not shown by this run: " + ("LARS's norms do not follow sqrt(1 + lr^2) per step" if not grows
                                                else "Fromage's norms moved by more than 1%")

@@ -41,8 +41,8 @@ import sys
 import matplotlib.pyplot as plt
 import torch
 
-from _common import (COLORS, Runs, add_provenance_args, batches, digits, finite_or_none, log_grid, make_optimizer, out_dir, parser,
-                     save_figure, write_summary)
+from _common import (COLORS, Runs, add_provenance_args, batches, digits, finite_or_none, log_grid, make_optimizer,
+                     out_dir, parser, save_figure, write_summary)
 from _gan import BATCH as GAN_BATCH
 from _gan import Scorer, train_gan
 from _models import CharLM, PreActResNet, char_ids, random_shift, shipped_text
@@ -55,12 +55,14 @@ METRIC = {"resnet": "training loss", "gan": "Frechet distance", "transformer": "
 FULL = {
     "resnet": {"channels": 16, "batch": 128, "epochs": 35, "decay_epochs": [15, 25]},
     "gan": {"steps": 600},
-    "transformer": {"d": 64, "layers": 2, "heads": 2, "context": 32, "streams": 32, "epochs": 8, "decay_epoch": 4, "chars": None},
+    "transformer": {"d": 64, "layers": 2, "heads": 2, "context": 32, "streams": 32, "epochs": 8, "decay_epoch": 4,
+                    "chars": None},
 }
 QUICK = {
     "resnet": {"channels": 8, "batch": 128, "epochs": 1, "decay_epochs": [1, 1]},
     "gan": {"steps": 12},
-    "transformer": {"d": 16, "layers": 1, "heads": 2, "context": 16, "streams": 8, "epochs": 2, "decay_epoch": 1, "chars": 2000},
+    "transformer": {"d": 16, "layers": 1, "heads": 2, "context": 16, "streams": 8, "epochs": 2, "decay_epoch": 1,
+                    "chars": 2000},
 }
 
 
@@ -175,7 +177,8 @@ def main(argv=None) -> dict:
     table = {}  # task -> row -> lr -> [records per seed]
 
     def get(task, row, opt_name, lr, p_bound, seed):
-        settings = {"task": task, "optimizer": opt_name, "lr": lr, "p_bound": p_bound, "seed": seed, "config": configs[task]}
+        settings = {"task": task, "optimizer": opt_name, "lr": lr, "p_bound": p_bound, "seed": seed,
+                    "config": configs[task]}
         rec = runs.get(settings, lambda: RUNNERS[task](opt_name, lr, seed, configs[task], p_bound))
         if rec is None:
             return
@@ -216,13 +219,15 @@ def main(argv=None) -> dict:
         s_lr, s_vals = tuned(task, "SGD")
         a_lr, a_vals = tuned(task, "Adam")
         f_vals = seed_values(table[task]["Fromage"][FROMAGE_LR])
-        best_name, (b_lr, b_vals) = min((("SGD", (s_lr, s_vals)), ("Adam", (a_lr, a_vals))), key=lambda kv: (mean(kv[1][1]), kv[0]))
+        best_name, (b_lr, b_vals) = min((("SGD", (s_lr, s_vals)), ("Adam", (a_lr, a_vals))),
+                                        key=lambda kv: (mean(kv[1][1]), kv[0]))
         summary[task] = {
             "SGD": (s_lr, s_vals), "Adam": (a_lr, a_vals), "Fromage": (FROMAGE_LR, f_vals), "best": best_name,
             "beats_sgd": mean(f_vals) < mean(s_vals), "within": mean(f_vals) <= max(b_vals),
         }
         if "Fromage, p_bound 1" in table[task]:
-            summary[task]["Fromage, p_bound 1"] = (FROMAGE_LR, seed_values(table[task]["Fromage, p_bound 1"][FROMAGE_LR]))
+            summary[task]["Fromage, p_bound 1"] = (FROMAGE_LR,
+                                                   seed_values(table[task]["Fromage, p_bound 1"][FROMAGE_LR]))
 
     plot(path, args, table, summary, grid)
     lines = report(args, configs, table, summary, grid, runs)
@@ -242,29 +247,37 @@ def report(args, configs, table, summary, grid, runs) -> list:
     lines = [
         "Table 1 at small scale: Fromage at lr 0.01, untuned, against SGD and Adam tuned over a grid.",
         "protocol (here | the authors'):",
-        "  resnet: pre-activation ResNet (3 blocks, %(channels)d-%(c4)d channels) on 8x8 digits, 1-pixel random shifts, batch %(batch)d, "
-        "%(epochs)d epoch(s), lr/10 at epochs %(d0)d and %(d1)d | PreActResNet-18 on CIFAR-10, random crops and flips, batch 128, "
+        "  resnet: pre-activation ResNet (3 blocks, %(channels)d-%(c4)d channels) on 8x8 digits, 1-pixel random "
+        "shifts, batch %(batch)d, %(epochs)d epoch(s), lr/10 at epochs %(d0)d and %(d1)d | PreActResNet-18 on "
+        "CIFAR-10, random crops and flips, batch 128, "
         "350 epochs, lr/10 at 150 and 250" % {**configs["resnet"], "c4": 4 * configs["resnet"]["channels"],
-                                              "d0": configs["resnet"]["decay_epochs"][0], "d1": configs["resnet"]["decay_epochs"][1]},
-        f"    metric: mean minibatch training loss over the last epoch | the same",
-        f"  gan: class-conditional MLP GAN on digits, spectral norm in G and D, BN in G, projection D, hinge loss, batch {GAN_BATCH}, "
-        f"{configs['gan']['steps']} steps, lr/10 at 100/120 of them | conv ResNet GAN with self-attention on CIFAR-10, batch 256, "
-        "120 epochs, lr/10 at epoch 100",
-        "    metric: Frechet distance to the training digits in the features of a digits MLP classifier (and its accuracy on the "
-        "generated digits) | FID (Inception features) to training images",
-        "  transformer: causal char-level Transformer, %(layers)d layers, width %(d)d, %(heads)d heads, no dropout, on the text "
-        "scikit-learn ships read as %(streams)d streams, %(context)d characters a step, %(epochs)d epochs, lr/10 after epoch %(decay_epoch)d"
-        " | word-level Transformer (2 layers, width 200, 2 heads, dropout 0.2) on Wikitext-2, 20 streams of 35 tokens, 20 epochs, "
-        "lr/10 after epoch 10" % configs["transformer"],
-        "    metric: training perplexity per character, exp(mean minibatch loss over the last epoch) | the same, per word",
-        "  optimizers: SGD without momentum (clipped at gradient norm 0.25 on the Transformer), Adam (beta1 = 0 on the GAN), "
-        "lr grid " + ", ".join(f"{v:g}" for v in grid) + f" on seed 0, seeds 1..{args.seeds - 1} at the best; Fromage at 0.01 only, "
+                                              "d0": configs["resnet"]["decay_epochs"][0],
+                                              "d1": configs["resnet"]["decay_epochs"][1]},
+        "    metric: mean minibatch training loss over the last epoch | the same",
+        "  gan: class-conditional MLP GAN on digits, spectral norm in G and D, BN in G, projection D, hinge loss, "
+        f"batch {GAN_BATCH}, {configs['gan']['steps']} steps, lr/10 at 100/120 of them | conv ResNet GAN with "
+        "self-attention on CIFAR-10, batch 256, 120 epochs, lr/10 at epoch 100",
+        "    metric: Frechet distance to the training digits in the features of a digits MLP classifier (and its "
+        "accuracy on the generated digits) | FID (Inception features) to training images",
+        "  transformer: causal char-level Transformer, %(layers)d layers, width %(d)d, %(heads)d heads, no dropout, on "
+        "the text scikit-learn ships read as %(streams)d streams, %(context)d characters a step, %(epochs)d epochs, "
+        "lr/10 after epoch %(decay_epoch)d | word-level Transformer (2 layers, width 200, 2 heads, dropout 0.2) on "
+        "Wikitext-2, 20 streams of 35 tokens, 20 epochs, lr/10 after epoch 10" % configs["transformer"],
+        "    metric: training perplexity per character, exp(mean minibatch loss over the last epoch) | the same, per "
+        "word",
+        "  optimizers: SGD without momentum (clipped at gradient norm 0.25 on the Transformer), Adam (beta1 = 0 on the "
+        "GAN), lr grid " + ", ".join(f"{v:g}" for v in grid)
+        + f" on seed 0, seeds 1..{args.seeds - 1} at the best; Fromage at 0.01 only, "
         f"seeds 0..{args.seeds - 1} | the same kinds and seed protocol; their grids differ by task",
-        "verdict rule (fixed before the full run; examples/README.md): tuned = the grid lr with the lowest metric on seed 0 (a",
-        "  diverged run counts +inf), scored by its mean over the seeds; Fromage beats tuned SGD if its mean is lower; it is",
+        "verdict rule (fixed before the full run; examples/README.md): tuned = the grid lr with the lowest metric on "
+        "seed 0 (a",
+        "  diverged run counts +inf), scored by its mean over the seeds; Fromage beats tuned SGD if its mean is lower; "
+        "it is",
         "  within the seed spread of the best tuned baseline B",
-        "  if its mean is no higher than B's worst seed; confirmed if it beats tuned SGD on all three tasks and is within B's spread",
-        "  on at least two; refuted otherwise. The GAN enters through its Frechet distance; p_bound rows and accuracies are reported only.",
+        "  if its mean is no higher than B's worst seed; confirmed if it beats tuned SGD on all three tasks and is "
+        "within B's spread",
+        "  on at least two; refuted otherwise. The GAN enters through its Frechet distance; p_bound rows and "
+        "accuracies are reported only.",
         "results (mean [min, max] over seeds, lower is better):",
     ]
     for task in args.tasks:
@@ -279,21 +292,24 @@ def report(args, configs, table, summary, grid, runs) -> list:
             for row in ("SGD", "Adam", "Fromage"):
                 lr = s[row][0]
                 acc = [r["result"]["accuracy"] for r in table[task][row][lr]]
-                lines.append(f"    classifier accuracy on generated digits, {row} lr {lr:g}: {statistics.fmean(acc):.3f} "
-                             f"[{min(acc):.3f}, {max(acc):.3f}]")
+                lines.append(f"    classifier accuracy on generated digits, {row} lr {lr:g}: "
+                             f"{statistics.fmean(acc):.3f} [{min(acc):.3f}, {max(acc):.3f}]")
             scorer = Scorer.get()
-            lines.append(f"    reference: the classifier's test accuracy {scorer.test_accuracy:.3f}; Frechet distance between the training "
-                         f"and the test digits {scorer.train_test_distance:.4g}")
+            lines.append(f"    reference: the classifier's test accuracy {scorer.test_accuracy:.3f}; Frechet distance "
+                         f"between the training and the test digits {scorer.train_test_distance:.4g}")
         b = s["best"]
         lines.append(f"    Fromage {'beats' if s['beats_sgd'] else 'does not beat'} tuned SGD; best tuned baseline {b} "
-                     f"(worst seed {max(s[b][1]):.4g}): Fromage {'within' if s['within'] else 'outside'} its seed spread")
-    lines.append("tuned lr by task: " + "; ".join(f"{t}: SGD {summary[t]['SGD'][0]:g}, Adam {summary[t]['Adam'][0]:g}" for t in args.tasks))
+                     f"(worst seed {max(s[b][1]):.4g}): Fromage {'within' if s['within'] else 'outside'} its seed "
+                     "spread")
+    lines.append("tuned lr by task: " + "; ".join(f"{t}: SGD {summary[t]['SGD'][0]:g}, Adam {summary[t]['Adam'][0]:g}"
+                                                  for t in args.tasks))
     if set(args.tasks) == set(TASKS):
         beats = sum(summary[t]["beats_sgd"] for t in TASKS)
         within = sum(summary[t]["within"] for t in TASKS)
         confirmed = beats == 3 and within >= 2
-        lines.append(f"verdict: {'confirmed' if confirmed else 'refuted'} at this scale: Fromage at lr 0.01 beats tuned SGD on {beats} of 3 "
-                     f"tasks and is within the seed spread of the best tuned baseline on {within} of 3.")
+        lines.append(f"verdict: {'confirmed' if confirmed else 'refuted'} at this scale: Fromage at lr 0.01 beats "
+                     f"tuned SGD on {beats} of 3 tasks and is within the seed spread of the best tuned baseline on "
+                     f"{within} of 3.")
     else:
         lines.append("verdict: none; the rule needs all three tasks.")
     lines += runs.provenance()
@@ -332,31 +348,36 @@ def plot(path, args, table, summary, grid) -> None:
                     xs.append(lr)
                     ms.append(v)
             ax.plot(xs, ms, "o-", ms=4, color=COLORS[row], label=f"{row}, seed 0")
-            ax.plot(bad, [top] * len(bad), "x", color=COLORS[row], ms=8, mew=2, label=f"{row}: diverged" if bad else None)
-            ax.plot(off, [top] * len(off), "^", color=COLORS[row], ms=8, label=f"{row}: above {cap:.3g} (off the scale)" if off else None)
+            ax.plot(bad, [top] * len(bad), "x", color=COLORS[row], ms=8, mew=2,
+                    label=f"{row}: diverged" if bad else None)
+            ax.plot(off, [top] * len(off), "^", color=COLORS[row], ms=8,
+                    label=f"{row}: above {cap:.3g} (off the scale)" if off else None)
             lr = summary[task][row][0]
             vals = values(by_lr[lr])
             if all(math.isfinite(v) for v in vals):
                 by = "" if what == "metric" else " (by distance)"
                 m = statistics.fmean(vals)
-                ax.errorbar([lr], [m], yerr=[[m - min(vals)], [max(vals) - m]], fmt="*", ms=14, mec="k", capsize=4, color=COLORS[row],
-                            label=f"{row} tuned{by}: lr {lr:g}, mean, min-max of {len(vals)} seeds")
+                ax.errorbar([lr], [m], yerr=[[m - min(vals)], [max(vals) - m]], fmt="*", ms=14, mec="k", capsize=4,
+                            color=COLORS[row], label=f"{row} tuned{by}: lr {lr:g}, mean, min-max of {len(vals)} seeds")
         for row, style in (("Fromage", "-"), ("Fromage, p_bound 1", "--")):
             if row not in table[task]:
                 continue
             vals = values(table[task][row][FROMAGE_LR])
             m = statistics.fmean(vals)
-            ax.errorbar([FROMAGE_LR], [m], yerr=[[m - min(vals)], [max(vals) - m]], fmt="D" if style == "-" else "s", ms=7, capsize=3,
-                        color=COLORS["Fromage"], mfc="none" if style == "--" else COLORS["Fromage"], label=f"{row}, lr 0.01 (untuned)")
+            ax.errorbar([FROMAGE_LR], [m], yerr=[[m - min(vals)], [max(vals) - m]], fmt="D" if style == "-" else "s",
+                        ms=7, capsize=3, color=COLORS["Fromage"], mfc="none" if style == "--" else COLORS["Fromage"],
+                        label=f"{row}, lr 0.01 (untuned)")
             ax.axhline(m, color=COLORS["Fromage"], lw=0.8, ls=style)
         ax.set_xscale("log")
         if what == "metric":
             ax.set_yscale("log")
         ax.set_xlabel("learning rate")
-        ax.set_ylabel({"metric": f"{METRIC[task]} (lower is better)", "accuracy": "classifier accuracy on generated digits"}[what])
+        ax.set_ylabel({"metric": f"{METRIC[task]} (lower is better)",
+                       "accuracy": "classifier accuracy on generated digits"}[what])
         ax.set_title(f"{task}: {METRIC[task] if what == 'metric' else 'accuracy (higher is better)'}")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
-    fig.suptitle(f"Table 1 at small scale: SGD and Adam tuned over lr on seed 0, Fromage at 0.01; {args.seeds} seeds at the tuned lr"
+    fig.suptitle(f"Table 1 at small scale: SGD and Adam tuned over lr on seed 0, Fromage at 0.01; {args.seeds} seeds "
+                 "at the tuned lr"
                  + (" (--quick)" if args.quick else ""))
     fig.tight_layout()
     save_figure(fig, os.path.join(path, "table1.png"))

@@ -32,8 +32,8 @@ import torch
 
 from fromage_fused import Fromage, max_safe_lr
 from fromage_fused.trust import count_layers, gradient_breakdown
-from _common import (AUTHORS_EPOCH, Runs, add_provenance_args, batches, decay_every, digits, finite_or_none, out_dir, parser, save_figure,
-                     write_summary)
+from _common import (AUTHORS_EPOCH, Runs, add_provenance_args, batches, decay_every, digits, finite_or_none, out_dir,
+                     parser, save_figure, write_summary)
 
 BATCH = 250
 CONFIGS = [("mlp", 2), ("mlp", 16), ("residual", 16)]  # (architecture, L = weight matrices)
@@ -98,7 +98,8 @@ def probe(arch, depth, args, etas, checkpoints, x, y) -> dict:
                             "accuracy": (logits.argmax(1) == y).float().mean().item(), "moved": int(b.moved.item()),
                             "output_spread": logits.std(0).mean().item()}
         print(f"{arch} L={depth} step {target}: probed", flush=True)
-    return {"checkpoints": out, "matrices": count_layers(net, matrices_only=True), "tensors": count_layers(net), "layer": layer}
+    return {"checkpoints": out, "matrices": count_layers(net, matrices_only=True), "tensors": count_layers(net),
+            "layer": layer}
 
 
 def growth_rate(etas, change) -> float:
@@ -128,7 +129,8 @@ def main(argv=None) -> dict:
     x, y, _, _ = digits(0)
     results = {}
     for arch, depth in configs:
-        settings = {"arch": arch, "depth": depth, "width": args.width, "seed": args.seed, "checkpoints": checkpoints, "etas": etas}
+        settings = {"arch": arch, "depth": depth, "width": args.width, "seed": args.seed, "checkpoints": checkpoints,
+                    "etas": etas}
         rec = runs.get(settings, lambda: probe(arch, depth, args, etas, checkpoints, x, y))
         if rec is not None:
             results[(arch, depth)] = _read_back(rec["result"])
@@ -166,8 +168,10 @@ def plot(path, args, configs, checkpoints, etas, results) -> None:
             axes[0][col].plot(etas, c["loss"], **style)
             axes[1][col].plot(etas[1:], c["change"][1:], **style)
         lw, la = r["matrices"], max(c["moved"] for c in r["checkpoints"].values())
-        axes[1][col].plot(etas[1:], [(1 + e) ** lw - 1 for e in etas[1:]], "k-", lw=0.9, label=f"(1+eta)^L - 1, L = {lw} weight matrices")
-        axes[1][col].plot(etas[1:], [(1 + e) ** la - 1 for e in etas[1:]], "k:", lw=1.2, label=f"(1+eta)^L - 1, L = {la} moved tensors")
+        axes[1][col].plot(etas[1:], [(1 + e) ** lw - 1 for e in etas[1:]], "k-", lw=0.9,
+                          label=f"(1+eta)^L - 1, L = {lw} weight matrices")
+        axes[1][col].plot(etas[1:], [(1 + e) ** la - 1 for e in etas[1:]], "k:", lw=1.2,
+                          label=f"(1+eta)^L - 1, L = {la} moved tensors")
         for row in axes:
             for L, ls in ((lw, "-."), (la, (0, (1, 3)))):
                 if max_safe_lr(L) <= etas[-1]:
@@ -179,8 +183,8 @@ def plot(path, args, configs, checkpoints, etas, results) -> None:
         changes = [v for c in r["checkpoints"].values() for v in c["change"][1:] if math.isfinite(v)]
         if any(v > CHANGE_TOP for c in r["checkpoints"].values() for v in c["change"][1:]):
             axes[1][col].set_ylim(top=CHANGE_TOP)
-            axes[1][col].text(0.02, 0.97, f"curves leaving the top exceed {CHANGE_TOP:g}", transform=axes[1][col].transAxes,
-                              va="top", fontsize=7)
+            axes[1][col].text(0.02, 0.97, f"curves leaving the top exceed {CHANGE_TOP:g}",
+                              transform=axes[1][col].transAxes, va="top", fontsize=7)
         elif changes:
             axes[1][col].set_ylim(top=max(changes) * 2)
         axes[1][col].set_xscale("log")
@@ -190,8 +194,8 @@ def plot(path, args, configs, checkpoints, etas, results) -> None:
         axes[1][col].set_ylabel("||g(W + dW) - g(W)|| / ||g(W)||")
         axes[0][col].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
         axes[1][col].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
-    fig.suptitle(f"Moving every tensor by eta along the full-batch gradient (digits, width {args.width}, Fromage lr 0.01 x0.9 per "
-                 f"{AUTHORS_EPOCH} steps)" + (" (--quick)" if args.quick else ""))
+    fig.suptitle(f"Moving every tensor by eta along the full-batch gradient (digits, width {args.width}, Fromage lr "
+                 f"0.01 x0.9 per {AUTHORS_EPOCH} steps)" + (" (--quick)" if args.quick else ""))
     fig.tight_layout()
     save_figure(fig, os.path.join(path, "trust_breakdown.png"))
     plt.close(fig)
@@ -204,12 +208,15 @@ def report(args, configs, checkpoints, etas, results, runs) -> list:
         "protocol (here | the authors'):",
         "  data: digits, all 1437 training images in the full batch | MNIST",
         f"  width {args.width}, biases, PyTorch default init | the same (width 784)",
-        f"  Fromage lr 0.01 x0.9 per {AUTHORS_EPOCH} steps of batch {BATCH}, checkpoints at steps {', '.join(map(str, checkpoints))}"
-        " | the same schedule, checkpoints at batches 0, 12, 24, 48, 96 and per epoch",
+        f"  Fromage lr 0.01 x0.9 per {AUTHORS_EPOCH} steps of batch {BATCH}, checkpoints at steps "
+        f"{', '.join(map(str, checkpoints))} | the same schedule, checkpoints at batches 0, 12, 24, 48, 96 and per "
+        "epoch",
         f"  every tensor moved along the fixed full-batch gradient, eta = 0, {etas[1]:g}, ..., {etas[-1]:g} | the same",
-        "  architectures: plain MLP of L linear layers, and a residual MLP (h + ReLU(Linear(h)) blocks) | MLP and a residual variant",
+        "  architectures: plain MLP of L linear layers, and a residual MLP (h + ReLU(Linear(h)) blocks) | MLP and a "
+        "residual variant",
         "results (change = relative change of the first layer's gradient; rate = its slope over eta <= "
-        f"{etas[SLOPE_POINTS]:g}; L both ways: weight matrices | moved tensors; 'at chance': trained, train accuracy < {CHANCE_ACC:g};",
+        f"{etas[SLOPE_POINTS]:g}; L both ways: weight matrices | moved tensors; 'at chance': trained, train accuracy < "
+        f"{CHANCE_ACC:g};",
         "  output spread: std over the training set of the logits, mean over classes):",
     ]
     rates = {}
@@ -217,7 +224,8 @@ def report(args, configs, checkpoints, etas, results, runs) -> list:
     for arch, depth in configs:
         r = results[(arch, depth)]
         lw = r["matrices"]
-        lines.append(f"{arch}, L = {lw} matrices, {r['tensors']} tensors: max_safe_lr {max_safe_lr(lw):.4f} | {max_safe_lr(r['tensors']):.4f}")
+        lines.append(f"{arch}, L = {lw} matrices, {r['tensors']} tensors: max_safe_lr {max_safe_lr(lw):.4f} | "
+                     f"{max_safe_lr(r['tensors']):.4f}")
         for step in checkpoints:
             c = r["checkpoints"][str(step)]
             la = c["moved"]
@@ -232,28 +240,30 @@ def report(args, configs, checkpoints, etas, results, runs) -> list:
                 above["matrices"].append(c["change"][1] / m_w)
                 above["moved"].append(c["change"][1] / m_a)
             lines.append(
-                f"  step {step:3d}: train acc {c['accuracy']:.3f}, loss {l0:.3g}, output spread {c['output_spread']:.2g}"
-                f"{' (AT CHANCE)' if chance else ''}; rate {rate:.3g} "
-                f"(model {lw} | {la}); change at eta {small:g}: {c['change'][1]:.3g} = {c['change'][1] / m_w:.2g} | {c['change'][1] / m_a:.2g}"
-                f" x the model; change >= 100% from eta {unity if unity is not None else '>0.1'}; "
-                f"loss above its start from eta {min(rises) if rises else '>0.1'}")
+                f"  step {step:3d}: train acc {c['accuracy']:.3f}, loss {l0:.3g}, output spread "
+                f"{c['output_spread']:.2g}{' (AT CHANCE)' if chance else ''}; rate {rate:.3g} "
+                f"(model {lw} | {la}); change at eta {small:g}: {c['change'][1]:.3g} = {c['change'][1] / m_w:.2g} | "
+                f"{c['change'][1] / m_a:.2g} x the model; change >= 100% from eta "
+                f"{unity if unity is not None else '>0.1'}; loss above its start from eta "
+                f"{min(rises) if rises else '>0.1'}")
     for key, name in (("matrices", "weight matrices"), ("moved", "moved tensors")):
         v = above[key]
         if v:
-            lines.append(f"measured change / model at eta {small:g}, L = {name}, checkpoints not at chance: {min(v):.2g}..{max(v):.2g} "
-                         f"(above the model at {sum(x > 1 for x in v)} of {len(v)})")
+            lines.append(f"measured change / model at eta {small:g}, L = {name}, checkpoints not at chance: "
+                         f"{min(v):.2g}..{max(v):.2g} (above the model at {sum(x > 1 for x in v)} of {len(v)})")
     if ("mlp", 2) in results and ("mlp", 16) in results:
         pairs = [(s, rates[("mlp", 2, s)], rates[("mlp", 16, s)]) for s in checkpoints]
         live = [(s, a[0], b[0]) for s, a, b in pairs if not (a[1] or b[1])]
         faster = [s for s, a, b in live if b > a]
         shown = ", ".join(f"step {s}: {b / a:.3g}" for s, a, b in live)
-        lines.append(f"growth rate, 16-layer MLP / 2-layer MLP, at checkpoints where neither is at chance (model: 16/2 = 8 either way): {shown}")
+        lines.append("growth rate, 16-layer MLP / 2-layer MLP, at checkpoints where neither is at chance (model: 16/2 "
+                     f"= 8 either way): {shown}")
         dead = [s for s, a, b in pairs if a[1] or b[1]]
         if dead:
             lines.append(f"  left out, a net at chance: steps {', '.join(map(str, dead))}")
         if live and len(faster) == len(live):
-            verdict = (f"the paper's depth effect holds: at each of the {len(live)} checkpoints where both nets learn, the 16-layer MLP's "
-                       "gradient changes faster with eta than the 2-layer one's")
+            verdict = (f"the paper's depth effect holds: at each of the {len(live)} checkpoints where both nets learn, "
+                       "the 16-layer MLP's gradient changes faster with eta than the 2-layer one's")
         elif faster:
             verdict = f"the depth effect holds at {len(faster)} of {len(live)} checkpoints where both nets learn"
         else:

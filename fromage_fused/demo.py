@@ -69,7 +69,8 @@ def main(argv=None):
         with torch.no_grad():
             train_loss = loss_fn(model(xtr), ytr).item()
             acc = (model(xte).argmax(1) == yte).float().mean().item()
-        print(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test accuracy {acc:.3f}  ({time.perf_counter() - start:.1f}s)")
+        print(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test accuracy {acc:.3f}  "
+              f"({time.perf_counter() - start:.1f}s)")
     return acc
 
 

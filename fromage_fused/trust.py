@@ -55,13 +55,15 @@ def _tensors(params: Params, name: str) -> List[torch.Tensor]:
 def _pairs(params_a: Params, params_b: Params):
     a, b = _tensors(params_a, "params_a"), _tensors(params_b, "params_b")
     if len(a) != len(b):
-        raise ValueError(f"params_a has {len(a)} tensors but params_b has {len(b)}; the networks must match tensor for tensor")
+        raise ValueError(f"params_a has {len(a)} tensors but params_b has {len(b)}; the networks must match tensor for "
+                         "tensor")
     for i, (x, y) in enumerate(zip(a, b)):
         if x.shape != y.shape:
             raise ValueError(f"tensor {i} has shape {tuple(x.shape)} in params_a but {tuple(y.shape)} in params_b")
         for t, name in ((x, "params_a"), (y, "params_b")):
             if not (t.is_floating_point() or t.is_complex()):
-                raise ValueError(f"tensor {i} of {name} has dtype {t.dtype}; only floating-point and complex tensors have a norm here")
+                raise ValueError(f"tensor {i} of {name} has dtype {t.dtype}; only floating-point and complex tensors "
+                                 "have a norm here")
             if t.layout != torch.strided:
                 raise ValueError(f"tensor {i} of {name} is {t.layout}; only dense tensors are supported")
     a = [x.detach() for x in a]
@@ -202,7 +204,8 @@ def count_layers(params: Params, *, matrices_only: bool = False) -> int:
 def _cosines(cos_theta, depth: int) -> float:
     if isinstance(cos_theta, torch.Tensor):
         if cos_theta.dim() > 1:
-            raise ValueError(f"cos_theta must be a number or one cosine per layer, got a tensor of shape {tuple(cos_theta.shape)}")
+            raise ValueError("cos_theta must be a number or one cosine per layer, got a tensor of shape "
+                             f"{tuple(cos_theta.shape)}")
         cos_theta = cos_theta.tolist()
     if isinstance(cos_theta, (list, tuple)):
         if len(cos_theta) != depth:
@@ -225,11 +228,12 @@ def max_safe_lr(depth: int, cos_theta: Union[float, Sequence[float], torch.Tenso
     Fromage does) decreases the loss, under deep relative trust, if ``lr`` is below this bound
     (Lemma 2). ``depth`` is L, counted by :func:`count_layers` either over the weight matrices
     (the paper's layers) or over every tensor that moves (biases too, as Fromage moves them); the
-    second count is larger and gives the smaller bound. ``cos_theta`` is the cosine of the angle between each layer's perturbation and its
-    negative gradient: 1 for a step straight down the gradient. Give one cosine per layer (a list,
-    tuple or 1-D tensor of length ``depth``) and the bound uses the smallest, since the guarantee
-    must hold for the worst-aligned layer. The bound shrinks like ``log(1 + cos_theta)/depth``;
-    for ``cos_theta <= 0`` it is ``<= 0``: no step size is guaranteed to descend.
+    second count is larger and gives the smaller bound. ``cos_theta`` is the cosine of the angle
+    between each layer's perturbation and its negative gradient: 1 for a step straight down the
+    gradient. Give one cosine per layer (a list, tuple or 1-D tensor of length ``depth``) and the
+    bound uses the smallest, since the guarantee must hold for the worst-aligned layer. The bound
+    shrinks like ``log(1 + cos_theta)/depth``; for ``cos_theta <= 0`` it is ``<= 0``: no step size
+    is guaranteed to descend.
     """
     if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
@@ -271,7 +275,8 @@ def _measured(named: List[Tuple[str, torch.Tensor]], layers) -> List[int]:
         elif isinstance(layer, torch.Tensor):
             found = [i for i, (_, p) in enumerate(named) if p is layer]
         else:
-            raise ValueError(f"layers must hold parameter names or the model's parameters, got a {type(layer).__name__}")
+            raise ValueError("layers must hold parameter names or the model's parameters, got a "
+                             f"{type(layer).__name__}")
         if not found:
             what = repr(layer) if isinstance(layer, str) else f"a tensor of shape {tuple(layer.shape)}"
             raise ValueError(f"{what} is not a trainable parameter of the model; names: {[n for n, _ in named]}")
@@ -343,7 +348,8 @@ def gradient_breakdown(
                 b.copy_(b0)
             loss, grads = _loss_and_grads(model, loss_fn, inputs, targets, params)
             losses.append(loss)
-            changes.append(relative_changes([grads0[i] for i in measured], [grads[i] for i in measured]).to(loss.device))
+            changes.append(relative_changes([grads0[i] for i in measured],
+                                            [grads[i] for i in measured]).to(loss.device))
     finally:
         with torch.no_grad():
             for p, w in zip(params, saved):

@@ -131,8 +131,8 @@ def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr
                 FLAGS: tl.constexpr, BLOCK: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                 HAS_GRAD_SCALE: tl.constexpr, SR: tl.constexpr, PATHS: tl.constexpr = BOTH_PATHS,
                 LR_SLOT: tl.constexpr = -1):
-    """``D0..D3``: the lists' element types, ``Z0..Z3`` their sizes in bytes; ``HAS_FOUND_INF`` only for a pass that writes (a
-    non-zero found_inf skips it); ``LR_SLOT``: where the rule's lr is among the packed
+    """``D0..D3``: the lists' element types, ``Z0..Z3`` their sizes in bytes; ``HAS_FOUND_INF`` only for a pass
+    that writes (a non-zero found_inf skips it); ``LR_SLOT``: where the rule's lr is among the packed
     hyper-parameters, for a pass that writes (an lr that is negative or not finite in float32, a
     tensor edited after construction, skips it as found_inf does; -1: no check). ``PATHS``
     (``fromage_table.py``) compiles only the element paths the group's tensors take: a kernel with

@@ -46,7 +46,8 @@ _DTYPE_CODES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 _PROBE = ("#include <atomic>\n#include <bit>\n#include <ucontext.h>\n"
           "int main() { int x = 0; std::atomic_ref<int>(x).fetch_add(1);"
-          " auto f = []<class T>() { return std::bit_cast<unsigned>(1.0f); }; return f.template operator()<int>() == 0; }\n")
+          " auto f = []<class T>() { return std::bit_cast<unsigned>(1.0f); }; return f.template operator()<int>() == "
+          "0; }\n")
 
 
 def _compiles(cxx: str, flags) -> bool:

@@ -74,7 +74,8 @@ def single_process(backend: str, steps: int = STEPS, seed: int = 0):
 
 
 def _full(model):
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
 
 
 
@@ -107,7 +108,8 @@ def check_fsdp(mesh, backend, rank, world):
     counts = []
     opt = optimizer(model, backend)
     train(model, opt, STEPS, rank=rank, world=world, on_step=_counted_step(counts, guard=True))
-    return {"params": _full(model), "comm_counts": counts, "stats_bytes": stats_bytes_per_step(list(model.parameters()))}
+    return {"params": _full(model), "comm_counts": counts,
+            "stats_bytes": stats_bytes_per_step(list(model.parameters()))}
 
 
 def check_ddp(backend, rank, world):

@@ -50,7 +50,8 @@ def fromage_pass(index, dtype, *, sr=False, flags=None):
     coef, body, _ = rule_fromage.PASSES[index]
     size = dtype.primitive_bitwidth // 8
     return {"COEF": coef, "BODY": body, "L": 2, "W": index, "S": 3 if index == 0 else 0, "D0": dtype, "D1": dtype,
-            "D2": dtype, "D3": dtype, "Z0": size, "Z1": size, "Z2": size, "Z3": size, "FLAGS": (STATS_FLAGS if index == 0 else APPLY_FLAGS) if flags is None else flags,
+            "D2": dtype, "D3": dtype, "Z0": size, "Z1": size, "Z2": size, "Z3": size,
+            "FLAGS": (STATS_FLAGS if index == 0 else APPLY_FLAGS) if flags is None else flags,
             "HAS_FOUND_INF": index == 1, "HAS_GRAD_SCALE": index == 1, "SR": sr,
             "LR_SLOT": rule_fromage.LR.value if index == 1 else -1, "PATHS": PATHS}
 

@@ -41,7 +41,8 @@ group_specs = st.fixed_dictionaries({
     "rounding": st.booleans(),
     "lr_edit": st.sampled_from(range(len(LRS))),
     "p_bound_edit": st.sampled_from(range(len(P_BOUNDS))),
-    "flag_edit": st.tuples(st.sampled_from(["maximize", "prefactor", "stochastic_rounding"]), st.sampled_from(range(len(FLAGS)))),
+    "flag_edit": st.tuples(st.sampled_from(["maximize", "prefactor", "stochastic_rounding"]),
+                           st.sampled_from(range(len(FLAGS)))),
 })
 
 
@@ -96,7 +97,8 @@ def _lr(value):
 
 
 def _snapshot(opt):
-    groups = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    groups = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in g.items() if k != "params"}
+              for g in opt.param_groups]
     params = [(p.dtype, p.shape, p.detach().clone()) for g in opt.param_groups for p in g["params"]]
     state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
     return groups, params, state
@@ -121,7 +123,8 @@ def _assert_unchanged(opt, snap):
                                                      v1.view(torch.uint8) if v1.dtype == FLOAT8 else v1)
     assert state.keys() == now_state.keys()
     for k in state:
-        assert state[k].keys() == now_state[k].keys() and all(torch.equal(state[k][n], now_state[k][n]) for n in state[k])
+        assert (state[k].keys() == now_state[k].keys()
+                and all(torch.equal(state[k][n], now_state[k][n]) for n in state[k]))
 
 
 @SETTINGS
@@ -131,7 +134,8 @@ def test_a_step_that_raises_changes_nothing(backend, specs, seed):
         specs = specs[:2]
     groups, kinds = [], []
     for spec in specs:
-        params = [torch.nn.Parameter(_values(shape, dtype, seed + i)) for i, (dtype, shape, _) in enumerate(spec["params"])]
+        params = [torch.nn.Parameter(_values(shape, dtype,
+                                             seed + i)) for i, (dtype, shape, _) in enumerate(spec["params"])]
         groups.append({"params": params, "p_bound": spec["p_bound"], "maximize": spec["maximize"],
                        "stochastic_rounding": spec["rounding"]})
         kinds.append([kind for _, _, kind in spec["params"]])
@@ -142,7 +146,8 @@ def test_a_step_that_raises_changes_nothing(backend, specs, seed):
     opt.step()
     # the step ran through the backend under test (float64 goes to foreach in the kernel backends)
     assert {g.backend.name for g in opt._plan.groups} <= {backend, "foreach"}
-    assert any(g.backend.name == backend for g in opt._plan.groups) or all(g.dtype == torch.float64 for g in opt._plan.groups)
+    assert (any(g.backend.name == backend for g in opt._plan.groups)
+            or all(g.dtype == torch.float64 for g in opt._plan.groups))
     valid = True
     for group, spec, group_kinds in zip(opt.param_groups, specs, kinds):
         lr, ok = LRS[spec["lr_edit"]]
@@ -204,7 +209,8 @@ def test_a_functional_step_that_raises_changes_nothing(backend, params, p_bound,
         functional.fromage(tensors, grads, mn, lr=_lr(lr), p_bound=p_bound, maximize=maximize, backend=backend)
     except ERRORS:
         assert not valid, "a valid step raised"
-        assert all(torch.equal(a.view(torch.uint8) if a.dtype == FLOAT8 else a, b.view(torch.uint8) if b.dtype == FLOAT8 else b)
+        assert all(torch.equal(a.view(torch.uint8) if a.dtype == FLOAT8 else a,
+                               b.view(torch.uint8) if b.dtype == FLOAT8 else b)
                    for a, b in zip(before, tensors))
         assert mn is None or all(torch.equal(a, b) for a, b in zip(mn_before, mn))
     else:

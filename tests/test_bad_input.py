@@ -245,7 +245,8 @@ def test_flags_must_be_bools(flag, value):
 #: Every dtype a step cannot handle: float8 and float4 formats (no arithmetic of their own in torch),
 #: complex32 (no real view every backend steps).
 UNSTEPPABLE = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-                                           "float8_e8m0fnu", "float4_e2m1fn_x2") if hasattr(torch, n)] + [torch.complex32]
+                                           "float8_e8m0fnu",
+                                           "float4_e2m1fn_x2") if hasattr(torch, n)] + [torch.complex32]
 
 
 def _unsteppable(dtype, shape=(4,)):
@@ -268,7 +269,8 @@ def test_unsteppable_float_dtypes_are_refused_up_front(dtype, named):
     params = [torch.randn(3), t, torch.randn(2)]
     before = [p.clone() for p in params]
     with pytest.raises(RuntimeError, match="cannot step"):
-        functional.fromage(params, [torch.ones(3), _unsteppable(dtype), torch.ones(2)], None, lr=0.01, backend="foreach")
+        functional.fromage(params, [torch.ones(3), _unsteppable(dtype), torch.ones(2)], None, lr=0.01,
+                           backend="foreach")
     assert torch.equal(params[0], before[0]) and torch.equal(params[2], before[2])
 
 
@@ -327,7 +329,8 @@ def test_any_real_number_a_check_accepts_steps_as_its_float(backend, dtype):
                 assert all(torch.equal(a, b) for a, b in zip(got, results[2])), (key, value)
 
 
-@pytest.mark.parametrize("lr", [10 ** 400, -10 ** 400, 1e39, torch.tensor([0.01]).to_sparse(), torch.tensor(1e39, dtype=torch.float64)],
+@pytest.mark.parametrize("lr", [10 ** 400, -10 ** 400, 1e39, torch.tensor([0.01]).to_sparse(),
+                                torch.tensor(1e39, dtype=torch.float64)],
                          ids=["10**400", "-10**400", "1e39", "sparse", "tensor-1e39"])
 def test_numbers_a_step_cannot_use_are_refused_up_front(lr):
     with pytest.raises(ValueError, match="lr|learning rate"):

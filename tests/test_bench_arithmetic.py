@@ -103,7 +103,8 @@ def test_every_parameter_set_takes_its_first_step_before_the_timed_ones(monkeypa
     sets, seen, timed_from = 6, [], []
     data = runner._Data([(3,)], sets, runner.Config(device=torch.device("cpu"), presets=[]))
     real = measure.time_cpu
-    monkeypatch.setattr(measure, "time_cpu", lambda step, prepare, repeats: (timed_from.append(len(seen)), real(step, prepare, repeats))[1])
+    monkeypatch.setattr(measure, "time_cpu",
+                        lambda step, prepare, repeats: (timed_from.append(len(seen)), real(step, prepare, repeats))[1])
 
     probe = C.Contender("probe", 12.0, 12.0, lambda params, ctx: lambda: seen.append(data.turn))
     cfg = runner.Config(device=torch.device("cpu"), presets=[], warmup=1, repeats=4, budget_s=10)

@@ -12,8 +12,10 @@ from fromage_fused.bench import presets as P
 from fromage_fused.bench.report import COLUMNS
 
 TINY = {
-    "tiny": P.Preset("tiny", "a few odd tensors", lambda: [(3, 5), (7,), (1,), (64, 3)], lambda: [(3, 5), (7,), (1,), (64, 3)]),
-    "tiny-many": P.Preset("tiny-many", "many small tensors", lambda: P.many_small(40, 256), lambda: P.many_small(40, 256)),
+    "tiny": P.Preset("tiny", "a few odd tensors", lambda: [(3, 5), (7,), (1,), (64, 3)],
+                     lambda: [(3, 5), (7,), (1,), (64, 3)]),
+    "tiny-many": P.Preset("tiny-many", "many small tensors", lambda: P.many_small(40, 256),
+                          lambda: P.many_small(40, 256)),
 }
 NUMERIC_OK = ["repeats", "median_ms", "q1_ms", "q3_ms", "work_bytes_per_param", "traffic_bytes_per_param", "gbps",
               "traffic_gbps", "copy_gbps", "frac_copy", "vs_loop", "vs_foreach", "vs_sgd", "vs_adamw"]
@@ -35,8 +37,9 @@ def quick_run(tmp_path_factory):
     mp.setattr(cli, "_copy_bytes", lambda device: 2**22)
     out = tmp_path_factory.mktemp("bench")
     try:
-        code = cli.main(["--quick", "--device", "cpu", "--out", str(out), "--repeats", "3", "--sets", "2", "--no-progress",
-                         "--max-spread", "inf"])  # noise has its own test: these rows must all be results
+        code = cli.main(["--quick", "--device", "cpu", "--out", str(out), "--repeats", "3", "--sets", "2",
+                         "--no-progress", "--max-spread",
+                         "inf"])  # noise has its own test: these rows must all be results
     finally:
         mp.undo()
     return code, out
@@ -76,7 +79,8 @@ def test_quick_run_writes_json_csv_and_plot(quick_run, capsys):
         assert reader.fieldnames == COLUMNS
         csv_rows = list(reader)
     assert [r["contender"] for r in csv_rows] == [r["contender"] for r in rows]
-    assert all(float(c["median_ms"]) == pytest.approx(j["median_ms"]) for c, j in zip(csv_rows, rows) if j["status"] == "ok")
+    assert all(float(c["median_ms"]) == pytest.approx(j["median_ms"])
+               for c, j in zip(csv_rows, rows) if j["status"] == "ok")
 
     assert (out / "bench-cpu-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -99,7 +103,8 @@ def test_unknown_preset_or_contender_is_a_clear_error(tmp_path, capsys, tiny_pre
 
 def test_selected_contenders_bf16_and_fresh_grads(tmp_path, tiny_presets):
     args = ["--presets", "tiny", "--contenders", "fromage:foreach,torch:sgd", "--dtype", "bfloat16", "--fresh-grads",
-            "--repeats", "3", "--warmup", "1", "--sets", "2", "--out", str(tmp_path), "--name", "sel", "--no-plot", "--no-progress"]
+            "--repeats", "3", "--warmup", "1", "--sets", "2", "--out", str(tmp_path), "--name", "sel", "--no-plot",
+            "--no-progress"]
     assert cli.main(args) == 0
     rows = json.loads((tmp_path / "sel.json").read_text())["rows"]
     assert [r["contender"] for r in rows] == ["fromage:foreach", "torch:sgd"]

@@ -90,7 +90,8 @@ class _Traffic(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if not func.is_view:
             def big(tree):
-                return {t.data_ptr() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor) and t.numel() == self.n}
+                return {t.data_ptr() for t in tree_flatten(tree)[0]
+                        if isinstance(t, torch.Tensor) and t.numel() == self.n}
 
             moved = len(big((args, kwargs))) + len(big(out))
             self.bytes += 4 * moved

@@ -50,7 +50,8 @@ def test_the_cli_warns_on_stderr(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(P, "PRESETS", {"tiny": TINY})
     monkeypatch.setattr(cli, "_copy_bytes", lambda device: 2**20)
     monkeypatch.setattr(measure, "time_step", lambda *a, **k: measure.Timing([1e-3, 1e-3, 2e-3, 9e-3, 11.9]))
-    args = ["--presets", "tiny", "--contenders", "loop", "--out", str(tmp_path), "--name", "n", "--no-plot", "--no-progress"]
+    args = ["--presets", "tiny", "--contenders", "loop", "--out", str(tmp_path), "--name", "n", "--no-plot",
+            "--no-progress"]
     assert cli.main(args) == 0
     captured = capsys.readouterr()
     assert "noisy" in captured.out and "warning: 1 of 1 rows had samples too spread" in captured.err

@@ -62,7 +62,8 @@ def _assert_bits(got_bits, want_bits, what, nan_mask=None):
     if differ.any():
         k = np.flatnonzero(differ)
         raise AssertionError(f"{what}: {k.size} of {got_bits.size} differ, first at {k[:5].tolist()}: "
-                             f"got {[hex(int(v)) for v in got_bits[k[:5]]]}, want {[hex(int(v)) for v in want_bits[k[:5]]]}")
+                             f"got {[hex(int(v)) for v in got_bits[k[:5]]]}, want "
+                             f"{[hex(int(v)) for v in want_bits[k[:5]]]}")
 
 
 # -- 1. the roundings ------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def test_triton_kernel_roundings_are_the_model(device):
     grid = (-(-n // block),)
     for seed, t in SEEDS[:4]:  # the interpreter is slow; the seed's extremes are covered by torch and C++
         out = torch.empty(n, dtype=torch.bfloat16, device=device)
-        triton_backend._launch(stochastic_round_bf16_kernel, grid, x, out, torch.tensor(seed, device=device), t, n, BLOCK=block)
+        triton_backend._launch(stochastic_round_bf16_kernel, grid, x, out, torch.tensor(seed, device=device), t, n,
+                               BLOCK=block)
         _assert_bits(model.tensor_bits(out), model.sr_bits(bits, seed, t), f"Triton stochastic {seed, t}")
     out = torch.empty(n, dtype=torch.bfloat16, device=device)
     triton_backend._launch(nearest_bf16_kernel, grid, x, out, n, BLOCK=block)
@@ -171,8 +173,8 @@ def _run_apply(name, device, params, grads, stats, *, lr, p_bound=None, maximize
     ps = [p.clone(memory_format=fmt) for p in params]
     mn = None if max_norms is None else torch.stack(max_norms)
     phases.apply(
-        backend, ps, [g.clone(memory_format=fmt) for g in grads], stats.clone(), lr=torch.tensor(lr, device=device), max_norm=mn,
-        p_bound=p_bound, maximize=maximize, prefactor=prefactor,
+        backend, ps, [g.clone(memory_format=fmt) for g in grads], stats.clone(), lr=torch.tensor(lr, device=device),
+        max_norm=mn, p_bound=p_bound, maximize=maximize, prefactor=prefactor,
         grad_scale=None if grad_scale is None else torch.tensor(grad_scale, device=device),
         sr_seed=None if sr_seed is None else torch.tensor(sr_seed, device=device))
     return ps, None if mn is None else list(mn.unbind())
@@ -185,7 +187,8 @@ def _expected(params, grads, stats, dtype, *, lr, p_bound=None, maximize=False, 
                                     prefactor=prefactor, grad_scale=grad_scale)
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):
-        new = model.update(p.detach().cpu().float().reshape(-1).numpy(), g.detach().cpu().float().reshape(-1).numpy(), cp[i], cg[i])
+        new = model.update(p.detach().cpu().float().reshape(-1).numpy(), g.detach().cpu().float().reshape(-1).numpy(),
+                           cp[i], cg[i])
         if dtype == torch.float32:
             out.append(new.view(np.uint32))
         elif dtype == torch.float16:
@@ -268,7 +271,8 @@ def test_apply_phase_is_the_model_in_every_backend(device, dtype, sr, case):
                 assert (nan == want_nan).all(), f"{name} tensor {i}: NaNs in other places than the model's"
             _assert_bits(gb, w, f"{name} {case} tensor {i} ({g.numel()} elements)", nan_mask=nan)
         if want_mn is not None:
-            _assert_bits(np.concatenate([model.tensor_bits(m) for m in got_mn]), want_mn.view(np.uint32), f"{name} max_norm")
+            _assert_bits(np.concatenate([model.tensor_bits(m) for m in got_mn]), want_mn.view(np.uint32),
+                         f"{name} max_norm")
 
 
 def _random_stats(gen, n, device):
@@ -304,9 +308,11 @@ def test_coefficients_are_the_model_in_every_backend(device, case):
         if opts.get("p_bound") is not None:
             # unset, or (as fp32 of the norms) near the clamp threshold of every row
             mn_v = torch.where(torch.rand(n, generator=gen) < 0.3, torch.full((n,), UNSET_MAX_NORM),
-                               stats[:, 0].cpu().double().sqrt().float() * torch.empty(n).uniform_(0.5, 1.5, generator=gen))
+                               stats[:, 0].cpu().double().sqrt().float()
+                               * torch.empty(n).uniform_(0.5, 1.5, generator=gen))
             mn = [m.to(device) for m in mn_v]
-        cp, cg, want_mn = model.coefficients(stats.cpu().numpy(), lr, max_norm=None if mn is None else mn_v.numpy(), **opts)
+        cp, cg, want_mn = model.coefficients(stats.cpu().numpy(), lr, max_norm=None if mn is None else mn_v.numpy(),
+                                             **opts)
         one, zero = np.float32(1), np.float32(0)
         want = np.stack([model.update(one, zero, cp, cg), model.update(zero, one, cp, cg)], axis=1)
         params = [torch.tensor([1.0, 0.0], device=device) for _ in range(n)]
@@ -318,9 +324,11 @@ def test_coefficients_are_the_model_in_every_backend(device, case):
             got = np.stack([g.cpu().numpy() for g in got])
             nan = np.isnan(got)
             assert (nan == np.isnan(want[:rows])).all(), f"{name}: NaN coefficients in other rows than the model's"
-            _assert_bits(got.view(np.uint32), want[:rows].view(np.uint32), f"{name} {case} lr={lr} coefficients", nan_mask=nan)
+            _assert_bits(got.view(np.uint32), want[:rows].view(np.uint32), f"{name} {case} lr={lr} coefficients",
+                         nan_mask=nan)
             if want_mn is not None:
-                _assert_bits(np.array([model.tensor_bits(m)[0] for m in got_mn]), want_mn[:rows].view(np.uint32), f"{name} max_norm")
+                _assert_bits(np.array([model.tensor_bits(m)[0] for m in got_mn]), want_mn[:rows].view(np.uint32),
+                             f"{name} max_norm")
 
 
 # -- 3. the compiled GPU kernels: nothing fused, nothing approximate -----------------------------------
@@ -353,7 +361,8 @@ def test_triton_backend_launches_the_apply_kernel_with_its_options(monkeypatch):
                                                                                      real(kernel, grid, *a, **meta)))
     p, g = [torch.randn(10)], [torch.randn(10)]
     functional.fromage(p, g, None, lr=0.1, backend="triton")
-    applies = [meta for kernel, meta in seen if kernel is engine_pass.pass_kernel and meta["BODY"] is rule_fromage.body_1]
+    applies = [meta for kernel, meta in seen
+               if kernel is engine_pass.pass_kernel and meta["BODY"] is rule_fromage.body_1]
     assert applies and all(meta.get("enable_fp_fusion") is False for meta in applies)
     assert rule_fromage.PASSES[1][2] is False  # the update pass is declared unfused
 
@@ -373,11 +382,12 @@ def test_cuda_apply_kernels_compile_to_unfused_correctly_rounded_arithmetic(arch
     out = tmp_path / "k.ptx"
     from fromage_fused._build import CSRC
 
-    done = subprocess.run([nvcc, "-std=c++17", "-O3", f"-I{CSRC}", "-ptx", f"-arch={arch}", str(CSRC / "engine_cuda.cu"),
-                           "-o", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([nvcc, "-std=c++17", "-O3", f"-I{CSRC}", "-ptx", f"-arch={arch}",
+                           str(CSRC / "engine_cuda.cu"), "-o", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     # Fromage's update pass: pass_kernel<FromageRule, 1, ...> (mangled)
-    applies = [(name, body) for name, body in _ptx_entries(out.read_text()) if "pass_kernelINS_11FromageRuleELi1E" in name]
+    applies = [(name, body) for name, body in _ptx_entries(out.read_text())
+               if "pass_kernelINS_11FromageRuleELi1E" in name]
     assert len(applies) >= 4, [name for name, _ in applies]
     for name, body in applies:
         assert not re.search(r"\bfma\.\S*f32", body), f"{name}: fused multiply-add in the apply kernel"

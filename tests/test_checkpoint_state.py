@@ -15,7 +15,8 @@ def _run(steps, p_bound, inspect_first):
     before = [p.detach().clone() for p in model.parameters()]
     if inspect_first:
         osd = state_dict_api.get_optimizer_state_dict(model, opt)
-        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "reading the state changed the weights"
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(),
+                                                     before)), "reading the state changed the weights"
         # unset max_norm is saved as such (none at all without p_bound: Fromage then has no state)
         want = {} if p_bound is None else {k: UNSET_MAX_NORM for k in ("0.weight", "0.bias", "1.weight", "1.bias")}
         assert {k: float(s["max_norm"]) for k, s in osd["state"].items()} == want

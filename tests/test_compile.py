@@ -13,7 +13,8 @@ from _training_setup import LR, assert_same, batch, loss_from, loss_of, make, on
 COMPILE_TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (0.0, 2 ** -6)}
 STEPS = 12
 #: fail on a second compile (torch >= 2.7 names these recompile_limit, 2.6 cache_size_limit)
-ONE_COMPILE = (dict(recompile_limit=1, fail_on_recompile_limit_hit=True) if hasattr(torch._dynamo.config, "recompile_limit")
+ONE_COMPILE = (dict(recompile_limit=1, fail_on_recompile_limit_hit=True)
+               if hasattr(torch._dynamo.config, "recompile_limit")
                else dict(cache_size_limit=1, fail_on_cache_limit_hit=True))
 
 

@@ -28,7 +28,8 @@ def _cases():
         for backend in available_backends("cuda"):
             if backend != "reference":
                 for compiler in ("inductor", "aot_eager"):
-                    yield pytest.param("cuda", backend, compiler, id=f"cuda-{backend}-{compiler}", marks=pytest.mark.gpu)
+                    yield pytest.param("cuda", backend, compiler, id=f"cuda-{backend}-{compiler}",
+                                       marks=pytest.mark.gpu)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +50,8 @@ def _model(device, backend, complex_params=True):
     torch.manual_seed(0)
 
     def param(shape, dtype):
-        return nn.Parameter(torch.randn(shape, dtype=torch.float32 if not dtype.is_complex else dtype).to(dtype).to(device))
+        return nn.Parameter(torch.randn(shape, dtype=torch.float32 if not dtype.is_complex else dtype)
+                            .to(dtype).to(device))
 
     frozen = param((9,), torch.float32)  # never gets a gradient: its max_norm stays unset (-1)
     cplx = torch.complex64 if complex_params else torch.float32
@@ -89,7 +91,8 @@ def _run(device, backend, compiler, complex_params=True):
             _move(opt)
         _grads(params, frozen, i)
         step()
-    state = {i: {k: v.detach().clone() for k, v in opt.state[p].items()} for i, p in enumerate(params) if opt.state.get(p)}
+    state = {i: {k: v.detach().clone() for k, v in opt.state[p].items()}
+             for i, p in enumerate(params) if opt.state.get(p)}
     return [p.detach().clone() for p in params], state
 
 

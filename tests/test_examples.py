@@ -120,7 +120,8 @@ def _check_results(name, results):
 
 
 def _committed():
-    return [(name, os.path.join(RESULTS, name)) for name in SCRIPTS if os.path.exists(os.path.join(RESULTS, name, "runs.jsonl"))]
+    return [(name, os.path.join(RESULTS, name)) for name in SCRIPTS
+            if os.path.exists(os.path.join(RESULTS, name, "runs.jsonl"))]
 
 
 @pytest.mark.parametrize("name, folder", _committed(), ids=[n for n, _ in _committed()])
@@ -135,16 +136,21 @@ def test_committed_summary_is_rebuilt_from_its_records(name, folder, tmp_path):
     shutil.copy(os.path.join(folder, "runs.jsonl"), tmp_path / "runs.jsonl")
     _load(name).main(argv)
     got = (tmp_path / "summary.txt").read_text()
-    drop = lambda text: [ln for ln in text.splitlines() if not ln.startswith("this summary:")]
+
+    def drop(text):
+        return [ln for ln in text.splitlines() if not ln.startswith("this summary:")]
+
     got_lines, want_lines = drop(got), drop(want)
-    assert len(got_lines) == len(want_lines), f"{folder}/summary.txt is not what the code writes from its runs.jsonl: rebuild it"
+    assert len(got_lines) == len(want_lines), (f"{folder}/summary.txt is not what the code writes from its runs.jsonl: "
+                                               "rebuild it")
     for g, w in zip(got_lines, want_lines):
         # Every number comes from the records, except Table 1's reference values of the digits
         # classifier, which is trained anew (another CPU or torch may round its training differently).
         if w.lstrip().startswith("reference:"):
             _same_up_to_rounding(g, w)
         else:
-            assert g == w, f"{folder}/summary.txt is not what the code writes from its runs.jsonl:\n got: {g}\nwant: {w}"
+            assert g == w, (f"{folder}/summary.txt is not what the code writes from its runs.jsonl:\n"
+                            f" got: {g}\nwant: {w}")
 
 
 @pytest.mark.parametrize("name, folder", _committed(), ids=[n for n, _ in _committed()])
@@ -160,7 +166,8 @@ def test_committed_records_carry_their_provenance(name, folder):
         commits.add(r["commit"])
     inside = subprocess.run(["git", "-C", ROOT, "rev-parse", "--is-inside-work-tree"], capture_output=True, text=True)
     if inside.returncode != 0 or not os.path.exists(os.path.join(ROOT, ".git")):
-        pytest.skip("not a git checkout: the commits' presence in the history cannot be checked here (format and cleanliness were)")
+        pytest.skip("not a git checkout: the commits' presence in the history cannot be checked here (format and "
+                    "cleanliness were)")
     for c in commits:
         known = subprocess.run(["git", "-C", ROOT, "merge-base", "--is-ancestor", c, "HEAD"], capture_output=True)
         assert known.returncode == 0, f"{name}: records written by {c}, which is not in this checkout's history"
@@ -195,7 +202,8 @@ def test_runs_resume_and_report_only(tmp_path):
     calls = []
     runs = common.Runs(str(tmp_path), "prefactor.py", ["--x"])
     first = runs.get({"seed": 3, "a": 1}, lambda: calls.append(1) or {"v": 1.5})
-    again = common.Runs(str(tmp_path), "prefactor.py", ["--x"]).get({"a": 1, "seed": 3}, lambda: calls.append(2) or {"v": 9})
+    again = common.Runs(str(tmp_path), "prefactor.py", ["--x"]).get({"a": 1, "seed": 3},
+                                                                    lambda: calls.append(2) or {"v": 9})
     assert calls == [1] and again["result"] == first["result"] == {"v": 1.5} and again["seed"] == 3
     with pytest.raises(SystemExit, match="no record"):
         common.Runs(str(tmp_path), "prefactor.py", [], report_only=True).get({"a": 2, "seed": 0}, lambda: {"v": 0})

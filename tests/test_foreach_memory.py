@@ -17,7 +17,8 @@ def _peak(fn):
     """Peak of bytes allocated and not yet freed while ``fn`` runs."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
     now = peak = 0
     for e in events:
         now += e.nbytes()
@@ -40,7 +41,8 @@ def test_transient_memory_is_at_most_one_tensor(dtype, p_bound, found_inf, monke
 
     def step():
         stats = phases.stats(backend, params, grads, inner=p_bound is not None)
-        phases.apply(backend, params, grads, stats, lr=lr, max_norm=max_norm, p_bound=p_bound, maximize=False, found_inf=flag)
+        phases.apply(backend, params, grads, stats, lr=lr, max_norm=max_norm, p_bound=p_bound, maximize=False,
+                     found_inf=flag)
 
     step()  # the coefficient buffer exists from the first step on
     largest = max(p.numel() * p.element_size() for p in params)

@@ -8,7 +8,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +100,8 @@ def test_stale_build_lock_is_removed(tmp_path):
 
 
 def test_device_names_become_file_names():
-    done = subprocess.run(["bash", "-c", f'GPU_CHECK_LIB=1 . "{SCRIPT}"; slug "NVIDIA H200 NVL"; echo; slug "NVIDIA H100 80GB HBM3"'],
+    done = subprocess.run(["bash", "-c", f'GPU_CHECK_LIB=1 . "{SCRIPT}"; slug "NVIDIA H200 NVL"; echo; '
+                                         'slug "NVIDIA H100 80GB HBM3"'],
                           capture_output=True, text=True, timeout=30)
     assert done.stdout.split() == ["h200-nvl", "h100-80gb-hbm3"]
 
@@ -171,7 +171,8 @@ def test_missing_modules_are_named(tmp_path):
     done = subprocess.run(["bash", "-c", f'GPU_CHECK_LIB=1 . "{SCRIPT}"; missing_modules "{sys.executable}"'],
                           capture_output=True, text=True, timeout=120, env=env)
     out = done.stdout.strip()
-    assert out.startswith("numpy (for tests; ModuleNotFoundError); hypothesis (for tests; ImportError)"), out + done.stderr
+    assert out.startswith("numpy (for tests; ModuleNotFoundError); hypothesis (for tests; "
+                          "ImportError)"), out + done.stderr
     assert "torch" not in out
 
 

@@ -65,7 +65,8 @@ def test_matches_direct_float64(dtype, rtol, change_rtol):
     torch.testing.assert_close(got.loss.double(), torch.tensor(losses, dtype=torch.float64), rtol=rtol, atol=0)
     # At eta = 0 the gradient change is exactly 0; elsewhere compare relatively.
     assert got.grad_change[0].abs().max().item() == 0.0
-    torch.testing.assert_close(got.grad_change[1:].double(), torch.tensor(changes[1:], dtype=torch.float64), rtol=change_rtol, atol=0)
+    torch.testing.assert_close(got.grad_change[1:].double(), torch.tensor(changes[1:], dtype=torch.float64),
+                               rtol=change_rtol, atol=0)
     assert got.etas.tolist() == ETAS
 
 
@@ -77,7 +78,8 @@ def test_every_tensor_moves_by_eta_so_trust_is_the_compound():
     seen = []
 
     def loss_fn(out, target):
-        seen.append((deep_relative_trust(before, net, matrices_only=True).item(), deep_relative_trust(before, net).item()))
+        seen.append((deep_relative_trust(before, net, matrices_only=True).item(),
+                     deep_relative_trust(before, net).item()))
         return torch.nn.functional.cross_entropy(out, target)
 
     got = gradient_breakdown(net, loss_fn, x, y, ETAS)
@@ -113,7 +115,8 @@ def test_layers_by_name_or_tensor():
     net, (x, y) = _net(), _data()
     every = gradient_breakdown(net, torch.nn.functional.cross_entropy, x, y, ETAS)
     by_name = gradient_breakdown(net, torch.nn.functional.cross_entropy, x, y, ETAS, layers=["2.weight", "0.weight"])
-    by_tensor = gradient_breakdown(net, torch.nn.functional.cross_entropy, x, y, ETAS, layers=[net[2].weight, net[0].weight])
+    by_tensor = gradient_breakdown(net, torch.nn.functional.cross_entropy, x, y, ETAS,
+                                   layers=[net[2].weight, net[0].weight])
     assert by_name.layers == by_tensor.layers == ["2.weight", "0.weight"]
     torch.testing.assert_close(by_name.grad_change, every.grad_change[:, [2, 0]])
     torch.testing.assert_close(by_tensor.grad_change, by_name.grad_change)

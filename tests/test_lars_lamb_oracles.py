@@ -126,7 +126,8 @@ def _run(kind, timm_cls, model_name, digits, options, *, lr, foreach=None, steps
     max_grad_norm = options.pop("max_grad_norm", _oracle_lamb.MAX_GRAD_NORM)
     no_decay = {"weight_decay": 0.0}
     extra = {"max_grad_norm": max_grad_norm} if kind == "lamb" else {}
-    opt = timm_cls([{"params": theirs[0]}, {"params": theirs[1], **no_decay}], lr=lr, foreach=foreach, **options, **extra)
+    opt = timm_cls([{"params": theirs[0]}, {"params": theirs[1], **no_decay}], lr=lr, foreach=foreach, **options,
+                   **extra)
     groups = [dict(options, lr=lr, params=[p.data for p in ps], grads=None, state=[{} for _ in ps]) for ps in mine]
     groups[1].update(no_decay)
     group_of = [0] * len(mine[0]) + [1] * len(mine[1])

@@ -78,8 +78,10 @@ def _same_value(a, b):
 
 def _same(x, y):
     (ga, sa, pa), (gb, sb, pb) = x, y
-    return (len(ga) == len(gb) and all(a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a) for a, b in zip(ga, gb))
-            and sa.keys() == sb.keys() and all(sa[k].keys() == sb[k].keys() and all(_same_value(sa[k][n], sb[k][n]) for n in sa[k]) for k in sa)
+    return (len(ga) == len(gb)
+            and all(a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a) for a, b in zip(ga, gb))
+            and sa.keys() == sb.keys()
+            and all(sa[k].keys() == sb[k].keys() and all(_same_value(sa[k][n], sb[k][n]) for n in sa[k]) for k in sa)
             and all(torch.equal(a, b) for a, b in zip(pa, pb)))
 
 
@@ -101,7 +103,8 @@ state_edits = st.fixed_dictionaries({"max_norm": st.sampled_from(MAX_NORMS), "sr
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
-@given(source=st.lists(st.fixed_dictionaries({"p_bound": st.sampled_from([None, 1.5]), "stochastic_rounding": st.booleans()}),
+@given(source=st.lists(st.fixed_dictionaries({"p_bound": st.sampled_from([None, 1.5]),
+                                              "stochastic_rounding": st.booleans()}),
                        min_size=2, max_size=2),
        groups=st.lists(group_edits, min_size=2, max_size=2),
        states=st.lists(state_edits, min_size=4, max_size=4),

@@ -96,7 +96,8 @@ def _run(backend, dtypes, schedule, captured, monkeypatch, load=False):
     return params, {i: float(opt.state[p]["max_norm"]) for i, p in enumerate(params)}
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float32,) * 4, (torch.float32, torch.bfloat16, torch.float32, torch.float16)],
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 4,
+                                    (torch.float32, torch.bfloat16, torch.float32, torch.float16)],
                          ids=["fp32", "mixed"])
 @pytest.mark.parametrize("load", [False, True], ids=["", "loaded"])
 def test_laid_out_state_and_stacked_copy_step_alike(backend, dtypes, load, monkeypatch):

@@ -117,7 +117,8 @@ def test_groups_and_dtypes_give_one_entry_each():
     assert [s.params for s in stats] == [a, b]
     per = stats[1].per_parameter()
     assert list(per) == b and set(per[b[0]]) == {"p_norm", "g_norm", "cos", "relative_change", "clamped"}
-    torch.testing.assert_close(per[b[0]]["relative_change"].double(), torch.tensor(0.2, dtype=torch.float64), rtol=0.05, atol=0)
+    torch.testing.assert_close(per[b[0]]["relative_change"].double(), torch.tensor(0.2, dtype=torch.float64), rtol=0.05,
+                               atol=0)
 
 
 def test_monitor_must_be_a_bool():

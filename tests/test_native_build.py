@@ -93,7 +93,8 @@ def test_required_extension_turns_a_failed_build_into_an_error(broken_build, mon
 def test_backends_decline_the_other_device_type_without_building():
     assert "cpu tensors only" in backends.get("cpu").unavailable_reason(torch.device("cuda", 0))
     assert "cuda tensors only" in backends.get("cuda").unavailable_reason(torch.device("cpu"))
-    assert backends.get("cpu").priority_on(torch.device("cpu")) > backends.get("foreach").priority_on(torch.device("cpu"))
+    assert (backends.get("cpu").priority_on(torch.device("cpu"))
+            > backends.get("foreach").priority_on(torch.device("cpu")))
 
 
 def test_missing_sources_give_a_clear_reason(unbuilt, monkeypatch, tmp_path):
@@ -160,7 +161,8 @@ def test_first_use_build_says_so_on_stderr_in_one_line_each_way(unbuilt, monkeyp
     native._jit("cpu")
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 2, lines
-    assert lines[0].startswith(f"building the fromage_fused C++ extension for torch {torch.__version__} (first use, 1-2 minutes on a 2-core CPU; cached for later runs)")
+    assert lines[0].startswith(f"building the fromage_fused C++ extension for torch {torch.__version__} (first use, "
+                               "1-2 minutes on a 2-core CPU; cached for later runs)")
     assert lines[1].startswith("fromage_fused: built the C++ extension in ")
     assert len(calls) == 1 and calls[0]["with_cuda"] is False
     assert json.loads((native.build_dir("cpu") / "built.json").read_text())["sources"] == _build.sources_hash()
@@ -223,7 +225,8 @@ def test_a_prebuilt_binary_is_loaded_only_where_it_fits(tmp_path, monkeypatch):
     assert "torch 1.0.0" in native.prebuilt_problem(_record(tmp_path, torch="1.0.0"))
     assert "other sources" in native.prebuilt_problem(_record(tmp_path, sources="0" * 64))
     monkeypatch.setattr(_build, "cpu_flags_here", lambda: {"sse2", "sse4_2", "avx"})  # no AVX2
-    assert native.prebuilt_problem(_record(tmp_path, isa="avx2")) == "it was compiled for avx2 and this CPU lacks avx2, f16c, fma"
+    assert native.prebuilt_problem(_record(tmp_path,
+                                           isa="avx2")) == "it was compiled for avx2 and this CPU lacks avx2, f16c, fma"
     assert native.prebuilt_problem(_record(tmp_path, isa=None)) is None
     monkeypatch.setattr(_build, "cpu_flags_here", lambda: set(_build.AVX2_CPU_FLAGS))
     monkeypatch.setattr(_build, "cpu_isa", lambda: None)  # cpuid (torch) disagrees, or ATEN_CPU_CAPABILITY
@@ -248,7 +251,8 @@ def test_an_unfit_prebuilt_binary_is_left_for_the_jit_build_with_its_reason(unbu
     monkeypatch.setattr(native, "_jit", lambda variant, why: jitted.append((variant, why)))
     assert native._load_once() == "jit-cpu"
     assert loaded == []  # never executed: it would die with an illegal instruction
-    assert jitted == [("cpu", "the prebuilt extension is not used: it was compiled for avx2 and this CPU lacks avx2, f16c, fma")]
+    assert jitted == [("cpu", "the prebuilt extension is not used: it was compiled for avx2 and this CPU lacks avx2, "
+                              "f16c, fma")]
     assert native.pending("cpu") == native.NOT_BUILT
 
 
@@ -347,7 +351,8 @@ def test_an_intact_cached_build_is_loaded_without_building(unbuilt, monkeypatch)
     native._jit("cpu")
     native._checksums.clear()
     native._jit("cpu")
-    assert len(builds) == 1 and loaded == [str(native.build_dir("cpu") / f"{native._library_name('cpu')}{native._LIB_SUFFIX}")]
+    assert len(builds) == 1 and loaded == [str(native.build_dir("cpu")
+                                               / f"{native._library_name('cpu')}{native._LIB_SUFFIX}")]
 
 
 def test_a_truncated_build_in_the_cache_never_kills_the_process(tmp_path):

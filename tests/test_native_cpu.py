@@ -36,7 +36,8 @@ def test_matches_oracle_across_chunks(dtype, p_bound, maximize):
 
 
 def test_float64_groups_go_to_foreach():
-    groups = functional.plan([torch.randn(3, dtype=torch.float64)], [torch.randn(3, dtype=torch.float64)], None, backend="cpu")
+    groups = functional.plan([torch.randn(3, dtype=torch.float64)], [torch.randn(3, dtype=torch.float64)], None,
+                             backend="cpu")
     assert groups[0].backend.name == "foreach"
 
 
@@ -96,7 +97,8 @@ def test_unaligned_and_non_contiguous_tensors(dtype):
         grid[:, ::2],                      # strided view of a larger tensor
         torch.randn(66, 40, dtype=dtype).t()[5:9],  # transposed view
     ]
-    grads = [base_g.to(dtype)[2:4101], base_g.to(dtype)[3:].view(2, -1), torch.randn(66, 40, dtype=dtype).t()[:, ::2], torch.randn(4, 66, dtype=dtype)]
+    grads = [base_g.to(dtype)[2:4101], base_g.to(dtype)[3:].view(2, -1), torch.randn(66, 40, dtype=dtype).t()[:, ::2],
+             torch.randn(4, 66, dtype=dtype)]
     assert not params[2].is_contiguous() and not grads[2].is_contiguous() and params[0].data_ptr() % 16
     mn = [torch.full((), UNSET_MAX_NORM) for _ in params]
     mn_ref = [m.clone() for m in mn]
@@ -117,7 +119,8 @@ def test_empty_tensors_and_empty_lists():
     # an empty list makes no group: backends are never called with empty lists (backends/_base.py)
     assert functional.plan([], [], None, backend="cpu") == []
     functional.fromage([], [], None, lr=0.1, backend="cpu")
-    phases.apply(backends.get("cpu"), [], [], torch.zeros(0, 3), lr=torch.tensor(0.1), max_norm=None, p_bound=None, maximize=False)
+    phases.apply(backends.get("cpu"), [], [], torch.zeros(0, 3), lr=torch.tensor(0.1), max_norm=None, p_bound=None,
+                 maximize=False)
 
 
 def test_found_inf_changes_nothing():
@@ -161,7 +164,8 @@ def test_bad_input_is_rejected_before_anything_changes():
         with pytest.raises(RuntimeError, match="max_norm"):
             op(ok, [grads[0], grads[2]], torch.zeros(2, 3), lr, wrong, 1.0, False, True, None, None, None)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        op([torch.randn(2, dtype=torch.float64)], [torch.randn(2, dtype=torch.float64)], torch.zeros(1, 3), lr, None, None, False, True, None, None, None)
+        op([torch.randn(2, dtype=torch.float64)], [torch.randn(2, dtype=torch.float64)], torch.zeros(1, 3), lr, None,
+           None, False, True, None, None, None)
     assert all(torch.equal(a, b) for a, b in zip(params, before))
 
 
@@ -183,7 +187,8 @@ def test_bf16_step_with_sr_seed_is_the_shared_recipe_bit_for_bit(p_bound):
     # stats, on every element of 300 random tensors (one backend's stats, so nothing else differs).
     gen = torch.Generator().manual_seed(3)
     sizes = torch.randint(0, 5000, (300,), generator=gen).tolist() + [70_000]
-    params = [(torch.randn(n, generator=gen) * 10.0 ** float(torch.randint(-8, 8, (), generator=gen))).to(torch.bfloat16)
+    params = [(torch.randn(n, generator=gen) * 10.0 ** float(torch.randint(-8, 8, (), generator=gen)))
+              .to(torch.bfloat16)
               for n in sizes]
     grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in params]
     seed, lr = torch.tensor(987654321, dtype=torch.int64), torch.tensor(0.05)
@@ -191,7 +196,8 @@ def test_bf16_step_with_sr_seed_is_the_shared_recipe_bit_for_bit(p_bound):
     cpu = backends.get("cpu")
     stats = phases.stats(cpu, params, grads, inner=p_bound is not None)
     coef_p, coef_g, _ = coefficients(stats, lr, max_norm=None if mn is None else torch.stack(mn), p_bound=p_bound)
-    want = [stochastic_round_bf16(coef_p[i] * p.float() + coef_g[i] * g.float(), seed, i) for i, (p, g) in enumerate(zip(params, grads))]
+    want = [stochastic_round_bf16(coef_p[i] * p.float() + coef_g[i] * g.float(), seed,
+                                  i) for i, (p, g) in enumerate(zip(params, grads))]
     phases.apply(cpu, params, grads, stats, lr=lr, max_norm=None if mn is None else torch.stack(mn), p_bound=p_bound,
               maximize=False, sr_seed=seed)
     differ = sum(int((got.view(torch.int16) != w.view(torch.int16)).sum()) for got, w in zip(params, want))
@@ -205,5 +211,6 @@ def test_no_host_synchronisation():
     lr, found_inf, scale = torch.tensor(0.01), torch.tensor(0.0), torch.tensor(8.0)
     seed = torch.tensor(5, dtype=torch.int64)
     with forbid_host_reads():
-        functional.fromage(params, grads, mn, lr=lr, p_bound=1.0, backend="cpu", found_inf=found_inf, grad_scale=scale, sr_seed=seed)
+        functional.fromage(params, grads, mn, lr=lr, p_bound=1.0, backend="cpu", found_inf=found_inf, grad_scale=scale,
+                           sr_seed=seed)
     assert all(m.item() >= 0 for m in mn)

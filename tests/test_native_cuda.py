@@ -28,14 +28,16 @@ def _ext():
 
 def _reference(params, grads, **kw):
     ref = [p.detach().to("cpu", torch.float64, copy=True) for p in params]
-    functional.fromage(ref, [g.to("cpu", torch.float64) for g in grads], kw.pop("max_norms", None), backend="reference", **kw)
+    functional.fromage(ref, [g.to("cpu", torch.float64) for g in grads], kw.pop("max_norms", None), backend="reference",
+                       **kw)
     return ref
 
 
 def _close(got, want, dtype):
     atol, rtol = ORACLE_TOL[dtype]["step"]
     for a, b in zip(got, want):
-        torch.testing.assert_close(a.detach().to("cpu", torch.float64), b, atol=atol + rtol * b.abs().max().item() if b.numel() else atol, rtol=0)
+        torch.testing.assert_close(a.detach().to("cpu", torch.float64), b, atol=atol
+                                   + rtol * b.abs().max().item() if b.numel() else atol, rtol=0)
 
 
 def test_auto_picks_a_gpu_kernel_backend():
@@ -47,7 +49,8 @@ def test_auto_picks_a_gpu_kernel_backend():
 @pytest.mark.parametrize("maximize", [False, True])
 def test_matches_oracle(dtype, p_bound, maximize):
     compare_with_oracle("cuda", dtype, device="cuda", p_bound=p_bound, maximize=maximize, tol=ORACLE_TOL[dtype])
-    compare_with_oracle("cuda", dtype, device="cuda", p_bound=p_bound, maximize=maximize, shapes=SHAPES, steps=4, tol=ORACLE_TOL[dtype])
+    compare_with_oracle("cuda", dtype, device="cuda", p_bound=p_bound, maximize=maximize, shapes=SHAPES, steps=4,
+                        tol=ORACLE_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -63,7 +66,8 @@ def test_matches_triton(dtype):
         functional.fromage(ps, grads, mn, lr=0.03, p_bound=1.1, backend=name)
         out[name] = (ps, mn)
     for a, b in zip(out["cuda"][0], out["triton"][0]):
-        atol = 1e-6 if dtype == torch.float32 else 2 * ORACLE_TOL[dtype]["step"][1] * (b.abs().max().item() if b.numel() else 0)
+        atol = (1e-6 if dtype == torch.float32
+                else 2 * ORACLE_TOL[dtype]["step"][1] * (b.abs().max().item() if b.numel() else 0))
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=1e-5)
     torch.testing.assert_close(torch.stack(out["cuda"][1]), torch.stack(out["triton"][1]))
 
@@ -171,7 +175,8 @@ def test_no_host_synchronisation_and_graph_capture():
     with forbid_cuda_sync():
         functional.step_groups(groups, lr=lr, p_bound=1.0)
     eager = [p.clone() for p in params]
-    functional.step_groups(functional.plan(eager, grads, [m.clone() for m in mn], backend="cuda", p_bound=1.0), lr=lr, p_bound=1.0)
+    functional.step_groups(functional.plan(eager, grads, [m.clone() for m in mn], backend="cuda", p_bound=1.0), lr=lr,
+                           p_bound=1.0)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -202,6 +207,7 @@ def test_tensor_over_2_31_elements():
     lr = 0.01
     a = lr * (want[0] / want[1]).sqrt()
     expect_tail = (tail_p - a * tail_g) / (1 + lr * lr) ** 0.5
-    phases.apply(backends.get("cuda"), [p], [g], stats.float().cuda().reshape(1, 3), lr=torch.full((), lr, device="cuda"),
+    phases.apply(backends.get("cuda"), [p], [g], stats.float().cuda().reshape(1, 3),
+                 lr=torch.full((), lr, device="cuda"),
                                max_norm=None, p_bound=None, maximize=False)
     torch.testing.assert_close(p[-5000:].double(), expect_tail, atol=2e-2, rtol=2 ** -7)

@@ -77,10 +77,11 @@ def test_the_patch_catches_the_reference_backend(p_bound):
 
 def test_the_patch_catches_each_reader():
     t = torch.tensor([1.5])
-    probes = {"item": lambda: t.item(), "tolist": lambda: t.tolist(), "numpy": lambda: t.numpy(), "__bool__": lambda: bool(t),
-              "__float__": lambda: float(t), "__int__": lambda: int(t), "__index__": lambda: [0, 1][t.long()],
-              "__complex__": lambda: complex(t), "__format__": lambda: f"{t:.2f}", "__repr__": lambda: repr(t),
-              "__str__": lambda: str(t), "__array__": lambda: __import__("numpy").asarray(t)}
+    probes = {"item": lambda: t.item(), "tolist": lambda: t.tolist(), "numpy": lambda: t.numpy(),
+              "__bool__": lambda: bool(t), "__float__": lambda: float(t), "__int__": lambda: int(t),
+              "__index__": lambda: [0, 1][t.long()], "__complex__": lambda: complex(t),
+              "__format__": lambda: f"{t:.2f}", "__repr__": lambda: repr(t), "__str__": lambda: str(t),
+              "__array__": lambda: __import__("numpy").asarray(t)}
     assert set(probes) == set(READERS)
     with forbid_host_reads():
         for name, probe in probes.items():

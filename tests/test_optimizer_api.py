@@ -244,5 +244,5 @@ def test_state_dict_hooks():
 def test_is_a_torch_optimizer():
     opt = Fromage([nn.Parameter(torch.randn(2))])
     assert isinstance(opt, torch.optim.Optimizer)
-    assert opt.defaults == {"lr": 0.01, "p_bound": None, "maximize": False, "prefactor": True, "stochastic_rounding": False,
-                            "weight_decay": 0.0}
+    assert opt.defaults == {"lr": 0.01, "p_bound": None, "maximize": False, "prefactor": True,
+                            "stochastic_rounding": False, "weight_decay": 0.0}

@@ -105,7 +105,10 @@ def test_optimizer_on_a_model_matches_oracle(backend, dtype, p_bound):
 
 def _strided(dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    def r(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
     cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
     return [r(6, 9).to(dtype).t(),                                      # transposed
             r(7, 10).to(dtype)[:, ::3],                                 # strided slice

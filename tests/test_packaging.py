@@ -23,7 +23,8 @@ EXTRAS = {"bench", "examples", "triton", "integrations", "docs", "test", "all"}
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k != "FROMAGE_FUSED_BUILD_EXT"}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(ROOT)],
                    check=True, env=env, capture_output=True, timeout=300)
     (path,) = out.glob("fromage_fused-*.whl")
     return path
@@ -99,7 +100,8 @@ def test_the_design_document_is_in_the_project_and_nothing_cites_another():
     stale = []
     for name in tracked.stdout.splitlines():
         path = ROOT / name
-        if path.suffix in (".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh", ".toml", ".txt", ".cff", "") and path.is_file():
+        if path.suffix in (".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh", ".toml", ".txt", ".cff",
+                           "") and path.is_file():
             text = path.read_text(errors="replace")
             if "DESIGN.md" in text and path.name != "test_packaging.py":
                 stale.append(name)

@@ -73,7 +73,8 @@ def test_hyper_parameters_in_the_state_dict():
     net = make()
     opt = Fromage(groups(net, 0.02, 1.5, True), lr=0.1, p_bound=1.5, maximize=True)
     sd = save_load(opt.state_dict())
-    assert [(g["lr"], g["p_bound"], g["maximize"]) for g in sd["param_groups"]] == [(0.02, 1.5, True), (0.03, 2.5, False)]
+    assert ([(g["lr"], g["p_bound"], g["maximize"]) for g in sd["param_groups"]]
+            == [(0.02, 1.5, True), (0.03, 2.5, False)])
     opt2 = Fromage(make().parameters())
     with pytest.raises(ValueError):  # two groups saved, one here
         opt2.load_state_dict(sd)
@@ -163,7 +164,8 @@ def test_authors_checkpoint_keeps_its_bound(backend):
     for p, m in zip(params[:2], bounds[:2]):
         assert "max" not in opt.state[p]
         got = opt.state[p]["max_norm"]
-        assert got.dtype == torch.float32 and got.shape == () and got.item() == torch.tensor(m, dtype=torch.float32).item()
+        assert (got.dtype == torch.float32 and got.shape == ()
+                and got.item() == torch.tensor(m, dtype=torch.float32).item())
     assert float(opt.state[params[2]]["max_norm"]) == -1.0  # unset: set at its first step here
     first = float(params[2].detach().norm())
     for _ in range(20):  # ascent along each tensor's own direction grows its norm every step
@@ -236,7 +238,8 @@ def _bounded(backend="foreach", rounding=False):
 
 def _state_of(net, opt):
     sd = opt.state_dict()
-    return (copy.deepcopy(sd["param_groups"]), {k: {n: v.clone() for n, v in e.items()} for k, e in sd["state"].items()},
+    return (copy.deepcopy(sd["param_groups"]),
+            {k: {n: v.clone() for n, v in e.items()} for k, e in sd["state"].items()},
             [p.detach().clone() for p in net.parameters()])
 
 

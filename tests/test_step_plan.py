@@ -35,8 +35,9 @@ def _fill(params, seed):
 
 def _model(backend, **kw):
     torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(7)), nn.Parameter(torch.randn(3, dtype=torch.complex64)),
-              nn.Parameter(torch.randn(6).to(torch.bfloat16)), nn.Parameter(torch.randn(4, 4))]
+    params = [nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(7)),
+              nn.Parameter(torch.randn(3, dtype=torch.complex64)), nn.Parameter(torch.randn(6).to(torch.bfloat16)),
+              nn.Parameter(torch.randn(4, 4))]
     groups = [{"params": params[:3]}, {"params": params[3:], "lr": 0.05}]
     opt = Fromage(groups, lr=0.02, backend=backend, seed=3, **kw)
     return params, opt
@@ -54,8 +55,10 @@ def _outcome(params, opt):
 
 def _same(a, b):
     (ea, pa, sa), (eb, pb, sb) = a, b
-    return (ea is eb and len(pa) == len(pb) and all(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(pa, pb))
-            and sa.keys() == sb.keys() and all(sa[k].keys() == sb[k].keys() and all(torch.equal(sa[k][n], sb[k][n]) for n in sa[k]) for k in sa))
+    return (ea is eb and len(pa) == len(pb)
+            and all(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(pa, pb))
+            and sa.keys() == sb.keys()
+            and all(sa[k].keys() == sb[k].keys() and all(torch.equal(sa[k][n], sb[k][n]) for n in sa[k]) for k in sa))
 
 
 def _twin(params, opt):
@@ -344,7 +347,8 @@ def test_backends_never_get_an_empty_group(monkeypatch):
     backend = fromage_fused.backends.get("foreach")
     real = type(backend).run_pass
     monkeypatch.setattr(type(backend), "run_pass",
-                        lambda self, rule, index, call: calls.append(len(call.lists[0])) or real(self, rule, index, call))
+                        lambda self, rule, index, call: (calls.append(len(call.lists[0]))
+                                                         or real(self, rule, index, call)))
     params, opt = _model("foreach")
     _fill(params, 0)
     for p in opt.param_groups[1]["params"]:
@@ -376,7 +380,8 @@ FACTS = {
 def _fact_change(fact):
     def change(params, opt):
         p = params[4]
-        before = {"data_ptr": p.data_ptr(), "shape": p.shape, "stride": p.stride(), "dtype": p.dtype, "device": p.device}
+        before = {"data_ptr": p.data_ptr(), "shape": p.shape, "stride": p.stride(), "dtype": p.dtype,
+                  "device": p.device}
         p.data = FACTS[fact](p.data)
         after = {"data_ptr": p.data_ptr(), "shape": p.shape, "stride": p.stride(), "dtype": p.dtype, "device": p.device}
         assert {k for k in before if before[k] != after[k]} == {fact}

@@ -42,7 +42,8 @@ def test_demo_main_runs():
     proc = subprocess.run(
         [sys.executable, "-m", "fromage_fused.demo", "--epochs", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep
+             + os.environ.get("PYTHONPATH", "")},
     )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch")]

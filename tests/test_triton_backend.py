@@ -148,7 +148,8 @@ def test_complex_through_real_views(device):
     params = [torch.randn(6, 5, generator=gen, dtype=torch.complex128).to(device, torch.complex64)]
     grads = [torch.randn(6, 5, generator=gen, dtype=torch.complex128).to(device, torch.complex64)]
     want = [torch.view_as_real(params[0]).to("cpu", torch.float64, copy=True)]
-    functional.fromage(want, [torch.view_as_real(grads[0]).to("cpu", torch.float64)], None, lr=0.05, backend="reference")
+    functional.fromage(want, [torch.view_as_real(grads[0]).to("cpu", torch.float64)], None, lr=0.05,
+                       backend="reference")
     _one_step(params, grads, lr=0.05)
     _assert_step_close([torch.view_as_real(params[0])], want, torch.float32, "complex64")
 
@@ -254,7 +255,8 @@ def sm90(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     probe = os.path.join(os.path.dirname(__file__), "_triton_ptx_probe.py")
     out = {}
-    for variant, args in {"both": [], "no_aligned_path": ["--no-aligned-path"], "unaligned_only": ["--paths", "2"]}.items():
+    for variant, args in {"both": [], "no_aligned_path": ["--no-aligned-path"],
+                          "unaligned_only": ["--paths", "2"]}.items():
         # A cache per variant: older Triton (3.2) keys its cache without the patched global of
         # --no-aligned-path, and would hand that variant the kernel compiled with both paths.
         env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
@@ -641,8 +643,10 @@ def test_tables_need_no_numpy():
 
 
 def test_ranks_below_foreach_on_cpu_and_first_on_cuda():
-    assert BACKEND.priority_on(torch.device("cpu")) < fromage_fused.backends.get("foreach").priority_on(torch.device("cpu"))
-    assert BACKEND.priority_on(torch.device("cuda")) > fromage_fused.backends.get("foreach").priority_on(torch.device("cuda"))
+    assert (BACKEND.priority_on(torch.device("cpu"))
+            < fromage_fused.backends.get("foreach").priority_on(torch.device("cpu")))
+    assert (BACKEND.priority_on(torch.device("cuda"))
+            > fromage_fused.backends.get("foreach").priority_on(torch.device("cuda")))
     assert "meta" in BACKEND.unavailable_reason(torch.device("meta"))
     assert not BACKEND.supports_dtype(torch.float64)
 
@@ -667,7 +671,8 @@ def test_bad_input_changes_nothing(device):
     before = [p.clone() for p in params]
     stats = phases.stats(BACKEND, params, grads)
     with pytest.raises(RuntimeError, match="stats"):
-        phases.apply(BACKEND, params, grads, stats[:2], lr=torch.full((), 0.1, device=device), max_norm=None, p_bound=None,
+        phases.apply(BACKEND, params, grads, stats[:2], lr=torch.full((), 0.1, device=device), max_norm=None,
+                     p_bound=None,
                       maximize=False)
     with pytest.raises(RuntimeError, match="max_norm"):
         phases.apply(BACKEND, params, grads, stats, lr=torch.full((), 0.1, device=device), p_bound=1.0, maximize=False,

@@ -65,7 +65,9 @@ def _pair(dtype, seed=0):
     b = []
     for i, x in enumerate(a):
         scale = 10.0 ** (i % 4 - 3)  # relative changes from 1e-3 to 1
-        b.append((x.double() + scale * (x.double().norm() + 1) * torch.randn(x.shape, generator=gen, dtype=torch.float64) / max(x.numel(), 1) ** 0.5).to(dtype))
+        b.append((x.double() + scale * (x.double().norm()
+                                        + 1) * torch.randn(x.shape, generator=gen,
+                                                           dtype=torch.float64) / max(x.numel(), 1) ** 0.5).to(dtype))
     b[ZERO_INIT] = a[ZERO_INIT].clone()  # a zero tensor left unchanged
     return a, b
 
@@ -109,23 +111,27 @@ EXTREMES = {
     "fp32 norm 3e19, +1%": ([_full(10, 1e19)], [_full(10, 1e19) * 1.01]),
     "fp32 norm 3e19, x2": ([_full(10, 1e19)], [_full(10, 2e19)]),
     "fp32 max, negated": ([_full(5, 3e38)], [_full(5, -3e38)]),
-    "fp32 largest element among small ones": ([torch.cat([_full(1, 3.4e38), _full(99, 1.0)])], [torch.cat([_full(1, 3.4e38), _full(99, 2.0)])]),
+    "fp32 largest element among small ones": ([torch.cat([_full(1, 3.4e38), _full(99, 1.0)])],
+                                              [torch.cat([_full(1, 3.4e38), _full(99, 2.0)])]),
     "fp32 norm 3e-23, x1.5": ([_full(10, 1e-23)], [_full(10, 1.5e-23)]),
     "fp32 subnormals": ([torch.tensor([1e-45, 0.0, 3e-45])], [torch.tensor([2e-45, 1e-45, 3e-45])]),
     "fp32 tiny change of a huge tensor": ([_full(10, 1e30)], [torch.cat([_full(1, 1e30 + 1e25), _full(9, 1e30)])]),
     "fp32 ratio 1e37": ([_full(4, 1e-20)], [_full(4, 1e17)]),
     "fp32 ratio beyond range": ([_full(4, 1e-30)], [_full(4, 1e30)]),
-    "fp32 ratio 1e-30": ([_full(4, 1e15)], [torch.cat([_full(1, 1e15), _full(3, 1e15)]) + torch.tensor([0.0, 0.0, 0.0, 1e-15])]),
+    "fp32 ratio 1e-30": ([_full(4, 1e15)], [torch.cat([_full(1, 1e15),
+                                                       _full(3, 1e15)]) + torch.tensor([0.0, 0.0, 0.0, 1e-15])]),
     "zero changed by 3e-23": ([torch.zeros(10)], [_full(10, 1e-23)]),
     "zero changed by a subnormal": ([torch.zeros(10)], [torch.tensor([0.0] * 9 + [1e-45])]),
     "fp64 norm 3e200, +1%": ([_full(10, 1e200, torch.float64)], [_full(10, 1.01e200, torch.float64)]),
     "fp64 max, negated": ([_full(3, 1.7e308, torch.float64)], [_full(3, -1.7e308, torch.float64)]),
     "fp64 norm 3e-200, x1.5": ([_full(10, 1e-200, torch.float64)], [_full(10, 1.5e-200, torch.float64)]),
-    "fp64 subnormals": ([torch.tensor([5e-324, 1e-323], dtype=torch.float64)], [torch.tensor([1e-323, 1e-323], dtype=torch.float64)]),
+    "fp64 subnormals": ([torch.tensor([5e-324, 1e-323], dtype=torch.float64)],
+                        [torch.tensor([1e-323, 1e-323], dtype=torch.float64)]),
     "bf16 norm 3e30, x1.5": ([_full(10, 1e30, torch.bfloat16)], [_full(10, 1.5e30, torch.bfloat16)]),
     "bf16 norm 3e-25, x1.5": ([_full(10, 1e-25, torch.bfloat16)], [_full(10, 1.5e-25, torch.bfloat16)]),
     "fp16 max, negated": ([_full(10, 6e4, torch.float16)], [_full(10, -6e4, torch.float16)]),
-    "complex64 norm 3e19": ([torch.full((5,), 1e19 + 1e19j, dtype=torch.complex64)], [torch.full((5,), 1.01e19 + 1e19j, dtype=torch.complex64)]),
+    "complex64 norm 3e19": ([torch.full((5,), 1e19 + 1e19j, dtype=torch.complex64)],
+                            [torch.full((5,), 1.01e19 + 1e19j, dtype=torch.complex64)]),
 }
 
 
@@ -151,7 +157,8 @@ def test_issue_examples():
     assert relative_changes([x], [x * 2]).item() == pytest.approx(1.0, rel=1e-6)
     with _flush_denormals():  # squares below 1.2e-38 flush to zero: the scaled path never forms them
         assert relative_changes([torch.zeros(10)], [torch.full((10,), 1e-21)]).item() == math.inf
-        assert relative_changes([torch.full((10,), 1e-21)], [torch.full((10,), 3e-21)]).item() == pytest.approx(2.0, rel=1e-6)
+        assert relative_changes([torch.full((10,), 1e-21)],
+                                [torch.full((10,), 3e-21)]).item() == pytest.approx(2.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -165,7 +172,8 @@ def test_random_magnitudes_match_exact(dtype, seed):
     for _ in range(6):
         n = int(torch.randint(1, 40, (1,), generator=gen))
         scale = 2.0 ** float(torch.randint(-top + 30, top - 10, (1,), generator=gen))
-        x = (torch.randn(n, generator=gen, dtype=torch.float64) * scale * 2.0 ** torch.randint(-8, 8, (n,), generator=gen)).to(dtype)
+        x = (torch.randn(n, generator=gen, dtype=torch.float64) * scale
+             * 2.0 ** torch.randint(-8, 8, (n,), generator=gen)).to(dtype)
         rel = 10.0 ** float(torch.empty(1).uniform_(-6, 3, generator=gen))
         y = (x.double() + rel * scale * torch.randn(n, generator=gen, dtype=torch.float64) / n ** 0.5).to(dtype)
         a.append(x)
@@ -177,7 +185,8 @@ def test_random_magnitudes_match_exact(dtype, seed):
 
 def test_non_finite_inputs_are_never_finite():
     for a, b in [([torch.tensor([1.0, math.nan])], [torch.ones(2)]), ([torch.tensor([1.0, math.inf])], [torch.ones(2)]),
-                 ([torch.ones(2)], [torch.tensor([1.0, math.inf])]), ([torch.zeros(2)], [torch.tensor([0.0, math.nan])])]:
+                 ([torch.ones(2)], [torch.tensor([1.0, math.inf])]),
+                 ([torch.zeros(2)], [torch.tensor([0.0, math.nan])])]:
         assert not math.isfinite(relative_changes(a, b).item())
 
 
@@ -328,8 +337,8 @@ def test_cuda_matches_float64_and_cpu_snapshots(dtype):
 def test_count_layers_both_ways():
     from fromage_fused.trust import count_layers
 
-    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3, bias=False), torch.nn.LayerNorm(3),
-                              torch.nn.Conv1d(3, 2, 2), torch.nn.Embedding(7, 2))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3, bias=False),
+                              torch.nn.LayerNorm(3), torch.nn.Conv1d(3, 2, 2), torch.nn.Embedding(7, 2))
     # tensors: 2 (Linear) + 1 + 2 (LayerNorm) + 2 (Conv1d) + 1 (Embedding); matrices: Linear, Linear, Conv1d, Embedding
     assert count_layers(net) == 8
     assert count_layers(net, matrices_only=True) == 4
@@ -339,7 +348,8 @@ def test_count_layers_both_ways():
     torch.nn.init.constant_(net[3].bias, 0.5)
     moved = [p.detach() * 1.25 for p in net.parameters()]
     assert deep_relative_trust(net, moved).item() == pytest.approx(1.25 ** count_layers(net) - 1, rel=1e-6)
-    assert deep_relative_trust(net, moved, matrices_only=True).item() == pytest.approx(1.25 ** count_layers(net, matrices_only=True) - 1, rel=1e-6)
+    assert (deep_relative_trust(net, moved, matrices_only=True).item()
+            == pytest.approx(1.25 ** count_layers(net, matrices_only=True) - 1, rel=1e-6))
     assert max_safe_lr(count_layers(net)) < max_safe_lr(count_layers(net, matrices_only=True))
     assert count_layers([]) == 0
     with pytest.raises(ValueError, match="single tensor"):

@@ -69,7 +69,8 @@ def runs(params, grads, temp_per_element: int, *, split: bool = True,
     for i, p, g, n in zip(indices, params, grads, sizes):
         if cut is not None and n > cut and p.is_contiguous() and g.is_contiguous():
             fp, fg = p.view(-1), g.view(-1)
-            entries = [(fp[start:start + cut], fg[start:start + cut], min(cut, n - start)) for start in range(0, n, cut)]
+            entries = [(fp[start:start + cut], fg[start:start + cut],
+                        min(cut, n - start)) for start in range(0, n, cut)]
         else:
             entries = [(p, g, n)]
         for ep, eg, en in entries:

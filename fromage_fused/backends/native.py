@@ -326,7 +326,8 @@ def _compile(variant: str, info: dict, directory: Path, why: str) -> None:
     what, how_long = (("C++/CUDA", "several minutes; cached for later runs") if variant == "cuda"
                       else ("C++", "1-2 minutes on a 2-core CPU; cached for later runs"))
     when = f"{why}, {how_long}" if why == "first use" else f"{how_long}; {why}"
-    print(f"building the fromage_fused {what} extension for torch {torch.__version__} ({when})...", file=sys.stderr, flush=True)
+    print(f"building the fromage_fused {what} extension for torch {torch.__version__} ({when})...", file=sys.stderr,
+          flush=True)
     start = time.monotonic()
     sources = CPU_SOURCES + (CUDA_SOURCES if variant == "cuda" else [])
     try:

@@ -507,10 +507,10 @@ class TritonBackend(Backend):
             _launch(kernels.pass_kernel, (layout.programs,), layout.device, addrs.device, partials,
                     dummy if sums is None else sums, hyper, s0, s1, dummy if globals_ is None else globals_, fi, gs,
                     sd, n, COEF=coef, BODY=body, L=len(lists), W=writes, S=s_count, D0=tdt[0], D1=tdt[1],
-                    D2=tdt[2], D3=tdt[3], Z0=size[0], Z1=size[1], Z2=size[2], Z3=size[3], FLAGS=int(flags), BLOCK=cfg.block, HAS_FOUND_INF=skip,
-                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr, PATHS=addrs.programs,
-                    LR_SLOT=-1 if lr_slot is None else int(getattr(lr_slot, "value", lr_slot)), num_warps=cfg.num_warps,
-                    **({} if fusion else {"enable_fp_fusion": False}))
+                    D2=tdt[2], D3=tdt[3], Z0=size[0], Z1=size[1], Z2=size[2], Z3=size[3], FLAGS=int(flags),
+                    BLOCK=cfg.block, HAS_FOUND_INF=skip, HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr,
+                    PATHS=addrs.programs, LR_SLOT=-1 if lr_slot is None else int(getattr(lr_slot, "value", lr_slot)),
+                    num_warps=cfg.num_warps, **({} if fusion else {"enable_fp_fusion": False}))
             if s_count:
                 _launch(kernels.reduce_kernel, (n,), layout.device, partials, out, n, S=s_count, RBLOCK=cfg.rblock,
                         num_warps=4)

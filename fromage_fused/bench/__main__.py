@@ -41,30 +41,42 @@ def _csv(text: Optional[str]) -> Optional[List[str]]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fromage-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i] (default: cuda if present)")
-    p.add_argument("--presets", help=f"comma-separated, from {list(_presets.PRESETS)} (default: all; --quick: a subset on CPU)")
-    p.add_argument("--contenders", help="comma-separated names or patterns, e.g. 'fromage:*,loop' (default: all; see --list)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda[:i] (default: cuda if present)")
+    p.add_argument("--presets", help=f"comma-separated, from {list(_presets.PRESETS)} (default: all; --quick: a subset "
+                                     "on CPU)")
+    p.add_argument("--contenders", help="comma-separated names or patterns, e.g. 'fromage:*,loop' (default: all; see "
+                                        "--list)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--repeats", type=int, help="timed steps per row (default: 20 CPU, 100 GPU; --quick: 10 / 25)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default: 3 CPU, 10 GPU)")
     p.add_argument("--budget", type=float, help="seconds per row at most: a slow contender gets fewer repeats (>= 3)")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for NAME.json/.csv/.png (default: bench-out)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"),
+                   help="directory for NAME.json/.csv/.png (default: bench-out)")
     p.add_argument("--name", help="file stem of the results (default: bench-DEVICE[-quick])")
-    p.add_argument("--quick", action="store_true", help="a short run: CPU subset in about a minute; on a GPU every preset, fewer repeats")
-    p.add_argument("--sets", type=int, help="parameter sets to rotate through (default: enough that no step finds its data in cache)")
-    p.add_argument("--fresh-grads", action="store_true", help="new gradient storage before every step (backends that cache tensor tables rebuild them)")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run: CPU subset in about a minute; on a GPU every preset, fewer repeats")
+    p.add_argument("--sets", type=int, help="parameter sets to rotate through (default: enough that no step finds its "
+                                            "data in cache)")
+    p.add_argument("--fresh-grads", action="store_true",
+                   help="new gradient storage before every step (backends that cache tensor tables rebuild them)")
     p.add_argument("--misalign", default="0,0", metavar="P,G",
-                   help="parameters and gradients as views starting P and G elements into their buffers (default 0,0: aligned)")
+                   help="parameters and gradients as views starting P and G elements into their buffers (default 0,0: "
+                        "aligned)")
     p.add_argument("--p-bound", type=float, default=None, help="run Fromage with this p_bound (default: none)")
     p.add_argument("--max-spread", type=float, default=0.5,
-                   help="a row whose samples' interquartile range exceeds this fraction of their median is reported as noisy, not as a result (default 0.5)")
+                   help="a row whose samples' interquartile range exceeds this fraction of their median is reported as "
+                        "noisy, not as a result (default 0.5)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); recorded in every row")
-    p.add_argument("--compile-presets", help="presets on which torch.compile runs (default: all; --quick: none on CPU, gpt2-small on GPU)")
-    p.add_argument("--compile-max-tensors", type=int, default=400, help="skip torch.compile on presets with more tensors")
+    p.add_argument("--compile-presets", help="presets on which torch.compile runs (default: all; --quick: none on CPU, "
+                                             "gpt2-small on GPU)")
+    p.add_argument("--compile-max-tensors", type=int, default=400,
+                   help="skip torch.compile on presets with more tensors")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list", action="store_true", help="list the presets and contenders here and exit")
-    p.add_argument("--from-json", type=Path, help="print the table (and redraw the plot beside it) from a results file, run nothing")
+    p.add_argument("--from-json", type=Path, help="print the table (and redraw the plot beside it) from a results "
+                                                  "file, run nothing")
     return p
 
 

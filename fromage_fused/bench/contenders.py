@@ -125,7 +125,8 @@ def _compile(params, ctx):
         raise Skip(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     if not ctx.notes:
         breaks = sum(counters["graph_break"].values())
-        ctx.notes.append(f"compiled in {time.perf_counter() - start:.0f} s" + (f", {breaks} graph breaks" if breaks else ""))
+        ctx.notes.append(f"compiled in {time.perf_counter() - start:.0f} s"
+                         + (f", {breaks} graph breaks" if breaks else ""))
 
     def step():
         fn(params, [p.grad for p in params], max_norm, lr)
@@ -140,7 +141,8 @@ def _torch_optimizer(cls, lr_key):
             opt = cls(params, lr=lr, fused=True)
             opt.step()  # fused support is checked at the first step on some versions
         except (RuntimeError, ValueError) as exc:
-            ctx.notes.append(f"fused=True unsupported on {params[0].device.type}/{params[0].dtype} ({str(exc).splitlines()[0][:120]}); ran foreach=True")
+            ctx.notes.append(f"fused=True unsupported on {params[0].device.type}/{params[0].dtype} "
+                             f"({str(exc).splitlines()[0][:120]}); ran foreach=True")
             opt = cls(params, lr=lr, foreach=True)
         return opt.step
 
@@ -183,8 +185,8 @@ def all_contenders(device, settings: Settings, presets: Sequence[str] = ()) -> L
     """Every contender for ``device``, the baselines included, in report order; with the
     host-overhead preset among ``presets``, also its host-work contenders (see ``host.py``)."""
     p_bound = settings.p_bound is not None
-    found = [Contender(LOOP, traffic.FROMAGE_TWO_PHASE, traffic.LOOP + (traffic.LOOP_BOUND_NORM if p_bound else 0), _loop,
-                       "per-tensor loop with host syncs, as users run it today")]
+    found = [Contender(LOOP, traffic.FROMAGE_TWO_PHASE, traffic.LOOP + (traffic.LOOP_BOUND_NORM if p_bound else 0),
+                       _loop, "per-tensor loop with host syncs, as users run it today")]
     for name in available_backends(device):
         c = _fromage_backend(name)
         if p_bound and name in ("reference", "foreach"):
@@ -192,13 +194,15 @@ def all_contenders(device, settings: Settings, presets: Sequence[str] = ()) -> L
         found.append(c)
     found.append(Contender(COMPILE, traffic.FROMAGE_TWO_PHASE, traffic.FROMAGE_TWO_PHASE, _compile,
                            "torch.compile of the foreach step (nominal traffic: perfectly fused)"))
-    found.append(Contender(SGD, traffic.SGD, traffic.SGD, _torch_optimizer(torch.optim.SGD, "lr"), "torch.optim.SGD(fused=True)"))
-    found.append(Contender(ADAMW, traffic.ADAMW, traffic.ADAMW, _torch_optimizer(torch.optim.AdamW, "adamw_lr"), "torch.optim.AdamW(fused=True)"))
+    found.append(Contender(SGD, traffic.SGD, traffic.SGD, _torch_optimizer(torch.optim.SGD, "lr"),
+                           "torch.optim.SGD(fused=True)"))
+    found.append(Contender(ADAMW, traffic.ADAMW, traffic.ADAMW, _torch_optimizer(torch.optim.AdamW, "adamw_lr"),
+                           "torch.optim.AdamW(fused=True)"))
     amp_fromage = traffic.FROMAGE_TWO_PHASE + traffic.AMP_CHECK
     found.append(Contender(AMP_FROMAGE, amp_fromage, amp_fromage, _amp(_amp_fromage),
                            "GradScaler step + update around Fromage (auto backend)"))
-    found.append(Contender(AMP_ADAMW, traffic.ADAMW + traffic.AMP_CHECK, traffic.ADAMW + traffic.AMP_CHECK, _amp(_amp_adamw),
-                           "GradScaler step + update around AdamW(fused=True)"))
+    found.append(Contender(AMP_ADAMW, traffic.ADAMW + traffic.AMP_CHECK, traffic.ADAMW + traffic.AMP_CHECK,
+                           _amp(_amp_adamw), "GradScaler step + update around AdamW(fused=True)"))
     found += layerwise.contenders_for(device, settings, sys.modules[__name__])
     if host.PRESET in presets:
         found += host.contenders_for(device, settings, sys.modules[__name__])

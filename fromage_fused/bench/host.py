@@ -129,13 +129,16 @@ def contenders_for(device, settings, contenders) -> List:
     """The extra contenders of the host-overhead preset on ``device``."""
     C = contenders.Contender
     two = traffic.FROMAGE_TWO_PHASE
-    found = [C(f"bound:{name}", two, two, _bound(name, contenders), f"Fromage(backend={name!r}, p_bound={settings.p_bound or BOUND})")
+    found = [C(f"bound:{name}", two, two, _bound(name, contenders),
+               f"Fromage(backend={name!r}, p_bound={settings.p_bound or BOUND})")
              for name in available_backends(device) if name != "reference"]
-    found.append(C("torch:adamw-foreach", traffic.ADAMW, traffic.ADAMW, _adamw_foreach(contenders), "torch.optim.AdamW(foreach=True)"))
+    found.append(C("torch:adamw-foreach", traffic.ADAMW, traffic.ADAMW, _adamw_foreach(contenders),
+                   "torch.optim.AdamW(foreach=True)"))
     if torch.device(device).type == "cpu":
         found.append(C("stub:triton", two, two, _stub_triton(contenders),
                        "triton backend's host side on CPU, kernel launches stubbed"))
         found.append(C("stub:cuda", two, two, _stub_cuda(contenders),
-                       "native (cuda) backend's Python side on CPU, extension calls stubbed (C++ launch code not included)"))
+                       "native (cuda) backend's Python side on CPU, extension calls stubbed (C++ launch code not "
+                       "included)"))
     return found
 

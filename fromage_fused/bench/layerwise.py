@@ -71,7 +71,8 @@ def contenders_for(device, settings, contenders) -> List:
         cls = getattr(_package, kind.upper(), None)
         if cls is not None:
             for name in available_backends(device):
-                found.append(C(f"{kind}:{name}", work, work, _rule(cls, name, options), f"{kind.upper()}(backend={name!r})"))
+                found.append(C(f"{kind}:{name}", work, work, _rule(cls, name, options),
+                               f"{kind.upper()}(backend={name!r})"))
         found.append(C(f"timm:{kind}", work, timm_bytes, _timm(index, options, contenders),
                        f"timm.optim.{('Lars', 'Lamb')[index]}({', '.join(f'{k}={v}' for k, v in options.items())})"))
     if torch.device(device).type == "cuda":

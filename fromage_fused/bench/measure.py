@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 import torch.utils.benchmark as tbench
@@ -146,7 +146,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, *, repeats: int = 10) -> f
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     timing = time_step(lambda: dst.copy_(src), lambda: None, device, warmup=3, repeats=repeats, budget_s=60)
-    del src, dst
     return traffic.copy_gbps(nbytes // 4 * 4, timing.median)
 
 

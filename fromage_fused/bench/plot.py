@@ -14,7 +14,8 @@ def plot(rows: Sequence[Dict], path: Path) -> Path:
     ok = [r for r in rows if r["status"] == "ok" and r["frac_copy"] is not None]
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     contenders = list(dict.fromkeys(r["contender"] for r in rows))
-    fig, axes = plt.subplots(len(presets), 1, figsize=(9, 1.0 + 0.28 * len(contenders) * len(presets) + 0.4 * len(presets)),
+    fig, axes = plt.subplots(len(presets), 1,
+                             figsize=(9, 1.0 + 0.28 * len(contenders) * len(presets) + 0.4 * len(presets)),
                              squeeze=False)
     colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(contenders)}
     for ax, preset in zip(axes[:, 0], presets):
@@ -33,7 +34,8 @@ def plot(rows: Sequence[Dict], path: Path) -> Path:
         ax.set_xlim(0, max([1.1] + [v * 1.25 for v in values]))
     first = rows[0] if rows else {}
     axes[-1, 0].set_xlabel("effective GB/s / copy GB/s (1.0 = a step at copy speed of its work bytes)")
-    fig.suptitle(f"{first.get('device_name', '')} - {first.get('dtype', '')} - torch {first.get('torch', '')}", fontsize=9)
+    fig.suptitle(f"{first.get('device_name', '')} - {first.get('dtype', '')} - torch {first.get('torch', '')}",
+                 fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,7 +25,8 @@ def resnet50(width: int = 64, classes: int = 1000) -> List[Shape]:
         mid = width * 2**stage
         out = mid * 4
         for block in range(blocks):
-            shapes += [(mid, in_ch, 1, 1), (mid,), (mid,), (mid, mid, 3, 3), (mid,), (mid,), (out, mid, 1, 1), (out,), (out,)]
+            shapes += [(mid, in_ch, 1, 1), (mid,), (mid,), (mid, mid, 3, 3), (mid,), (mid,), (out, mid, 1, 1), (out,),
+                       (out,)]
             if block == 0:
                 shapes += [(out, in_ch, 1, 1), (out,), (out,)]
             in_ch = out
@@ -48,7 +49,8 @@ def vit(d: int, layers: int, patch: int = 16, image: int = 224, classes: int = 1
     """ViT (timm's vit_base_patch16_224 layout): patch conv, cls token, position table, blocks, head."""
     tokens = (image // patch) ** 2 + 1
     block = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
-    return [(1, 1, d), (1, tokens, d), (d, 3, patch, patch), (d,)] + block * layers + [(d,), (d,), (classes, d), (classes,)]
+    return [(1, 1, d), (1, tokens, d), (d, 3, patch, patch),
+            (d,)] + block * layers + [(d,), (d,), (classes, d), (classes,)]
 
 
 def many_small(count: int = 2048, largest: int = 65536) -> List[Shape]:
@@ -110,7 +112,8 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in _ALL}
 #: every preset (a GPU steps even the largest in milliseconds), with fewer repeats, and the one
 #: that also runs torch.compile last, so that a time limit cuts the compile first.
 QUICK = {"cpu": ["resnet50", "many-small", "host-overhead"],
-         "cuda": ["resnet50", "vit-b16", "gpt2-medium", "decoder-1b", "many-small", "few-huge", "host-overhead", "gpt2-small"]}
+         "cuda": ["resnet50", "vit-b16", "gpt2-medium", "decoder-1b", "many-small", "few-huge", "host-overhead",
+                  "gpt2-small"]}
 
 
 def select(names: Sequence[str]) -> List[Preset]:

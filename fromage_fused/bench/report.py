@@ -7,7 +7,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -55,7 +55,8 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 
 def write_json(path: Path, rows: Sequence[Dict], meta: Dict) -> None:
-    path.write_text(json.dumps({"meta": meta, "columns": COLUMNS, "rows": [{k: r.get(k) for k in COLUMNS} for r in rows]}, indent=1) + "\n")
+    path.write_text(json.dumps({"meta": meta, "columns": COLUMNS,
+                                "rows": [{k: r.get(k) for k in COLUMNS} for r in rows]}, indent=1) + "\n")
 
 
 def write_csv(path: Path, rows: Sequence[Dict]) -> None:
@@ -80,18 +81,24 @@ def format_table(rows: Sequence[Dict], meta: Optional[Dict] = None) -> str:
     lines = []
     if rows:
         r0 = rows[0]
-        lines.append(f"{r0['device_name']} | torch {r0['torch']} | triton {r0['triton']} | CUDA {r0['cuda']} | {r0['dtype']} | {r0['date']}")
+        lines.append(f"{r0['device_name']} | torch {r0['torch']} | triton {r0['triton']} | CUDA {r0['cuda']} | "
+                     f"{r0['dtype']} | {r0['date']}")
     if meta and meta.get("copy_gbps"):
-        lines.append(f"copy bandwidth {meta['copy_gbps']:.1f} GB/s ({meta['copy_bytes'] / 2**20:.0f} MiB buffer, read + write)")
-    lines.append("ratios: how many times faster than the named contender (> 1 faster); GB/s at each contender's work bytes")
-    head = f"{'contender':<20} {'median ms':>10} {'q1-q3 ms':>17} {'us/tensor':>9} {'GB/s':>7} {'x copy':>6} {'vs loop':>8} {'vs fe':>7} {'vs SGD':>7} {'vs AdamW':>8}  note"
+        lines.append(f"copy bandwidth {meta['copy_gbps']:.1f} GB/s ({meta['copy_bytes'] / 2**20:.0f} MiB buffer, read "
+                     "+ write)")
+    lines.append("ratios: how many times faster than the named contender (> 1 faster); GB/s at each contender's work "
+                 "bytes")
+    head = (f"{'contender':<20} {'median ms':>10} {'q1-q3 ms':>17} {'us/tensor':>9} {'GB/s':>7} {'x copy':>6} "
+            f"{'vs loop':>8} {'vs fe':>7} {'vs SGD':>7} {'vs AdamW':>8}  note")
     preset = None
     for r in rows:
         if r["preset"] != preset:
             preset = r["preset"]
-            lines += ["", f"{preset} ({r['variant']}): {r['n_params'] / 1e6:.2f}M params in {r['n_tensors']} tensors, "
-                          f"{r['param_sets']} set(s) rotated{', fresh grads' if r.get('fresh_grads') else ''}"
-                          f"{', views at element offsets ' + r['misalign'] if (r.get('misalign') or '0,0') != '0,0' else ''}", head]
+            lines += [
+                "", f"{preset} ({r['variant']}): {r['n_params'] / 1e6:.2f}M params in {r['n_tensors']} tensors, "
+                f"{r['param_sets']} set(s) rotated{', fresh grads' if r.get('fresh_grads') else ''}"
+                f"{', views at element offsets ' + r['misalign'] if (r.get('misalign') or '0,0') != '0,0' else ''}",
+                head]
         if r["status"] == "noisy":
             lines.append(f"{r['contender']:<20} {'noisy':>10}  {r['note']}")
             continue
@@ -100,8 +107,10 @@ def format_table(rows: Sequence[Dict], meta: Optional[Dict] = None) -> str:
             continue
         quart = f"{r['q1_ms']:.3f}-{r['q3_ms']:.3f}"
         lines.append(
-            f"{r['contender']:<20} {r['median_ms']:>10.3f} {quart:>17} {_num(r.get('us_per_tensor'), '.2f'):>9} {_num(r['gbps'], '.1f'):>7} {_num(r['frac_copy'], '.2f'):>6} "
-            f"{_num(r['vs_loop'], '.2f'):>8} {_num(r['vs_foreach'], '.2f'):>7} {_num(r['vs_sgd'], '.2f'):>7} {_num(r['vs_adamw'], '.2f'):>8}  {r['note'] or ''}"
+            f"{r['contender']:<20} {r['median_ms']:>10.3f} {quart:>17} {_num(r.get('us_per_tensor'), '.2f'):>9} "
+            f"{_num(r['gbps'], '.1f'):>7} {_num(r['frac_copy'], '.2f'):>6} {_num(r['vs_loop'], '.2f'):>8} "
+            f"{_num(r['vs_foreach'], '.2f'):>7} {_num(r['vs_sgd'], '.2f'):>7} {_num(r['vs_adamw'], '.2f'):>8}  "
+            f"{r['note'] or ''}"
         )
     return "\n".join(lines)
 

@@ -62,7 +62,8 @@ class _Data:
         return self.turn
 
 
-def _row(env, cfg: Config, preset: Preset, shapes, sets: int, contender, *, note: str, timing=None, copy_gbps=None) -> Dict:
+def _row(env, cfg: Config, preset: Preset, shapes, sets: int, contender, *, note: str, timing=None,
+         copy_gbps=None) -> Dict:
     n = numel(shapes)
     work = traffic.scaled(contender.work, cfg.dtype)
     design = traffic.scaled(contender.traffic, cfg.dtype)
@@ -77,8 +78,9 @@ def _row(env, cfg: Config, preset: Preset, shapes, sets: int, contender, *, note
             f"samples too spread to trust (q1-q3 {timing.q1 * 1e3:.3g}-{timing.q3 * 1e3:.3g} ms around a median of "
             f"{timing.median * 1e3:.3g} ms): the machine was busy; rerun when it is idle")]))
     if timing:
-        row.update(repeats=len(timing.times), median_ms=timing.median * 1e3, q1_ms=timing.q1 * 1e3, q3_ms=timing.q3 * 1e3,
-                   gbps=traffic.gbps(n, work, timing.median), traffic_gbps=traffic.gbps(n, design, timing.median))
+        row.update(repeats=len(timing.times), median_ms=timing.median * 1e3, q1_ms=timing.q1 * 1e3,
+                   q3_ms=timing.q3 * 1e3, gbps=traffic.gbps(n, work, timing.median),
+                   traffic_gbps=traffic.gbps(n, design, timing.median))
         row["frac_copy"] = traffic.fraction(row["gbps"], copy_gbps)
         row["us_per_tensor"] = timing.median * 1e6 / len(shapes)
     return row

@@ -103,7 +103,8 @@ def warn_traps(optimizer, group_indices: Iterable[int], stacklevel: int) -> None
     groups = [(i, optimizer.param_groups[i]) for i in group_indices]
     decayed = [(i, g) for i, g in groups if g.get("weight_decay", 0) != 0]
     if decayed:
-        described = "; ".join(f"param group {i} (weight_decay={g['weight_decay']}, {_names(g, range(len(g['params'])))})"
+        described = "; ".join(f"param group {i} (weight_decay={g['weight_decay']}, "
+                              f"{_names(g, range(len(g['params'])))})"
                               for i, g in decayed)
         warnings.warn(
             f"Fromage has no weight decay: the weight_decay of {described} is ignored. Fromage's "
