@@ -28,12 +28,14 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import threading
 import time
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import FrozenSet, Iterator, List, Optional
 
 import torch
 
@@ -465,6 +467,18 @@ def _register_fakes() -> None:
         return torch.empty_like(x, dtype=torch.bfloat16)
 
 
+@lru_cache(maxsize=None)
+def native_rules() -> FrozenSet[str]:
+    """The names of the rules the extension's kernels know: the entries of ``FF_RULES`` in
+    ``csrc/rules.h``, read from the sources the extension is built from (no build needed)."""
+    try:
+        text = (_build.CSRC / "rules.h").read_text()
+    except OSError:
+        return frozenset()
+    _, _, rules = text.partition("#define FF_RULES(X)")
+    return frozenset(re.findall(r'X\("([^"]+)"', rules))
+
+
 def _concat(lists):
     return lists[0] if len(lists) == 1 else [t for tensors in lists for t in tensors]
 
@@ -506,6 +520,10 @@ class NativeBackend(Backend):
         load()
         if self.device_type == "cuda" and not has_cuda_kernels():
             _fail(_no_cuda_kernels())
+
+    def has_rule(self, rule) -> bool:
+        # A rule without kernels in the extension: its groups go to the fallback backend.
+        return rule.name in native_rules()
 
     def run_pass(self, rule, index, call):
         _ensure_loaded()

@@ -84,13 +84,19 @@ class _Feed:
             group.writeback = writeback
 
 
+def _structure(rule, pg: dict) -> Tuple:
+    """What the plan of a param group is built for: the spec's structural entries, and which state
+    the group's values call for (``Rule.present``)."""
+    return rule.spec.structure(pg), rule.present(pg)
+
+
 class _GroupPlan:
     """The plan of one param group: its groups of tensors and what tells whether they still fit."""
 
     def __init__(self, rule, pg: dict):
         self.rule = rule
         self.pg = pg
-        self.structure = rule.spec.structure(pg)
+        self.structure = _structure(rule, pg)
         self.devices: List[torch.device] = []
         self.groups: List[Group] = []
         # Plain tensors: the record of pg["params"]; each group's gradients are one slice of what
@@ -111,7 +117,7 @@ class _GroupPlan:
         """Check this part of the plan and hand its groups this step's gradients and values; False: rebuild."""
         pg = self.pg
         spec = self.rule.spec
-        if spec.structure(pg) != self.structure:
+        if _structure(self.rule, pg) != self.structure:
             return False
         fresh = _per_step_values(spec, pg, self.devices, self.rule.title)
         if self.record is not None:

@@ -123,6 +123,12 @@ class Rule:
     def tensor_scalars(self, values: Mapping[str, Any]) -> Tuple[TensorScalar, ...]:
         return tuple(s for s in self.state if isinstance(s, TensorScalar) and s.when(values))
 
+    def present(self, values: Mapping[str, Any]) -> Tuple[bool, ...]:
+        """Which of the buffers and per-tensor scalars the values call for. Part of the step plan's
+        structure: a ``when`` may read a per-step value (LARS keeps its momentum buffer only while
+        ``momentum`` is not 0), and a change of its answer must rebuild the plan."""
+        return tuple(s.when(values) for s in self.state if isinstance(s, (Buffer, TensorScalar)))
+
     def group_scalars(self) -> Tuple[GroupScalar, ...]:
         return tuple(s for s in self.state if isinstance(s, GroupScalar))
 
