@@ -1,0 +1,78 @@
+"""LARS on the reference backend: a per-tensor loop that reads the step's scalars on the host.
+
+The test oracle's twin inside the engine (run on float64 copies): every decision is a Python ``if``
+on a number, written to be read against the rule (``rule.py``). The update is computed in the
+accumulation dtype (float64 for float64 tensors, else float32) and rounded once into ``p``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...engine.dtypes import accumulate_dtype
+from ...engine.spec import FLOAT32_MAX
+from .flags import ADAPT, MOMENTUM, NESTEROV, TRUST_CLIP
+
+
+def stats(params, grads, flags: int) -> torch.Tensor:
+    """``[n, 2]``: ``‖p‖², ‖g‖²`` of the raw (loss-scaled) gradient; zeros when nothing reads them."""
+    acc = accumulate_dtype(params[0].dtype)
+    if not flags & ADAPT:
+        return torch.zeros(len(params), 2, dtype=acc, device=params[0].device)
+    rows = [torch.stack([p.to(acc).square().sum(), g.to(acc).square().sum()]) for p, g in zip(params, grads)]
+    return torch.stack(rows)
+
+
+def trust_ratio(s_pp: float, s_gg: float, *, lr: float, weight_decay: float, trust_coeff: float, eps: float,
+                trust_clip: bool, scale: float) -> float:
+    p_norm, g_norm = math.sqrt(s_pp), math.sqrt(s_gg) / scale  # ‖g / grad_scale‖
+    r = trust_coeff * p_norm / (g_norm + weight_decay * p_norm + eps) if p_norm > 0 and g_norm > 0 else 1.0
+    if trust_clip:
+        # min(r / lr, 1); lr = 0 divides to +inf, so 1 (the step is zero either way)
+        r = 1.0 if lr == 0 else min(r / lr, 1.0)
+    return r
+
+
+def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf=None, grad_scale=None) -> None:
+    if found_inf is not None and float(found_inf) != 0:
+        return
+    lr = float(hyper[0])
+    if not 0 <= lr <= FLOAT32_MAX:  # a tensor lr edited to an unusable value: skipped (spec.usable_lr)
+        return
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    wd, mu, damp = float(values["weight_decay"]), float(values["momentum"]), float(values["dampening"])
+    for i, (p, g) in enumerate(zip(params, grads)):
+        acc = accumulate_dtype(p.dtype)
+        p_, d = p.to(acc), g.to(acc) / scale
+        if flags & ADAPT:
+            s_pp, s_gg = (float(x) for x in sums[i])
+            r = trust_ratio(s_pp, s_gg, lr=lr, weight_decay=wd, trust_coeff=float(values["trust_coeff"]),
+                            eps=float(values["eps"]), trust_clip=bool(flags & TRUST_CLIP), scale=scale)
+            d = (d + wd * p_) * r
+        if flags & MOMENTUM:
+            buf = bufs[i]
+            if float(started[i]) == 0:
+                buf.copy_(d)
+                started[i] = 1.0
+            else:
+                buf.copy_(mu * buf + (1 - damp) * d)
+            d = d + mu * buf if flags & NESTEROV else buf
+        p.copy_(p_ - lr * d)
+
+
+class Reference:
+    """The passes for ``backends/reference.py``."""
+
+    @staticmethod
+    def run_pass(index: int, call):
+        if index == 0:
+            params, grads = call.lists
+            return stats(params, grads, call.flags)
+        if call.flags & MOMENTUM:
+            params, bufs, grads = call.lists
+        else:
+            (params, grads), bufs = call.lists, None
+        apply(params, bufs, grads, call.sums, hyper=call.hyper, values=call.values, flags=call.flags,
+              started=call.scalars.get("momentum_started"), found_inf=call.found_inf, grad_scale=call.grad_scale)
+        return None
