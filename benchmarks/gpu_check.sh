@@ -34,7 +34,7 @@ clear_build_locks() {  # torch's FileBaton waits for ever on a lock a killed bui
 # Every third-party module the package, its tests and the benchmark import (tests/test_gpu_check.py
 # keeps the list whole), with what needs it.
 NEEDED_MODULES="torch:everything numpy:tests pytest:tests hypothesis:tests triton:the-triton-backend \
-ninja:the-extension-build tqdm:the-benchmark matplotlib:the-benchmark-plot sklearn:the-examples-tests"
+ninja:the-extension-build tqdm:the-benchmark matplotlib:the-benchmark-plot sklearn:the-examples-tests scipy:the-examples-tests"
 # Imported only where present (a contender or a test that is skipped without them): not checked.
 OPTIONAL_MODULES="apex:the-apex-FusedLAMB-contender torchvision:timm-in-the-integration-tests"
 
