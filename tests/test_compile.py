@@ -52,6 +52,24 @@ def test_a_step_that_creates_state_has_no_graph_breaks():
     _assert_no_graph_breaks("cpu", "foreach", warm=False)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_group_on_the_fallback_backend_has_no_graph_breaks(momentum):
+    # LARS has no C++ kernels: the cpu backend's groups go to foreach, and float64 would too. The
+    # compiled step builds its plan while traced: which backend takes a group, and the fallback
+    # itself, must be decided without host work dynamo cannot trace (file reads, module discovery).
+    from fromage_fused.rules.lars import LARS
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (5,)]]
+    opt = LARS(params, lr=torch.tensor(0.1), momentum=momentum, weight_decay=1e-2, backend="cpu")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    assert {g.backend.name for g in opt._plan.groups} == {"foreach"}
+    breaks, reasons = _graph_breaks(opt.step)
+    assert breaks == 0, reasons
+
+
 def test_compiled_triton_step_matches_eager():
     triton_on_cpu()
     # The triton phases are opaque custom ops to the compiler: fullgraph holds and the compiled step

@@ -498,6 +498,9 @@ class NativeBackend(Backend):
         self.name = name
         self.device_type = device_type
         self.priority = priority
+        # Read once here, not in ``has_rule``: a step under torch.compile builds its plan (and so
+        # picks each group's backend) while it is traced, and the file read breaks the graph.
+        self.rules = native_rules()
 
     def priority_on(self, device):
         return self.priority if torch.device(device).type == self.device_type else -1
@@ -523,7 +526,7 @@ class NativeBackend(Backend):
 
     def has_rule(self, rule) -> bool:
         # A rule without kernels in the extension: its groups go to the fallback backend.
-        return rule.name in native_rules()
+        return rule.name in self.rules
 
     def run_pass(self, rule, index, call):
         _ensure_loaded()

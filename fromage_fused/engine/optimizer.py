@@ -46,6 +46,7 @@ class EngineOptimizer(Optimizer):
         # the optimizer must not shift the random stream of a run that does not use it.
         self._sr_base = None if seed is None else rounding.initial_seed(seed)
         self._device_backends: Dict[torch.device, _backends.Backend] = {}
+        self._fallback_backend: Optional[_backends.Backend] = None
         self._plan = None
         self._plan_generation = 0
         # The rule's warnings about the groups are given once for the whole construction.
@@ -125,6 +126,7 @@ class EngineOptimizer(Optimizer):
         self.__dict__.setdefault("backend", _backends.AUTO)
         self.__dict__.setdefault("_sr_base", None)
         self.__dict__.setdefault("_device_backends", {})
+        self.__dict__.setdefault("_fallback_backend", None)
         self.__dict__.setdefault("monitor", False)
         self.__dict__.setdefault("_last_records", None)
         self._invalidate_plan()
@@ -137,6 +139,7 @@ class EngineOptimizer(Optimizer):
         backend = self._device_backends.get(device)
         if backend is None:
             backend = self._device_backends[device] = _backends.resolve(self.backend, device)
+            self._fallback()
         return backend
 
     def backends(self) -> Dict[torch.device, str]:
@@ -145,9 +148,14 @@ class EngineOptimizer(Optimizer):
         devices = dict.fromkeys(p.device for group in self.param_groups for p in group["params"])
         return {device: self._backend_for(device).name for device in devices}
 
-    @staticmethod
-    def _fallback() -> _backends.Backend:
-        return _backends.get(_backends.FALLBACK)
+    def _fallback(self) -> _backends.Backend:
+        # The backend of a group whose rule or dtype its device's backend does not step; looked up
+        # once, eagerly with the first device's backend: a compiled step builds its plan while it
+        # is traced, and the registry's lookup (module discovery) breaks the graph.
+        backend = self._fallback_backend
+        if backend is None:
+            backend = self._fallback_backend = _backends.get(_backends.FALLBACK)
+        return backend
 
     # -- the step ------------------------------------------------------------------------------------------
 
