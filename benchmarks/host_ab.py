@@ -1,12 +1,15 @@
 """Host work of two checkouts, side by side: the host-overhead preset run alternately from each.
 
     python benchmarks/host_ab.py --a /path/to/checkout-a --b /path/to/checkout-b [--rounds 5]
+        [--python-a venv-a/bin/python --python-b venv-b/bin/python]
 
 Each round runs ``python -m fromage_fused.bench --presets host-overhead --threads 1`` once from
 each checkout (A then B, then B then A in the next round, so that drift on a shared machine falls
 on both) for the same contenders, and the table gives, per contender, the median over rounds of
 each checkout's median step in microseconds per tensor and the ratio B / A. Every run builds or
-loads its checkout's own C++ extension (the build is keyed by the sources).
+loads its checkout's own C++ extension (the build is keyed by the sources). A checkout whose
+Triton kernels differ needs an interpreter of its own (a virtual environment with the checkout
+installed editable): ``fromage_fused.kernels`` comes from the install, not from PYTHONPATH.
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ from pathlib import Path
 CONTENDERS = "fromage:cpu,bound:cpu,stub:triton,fromage:foreach"
 
 
-def run(checkout: Path, contenders: str, repeats: int, out: Path, name: str) -> dict:
+def run(python: str, checkout: Path, contenders: str, repeats: int, out: Path, name: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    cmd = [sys.executable, "-m", "fromage_fused.bench", "--device", "cpu", "--presets", "host-overhead",
+    cmd = [python, "-m", "fromage_fused.bench", "--device", "cpu", "--presets", "host-overhead",
            "--contenders", contenders, "--threads", "1", "--repeats", str(repeats), "--out", str(out),
            "--name", name, "--no-plot", "--no-progress"]
     subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -36,6 +39,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--a", required=True, type=Path, help="checkout A (the baseline)")
     ap.add_argument("--b", required=True, type=Path, help="checkout B")
+    ap.add_argument("--python-a", default=sys.executable, help="the interpreter for checkout A")
+    ap.add_argument("--python-b", default=sys.executable, help="the interpreter for checkout B")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--contenders", default=CONTENDERS)
@@ -43,9 +48,9 @@ def main(argv=None) -> None:
     samples = {"A": {}, "B": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.rounds):
-            order = [("A", args.a), ("B", args.b)] if k % 2 == 0 else [("B", args.b), ("A", args.a)]
-            for label, checkout in order:
-                got = run(checkout.resolve(), args.contenders, args.repeats, Path(tmp), f"{label}{k}")
+            a, b = ("A", args.python_a, args.a), ("B", args.python_b, args.b)
+            for label, python, checkout in ([a, b] if k % 2 == 0 else [b, a]):
+                got = run(python, checkout.resolve(), args.contenders, args.repeats, Path(tmp), f"{label}{k}")
                 for contender, us in got.items():
                     samples[label].setdefault(contender, []).append(us)
             print(f"round {k + 1}/{args.rounds} done", file=sys.stderr, flush=True)
