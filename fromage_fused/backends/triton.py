@@ -28,11 +28,12 @@ import contextlib
 import importlib.util
 import itertools
 import os
+import pkgutil
 import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import FrozenSet, List, Optional
 
 import torch
 
@@ -103,6 +104,16 @@ def _kernels():
     from fromage_fused.kernels import engine_pass
 
     return engine_pass
+
+
+def kernel_rules() -> FrozenSet[str]:
+    """The rules that have Triton helpers (``kernels/rule_<name>.py``), found without importing
+    them (importing the kernels decides whether they run under the interpreter)."""
+    spec = importlib.util.find_spec("fromage_fused.kernels")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    names = (m.name for m in pkgutil.iter_modules(spec.submodule_search_locations))
+    return frozenset(n[len("rule_"):] for n in names if n.startswith("rule_"))
 
 
 def _rule_kernels(rule):
@@ -316,6 +327,9 @@ class TritonBackend(Backend):
         self.table_builds = 0
         self.token = next(_TOKENS)
         _INSTANCES[self.token] = self
+        # Found once: a compiled step builds its plan while it is traced, and the search for a
+        # rule's module (importlib's find_spec) breaks the graph on older torch (2.6).
+        self.rules = kernel_rules()
 
     # -- availability -------------------------------------------------------------------------
 
@@ -352,7 +366,7 @@ class TritonBackend(Backend):
         return CUDA_CONFIGS[dtype] if device.type == "cuda" else INTERPRETER_CONFIG
 
     def has_rule(self, rule) -> bool:
-        return importlib.util.find_spec(f"fromage_fused.kernels.rule_{rule.name}") is not None
+        return rule.name in self.rules
 
     # -- checks ---------------------------------------------------------------------------------
 
