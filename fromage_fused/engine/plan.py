@@ -208,11 +208,17 @@ class _Build:
         self.title = opt.rule.title
         self.keep = keep
         self.pending = _state.Pending(opt.state)
-        self.counters: Dict[int, Tuple[torch.Tensor, int, dict]] = {}
+        self.counters: List[Tuple[torch.Tensor, int, dict]] = []
         # Every tensor the backends will step, its gradient and where it is, for the overlap check.
         self.stepped_p: List[torch.Tensor] = []
         self.stepped_g: List[torch.Tensor] = []
         self.places: List[Tuple[int, int]] = []
+
+    def counter(self, value: torch.Tensor, advance: int, pg: dict) -> None:
+        """A per-group scalar to advance after the step, once however many groups share it (found
+        by identity: dynamo in torch 2.6 cannot take the id() of a tensor made while it traces)."""
+        if not any(v is value for v, _, _ in self.counters):
+            self.counters.append((value, advance, pg))
 
     def stepped(self, index: int, positions: Sequence[int], params, grads) -> None:
         self.stepped_p += params
@@ -296,7 +302,7 @@ def _counters(b: _Build, part: _GroupPlan, index: int, values) -> None:
         if spec.where == "group":
             value = _state.group_kept_scalar(b.opt, part.pg, spec, index, b.pending, b.title)
             if value is not None:
-                b.counters[id(value)] = (value, spec.advance, part.pg)
+                b.counter(value, spec.advance, part.pg)
                 part.group_refs.append((spec.name, value))
                 for g in part.groups:
                     g.counters[spec.name] = value
@@ -308,7 +314,7 @@ def _counters(b: _Build, part: _GroupPlan, index: int, values) -> None:
             if key not in made:
                 made[key] = _state.group_scalar(b.opt, params, spec, index, g.device, b.pending, b.title)
                 anchor, value = made[key]
-                b.counters[id(value)] = (value, spec.advance, part.pg)
+                b.counter(value, spec.advance, part.pg)
                 part.state_refs.append(([anchor], spec.name, [value]))
             g.counters[spec.name] = made[key][1]
 
@@ -360,4 +366,4 @@ def build(opt, *, keep: bool = True) -> StepPlan:
     state = opt.state
     for part in parts:
         part.state_refs = [([state[p] for p in entries], key, held) for entries, key, held in part.state_refs]
-    return StepPlan(opt, parts, list(b.counters.values()))
+    return StepPlan(opt, parts, b.counters)
