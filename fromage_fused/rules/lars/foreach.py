@@ -83,6 +83,10 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
     va, vb = (views[-2], views[-1]) if momentum else (None, None)
     width = torch.empty((), dtype=acc).element_size()
     whole = len(params)
+    # Whether the update goes to copies first (upcast, or kept only where the step is applied). A
+    # flag, not ``work is not run.params``: dynamo in torch 2.6 traces ``is`` between two lists as
+    # a comparison of their elements, which on tensors breaks the graph.
+    copied = low or keep is not None
     for run in _fe.runs(params, grads, 5 * width, split=False):
         def pick(v, owner=run.owner):
             return v if len(owner) == whole else [v[i] for i in owner]
@@ -91,7 +95,7 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
         d = [g.to(acc, copy=True) for g in run.grads] if low else torch._foreach_mul(run.grads, pick(vg))
         if low:
             torch._foreach_mul_(d, pick(vg))
-        work = [p.to(acc, copy=True) for p in run.params] if low or keep is not None else run.params
+        work = [p.to(acc, copy=True) for p in run.params] if copied else run.params
         if vp is not None:
             torch._foreach_add_(d, torch._foreach_mul(work, pick(vp)))
         u = d
@@ -105,7 +109,7 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
                 u = new_bufs
             _write(run_bufs, new_bufs, keep)
         torch._foreach_sub_(work, torch._foreach_mul(u, hyper[LR]))
-        if work is not run.params:
+        if copied:
             _write(run.params, work, keep)
         del d, u, work
     if momentum:
