@@ -22,6 +22,7 @@ from torch import nn
 
 import _oracle_lamb
 import _oracle_lars
+from _param_split import schedule, split
 from fromage_fused.bench import external
 from tolerances import TIMM_PARITY_TOL
 
@@ -90,24 +91,6 @@ def _model(name):
     return MODELS[name]().double()
 
 
-def _split(model):
-    """Matrices and filters (decayed) and vectors (not decayed): the usual two groups."""
-    params = list(model.parameters())
-    return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
-
-
-def _schedule(grads, step, group_of):
-    """None for some parameters on some steps, all zeros for others; parameter 1 gets its first
-    gradient at step 10; group 1 gets none at all on steps 3, 53, 103 and 153."""
-    out = []
-    for i, g in enumerate(grads):
-        if (i + step) % 7 == 0 or (i == 1 and step < 10) or (group_of[i] == 1 and step % 50 == 3):
-            out.append(None)
-        elif (i + step) % 5 == 0:
-            out.append(torch.zeros_like(g))
-        else:
-            out.append(g)
-    return out
 
 
 # ---------------------------------------------------------------- the parity harness
@@ -121,7 +104,7 @@ def _run(kind, timm_cls, model_name, digits, options, *, lr, foreach=None, steps
     x_all, y_all = digits
     model = _model(model_name)
     twin = copy.deepcopy(model)
-    mine, theirs = _split(model), _split(twin)
+    mine, theirs = split(model), split(twin)
     options = dict(options)
     max_grad_norm = options.pop("max_grad_norm", _oracle_lamb.MAX_GRAD_NORM)
     no_decay = {"weight_decay": 0.0}
@@ -140,7 +123,7 @@ def _run(kind, timm_cls, model_name, digits, options, *, lr, foreach=None, steps
         start = step * batch % (len(y_all) - batch)
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x_all[start:start + batch]), y_all[start:start + batch]).backward()
-        grads = _schedule([p.grad for p in mine[0] + mine[1]], step, group_of)
+        grads = schedule([p.grad for p in mine[0] + mine[1]], step, group_of)
         groups[0]["grads"], groups[1]["grads"] = grads[:len(mine[0])], grads[len(mine[0]):]
         for p, g in zip(flat_theirs, grads):
             p.grad = None if g is None else g.clone()

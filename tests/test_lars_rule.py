@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import _oracle_lars
+from _param_split import schedule, split
 from _host_reads import forbid_host_reads
 from fromage_fused import backends
 from fromage_fused.rules.lars import LARS, LARS_RULE
@@ -83,24 +84,6 @@ def _batch(step, dtype):
     return torch.randn(32, 64, generator=gen).to(dtype), torch.randint(0, 10, (32,), generator=gen)
 
 
-def _split(model):
-    """Matrices and filters (decayed), vectors (not): the usual two groups."""
-    params = list(model.parameters())
-    return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
-
-
-def _schedule(grads, step, group_of):
-    """None for some parameters on some steps, all zeros for others; parameter 1's first gradient
-    comes at step 10; group 1 has none at all on steps 3, 53, 103 and 153."""
-    out = []
-    for i, g in enumerate(grads):
-        if (i + step) % 7 == 0 or (i == 1 and step < 10) or (group_of[i] == 1 and step % 50 == 3):
-            out.append(None)
-        elif (i + step) % 5 == 0:
-            out.append(torch.zeros_like(g))
-        else:
-            out.append(g)
-    return out
 
 
 def _close(got, want, tol, what):
@@ -134,7 +117,7 @@ def _gradients(model, ours, step, dtype):
     x, y = _batch(step, dtype)
     F.cross_entropy(model(x).float(), y).backward()
     flat = ours[0] + ours[1]
-    grads = _schedule([p.grad for p in flat], step, [0] * len(ours[0]) + [1] * len(ours[1]))
+    grads = schedule([p.grad for p in flat], step, [0] * len(ours[0]) + [1] * len(ours[1]))
     for p, g in zip(flat, grads):
         p.grad = g
     return [None if g is None else g.double().clone() for g in grads]
@@ -152,7 +135,7 @@ def _hand(groups, grads, n0):
 @pytest.mark.parametrize("options,lr", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_float64_training_matches_the_oracle(backend, model_name, options, lr):
     model = _model(model_name, torch.float64)
-    ours = _split(model)
+    ours = split(model)
     opt = LARS([{"params": ours[0]}, {"params": ours[1], "weight_decay": 0.0}], lr=lr, backend=backend, **options)
     groups = _oracle_groups(ours, options, lr)
     for step in range(STEPS):
@@ -177,7 +160,7 @@ def test_low_precision_steps_match_the_oracle(backend, dtype, model_name, case):
     # started buffers) with the same gradients.
     options, lr = CASES[case]
     model = _model(model_name, dtype)
-    ours = _split(model)
+    ours = split(model)
     opt = LARS([{"params": ours[0]}, {"params": ours[1], "weight_decay": 0.0}], lr=lr, backend=backend, **options)
     for step in range(20):
         groups = _oracle_groups(ours, options, lr)

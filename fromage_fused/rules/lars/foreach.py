@@ -20,6 +20,7 @@ import torch
 from ...backends import foreach as _fe
 from ...engine.dtypes import LOW_PRECISION, accumulate_dtype
 from ...engine.spec import usable_lr
+from . import passes
 from .flags import ADAPT, MOMENTUM, NESTEROV, TRUST_CLIP
 
 # the packed hyper-parameters' slots (the spec's order: LARS_RULE.spec.slots)
@@ -129,13 +130,4 @@ class Foreach:
 
     @staticmethod
     def run_pass(index: int, call):
-        if index == 0:
-            params, grads = call.lists
-            return stats(params, grads, call.flags)
-        if call.flags & MOMENTUM:
-            params, bufs, grads = call.lists
-        else:
-            (params, grads), bufs = call.lists, None
-        apply(params, bufs, grads, call.sums, hyper=call.hyper, values=call.values, flags=call.flags,
-              started=call.scalars.get("momentum_started"), found_inf=call.found_inf, grad_scale=call.grad_scale)
-        return None
+        return passes.run_pass(index, call, stats, apply)
