@@ -479,9 +479,10 @@ class TritonBackend(Backend):
 
     def _run(self, rule, index, lists, sums, hyper, flags, scalars, globals_, found_inf, grad_scale, seed):
         spec = rule.passes[index]
+        names, writes = spec.lists_for(flags)
         device, dtype = self._group(lists)
         n = len(lists[0])
-        param = [k for k, name in enumerate(spec.lists) if name in ("p", "g")]
+        param = [k for k, name in enumerate(names) if name in ("p", "g")]
         dtypes = tuple(dtype if k in param else torch.float32 for k in range(len(lists)))
         prev = rule.passes[index - 1].sums if index > 0 else 0
         if sums is not None and (tuple(sums.shape) != (n, prev) or sums.device != device):
@@ -499,7 +500,6 @@ class TritonBackend(Backend):
         cfg = self._config(device, dtype)
         hyper = hyper.to(torch.float32).contiguous()
         sums = None if sums is None else sums.to(torch.float32).contiguous()
-        writes = spec.writes
         use_sr = seed is not None and dtype == torch.bfloat16 and any(k in param for k in range(writes))
         with _on(device):
             use = _Use(device)
@@ -545,10 +545,10 @@ def _pass_op(rule: str, index: int, writes: List[torch.Tensor], reads: List[torc
     from ..rules import registered
 
     the_rule = registered()[rule]
-    spec = the_rule.passes[index]
+    count = len(the_rule.passes[index].lists_for(flags)[0])
     tensors = list(writes) + list(reads)
-    n = len(tensors) // len(spec.lists)
-    lists = [tensors[k * n:(k + 1) * n] for k in range(len(spec.lists))]
+    n = len(tensors) // count
+    lists = [tensors[k * n:(k + 1) * n] for k in range(count)]
     return _INSTANCES[backend]._run(the_rule, index, lists, sums, hyper, flags, list(scalars), globals, found_inf,
                                     grad_scale, seed)
 

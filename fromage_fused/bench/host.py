@@ -118,11 +118,11 @@ def _stub_cuda(contenders):
 class _StubOps:
     """Stands for ``torch.ops.fromage_fused``: same arguments, no work."""
 
-    def pass_(self, rule, index, writes, reads, *args):
+    def pass_(self, rule, index, writes, reads, sums, hyper, flags, *args):
         from ..rules import registered
 
         spec = registered()[rule].passes[index]
-        return torch.zeros((len(writes) + len(reads)) // len(spec.lists), spec.sums)
+        return torch.zeros((len(writes) + len(reads)) // len(spec.lists_for(flags)[0]), spec.sums)
 
 
 def contenders_for(device, settings, contenders) -> List:

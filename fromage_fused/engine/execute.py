@@ -15,7 +15,6 @@ import torch
 
 from .dtypes import accumulate_dtype
 from .groups import Group
-from .rule import Buffer
 
 __all__ = ["Call", "execute", "run_pass", "prepare"]
 
@@ -98,16 +97,12 @@ def _run(call: Call, index: int) -> Optional[torch.Tensor]:
     group = call.group
     spec = call.rule.passes[index]
     call.index = index
-    names, writes = spec.lists, spec.writes
-    if not all(n in ("p", "g") or n in group.buffers for n in names):
-        # A buffer the group's values do not call for (``Buffer.when``: LARS without momentum) is
-        # left out of the lists, and out of the written ones; any other missing list is an error.
-        unused = {s.name for s in call.rule.state if isinstance(s, Buffer)} - \
-            {b.name for b in call.rule.buffers(group.values)}
-        writes -= sum(n in unused for n in names[:writes])
-        names = tuple(n for n in names if n not in unused)
+    names, call.writes = spec.lists_for(call.flags)
     call.lists = group.lists(names)
-    call.writes = writes
+    if not spec.runs(call.flags):
+        # Nothing reads this pass's sums under these flags: zeros, without a look at the data.
+        return torch.zeros(call.n, spec.sums, dtype=accumulate_dtype(call.dtype), device=call.device) \
+            if spec.sums else None
     return group.backend.run_pass(call.rule, index, call)
 
 

@@ -41,7 +41,7 @@ def _fake(rule: str, index: int, writes: List[torch.Tensor], reads: List[torch.T
     from ..rules import registered
 
     spec = registered()[rule].passes[index]
-    n = (len(writes) + len(reads)) // len(spec.lists)
+    n = (len(writes) + len(reads)) // len(spec.lists_for(flags)[0])
     return hyper.new_empty((n, spec.sums), dtype=torch.float32)
 
 

@@ -7,6 +7,12 @@ per-tensor sums (an ``[n, sums]`` tensor in the accumulation dtype) that the nex
 per-tensor coefficients read. After a pass with ``combine``, the rule's :meth:`Rule.combine` turns
 every group's sums (of whole tensors: sharded ones are all-reduced first) into global values
 that every group's next pass receives.
+
+What a pass touches may depend on the flags the rule computes for the step (never on a tensor's
+value): a list named in ``optional`` is present only when its flag bit is set (LARS's momentum
+buffer), and a pass with ``when`` runs only when one of those bits is set (else its sums are zeros,
+and nothing is read). Every backend, the kernels and the ops' fake implementation see the same
+lists: :meth:`Pass.lists_for`.
 """
 from __future__ import annotations
 
@@ -28,6 +34,21 @@ class Pass:
     writes: int = 0
     sums: int = 0
     combine: bool = False
+    #: ``(list name, flag bit)`` pairs: the list is present only when the bit is set in the flags
+    optional: Tuple[Tuple[str, int], ...] = ()
+    #: flag bits of which one must be set for the pass to run (0: it always runs)
+    when: int = 0
+
+    def lists_for(self, flags: int) -> Tuple[Tuple[str, ...], int]:
+        """The lists present under ``flags``, in order, and how many of them are written."""
+        if not self.optional:
+            return self.lists, self.writes
+        absent = {name for name, bit in self.optional if not flags & bit}
+        names = tuple(n for n in self.lists if n not in absent)
+        return names, self.writes - sum(n in absent for n in self.lists[:self.writes])
+
+    def runs(self, flags: int) -> bool:
+        return not self.when or bool(flags & self.when)
 
 
 def _always(values) -> bool:

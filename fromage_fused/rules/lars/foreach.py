@@ -28,12 +28,10 @@ LR, MU, DAMPENING, WD, TRUST_COEFF, EPS = range(6)
 
 
 def stats(params, grads, flags: int) -> torch.Tensor:
-    """``[n, 2]``: ``‖p‖², ‖g‖²`` (raw gradient); zeros, without a pass over the data, when not adapting."""
+    """``[n, 2]``: ``‖p‖², ‖g‖²`` (raw gradient); run only when adapting (the pass's ``when``)."""
     dtype = params[0].dtype
     acc = accumulate_dtype(dtype)
     n = len(params)
-    if not flags & ADAPT:
-        return torch.zeros(n, 2, dtype=acc, device=params[0].device)
     # On CPU, norms over pieces combined as a tree (torch's norm of one long tensor drifts with length).
     p_norms, g_norms, owner = [], [], []
     for run in _fe.runs(params, grads, 4 if dtype in LOW_PRECISION else 0, piece=_fe.norm_piece(params)):

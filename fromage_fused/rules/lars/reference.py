@@ -17,10 +17,8 @@ from .flags import ADAPT, MOMENTUM, NESTEROV, TRUST_CLIP
 
 
 def stats(params, grads, flags: int) -> torch.Tensor:
-    """``[n, 2]``: ``‖p‖², ‖g‖²`` of the raw (loss-scaled) gradient; zeros when nothing reads them."""
+    """``[n, 2]``: ``‖p‖², ‖g‖²`` of the raw (loss-scaled) gradient (run only when adapting)."""
     acc = accumulate_dtype(params[0].dtype)
-    if not flags & ADAPT:
-        return torch.zeros(len(params), 2, dtype=acc, device=params[0].device)
     rows = [torch.stack([p.to(acc).square().sum(), g.to(acc).square().sum()]) for p, g in zip(params, grads)]
     return torch.stack(rows)
 

@@ -89,8 +89,8 @@ class LarsRule(Rule):
     state = (Buffer("momentum_buffer", when=_momentum),
              TensorScalar("momentum_started", torch.float32, NOT_STARTED, when=_momentum))
     passes = (
-        Pass("stats", lists=("p", "g"), sums=2),
-        Pass("apply", lists=("p", "momentum_buffer", "g"), writes=2),
+        Pass("stats", lists=("p", "g"), sums=2, when=ADAPT),
+        Pass("apply", lists=("p", "momentum_buffer", "g"), writes=2, optional=(("momentum_buffer", MOMENTUM),)),
     )
     reference = Reference()
     foreach = Foreach()
