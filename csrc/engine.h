@@ -1,9 +1,10 @@
 // What the engine hands a rule's kernel code, on the CPU and on CUDA alike (plain C++: no torch,
 // no CUDA headers). A rule (rule_<name>.h) is a struct with kName (its Python name), kPasses,
 // kHyper (how many packed hyper-parameters it reads), kLrSlot (the slot of its lr, or -1),
-// kScalarNames and scalars(flags) (its
-// per-tensor scalar states and how many a step with these flags carries), and, per pass P, a
-// nested Pass<P> that says
+// kScalarNames and scalars(flags) (its per-tensor scalar states and how many a step with these
+// flags carries), kernel_pass(index, flags) (the kernel pass that runs the rule's Python pass
+// `index`: one kernel pass per set of lists present), and, per kernel pass P, a nested Pass<P>
+// that says
 //
 //   kLists, kWrites, kSums    the tensor lists the pass reads (the first kWrites are written in
 //                             place) and the per-tensor sums it reduces;

@@ -357,7 +357,8 @@ at::Tensor pass_cpu(c10::string_view rule, int64_t index, at::TensorList writes,
   const std::string_view name(rule.data(), rule.size());
 #define FF_DISPATCH(rule_name, Functor)                                                                            \
   if (name == rule_name)                                                                                           \
-    return pass_of<Functor>(index, writes, reads, sums, hyper, flags, scalars, globals, found_inf, grad_scale, seed);
+    return pass_of<Functor>(Functor::kernel_pass(index, flags), writes, reads, sums, hyper, flags, scalars, globals, \
+                            found_inf, grad_scale, seed);
   FF_RULES(FF_DISPATCH)
 #undef FF_DISPATCH
   TORCH_CHECK(false, "fromage_fused: the native kernels have no rule ", name);

@@ -24,6 +24,7 @@ struct FromageRule {
   enum Scalar : int { kMaxNorm = 0 };
   static constexpr const char* kScalarNames[] = {"max_norm"};
   static FF_HD int scalars(int64_t flags) { return (flags & kBound) ? 1 : 0; }
+  static int kernel_pass(int64_t index, int64_t) { return static_cast<int>(index); }
 
   // p <- round(round(cp * p) + round(cg * g)).
   struct Coef {

@@ -1,8 +1,8 @@
 """The engine's Triton kernels: one pass of any rule over a group of tensors, two launches at most.
 
 ``pass_kernel`` runs one program per chunk (tables: ``fromage_table.py``). A program computes its
-tensor's coefficients with the rule's ``COEF`` helper, then walks the chunk's elements in blocks:
-it loads the pass's ``L`` lists (``x0..x3``, in fp32), hands them to the rule's ``BODY``, stores
+tensor's coefficients (six scalars) with the rule's ``COEF`` helper, then walks the chunk's
+elements in blocks: it loads the pass's ``L`` lists (``x0..x3``, in fp32), hands them to the rule's ``BODY``, stores
 the first ``W`` results (rounded to the list's dtype: bf16 by the shared integer recipe, to
 nearest or stochastically) and accumulates the first ``S`` sum terms; the chunk's ``S`` partial
 sums go to ``partials``. ``reduce_kernel`` then adds each tensor's partials in a fixed order, so
@@ -43,7 +43,7 @@ def _store(ptr, y, mask, idx, stream, MASKED: tl.constexpr, SR: tl.constexpr):
 
 
 @device_function
-def _block(p0, p1, p2, p3, mask, idx, k0, k1, k2, k3, stream, acc0, acc1, acc2, BODY: tl.constexpr,
+def _block(p0, p1, p2, p3, mask, idx, k0, k1, k2, k3, k4, k5, stream, acc0, acc1, acc2, BODY: tl.constexpr,
            L: tl.constexpr, W: tl.constexpr, S: tl.constexpr, FLAGS: tl.constexpr, MASKED: tl.constexpr,
            SR: tl.constexpr):
     """One block of elements: ``p0..p3`` are blocks of pointers, ``idx`` the elements' flat indices."""
@@ -57,7 +57,7 @@ def _block(p0, p1, p2, p3, mask, idx, k0, k1, k2, k3, stream, acc0, acc1, acc2, 
         x2 = _load(p2, mask, MASKED)
     if L > 3:
         x3 = _load(p3, mask, MASKED)
-    y0, y1, a0, a1, a2 = BODY(k0, k1, k2, k3, x0, x1, x2, x3, FLAGS)
+    y0, y1, a0, a1, a2 = BODY(k0, k1, k2, k3, k4, k5, x0, x1, x2, x3, FLAGS)
     if W > 0:
         _store(p0, y0, mask, idx, stream, MASKED, SR)
     if W > 1:
@@ -72,15 +72,15 @@ def _block(p0, p1, p2, p3, mask, idx, k0, k1, k2, k3, stream, acc0, acc1, acc2, 
 
 
 @device_function
-def _sweep(q0, q1, q2, q3, start, n_full, k0, k1, k2, k3, stream, acc0, acc1, acc2, BODY: tl.constexpr,
+def _sweep(q0, q1, q2, q3, start, n_full, k0, k1, k2, k3, k4, k5, stream, acc0, acc1, acc2, BODY: tl.constexpr,
            L: tl.constexpr, W: tl.constexpr, S: tl.constexpr, FLAGS: tl.constexpr, BLOCK: tl.constexpr,
            SR: tl.constexpr):
     """Unmasked full blocks; ``q0..q3`` point at the chunk's first element, ``start``."""
     lanes = tl.arange(0, BLOCK)
     for off in range(0, loop_bound(n_full) * BLOCK, BLOCK):
         acc0, acc1, acc2 = _block(q0 + off + lanes, q1 + off + lanes, q2 + off + lanes, q3 + off + lanes, None,
-                                  start + off + lanes, k0, k1, k2, k3, stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS,
-                                  False, SR)
+                                  start + off + lanes, k0, k1, k2, k3, k4, k5, stream, acc0, acc1, acc2, BODY, L, W, S,
+                                  FLAGS, False, SR)
     return acc0, acc1, acc2
 
 
@@ -114,12 +114,12 @@ def _pointers(addrs_ptr, t, n, head, D0: tl.constexpr, D1: tl.constexpr, D2: tl.
 
 
 @device_function
-def _masked(q0, q1, q2, q3, offs, end, k0, k1, k2, k3, stream, BODY: tl.constexpr, L: tl.constexpr,
+def _masked(q0, q1, q2, q3, offs, end, k0, k1, k2, k3, k4, k5, stream, BODY: tl.constexpr, L: tl.constexpr,
             W: tl.constexpr, S: tl.constexpr, FLAGS: tl.constexpr, BLOCK: tl.constexpr, SR: tl.constexpr):
     """One masked block (elements ``offs < end``); its sum terms summed over the block."""
     zero = tl.full([BLOCK], 0.0, tl.float32)
-    a0, a1, a2 = _block(q0 + offs, q1 + offs, q2 + offs, q3 + offs, offs < end, offs, k0, k1, k2, k3, stream, zero,
-                        zero, zero, BODY, L, W, S, FLAGS, True, SR)
+    a0, a1, a2 = _block(q0 + offs, q1 + offs, q2 + offs, q3 + offs, offs < end, offs, k0, k1, k2, k3, k4, k5, stream,
+                        zero, zero, zero, BODY, L, W, S, FLAGS, True, SR)
     return block_sum(a0), block_sum(a1), block_sum(a2)
 
 
@@ -147,8 +147,8 @@ def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr
         go = go & (tl.load(found_inf_ptr) == 0)
     if go:
         t, start, lo, hi, first, flags, head = chunk_of(layout_ptr, addrs_ptr, c, n, BLOCK, L)
-        k0, k1, k2, k3 = COEF(t, c == first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, grad_scale_ptr, FLAGS,
-                              HAS_GRAD_SCALE)
+        k0, k1, k2, k3, k4, k5 = COEF(t, c == first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, grad_scale_ptr,
+                                      FLAGS, HAS_GRAD_SCALE)
         stream = tl.full((), 0, tl.uint32)
         if SR:
             stream = sr_stream(tl.load(seed_ptr), t)
@@ -161,18 +161,18 @@ def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr
             # elements from there: unmasked 16-byte vector accesses.
             q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, True)
             acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, lo, n_full, k0, k1, k2, k3,
-                                      stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
+                                      k4, k5, stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
         elif PATHS == UNALIGNED_PATH:
             q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, False)
-            acc0, acc1, acc2 = _sweep(q0 + lo, q1 + lo, q2 + lo, q3 + lo, lo, n_full, k0, k1, k2, k3,
+            acc0, acc1, acc2 = _sweep(q0 + lo, q1 + lo, q2 + lo, q3 + lo, lo, n_full, k0, k1, k2, k3, k4, k5,
                                       stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
         elif (flags & ALIGNED_FLAG) != 0:
             q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, True)
             acc0, acc1, acc2 = _sweep(q0 + start, q1 + start, q2 + start, q3 + start, lo, n_full, k0, k1, k2, k3,
-                                      stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
+                                      k4, k5, stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
         else:
             q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, False)
-            acc0, acc1, acc2 = _sweep(q0 + lo, q1 + lo, q2 + lo, q3 + lo, lo, n_full, k0, k1, k2, k3,
+            acc0, acc1, acc2 = _sweep(q0 + lo, q1 + lo, q2 + lo, q3 + lo, lo, n_full, k0, k1, k2, k3, k4, k5,
                                       stream, acc0, acc1, acc2, BODY, L, W, S, FLAGS, BLOCK, SR)
         # The full blocks' sums, then the masked parts' (summed apart, so that the block-wide
         # accumulators are not live across them: registers).
@@ -182,13 +182,13 @@ def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr
         q0, q1, q2, q3 = _pointers(addrs_ptr, t, n, head, D0, D1, D2, D3, Z0, Z1, Z2, Z3, L, False)
         done = lo + n_full * BLOCK
         if done < hi:  # a masked block for the chunk's last elements, where it has some
-            m0, m1, m2 = _masked(q0, q1, q2, q3, done + tl.arange(0, BLOCK), hi, k0, k1, k2, k3, stream, BODY, L, W,
-                                 S, FLAGS, BLOCK, SR)
+            m0, m1, m2 = _masked(q0, q1, q2, q3, done + tl.arange(0, BLOCK), hi, k0, k1, k2, k3, k4, k5, stream, BODY,
+                                 L, W, S, FLAGS, BLOCK, SR)
             sum0 += m0
             sum1 += m1
             sum2 += m2
         if (c == first) & (head > 0):  # the elements before the aligned part
-            m0, m1, m2 = _masked(q0, q1, q2, q3, tl.arange(0, BLOCK).to(tl.int64), head, k0, k1, k2, k3, stream,
+            m0, m1, m2 = _masked(q0, q1, q2, q3, tl.arange(0, BLOCK).to(tl.int64), head, k0, k1, k2, k3, k4, k5, stream,
                                  BODY, L, W, S, FLAGS, BLOCK, SR)
             sum0 += m0
             sum1 += m1

@@ -52,20 +52,22 @@ def test_a_step_that_creates_state_has_no_graph_breaks():
     _assert_no_graph_breaks("cpu", "foreach", warm=False)
 
 
+@pytest.mark.parametrize("dtype,on", [(torch.float64, "foreach"), (torch.float32, "cpu")])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_a_group_on_the_fallback_backend_has_no_graph_breaks(momentum):
-    # LARS has no C++ kernels: the cpu backend's groups go to foreach, and float64 would too. The
-    # compiled step builds its plan while traced: which backend takes a group, and the fallback
-    # itself, must be decided without host work dynamo cannot trace (file reads, module discovery).
+def test_a_second_rule_has_no_graph_breaks(momentum, dtype, on):
+    # LARS on the cpu backend's kernels (float32; its optional buffer list present or not), and float64
+    # groups, which the kernels do not take, on the fallback backend. The compiled step builds its plan
+    # while traced: which backend takes a group, and the fallback itself, must be decided without
+    # host work dynamo cannot trace (file reads, module discovery).
     from fromage_fused.rules.lars import LARS
 
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (5,)]]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in [(6, 5), (5,)]]
     opt = LARS(params, lr=torch.tensor(0.1), momentum=momentum, weight_decay=1e-2, backend="cpu")
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
     opt.step()
-    assert {g.backend.name for g in opt._plan.groups} == {"foreach"}
+    assert {g.backend.name for g in opt._plan.groups} == {on}
     breaks, reasons = _graph_breaks(opt.step)
     assert breaks == 0, reasons
 

@@ -1,10 +1,10 @@
-"""LARS as a rule on the engine, on the Python backends, against the float64 oracle (tests/_oracle_lars.py,
+"""LARS as a rule on the engine, on every backend, against the float64 oracle (tests/_oracle_lars.py,
 itself held to timm's ``Lars`` by test_lars_lamb_oracles.py).
 
 Training runs feed the optimizer and the oracle the same gradients (the optimizer's model computes
 them), with None and all-zero gradients on a schedule and zero-initialised tensors, and compare
-parameters and momentum buffers. Backends without LARS kernels (cpu, cuda, triton) must step LARS
-groups with foreach.
+parameters and momentum buffers: float64 on the Python backends (the kernels take float32, bf16 and
+fp16), float32 and bf16 on all.
 """
 import copy
 import io
@@ -151,7 +151,6 @@ def test_float64_training_matches_the_oracle(backend, model_name, options, lr):
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.backends(fused=False)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("case", [1, 2, 4])
@@ -174,29 +173,43 @@ def test_low_precision_steps_match_the_oracle(backend, dtype, model_name, case):
         _oracle_lars.lars_step(groups)
         opt.step()
         _compare(opt, ours, groups, TOL[dtype], BUFFER_TOL[dtype], f"{dtype} {options} step {step}")
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
-# ---------------------------------------------------------------- backends without the rule
+# ---------------------------------------------------------------- every backend has the rule
 
-def test_backends_without_lars_kernels_step_it_with_foreach(backend):
-    # Every backend of the suite's table: cpu (C++), triton (interpreter) and cuda have no LARS kernels.
+#: 4 steps from the same start: float32 as the oracle tolerances say; float16 rounds every step
+#: (half an ulp, 2**-11 relative, each time) and its trust ratios follow the rounded values.
+FUSED_TRAJ_TOL = {torch.float32: ORACLE_TOL[torch.float32]["traj"], torch.float16: (1e-3, 2 ** -8)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("options", [dict(momentum=0.9, weight_decay=1e-2), dict(weight_decay=1e-2),
+                                     dict(momentum=0.9, dampening=0.3), dict()],
+                         ids=["momentum", "no-momentum", "not-adapting", "plain"])
+def test_every_backend_steps_lars_with_its_own_kernels(backend, dtype, options):
     if backend not in ("reference", "foreach"):
-        assert not backends.get(backend).has_rule(LARS_RULE)
+        assert backends.get(backend).has_rule(LARS_RULE)
     gen = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (5,), (3, 3)]]
-    opt = LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-2, backend=backend)
+    shapes = [(6, 5), (5,), (3, 3), (40_000,)]  # the last one is several chunks of every kernel
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    start[1].zero_()
+    params = [nn.Parameter(x.to(dtype)) for x in start]
+    opt = LARS(params, lr=0.1, backend=backend, **options)
     want = [dict(params=[p.detach().double().clone() for p in params], grads=None, state=[{} for _ in params],
-                 lr=0.1, momentum=0.9, weight_decay=1e-2)]
-    for step in range(3):
+                 lr=0.1, **options)]
+    for step in range(4):
         grads = [torch.randn(p.shape, generator=gen) for p in params]
+        if step == 1:
+            grads[2].zero_()
         for p, g in zip(params, grads):
-            p.grad = g
-        want[0]["grads"] = [g.double() for g in grads]
+            p.grad = g.to(dtype)
+        want[0]["grads"] = [p.grad.double() for p in params]
         _oracle_lars.lars_step(want)
         opt.step()
-    assert {g.backend.name for g in opt._plan.groups} == {"reference" if backend == "reference" else "foreach"}
-    for p, q in zip(params, want[0]["params"]):
-        _close(p, q, TOL[torch.float32], "parameter")
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
+    for i, (p, q) in enumerate(zip(params, want[0]["params"])):
+        _close(p, q, FUSED_TRAJ_TOL[dtype], f"parameter {i}")
 
 
 def test_fromage_keeps_its_kernels():
@@ -222,18 +235,30 @@ def _grads(step, params, scale=1.0):
         grads[2] = torch.zeros_like(grads[2])
     for p, g in zip(params, grads):
         p.grad = (g * scale).to(p.dtype)
-    return grads
+    return [p.grad.double() / scale for p in params]  # as the optimizer gets them (scale: a power of two)
 
 
 OPTIONS = dict(lr=0.5, momentum=0.9, dampening=0.3, weight_decay=1e-2, trust_clip=True)
 
 
-@pytest.mark.backends(fused=False)
+def _python(backend) -> bool:
+    return backend in ("reference", "foreach")
+
+
+def _dtype_and_tol(backend):
+    """float64 where the backend takes it (the Python ones), else float32 (the kernels')."""
+    if _python(backend):
+        return torch.float64, TOL[torch.float64]
+    return torch.float32, ORACLE_TOL[torch.float32]["traj"]
+
+
 @pytest.mark.parametrize("skip_at", [0, 3])
 def test_found_inf_skips_the_step_and_grad_scale_divides(backend, skip_at):
-    params = _small()
+    dtype, tol = _dtype_and_tol(backend)
+    params = _small(dtype)
     opt = LARS(params, backend=backend, **OPTIONS)
-    want = [dict(OPTIONS, params=[p.detach().clone() for p in params], grads=None, state=[{} for _ in params])]
+    want = [dict(OPTIONS, params=[p.detach().double().clone() for p in params], grads=None,
+                 state=[{} for _ in params])]
     scale = 2.0 ** 10  # a power of two: unscaling is exact
     for step in range(6):
         grads = _grads(step, params, scale)
@@ -249,15 +274,17 @@ def test_found_inf_skips_the_step_and_grad_scale_divides(backend, skip_at):
         want[0]["grads"] = grads
         _oracle_lars.lars_step(want)
     for p, q, state in zip(params, want[0]["params"], want[0]["state"]):
-        _close(p, q, TOL[torch.float64], "parameter")
-        _close(opt.state[p]["momentum_buffer"], state["momentum_buffer"], TOL[torch.float64], "buffer")
+        _close(p, q, tol, "parameter")
+        _close(opt.state[p]["momentum_buffer"], state["momentum_buffer"], tol, "buffer")
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
+@pytest.mark.backends(reference=False)
 @pytest.mark.parametrize("tensor_lr", [False, True])
-def test_foreach_step_reads_nothing_on_the_host(tensor_lr):
+def test_step_reads_nothing_on_the_host(backend, tensor_lr):
     params = _small(torch.float32)
     lr = torch.tensor(0.5) if tensor_lr else 0.5
-    opt = LARS(params, **dict(OPTIONS, lr=lr, dampening=0.0, nesterov=True), backend="foreach")
+    opt = LARS(params, **dict(OPTIONS, lr=lr, dampening=0.0, nesterov=True), backend=backend)
     opt.param_groups[0]["always_adapt"] = True
     _grads(0, params)
     opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
@@ -270,6 +297,7 @@ def test_foreach_step_reads_nothing_on_the_host(tensor_lr):
             opt.step()
     assert not any(torch.equal(a, p) for a, p in zip(before, params))
     assert all(float(opt.state[p]["momentum_started"]) == 1 for p in params)
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
 # ---------------------------------------------------------------- hyper-parameters
@@ -310,12 +338,12 @@ def test_an_edited_group_is_checked_before_anything_changes():
     assert all(torch.equal(a, p) for a, p in zip(before, params))
 
 
-@pytest.mark.backends(fused=False)
 def test_momentum_turned_on_and_off_by_a_schedule(backend):
     # The buffer exists only while momentum is not 0: turning it on rebuilds the plan and starts it.
-    params = _small()
+    dtype, tol = _dtype_and_tol(backend)
+    params = _small(dtype)
     opt = LARS(params, lr=0.1, weight_decay=1e-2, backend=backend)
-    want = [dict(lr=0.1, weight_decay=1e-2, params=[p.detach().clone() for p in params], grads=None,
+    want = [dict(lr=0.1, weight_decay=1e-2, params=[p.detach().double().clone() for p in params], grads=None,
                  state=[{} for _ in params])]
     for step, momentum in enumerate([0.0, 0.0, 0.9, 0.9, 0.0, 0.5]):
         opt.param_groups[0]["momentum"] = want[0]["momentum"] = momentum
@@ -325,13 +353,13 @@ def test_momentum_turned_on_and_off_by_a_schedule(backend):
         if step < 2:
             assert all(not opt.state[p] for p in params)
     for p, q, state in zip(params, want[0]["params"], want[0]["state"]):
-        _close(p, q, TOL[torch.float64], "parameter")
-        _close(opt.state[p]["momentum_buffer"], state["momentum_buffer"], TOL[torch.float64], "buffer")
+        _close(p, q, tol, "parameter")
+        _close(opt.state[p]["momentum_buffer"], state["momentum_buffer"], tol, "buffer")
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
 # ---------------------------------------------------------------- checkpoints
 
-@pytest.mark.backends(fused=False)
 def test_state_dict_round_trip(backend):
     params = _small(torch.bfloat16)
     opt = LARS(params, backend=backend, **OPTIONS)

@@ -15,6 +15,7 @@ import torch
 
 from .dtypes import accumulate_dtype
 from .groups import Group
+from .spec import applied
 
 __all__ = ["Call", "execute", "run_pass", "prepare"]
 
@@ -106,7 +107,21 @@ def _run(call: Call, index: int) -> Optional[torch.Tensor]:
     return group.backend.run_pass(call.rule, index, call)
 
 
+def _set_after(call: Call) -> None:
+    """Per-tensor scalars the engine sets after an applied step (``TensorScalar.after``)."""
+    for s in call.rule.tensor_scalars(call.values):
+        if s.after is None or s.name not in call.scalars:
+            continue
+        target = call.scalars[s.name]
+        keep = applied(call.found_inf, call.values.get("lr"), target.device)
+        if keep is None:
+            target.fill_(s.after)
+        else:
+            target.copy_(torch.where(keep, torch.full_like(target, s.after), target))
+
+
 def _finish(call: Call) -> None:
+    _set_after(call)
     for entries, stacked in call._stacked:
         torch._foreach_copy_(list(entries), list(stacked.unbind()))
     group = call.group

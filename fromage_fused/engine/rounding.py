@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .rule import GroupScalar
-from .spec import check_flag, setting, usable_lr
+from .spec import applied, check_flag, setting
 
 _MASK32 = 0xFFFFFFFF
 _MASK63 = (1 << 63) - 1
@@ -118,17 +118,12 @@ def group_seed(base: int, group_index: int, device: torch.device) -> int:
 
 def advance(counter: torch.Tensor, found_inf: Optional[torch.Tensor], by: int = 1, lr=None) -> None:
     """Move a per-group counter on by ``by`` on the device; a step skipped by ``found_inf`` or by an
-    unusable tensor ``lr`` (``spec.usable_lr``) leaves it."""
-    applied = None
-    if isinstance(lr, torch.Tensor):
-        applied = usable_lr(lr.to(counter.device, non_blocking=True))
-    if found_inf is not None:
-        no_inf = found_inf.to(counter.device, non_blocking=True) == 0
-        applied = no_inf if applied is None else applied & no_inf
-    if applied is None:
+    unusable tensor ``lr`` (``spec.applied``) leaves it."""
+    keep = applied(found_inf, lr, counter.device)
+    if keep is None:
         counter.add_(by)
     else:
-        step = applied.reshape(()).to(counter.dtype)
+        step = keep.to(counter.dtype)
         counter.add_(step * by if by != 1 else step)
 
 

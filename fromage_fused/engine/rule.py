@@ -68,12 +68,16 @@ class Buffer:
 class TensorScalar:
     """One number per tensor: a 0-d ``dtype`` state tensor per parameter, laid out as views of one
     ``[n]`` tensor per group; created holding ``unset`` when the parameter joins a group whose
-    values pass ``when`` (so that checkpoint tools find it), written by the kernels."""
+    values pass ``when`` (so that checkpoint tools find it), written by the kernels, or, with
+    ``after``, set to that value by the engine after each step that is applied (one that
+    ``found_inf`` or an unusable tensor lr skips leaves it): a kernel cannot write a value that
+    the tensor's other blocks still read."""
 
     name: str
     dtype: torch.dtype
     unset: float
     when: Callable[[Mapping[str, Any]], bool] = _always
+    after: Optional[float] = None
 
 
 @dataclass(frozen=True)

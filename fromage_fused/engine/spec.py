@@ -81,6 +81,18 @@ def usable_lr(lr: torch.Tensor) -> torch.Tensor:
     return (lr >= 0) & (lr <= FLOAT32_MAX)
 
 
+def applied(found_inf: Optional[torch.Tensor], lr, device: torch.device) -> Optional[torch.Tensor]:
+    """Whether a step is applied, as a 0-d bool tensor on ``device`` (None: always): not when
+    ``found_inf`` is non-zero, nor when a tensor ``lr`` is not usable."""
+    keep = None
+    if isinstance(lr, torch.Tensor):
+        keep = usable_lr(lr.to(device, non_blocking=True)).reshape(())
+    if found_inf is not None:
+        no_inf = (found_inf.to(device, non_blocking=True) == 0).reshape(())
+        keep = no_inf if keep is None else keep & no_inf
+    return keep
+
+
 def real(value) -> Optional[float]:
     """``float(value)`` for a real number (not a bool), inf where that overflows (``10**400``);
     None for anything else. Steps use this float, so that any real type the checks accept

@@ -111,8 +111,6 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
         if copied:
             _write(run.params, work, keep)
         del d, u, work
-    if momentum:
-        started.copy_(torch.ones_like(started) if keep is None else torch.where(keep, 1.0, started))
 
 
 def _write(targets, results, keep) -> None:

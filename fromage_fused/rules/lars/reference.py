@@ -53,7 +53,6 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
             buf = bufs[i]
             if float(started[i]) == 0:
                 buf.copy_(d)
-                started[i] = 1.0
             else:
                 buf.copy_(mu * buf + (1 - damp) * d)
             d = d + mu * buf if flags & NESTEROV else buf

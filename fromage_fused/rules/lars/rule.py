@@ -15,8 +15,10 @@ hyper-parameters, state and passes.
 Pass 0 reduces ``‖p‖², ‖g‖²`` per tensor (only when the trust ratio applies); pass 1 reads p, g and
 the buffer and writes p and the buffer. A buffer made zeros by the engine cannot say whether it has
 started, and a started one can be all zeros, so a per-tensor flag (``momentum_started``, 0 or 1)
-records it: the first applied step writes ``buf = d`` (not ``(1 - dampening)·d``), and a step that
-``found_inf`` skips leaves the flag at 0, so the next applied step is still the first.
+records it: the first applied step writes ``buf = d`` (not ``(1 - dampening)·d``). The engine sets
+the flag after each applied step (``TensorScalar.after``: every block of a tensor reads it during
+the step), and a step that ``found_inf`` skips leaves it at 0, so the next applied step is still
+the first.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ class LarsRule(Rule):
     # torch's SGD name for the buffer; both exist only while momentum is not 0 (a rebuild creates
     # them when a schedule turns momentum on: Rule.present)
     state = (Buffer("momentum_buffer", when=_momentum),
-             TensorScalar("momentum_started", torch.float32, NOT_STARTED, when=_momentum))
+             TensorScalar("momentum_started", torch.float32, NOT_STARTED, when=_momentum, after=STARTED))
     passes = (
         Pass("stats", lists=("p", "g"), sums=2, when=ADAPT),
         Pass("apply", lists=("p", "momentum_buffer", "g"), writes=2, optional=(("momentum_buffer", MOMENTUM),)),
