@@ -18,7 +18,7 @@
 // Arguments: a pointer is `-` (null), `ID` or `ID+BYTES`; a float is a C hex float; a tensor list is
 // `N` then N triples `p g numel`. The drivers build what the launchers of engine_cuda.cu and
 // engine_cuda_ops.cpp build (the tensor table of tensor_table.h, the packed hyper-parameters and flags
-// of StepArgs, workspace) and launch Fromage's passes like them; a driver is all a new pass needs.
+// of StepArgs, workspace) and launch the rules' passes like them; a driver is all a new pass needs.
 #include "cuda_runtime.h"  // the stand-in: first on the include path
 #include "engine_kernels.cuh"
 
@@ -67,11 +67,11 @@ class Args {
     return reinterpret_cast<T*>(static_cast<char*>(it->second.view) + offset);
   }
 
-  std::vector<TensorRef> tensors() {
+  // N, then per tensor its `lists` pointers and its numel.
+  std::vector<TensorRef> tensors(int lists = 2) {
     std::vector<TensorRef> refs(static_cast<size_t>(integer()));
     for (auto& r : refs) {
-      r.ptr[0] = ptr<void>();
-      r.ptr[1] = ptr<const void>();
+      for (int k = 0; k < lists; ++k) r.ptr[k] = ptr<void>();
       r.numel = integer();
     }
     return refs;
@@ -89,15 +89,15 @@ T* scratch(size_t count, bool zero) {
   return static_cast<T*>(p);
 }
 
-// The group's tensor table of Fromage's two lists (p, g), built by tensor_table.h as
-// engine_cuda_ops.cpp builds it, in global memory.
+// The group's tensor table of `lists` lists, built by tensor_table.h as engine_cuda_ops.cpp builds
+// it, in global memory.
 struct DeviceTable {
   const int64_t* words;
   int64_t blocks;
 };
-DeviceTable upload_table(const std::vector<TensorRef>& refs) {
+DeviceTable upload_table(const std::vector<TensorRef>& refs, int lists = 2) {
   std::vector<int64_t> words;
-  const int64_t blocks = build_tensor_table(refs.data(), static_cast<int64_t>(refs.size()), 2, kCudaChunk, words);
+  const int64_t blocks = build_tensor_table(refs.data(), static_cast<int64_t>(refs.size()), lists, kCudaChunk, words);
   int64_t* device = scratch<int64_t>(words.size(), false);
   std::memcpy(device, words.data(), words.size() * sizeof(int64_t));
   return DeviceTable{device, blocks};
@@ -185,6 +185,43 @@ void apply(Args& a) {
   }
 }
 
+// lars P DTYPE FLAGS HYPER SUMS_IN SUMS_OUT STARTED GRAD_SCALE FOUND_INF TENSORS: LARS's kernel pass P
+// (0: stats of p, g; 1: apply to p, buf, g; 2: apply to p, g), its tensors with that many lists.
+void lars(Args& a) {
+  const int64_t pass = a.integer();
+  const std::string dtype = a.word();
+  StepArgs args;
+  args.flags = a.integer();
+  args.hyper = a.ptr<const float>();
+  args.sums = a.ptr<const float>();
+  float* sums_out = a.ptr<float>();
+  args.scalars[LarsRule::kStarted] = a.ptr<float>();
+  args.grad_scale = a.ptr<const float>();
+  const float* found_inf = a.ptr<const float>();
+  const int lists = pass == 1 ? 3 : 2;
+  const auto refs = a.tensors(lists);
+  const int64_t n = static_cast<int64_t>(refs.size());
+  args.n = n;
+  const DeviceTable table = upload_table(refs, lists);
+  // As the launcher: partials and zeroed counters for the stats of tensors of several blocks.
+  const bool several = pass == 0 && table.blocks > n;
+  float* partials = several ? scratch<float>(2 * static_cast<size_t>(table.blocks), false) : nullptr;
+  unsigned* counters = several ? scratch<unsigned>(static_cast<size_t>(n), true) : nullptr;
+  const dim3 grid(static_cast<unsigned>(table.blocks));
+  with_format(dtype, [&]<class Tr>() {
+    auto go = [&](auto kernel) {
+      emu::launch(grid, dim3(kThreads), kernel, table.words, n, args, sums_out, partials, counters, found_inf);
+    };
+    if (pass == 0) {
+      go(&pass_kernel<LarsRule, 0, Tr, false>);
+    } else if (pass == 1) {
+      go(&pass_kernel<LarsRule, 1, Tr, false>);
+    } else {
+      go(&pass_kernel<LarsRule, 2, Tr, false>);
+    }
+  });
+}
+
 // round_bf16 X OUT N SEED TENSOR_INDEX
 void round_bf16(Args& a) {
   const float* x = a.ptr<const float>();
@@ -201,6 +238,7 @@ void round_bf16(Args& a) {
 const std::map<std::string, std::function<void(Args&)>> drivers = {
     {"stats", stats},
     {"apply", apply},
+    {"lars", lars},
     {"round_bf16", round_bf16},
 };
 
