@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fromage_fused import Fromage
+from fromage_fused import LARS, Fromage
 from fromage_fused.distributed import stats_bytes_per_step
 from _host_reads import forbid_host_reads
 
@@ -48,6 +48,14 @@ def optimizer(model, backend):
     return Fromage([{"params": first}, {"params": rest, "lr": LR / 2}], lr=LR, p_bound=P_BOUND, backend=backend)
 
 
+def lars_optimizer(model, backend):
+    """LARS adapting the first layer (weight decay) and not the rest: one group's norms, one all-reduce."""
+    first = list(model.l1.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    return LARS([{"params": first}, {"params": rest, "weight_decay": 0.0}], lr=0.5, momentum=0.9,
+                weight_decay=1e-2, trust_coeff=0.02, backend=backend)
+
+
 def batch(step: int):
     gen = torch.Generator().manual_seed(1000 + step)
     return torch.randn(BATCH, 5, generator=gen), torch.randn(BATCH, 3, generator=gen)
@@ -66,10 +74,10 @@ def train(model, opt, steps, first=0, rank=0, world=1, on_step=None):
             on_step(opt)
 
 
-def single_process(backend: str, steps: int = STEPS, seed: int = 0):
+def single_process(backend: str, steps: int = STEPS, seed: int = 0, make=optimizer):
     """The run every distributed run must reproduce: same model, same data, one process."""
     model = Net(seed)
-    train(model, optimizer(model, backend), steps)
+    train(model, make(model, backend), steps)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -103,10 +111,10 @@ def _fsdp(mesh, seed=0):
     return model
 
 
-def check_fsdp(mesh, backend, rank, world):
+def check_fsdp(mesh, backend, rank, world, make=optimizer):
     model = _fsdp(mesh)
     counts = []
-    opt = optimizer(model, backend)
+    opt = make(model, backend)
     train(model, opt, STEPS, rank=rank, world=world, on_step=_counted_step(counts, guard=True))
     return {"params": _full(model), "comm_counts": counts,
             "stats_bytes": stats_bytes_per_step(list(model.parameters()))}
@@ -245,6 +253,7 @@ def run(rank: int, world: int, store: str, outdir: str, backends, resume_from=No
         out["partial_grad"] = check_partial_grad(mesh, backends[0], rank, world)
         out["zero_warning"] = check_zero_warning(mesh, backends[0], rank, world)
         if world == 2:
+            out["lars_fsdp"] = {b: check_fsdp(mesh, b, rank, world, make=lars_optimizer) for b in backends}
             out["bad_input"] = check_bad_input(mesh, backends[0], rank, world)
             out["ddp"] = check_ddp(backends[0], rank, world)
             out["dcp"] = check_dcp(mesh, backends[0], rank, world, os.path.join(outdir, "ckpt"))

@@ -1,5 +1,6 @@
-"""Fromage under FSDP2, hybrid and 2-D sharding, tensor-parallel Partial gradients, DDP and DCP
-checkpoints: several CPU processes with gloo, compared with a single-process run."""
+"""Fromage (and LARS, a second rule) under FSDP2, hybrid and 2-D sharding, tensor-parallel Partial
+gradients, DDP and DCP checkpoints: several CPU processes with gloo, compared with a single-process
+run."""
 import os
 import sys
 
@@ -89,6 +90,16 @@ def test_fsdp_one_all_reduce_per_step(request, world, backend):
     for rank, out in enumerate(_ranks(request, world)):
         counts = out["fsdp"][backend]["comm_counts"]
         assert counts == [ONE_ALL_REDUCE] * W.STEPS, f"rank {rank}: {counts}"
+
+
+@pytest.mark.backends(reference=False)
+def test_lars_under_fsdp_matches_single_process_with_one_all_reduce(ranks2, backend):
+    want = W.single_process(backend, make=W.lars_optimizer)
+    assert not torch.equal(want["l2.weight"], W.Net(0).l2.weight.detach())
+    for rank, out in enumerate(ranks2):
+        result = out["lars_fsdp"][backend]
+        assert_params_close(result["params"], want, f"LARS, FSDP2 2 ranks, rank {rank}, {backend}")
+        assert result["comm_counts"] == [ONE_ALL_REDUCE] * W.STEPS, f"rank {rank}: {result['comm_counts']}"
 
 
 def test_stats_bytes_per_step(ranks4):

@@ -14,7 +14,7 @@ from ...backends import foreach as _fe
 from ...engine.dtypes import LOW_PRECISION, accumulate_dtype
 from ...engine.rounding import stochastic_round_bf16
 from .coefficients import coefficients, usable_lr
-from .flags import INNER
+from . import passes
 
 
 def stats(params, grads, inner: bool) -> torch.Tensor:
@@ -131,11 +131,4 @@ class Foreach:
 
     @staticmethod
     def run_pass(index: int, call):
-        params, grads = call.lists
-        if index == 0:
-            return stats(params, grads, bool(call.flags & INNER))
-        values = call.values
-        apply(params, grads, call.sums, lr=call.hyper[0], max_norm=call.scalars.get("max_norm"),
-              p_bound=values["p_bound"], maximize=values["maximize"], prefactor=values["prefactor"],
-              found_inf=call.found_inf, grad_scale=call.grad_scale, sr_seed=call.seed)
-        return None
+        return passes.run_pass(index, call, stats, apply)

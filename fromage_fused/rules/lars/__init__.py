@@ -1,5 +1,4 @@
-"""The LARS rule and its optimizer (see ``rule.py``). Not exported from ``fromage_fused`` until the
-native and Triton kernels run it."""
+"""The LARS rule and its optimizer (see ``rule.py``), exported as ``fromage_fused.LARS``."""
 from .optimizer import LARS
 from .rule import LARS_RULE
 

@@ -1,0 +1,99 @@
+"""LARS on a GPU: a captured step replays like eager steps (a scheduler changing the device lr
+between replays), and an eager step with GradScaler's tensors never synchronises. GPU only; the
+same step logic runs on the CPU in test_lars_rule.py and test_compile.py."""
+import pytest
+import torch
+from torch import nn
+
+from fromage_fused import LARS
+from _host_reads import forbid_cuda_sync
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+OPTIONS = dict(momentum=0.9, weight_decay=1e-2, trust_coeff=0.02, nesterov=True)
+WARMUP, STEPS = 3, 10
+#: replayed vs eager: the same kernels on the same values, so equal up to fp32 reduction order.
+GRAPH_TOL = (1e-6, 1e-5)
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(DEVICE)
+    nn.init.zeros_(model[2].bias)
+    return model
+
+
+def _batch(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 16, generator=gen).to(DEVICE), torch.randn(8, 4, generator=gen).to(DEVICE)
+
+
+def _optimizer(model, backend):
+    opt = LARS(model.parameters(), lr=torch.tensor(0.5, device=DEVICE), backend=backend, **OPTIONS)
+    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+
+
+def _loss(model, x, y):
+    return nn.functional.mse_loss(model(x), y)
+
+
+@pytest.mark.backends(devices=("cuda",), reference=False, interpreted=False)
+def test_lars_replay_matches_eager(backend):
+    model = _model()
+    opt, sched = _optimizer(model, backend)
+    for step in range(WARMUP + STEPS):
+        opt.zero_grad(set_to_none=True)
+        _loss(model, *_batch(step)).backward()
+        opt.step()
+        if step >= WARMUP:
+            sched.step()
+    eager = [p.detach().clone() for p in model.parameters()]
+
+    model = _model()
+    opt, sched = _optimizer(model, backend)
+    static_x, static_y = (t.clone() for t in _batch(0))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(WARMUP):
+            x, y = _batch(step)
+            static_x.copy_(x)
+            static_y.copy_(y)
+            opt.zero_grad(set_to_none=True)
+            _loss(model, static_x, static_y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        _loss(model, static_x, static_y).backward()
+        opt.step()
+    for step in range(WARMUP, WARMUP + STEPS):
+        x, y = _batch(step)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        sched.step()
+    torch.cuda.synchronize()
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
+    atol, rtol = GRAPH_TOL
+    for p, q in zip(model.parameters(), eager):
+        torch.testing.assert_close(p.detach(), q, atol=atol, rtol=rtol)
+
+
+@pytest.mark.backends(devices=("cuda",), reference=False, interpreted=False)
+def test_lars_eager_step_does_not_sync(backend):
+    model = _model()
+    opt, _ = _optimizer(model, backend)
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        _loss(model, *_batch(step)).backward()
+        opt.grad_scale = torch.tensor(1024.0, device=DEVICE)  # as GradScaler sets them
+        opt.found_inf = torch.zeros((), device=DEVICE)
+        if step == 0:
+            opt.step()  # creates the state (a first step may allocate)
+            continue
+        with forbid_cuda_sync():
+            opt.step()
+    assert all(float(opt.state[p]["momentum_started"]) == 1 for p in model.parameters())
