@@ -52,7 +52,7 @@ def lars_optimizer(model, backend):
     """LARS adapting the first layer (weight decay) and not the rest: one group's norms, one all-reduce."""
     first = list(model.l1.parameters())
     rest = [p for p in model.parameters() if all(p is not q for q in first)]
-    return LARS([{"params": first}, {"params": rest, "weight_decay": 0.0}], lr=0.5, momentum=0.9,
+    return LARS([{"params": first}, {"params": rest, "weight_decay": 0.0, "lr": 0.02}], lr=0.5, momentum=0.9,
                 weight_decay=1e-2, trust_coeff=0.02, backend=backend)
 
 
