@@ -6,7 +6,7 @@ elementwise buffer), writes the first ``writes`` of them in place, and may reduc
 per-tensor sums (an ``[n, sums]`` tensor in the accumulation dtype) that the next pass's
 per-tensor coefficients read. After a pass with ``combine``, the rule's :meth:`Rule.combine` turns
 every group's sums (of whole tensors: sharded ones are all-reduced first) into global values
-that every group's next pass receives.
+that every group's later passes receive.
 
 What a pass touches may depend on the flags the rule computes for the step (never on a tensor's
 value): a list named in ``optional`` is present only when its flag bit is set (LARS's momentum
