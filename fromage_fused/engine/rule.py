@@ -118,6 +118,12 @@ class Rule:
         """The flags the kernels receive: the spec's flag bits, plus any the rule derives."""
         return self.spec.flags(values)
 
+    def check_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
+        """ValueError for param groups that are valid one by one but not together (LAMB's global
+        ``max_grad_norm``); ``groups`` hold at least the spec's entries. Checked when a step plan is
+        built, before any state is created (a change of a structural entry rebuilds it), and when a
+        state dict is loaded."""
+
     def combine(self, index: int, sums: Sequence[torch.Tensor], groups: Sequence[object]) -> Optional[torch.Tensor]:
         """Global values from every group's sums of pass ``index`` (a pass with ``combine``)."""
         raise NotImplementedError(f"rule {self.name!r} has a combining pass but no combine()")
