@@ -50,7 +50,7 @@ class _Step:
         self.flags = flags
         acc = self.acc = accumulate_dtype(call.dtype)
         self.low = call.dtype != acc
-        self.width = torch.empty((), dtype=acc).element_size()
+        self.width = torch.finfo(acc).bits // 8
         lr = self.lr = call.hyper[LR]
         self.b1, self.b2 = (float(b) for b in values["betas"])
         self.into_m = 1 - self.b1 if flags & GRAD_AVERAGING else 1.0
