@@ -221,3 +221,52 @@ def test_a_group_kept_count_advances_without_gradients_and_takes_another_impleme
     opt.load_state_dict(sd)
     opt.step()
     assert torch.is_tensor(opt.param_groups[1]["step"]) and float(opt.param_groups[1]["step"]) == 8
+
+
+def test_a_combining_pass_global_values_reach_every_later_pass(monkeypatch):
+    # The update pass (2) reads the global values of pass 0, although pass 1 reduced sums of its own.
+    seen = {}
+    original = _Math.run_pass
+
+    def spy(index, call):
+        seen[index] = call.globals
+        return original(index, call)
+
+    monkeypatch.setattr(_Math, "run_pass", staticmethod(spy))
+    params, opt, _ = _setup()
+    _grads(params, 0)
+    opt.step()
+    assert seen[0] is None and torch.is_tensor(seen[1]) and seen[2] is seen[1]
+
+
+class _TogetherRule(ToyRule):
+    """The toy rule whose max_grad_norm is one value for all param groups (as LAMB's)."""
+
+    name = "toy_together"
+
+    def check_groups(self, groups):
+        if len({g["max_grad_norm"] for g in groups}) > 1:
+            raise ValueError("max_grad_norm differs between the param groups")
+
+
+class _Together(Toy):
+    rule = _TogetherRule()
+
+
+def test_a_rules_check_of_its_groups_together_runs_before_any_state_exists_and_on_load():
+    params, _, _ = _setup()
+    opt = _Together([{"params": params[0]}, {"params": params[1], "max_grad_norm": 2.0}], backend="reference")
+    before = [p.detach().clone() for ps in params for p in ps]
+    _grads(params, 0)
+    with pytest.raises(ValueError, match="differs"):
+        opt.step()
+    assert not any(opt.state[p] for ps in params for p in ps)  # no buffer was created
+    assert all("step" not in g for g in opt.param_groups)
+    assert all(torch.equal(a, p) for a, p in zip(before, [p for ps in params for p in ps]))
+    opt.param_groups[1]["max_grad_norm"] = 1.0
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    state["param_groups"][0]["max_grad_norm"] = 3.0
+    with pytest.raises(ValueError, match="differs"):
+        opt.load_state_dict(state)
+    assert [g["max_grad_norm"] for g in opt.param_groups] == [1.0, 1.0]

@@ -3,8 +3,8 @@
 For each pass, every group's backend runs it (:class:`Call` is everything a backend receives);
 then, if the pass reduced per-tensor sums, the sums of sharded tensors are summed over their ranks
 (one all-reduce per process group, ``engine/distributed.py``), a caller's ``reduce_sums`` may
-replace them, and a combining pass turns every group's sums into the global values of the next
-pass. After the last pass, stacked copies of per-tensor scalar state and contiguous copies of
+replace them, and a combining pass turns every group's sums into the global values of the later
+passes. After the last pass, stacked copies of per-tensor scalar state and contiguous copies of
 strided tensors are written back.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ class Call:
     contiguous ``[n]`` tensor read and written in place (``scalar_list``: those the group's values
     use, in the rule's order); ``seed``: the stochastic-rounding seed (a
     0-d int64 tensor) or None; ``counters``: the per-group scalars by name; ``globals``: the global
-    values of a combining pass, or None; ``found_inf``, ``grad_scale``: None or 0-d float32 tensors.
+    values of the last combining pass before this one, or None; ``found_inf``, ``grad_scale``: None
+    or 0-d float32 tensors.
     """
 
     __slots__ = ("group", "rule", "index", "lists", "writes", "n", "device", "dtype", "sums", "hyper", "flags",
@@ -179,7 +180,9 @@ def execute(
             sums = _whole(calls, sums, reduce_sums)
             globals_ = rule.combine(index, sums, [c.group for c in calls]) if spec.combine else None
             for k, call in enumerate(calls):
-                call.sums, call.globals = sums[k], globals_
+                call.sums = sums[k]
+                if spec.combine:  # (kept for every later pass: LAMB's clip divisor is read by two)
+                    call.globals = globals_
                 history[k].append(sums[k])
     for call in calls:
         _finish(call)

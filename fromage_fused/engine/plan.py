@@ -359,6 +359,7 @@ def build(opt, *, keep: bool = True) -> StepPlan:
     b = _Build(opt, keep)
     dtensor = dtensor_type()
     parts = [_part(b, index, pg, dtensor) for index, pg in enumerate(param_groups)]
+    b.rule.check_groups(param_groups)
     if not torch.compiler.is_compiling():  # (fake tensors have no addresses; the eager steps check)
         places = b.places
         refuse_overlaps(b.stepped_p, b.stepped_g, lambda k: "parameter {1} of param group {0}".format(*places[k]))

@@ -6,7 +6,7 @@ elementwise buffer), writes the first ``writes`` of them in place, and may reduc
 per-tensor sums (an ``[n, sums]`` tensor in the accumulation dtype) that the next pass's
 per-tensor coefficients read. After a pass with ``combine``, the rule's :meth:`Rule.combine` turns
 every group's sums (of whole tensors: sharded ones are all-reduced first) into global values
-that every group's next pass receives.
+that every group's later passes receive.
 
 What a pass touches may depend on the flags the rule computes for the step (never on a tensor's
 value): a list named in ``optional`` is present only when its flag bit is set (LARS's momentum
@@ -121,6 +121,12 @@ class Rule:
     def flags(self, values: Mapping[str, Any], monitor: bool) -> int:
         """The flags the kernels receive: the spec's flag bits, plus any the rule derives."""
         return self.spec.flags(values)
+
+    def check_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
+        """ValueError for param groups that are valid one by one but not together (LAMB's global
+        ``max_grad_norm``); ``groups`` hold at least the spec's entries. Checked when a step plan is
+        built, before any state is created (a change of a structural entry rebuilds it), and when a
+        state dict is loaded."""
 
     def combine(self, index: int, sums: Sequence[torch.Tensor], groups: Sequence[object]) -> Optional[torch.Tensor]:
         """Global values from every group's sums of pass ``index`` (a pass with ``combine``)."""

@@ -75,6 +75,7 @@ def check(rule: Rule, state_dict: Any, param_groups: List[Dict[str, Any]], defau
                          f"{len(param_groups)}")
     ids = set()
     spec = rule.spec
+    checked = []
     for i, (saved, own) in enumerate(zip(saved_groups, param_groups)):
         if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
             raise ValueError(f"parameter group {i} of the loaded state dict is not a dict with a 'params' list")
@@ -87,6 +88,11 @@ def check(rule: Rule, state_dict: Any, param_groups: List[Dict[str, Any]], defau
             spec.check(values)
         except ValueError as exc:
             raise ValueError(f"parameter group {i} of the loaded state dict: {exc}") from None
+        checked.append(values)
+    try:
+        rule.check_groups(checked)
+    except ValueError as exc:
+        raise ValueError(f"the param groups of the loaded state dict: {exc}") from None
     scalars = {s.name: s for s in rule.state if isinstance(s, TensorScalar)}
     counters = {s.name: s for s in rule.group_scalars() if s.where == "state"}
     buffers = [b.name for b in rule.state if isinstance(b, Buffer)]
