@@ -37,6 +37,8 @@ inline Vec mul_rn(const Vec& a, const Vec& b) { return a * b; }
 inline Vec add_rn(const Vec& a, const Vec& b) { return a + b; }
 inline Vec sub_rn(const Vec& a, const Vec& b) { return a - b; }
 inline Vec div_rn(const Vec& a, const Vec& b) { return a / b; }
+inline Vec sqrt_rn(const Vec& a) { return a.sqrt(); }
+inline Vec positive(const Vec& a) { return Vec::blendv(Vec(0.f), Vec(1.f), a > Vec(0.f)); }
 
 }  // namespace ff
 

@@ -94,6 +94,9 @@ FF_HD float sqrt_rn(float x) {
 #endif
 }
 
+// 1 where x > 0, else 0 (NaN: 0): a mask as a number, for the rules' bodies.
+FF_HD float positive(float x) { return x > 0.f ? 1.f : 0.f; }
+
 // Whether a step can use lr: >= 0 and finite in float32 (false for NaN). A tensor lr edited after
 // construction is never read on the host: a step whose lr is not usable skips, as with found_inf
 // (fromage_fused/engine/spec.py: usable_lr).

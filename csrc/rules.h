@@ -4,6 +4,7 @@
 #pragma once
 
 #include "rule_fromage.h"
+#include "rule_lamb.h"
 #include "rule_lars.h"
 
-#define FF_RULES(X) X("fromage", FromageRule) X("lars", LarsRule)
+#define FF_RULES(X) X("fromage", FromageRule) X("lars", LarsRule) X("lamb", LambRule)

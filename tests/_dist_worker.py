@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fromage_fused import LARS, Fromage
+from fromage_fused.rules.lamb import LAMB
 from fromage_fused.distributed import stats_bytes_per_step
 from _host_reads import forbid_host_reads
 
@@ -54,6 +55,15 @@ def lars_optimizer(model, backend):
     rest = [p for p in model.parameters() if all(p is not q for q in first)]
     return LARS([{"params": first}, {"params": rest, "weight_decay": 0.0, "lr": 0.02}], lr=0.5, momentum=0.9,
                 weight_decay=1e-2, trust_coeff=0.02, backend=backend)
+
+
+def lamb_optimizer(model, backend):
+    """LAMB with caution and its global gradient clipping (a value the gradients exceed), adapting the
+    first layer and not the rest."""
+    first = list(model.l1.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    return LAMB([{"params": first}, {"params": rest, "weight_decay": 0.0}], lr=0.02, weight_decay=0.1, caution=True,
+                max_grad_norm=0.05, backend=backend)
 
 
 def batch(step: int):
@@ -254,6 +264,7 @@ def run(rank: int, world: int, store: str, outdir: str, backends, resume_from=No
         out["zero_warning"] = check_zero_warning(mesh, backends[0], rank, world)
         if world == 2:
             out["lars_fsdp"] = {b: check_fsdp(mesh, b, rank, world, make=lars_optimizer) for b in backends}
+            out["lamb_fsdp"] = {b: check_fsdp(mesh, b, rank, world, make=lamb_optimizer) for b in backends}
             out["bad_input"] = check_bad_input(mesh, backends[0], rank, world)
             out["ddp"] = check_ddp(backends[0], rank, world)
             out["dcp"] = check_dcp(mesh, backends[0], rank, world, os.path.join(outdir, "ckpt"))

@@ -53,17 +53,23 @@ def test_a_step_that_creates_state_has_no_graph_breaks():
 
 
 @pytest.mark.parametrize("dtype,on", [(torch.float64, "foreach"), (torch.float32, "cpu")])
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_a_second_rule_has_no_graph_breaks(momentum, dtype, on):
-    # LARS on the cpu backend's kernels (float32; its optional buffer list present or not), and float64
-    # groups, which the kernels do not take, on the fallback backend. The compiled step builds its plan
-    # while traced: which backend takes a group, and the fallback itself, must be decided without
-    # host work dynamo cannot trace (file reads, module discovery).
+@pytest.mark.parametrize("rule,options", [("lars", dict(momentum=0.0)), ("lars", dict(momentum=0.9)),
+                                          ("lamb", dict(caution=True, max_grad_norm=0.5)),
+                                          ("lamb", dict(weight_decay=0.0))],
+                         ids=["lars", "lars-momentum", "lamb-caution-clip", "lamb-adam"])
+def test_the_other_rules_have_no_graph_breaks(rule, options, dtype, on):
+    # LARS and LAMB on the cpu backend's kernels (float32; their optional lists present or not, LAMB's
+    # combined clip divisor and per-group values), and float64 groups, which the kernels do not take,
+    # on the fallback backend. The compiled step builds its plan while traced: which backend takes a
+    # group, and the fallback itself, must be decided without host work dynamo cannot trace (file
+    # reads, module discovery).
+    from fromage_fused.rules.lamb import LAMB
     from fromage_fused.rules.lars import LARS
 
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in [(6, 5), (5,)]]
-    opt = LARS(params, lr=torch.tensor(0.1), momentum=momentum, weight_decay=1e-2, backend="cpu")
+    cls = {"lars": LARS, "lamb": LAMB}[rule]
+    opt = cls(params, lr=torch.tensor(0.1), **dict(dict(weight_decay=1e-2), **options), backend="cpu")
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
     opt.step()

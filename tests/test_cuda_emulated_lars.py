@@ -78,11 +78,11 @@ def _job(group, bufs, started, flags, hyper, *, slots=3, order="shuffle", seed=0
     # Every pass gets the per-tensor scalars the flags call for, as the engine passes them.
     started_buf = job.buffer(started, name="started") if momentum else None
     if flags & ADAPT:
-        job.launch("lars", 0, fmt.code, flags, hyper_buf, None, sums, started_buf, gs, None, *two)
+        job.launch("lars", 0, fmt.code, flags, hyper_buf, None, sums, None, started_buf, gs, None, *two)
     job.dump(sums, "sums")
     apply_pass, tensors = (1, three) if momentum else (2, two)
     for found_inf in (1.0, 0.0):
-        job.launch("lars", apply_pass, fmt.code, flags, hyper_buf, sums, None, started_buf, gs,
+        job.launch("lars", apply_pass, fmt.code, flags, hyper_buf, sums, None, None, started_buf, gs,
                    groups.scalar(job, found_inf), *tensors)
         for t in range(group.n):
             if not group.null[t]:

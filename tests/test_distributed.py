@@ -102,6 +102,18 @@ def test_lars_under_fsdp_matches_single_process_with_one_all_reduce(ranks2, back
         assert result["comm_counts"] == [ONE_ALL_REDUCE] * W.STEPS, f"rank {rank}: {result['comm_counts']}"
 
 
+@pytest.mark.backends(reference=False)
+def test_lamb_under_fsdp_matches_single_process_with_two_all_reduces(ranks2, backend):
+    # The global gradient norm of max_grad_norm is one all-reduce, the per-tensor sums of the
+    # moments pass one more: both needed before the next pass can start.
+    want = W.single_process(backend, make=W.lamb_optimizer)
+    assert not torch.equal(want["l2.weight"], W.Net(0).l2.weight.detach())
+    for rank, out in enumerate(ranks2):
+        result = out["lamb_fsdp"][backend]
+        assert_params_close(result["params"], want, f"LAMB, FSDP2 2 ranks, rank {rank}, {backend}")
+        assert result["comm_counts"] == [{"c10d.allreduce_": 2}] * W.STEPS, f"rank {rank}: {result['comm_counts']}"
+
+
 def test_stats_bytes_per_step(ranks4):
     # Net has 6 tensors, all sharded over the one mesh dimension: 6 x 3 float32 stats.
     (key, nbytes), = ranks4[0]["fsdp"][BACKENDS[0]]["stats_bytes"].items()

@@ -1,10 +1,11 @@
-"""LAMB as a rule on the engine, on the Python backends, against the float64 oracle (tests/_oracle_lamb.py,
+"""LAMB as a rule on the engine, on every backend, against the float64 oracle (tests/_oracle_lamb.py,
 itself held to timm's ``Lamb`` by test_lars_lamb_oracles.py).
 
 Training runs feed the optimizer and the oracle the same gradients (the optimizer's model computes
 them), with None and all-zero gradients on a schedule (a whole group has none on some steps, so its
 step count advances without gradients) and zero-initialised tensors, and compare parameters,
-moments and the groups' step counts. Backends without LAMB kernels (cpu, cuda, triton) must step
+moments and the groups' step counts: float64 on the Python backends (the kernels take float32,
+bf16 and fp16), float32 and bf16 on all. The triton backend has no LAMB kernels yet: it steps
 LAMB groups with foreach.
 """
 import copy
@@ -179,7 +180,6 @@ def test_float64_training_matches_the_oracle(backend, model_name, options):
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.backends(fused=False)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("case", [0, 7, 9, 11, 14])
@@ -203,30 +203,52 @@ def test_low_precision_steps_match_the_oracle(backend, dtype, model_name, case):
         _oracle_lamb.lamb_step(groups, max_grad_norm=max_grad_norm, max_lr=LR)
         opt.step()
         _compare(opt, ours, groups, TOL[dtype], STATE_TOL[dtype], f"{dtype} {options} step {step}")
+    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(backend)}
 
 
-# ---------------------------------------------------------------- backends without the rule
+# ---------------------------------------------------------------- every backend
 
-def test_backends_without_lamb_kernels_step_it_with_foreach(backend):
-    # Every backend of the suite's table: cpu (C++), triton (interpreter) and cuda have no LAMB kernels.
+def _runs_on(backend):
+    """The backend that steps LAMB's groups: the triton backend has no LAMB kernels yet."""
+    return "foreach" if backend == "triton" else backend
+
+
+#: 4 steps from the same start: float32 as the oracle tolerances say; float16 rounds every step
+#: (half an ulp, 2**-11 relative, each time) and its trust ratios follow the rounded values.
+FUSED_TRAJ_TOL = {torch.float32: ORACLE_TOL[torch.float32]["traj"], torch.float16: (1e-3, 2 ** -8)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("options", [dict(weight_decay=1e-2, caution=True, max_grad_norm=0.5),
+                                     dict(weight_decay=1e-2, decoupled_decay=True, trust_clip=True),
+                                     dict(weight_decay=0.0, caution=True, max_grad_norm=None),
+                                     dict(weight_decay=0.0, bias_correction=False)],
+                         ids=["caution-clipped", "decoupled", "caution-not-adapting", "adam"])
+def test_every_backend_steps_lamb(backend, dtype, options):
     if backend not in ("reference", "foreach"):
-        assert not backends.get(backend).has_rule(LAMB_RULE)
+        assert backends.get(backend).has_rule(LAMB_RULE) == (backend != "triton")
     gen = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (5,), (3, 3)]]
-    options = dict(weight_decay=1e-2, caution=True, max_grad_norm=0.5)
+    shapes = [(6, 5), (5,), (3, 3), (40_000,)]  # the last one is several chunks of every kernel
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    start[1].zero_()
+    params = [nn.Parameter(x.to(dtype)) for x in start]
     opt = LAMB(params, lr=0.01, backend=backend, **options)
+    max_grad_norm = options.get("max_grad_norm", 1.0)
+    oracle = {k: v for k, v in options.items() if k != "max_grad_norm"}
     want = [dict(params=[p.detach().double().clone() for p in params], grads=None, state=[{} for _ in params],
-                 lr=0.01, weight_decay=1e-2, caution=True)]
-    for step in range(3):
+                 lr=0.01, **oracle)]
+    for step in range(4):
         grads = [torch.randn(p.shape, generator=gen) for p in params]
+        if step == 1:
+            grads[2].zero_()
         for p, g in zip(params, grads):
-            p.grad = g
-        want[0]["grads"] = [g.double() for g in grads]
-        _oracle_lamb.lamb_step(want, max_grad_norm=0.5, max_lr=0.01)
+            p.grad = g.to(dtype)
+        want[0]["grads"] = [p.grad.double() for p in params]
+        _oracle_lamb.lamb_step(want, max_grad_norm=max_grad_norm, max_lr=0.01)
         opt.step()
-    assert {g.backend.name for g in opt._plan.groups} == {"reference" if backend == "reference" else "foreach"}
-    for p, q in zip(params, want[0]["params"]):
-        _close(p, q, TOL[torch.float32], "parameter")
+    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(backend)}
+    for i, (p, q) in enumerate(zip(params, want[0]["params"])):
+        _close(p, q, FUSED_TRAJ_TOL[dtype], f"parameter {i}")
 
 
 # ---------------------------------------------------------------- loss scaling, host reads, gradients
@@ -246,7 +268,14 @@ def _grads(step, params, scale=1.0):
         grads[2] = torch.zeros_like(grads[2])
     for p, g in zip(params, grads):
         p.grad = (g * scale).to(p.dtype)
-    return grads
+    return [p.grad.double() / scale for p in params]  # as the optimizer gets them (scale: a power of two)
+
+
+def _dtype_and_tol(backend):
+    """float64 where the backend takes it (the Python ones), else float32 (the kernels')."""
+    if backend in ("reference", "foreach"):
+        return torch.float64, TOL[torch.float64]
+    return torch.float32, ORACLE_TOL[torch.float32]["traj"]
 
 
 #: group 0 adapts with every option that needs a sum; group 1 is Adam in one pass
@@ -288,10 +317,10 @@ def _assert_unchanged(before, after):
     assert [0.0 if c is None else float(c) for c in c0] == [float(c) for c in c1], "a step count changed"
 
 
-@pytest.mark.backends(fused=False)
 @pytest.mark.parametrize("skip_at", [0, 3])
 def test_found_inf_skips_the_step_and_grad_scale_divides(backend, skip_at):
-    params = _small()
+    dtype, tol = _dtype_and_tol(backend)
+    params = _small(dtype)
     opt = _two_groups(params, backend)
     want = _want(params)
     scale = 2.0 ** 10  # a power of two: unscaling is exact
@@ -308,19 +337,20 @@ def test_found_inf_skips_the_step_and_grad_scale_divides(backend, skip_at):
     for gi, group in enumerate(want):
         assert float(opt.param_groups[gi]["step"]) == group["step"] == 5
     for p, q, state in zip(params, want[0]["params"] + want[1]["params"], want[0]["state"] + want[1]["state"]):
-        _close(p, q, TOL[torch.float64], "parameter")
+        _close(p, q, tol, "parameter")
         for key in ("exp_avg", "exp_avg_sq"):
-            _close(opt.state[p][key], state[key], TOL[torch.float64], key)
+            _close(opt.state[p][key], state[key], tol, key)
+    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(backend)}
 
 
-@pytest.mark.backends(fused=False)
 @pytest.mark.parametrize("bad", [math.nan, -1.0, math.inf])
 def test_a_tensor_lr_edited_to_an_unusable_value_skips_the_step(backend, bad):
-    params = _small()
-    opt = _two_groups(params, backend, lr=torch.tensor(OPTIONS["lr"], dtype=torch.float64))
+    dtype, _ = _dtype_and_tol(backend)
+    params = _small(dtype)
+    opt = _two_groups(params, backend, lr=torch.tensor(OPTIONS["lr"], dtype=dtype))
     _grads(0, params)
     opt.step()
-    opt.param_groups[0]["lr"] = torch.full((), bad, dtype=torch.float64)  # (group 1 keeps the constructor's)
+    opt.param_groups[0]["lr"] = torch.full((), bad, dtype=dtype)  # (group 1 keeps the constructor's)
     _grads(1, params)
     before = _snapshot(opt, params)
     opt.step()
@@ -331,11 +361,12 @@ def test_a_tensor_lr_edited_to_an_unusable_value_skips_the_step(backend, bad):
     assert not torch.equal(before[0][3], after[0][3])
 
 
+@pytest.mark.backends(reference=False)
 @pytest.mark.parametrize("tensor_lr", [False, True])
-def test_foreach_step_reads_nothing_on_the_host(tensor_lr):
+def test_step_reads_nothing_on_the_host(backend, tensor_lr):
     params = _small(torch.float32)
     lr = torch.tensor(OPTIONS["lr"]) if tensor_lr else OPTIONS["lr"]
-    opt = _two_groups(params, "foreach", lr=lr)
+    opt = _two_groups(params, backend, lr=lr)
     _grads(0, params)
     opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
     opt.step()  # builds the plan and the state; skipped, so the guarded steps below include the first
@@ -349,12 +380,12 @@ def test_foreach_step_reads_nothing_on_the_host(tensor_lr):
     assert [float(g["step"]) for g in opt.param_groups] == [2, 2]
     flags = [LAMB_RULE.flags(g.values, False) for g in opt._plan.groups]
     assert flags[0] & lamb_flags.NORMS and flags[0] & lamb_flags.CAUTION and flags[1] & lamb_flags.PLAIN
+    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(backend)}
 
 
-@pytest.mark.backends(fused=False)
 def test_gradients_are_not_modified(backend):
     # timm <= 1.0.30 divided p.grad in place by the clip factor; this LAMB never writes a gradient.
-    params = _small()
+    params = _small(_dtype_and_tol(backend)[0])
     opt = _two_groups(params, backend)
     for step in range(3):
         _grads(step, params, 8.0)
@@ -483,7 +514,6 @@ def test_an_edited_group_is_checked_before_anything_changes(edit):
 
 # ---------------------------------------------------------------- checkpoints
 
-@pytest.mark.backends(fused=False)
 def test_state_dict_round_trip(backend):
     params = _small(torch.bfloat16)
     opt = _two_groups(params, backend)

@@ -533,5 +533,6 @@ class NativeBackend(Backend):
         lists, w = call.lists, call.writes
         out = _ops.call(self._ops or torch.ops.fromage_fused,
                         rule.name, index, _concat(lists[:w]) if w else [], _concat(lists[w:]), call.sums, call.hyper,
-                        call.flags, call.scalar_list, call.globals, call.found_inf, call.grad_scale, call.seed, 0)
+                        call.flags, call.scalar_list, rule.kernel_globals(call), call.found_inf, call.grad_scale,
+                        call.seed, 0)
         return out if rule.passes[index].sums else None

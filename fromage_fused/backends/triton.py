@@ -464,11 +464,11 @@ class TritonBackend(Backend):
             lists, w = call.lists, call.writes
             out = _ops.call(torch.ops.fromage_fused_triton,
                             rule.name, index, [t for x in lists[:w] for t in x], [t for x in lists[w:] for t in x],
-                            call.sums, call.hyper, call.flags, scalars, call.globals, call.found_inf, call.grad_scale,
-                            call.seed, self.token)
+                            call.sums, call.hyper, call.flags, scalars, rule.kernel_globals(call), call.found_inf,
+                            call.grad_scale, call.seed, self.token)
         else:
-            out = self._run(rule, index, call.lists, call.sums, call.hyper, call.flags, scalars, call.globals,
-                            call.found_inf, call.grad_scale, call.seed)
+            out = self._run(rule, index, call.lists, call.sums, call.hyper, call.flags, scalars,
+                            rule.kernel_globals(call), call.found_inf, call.grad_scale, call.seed)
             if call.writes:
                 # The kernels write through raw pointers: bump the version counters as torch's
                 # in-place ops do (the custom op above gets this from torch.library), so that a

@@ -122,6 +122,13 @@ class Rule:
         """The flags the kernels receive: the spec's flag bits, plus any the rule derives."""
         return self.spec.flags(values)
 
+    def kernel_globals(self, call) -> Optional[torch.Tensor]:
+        """The global values the compiled kernels (C++, CUDA, Triton) read for one group's pass: by
+        default the combining pass's, as the Python backends receive them. A rule whose kernels
+        need per-group values computed on the device (LAMB's bias corrections from its step
+        count) returns them here as one float32 tensor on the group's device, by tensor ops only."""
+        return call.globals
+
     def check_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
         """ValueError for param groups that are valid one by one but not together (LAMB's global
         ``max_grad_norm``); ``groups`` hold at least the spec's entries. Checked when a step plan is

@@ -185,9 +185,25 @@ void apply(Args& a) {
   }
 }
 
-// lars P DTYPE FLAGS HYPER SUMS_IN SUMS_OUT STARTED GRAD_SCALE FOUND_INF TENSORS: LARS's kernel pass P
-// (0: stats of p, g; 1: apply to p, buf, g; 2: apply to p, g), its tensors with that many lists.
-void lars(Args& a) {
+// Calls f.template operator()<P>() for the kernel pass P == `pass` of Rule.
+template <class Rule, int P = 0, class F>
+void with_pass(int64_t pass, F&& f) {
+  if constexpr (P < Rule::kPasses) {
+    if (pass == P) {
+      f.template operator()<P>();
+    } else {
+      with_pass<Rule, P + 1>(pass, f);
+    }
+  } else {
+    emu::fail("rule %s has no kernel pass %ld", Rule::kName, static_cast<long>(pass));
+  }
+}
+
+// RULE P DTYPE FLAGS HYPER SUMS_IN SUMS_OUT GLOBALS SCALAR0 GRAD_SCALE FOUND_INF TENSORS: kernel pass P of
+// a rule other than Fromage (lars, lamb), its tensors with the pass's number of lists, SCALAR0 its first
+// per-tensor scalar (or -).
+template <class Rule>
+void rule_pass(Args& a) {
   const int64_t pass = a.integer();
   const std::string dtype = a.word();
   StepArgs args;
@@ -195,30 +211,24 @@ void lars(Args& a) {
   args.hyper = a.ptr<const float>();
   args.sums = a.ptr<const float>();
   float* sums_out = a.ptr<float>();
-  args.scalars[LarsRule::kStarted] = a.ptr<float>();
+  args.globals = a.ptr<const float>();
+  args.scalars[0] = a.ptr<float>();
   args.grad_scale = a.ptr<const float>();
   const float* found_inf = a.ptr<const float>();
-  const int lists = pass == 1 ? 3 : 2;
-  const auto refs = a.tensors(lists);
-  const int64_t n = static_cast<int64_t>(refs.size());
-  args.n = n;
-  const DeviceTable table = upload_table(refs, lists);
-  // As the launcher: partials and zeroed counters for the stats of tensors of several blocks.
-  const bool several = pass == 0 && table.blocks > n;
-  float* partials = several ? scratch<float>(2 * static_cast<size_t>(table.blocks), false) : nullptr;
-  unsigned* counters = several ? scratch<unsigned>(static_cast<size_t>(n), true) : nullptr;
-  const dim3 grid(static_cast<unsigned>(table.blocks));
-  with_format(dtype, [&]<class Tr>() {
-    auto go = [&](auto kernel) {
-      emu::launch(grid, dim3(kThreads), kernel, table.words, n, args, sums_out, partials, counters, found_inf);
-    };
-    if (pass == 0) {
-      go(&pass_kernel<LarsRule, 0, Tr, false>);
-    } else if (pass == 1) {
-      go(&pass_kernel<LarsRule, 1, Tr, false>);
-    } else {
-      go(&pass_kernel<LarsRule, 2, Tr, false>);
-    }
+  with_pass<Rule>(pass, [&]<int P>() {
+    constexpr int L = Rule::template Pass<P>::kLists, S = Rule::template Pass<P>::kSums;
+    const auto refs = a.tensors(L);
+    const int64_t n = static_cast<int64_t>(refs.size());
+    args.n = n;
+    const DeviceTable table = upload_table(refs, L);
+    // As the launcher: partials and zeroed counters for the sums of tensors of several blocks.
+    const bool several = S > 0 && table.blocks > n;
+    float* partials = several ? scratch<float>(S * static_cast<size_t>(table.blocks), false) : nullptr;
+    unsigned* counters = several ? scratch<unsigned>(static_cast<size_t>(n), true) : nullptr;
+    with_format(dtype, [&]<class Tr>() {
+      emu::launch(dim3(static_cast<unsigned>(table.blocks)), dim3(kThreads), &pass_kernel<Rule, P, Tr, false>,
+                  table.words, n, args, sums_out, partials, counters, found_inf);
+    });
   });
 }
 
@@ -238,7 +248,8 @@ void round_bf16(Args& a) {
 const std::map<std::string, std::function<void(Args&)>> drivers = {
     {"stats", stats},
     {"apply", apply},
-    {"lars", lars},
+    {"lars", rule_pass<LarsRule>},
+    {"lamb", rule_pass<LambRule>},
     {"round_bf16", round_bf16},
 };
 

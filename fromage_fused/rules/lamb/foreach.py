@@ -115,6 +115,22 @@ class _Step:
         return k
 
 
+def kernel_globals(call) -> torch.Tensor:
+    """The step's per-group values the C++ and CUDA kernels read (``csrc/rule_lamb.h``, ``Global``):
+    the gradients' divisor, ``1 − β1^t``, ``√(1 − β2^t)``, the decoupled decay's factor, and the
+    moments' weights of the new gradient; computed as this backend computes them, as float32."""
+    s = _Step(call)
+    parts = []
+    for x, default in ((s.divisor, 1.0), (s.c1, 1.0), (s.sqrt_c2, 1.0), (s.decay, 0.0), (s.into_m, None),
+                       (1 - s.b2, None)):
+        if isinstance(x, torch.Tensor):
+            parts.append(x.reshape(()).to(torch.float32))
+        else:
+            # fills, not copies from the host: this may run during CUDA-graph capture
+            parts.append(torch.full((), default if x is None else x, dtype=torch.float32, device=call.device))
+    return torch.stack(parts)
+
+
 def _square_norms(tensors, acc) -> torch.Tensor:
     """``[n]``: ‖t‖² per tensor; on CPU over pieces combined as a tree (backends/foreach.py)."""
     norms, owner = [], []

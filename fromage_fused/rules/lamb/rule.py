@@ -41,12 +41,13 @@ device of the group's first parameter; passes read it as it was before the step.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from ...engine.rule import Buffer, GroupScalar, Pass, Rule
 from ...engine.spec import Spec, check_lr, check_positive_or_none, flag, option, real, value
+from . import passes
 from .flags import ADAPT, CAUTION, CLIP, NORMS, PLAIN
 from .foreach import Foreach
 from .reference import Reference
@@ -133,6 +134,14 @@ class LambRule(Rule):
             bits |= ADAPT
         bits |= NORMS if bits & (ADAPT | CAUTION) else PLAIN
         return bits
+
+    def kernel_globals(self, call) -> Optional[torch.Tensor]:
+        # grad_norm reads none (the clip divisor is what it produces)
+        if call.index == passes.GRAD_NORM:
+            return None
+        from .foreach import kernel_globals
+
+        return kernel_globals(call)
 
     def check_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
         first = groups[0]["max_grad_norm"] if groups else None

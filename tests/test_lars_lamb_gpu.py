@@ -1,17 +1,23 @@
-"""LARS on a GPU: a captured step replays like eager steps (a scheduler changing the device lr
-between replays), and an eager step with GradScaler's tensors never synchronises. GPU only; the
-same step logic runs on the CPU in test_lars_rule.py and test_compile.py."""
+"""LARS and LAMB on a GPU: a captured step replays like eager steps (a scheduler changing the
+device lr between replays), and an eager step with GradScaler's tensors never synchronises. GPU
+only; the same step logic runs on the CPU in test_lars_rule.py, test_lamb_rule.py and
+test_compile.py."""
 import pytest
 import torch
 from torch import nn
 
 from fromage_fused import LARS
+from fromage_fused.rules.lamb import LAMB
 from _host_reads import forbid_cuda_sync
 
 pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"
-OPTIONS = dict(momentum=0.9, weight_decay=1e-2, trust_coeff=0.02, nesterov=True)
+#: per optimizer: its class, its starting lr and options (LAMB's clipping and caution: every pass)
+OPTIMIZERS = {
+    "lars": (LARS, 0.5, dict(momentum=0.9, weight_decay=1e-2, trust_coeff=0.02, nesterov=True)),
+    "lamb": (LAMB, 0.01, dict(weight_decay=0.1, caution=True, max_grad_norm=0.05)),
+}
 WARMUP, STEPS = 3, 10
 #: replayed vs eager: the same kernels on the same values, so equal up to fp32 reduction order.
 GRAPH_TOL = (1e-6, 1e-5)
@@ -29,19 +35,25 @@ def _batch(step):
     return torch.randn(8, 16, generator=gen).to(DEVICE), torch.randn(8, 4, generator=gen).to(DEVICE)
 
 
-def _optimizer(model, backend):
-    opt = LARS(model.parameters(), lr=torch.tensor(0.5, device=DEVICE), backend=backend, **OPTIONS)
+def _optimizer(kind, model, backend):
+    cls, lr, options = OPTIMIZERS[kind]
+    opt = cls(model.parameters(), lr=torch.tensor(lr, device=DEVICE), backend=backend, **options)
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+
+
+def _runs_on(kind, backend):
+    return "foreach" if kind == "lamb" and backend == "triton" else backend  # no Triton LAMB kernels yet
 
 
 def _loss(model, x, y):
     return nn.functional.mse_loss(model(x), y)
 
 
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
 @pytest.mark.backends(devices=("cuda",), reference=False, interpreted=False)
-def test_lars_replay_matches_eager(backend):
+def test_replay_matches_eager(kind, backend):
     model = _model()
-    opt, sched = _optimizer(model, backend)
+    opt, sched = _optimizer(kind, model, backend)
     for step in range(WARMUP + STEPS):
         opt.zero_grad(set_to_none=True)
         _loss(model, *_batch(step)).backward()
@@ -51,7 +63,7 @@ def test_lars_replay_matches_eager(backend):
     eager = [p.detach().clone() for p in model.parameters()]
 
     model = _model()
-    opt, sched = _optimizer(model, backend)
+    opt, sched = _optimizer(kind, model, backend)
     static_x, static_y = (t.clone() for t in _batch(0))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -76,16 +88,17 @@ def test_lars_replay_matches_eager(backend):
         graph.replay()
         sched.step()
     torch.cuda.synchronize()
-    assert {g.backend.name for g in opt._plan.groups} == {backend}
+    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(kind, backend)}
     atol, rtol = GRAPH_TOL
     for p, q in zip(model.parameters(), eager):
         torch.testing.assert_close(p.detach(), q, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
 @pytest.mark.backends(devices=("cuda",), reference=False, interpreted=False)
-def test_lars_eager_step_does_not_sync(backend):
+def test_eager_step_does_not_sync(kind, backend):
     model = _model()
-    opt, _ = _optimizer(model, backend)
+    opt, _ = _optimizer(kind, model, backend)
     for step in range(3):
         opt.zero_grad(set_to_none=True)
         _loss(model, *_batch(step)).backward()
@@ -96,4 +109,5 @@ def test_lars_eager_step_does_not_sync(backend):
             continue
         with forbid_cuda_sync():
             opt.step()
-    assert all(float(opt.state[p]["momentum_started"]) == 1 for p in model.parameters())
+    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(kind, backend)}
+    assert all(opt.state[p] for p in model.parameters())
