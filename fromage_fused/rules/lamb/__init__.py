@@ -1,5 +1,4 @@
-"""The LAMB rule and its optimizer (see ``rule.py``). Not exported from ``fromage_fused`` until the
-native and Triton kernels run it."""
+"""The LAMB rule and its optimizer (see ``rule.py``), exported as ``fromage_fused.LAMB``."""
 from .optimizer import LAMB
 from .rule import LAMB_RULE
 
