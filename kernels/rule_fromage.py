@@ -23,17 +23,17 @@ INNER = tl.constexpr(8)
 def coefficients_0(t, first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, grad_scale_ptr,
                    FLAGS: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     zero = tl.full((), 0.0, tl.float32)
-    return zero, zero, zero, zero, zero, zero
+    return zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
 
 
 @device_function
-def body_0(k0, k1, k2, k3, k4, k5, x, y, x2, x3, FLAGS: tl.constexpr):
+def body_0(k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, x, y, x2, x3, FLAGS: tl.constexpr):
     """Pass 0: the terms of ||p||^2, ||g||^2 and <p, g> (the last without INNER: zeros)."""
     if (INNER & FLAGS) != 0:
         pg = x * y
     else:
         pg = x * 0.0
-    return x, y, x * x, y * y, pg
+    return x, y, y, x * x, y * y, pg, pg, pg
 
 
 @device_function
@@ -72,13 +72,14 @@ def coefficients_1(t, first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, g
             # On the bits (an int32 exchange): the interpreter exchanges no floats.
             tl.atomic_xchg(mn_ptr.to(tl.pointer_type(tl.int32)), mn.to(tl.int32, bitcast=True), sem="relaxed")
     zero = tl.full((), 0.0, tl.float32)
-    return s, -a * s, zero, zero, zero, zero
+    return s, -a * s, zero, zero, zero, zero, zero, zero, zero, zero
 
 
 @device_function
-def body_1(k0, k1, k2, k3, k4, k5, x, y, x2, x3, FLAGS: tl.constexpr):
+def body_1(k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, x, y, x2, x3, FLAGS: tl.constexpr):
     """Pass 1: ``p <- round(round(c_p p) + round(c_g g))`` (unfused: see ``FUSION``)."""
-    return x * k0 + y * k1, y, x * 0.0, x * 0.0, x * 0.0
+    zero = x * 0.0
+    return x * k0 + y * k1, y, y, zero, zero, zero, zero, zero
 
 
 #: per pass: (coefficients, body, whether the compiler may fuse multiply-adds)

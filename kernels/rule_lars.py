@@ -32,13 +32,14 @@ ADAPT = tl.constexpr(16)
 def coefficients_0(t, first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, grad_scale_ptr,
                    FLAGS: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     zero = tl.full((), 0.0, tl.float32)
-    return zero, zero, zero, zero, zero, zero
+    return zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
 
 
 @device_function
-def body_0(k0, k1, k2, k3, k4, k5, x, y, x2, x3, FLAGS: tl.constexpr):
+def body_0(k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, x, y, x2, x3, FLAGS: tl.constexpr):
     """Pass 0: the terms of ||p||^2 and ||g||^2."""
-    return x, y, x * x, y * y, x * 0.0
+    zero = x * 0.0
+    return x, y, y, x * x, y * y, zero, zero, zero
 
 
 @device_function
@@ -72,11 +73,12 @@ def coefficients_1(t, first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, g
         on = tl.load(s0_ptr + t) > 0
         a = tl.where(on, mu, zero)
         b = tl.where(on, 1.0 - tl.load(hyper_ptr + DAMPENING), one)
-    return c_g, c_p, a, b, mu, lr
+    zero = tl.full((), 0.0, tl.float32)
+    return c_g, c_p, a, b, mu, lr, zero, zero, zero, zero
 
 
 @device_function
-def body_1(k0, k1, k2, k3, k4, k5, x, y, x2, x3, FLAGS: tl.constexpr):
+def body_1(k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, x, y, x2, x3, FLAGS: tl.constexpr):
     """Pass 1: the update of ``p`` (``x``) and, with momentum, of the buffer (``y``; ``g`` is ``x2``)."""
     if (MOMENTUM & FLAGS) != 0:
         g = x2
@@ -90,8 +92,10 @@ def body_1(k0, k1, k2, k3, k4, k5, x, y, x2, x3, FLAGS: tl.constexpr):
             u = d + buf * k4
         else:
             u = buf
-        return x - u * k5, buf, x * 0.0, x * 0.0, x * 0.0
-    return x - d * k5, y, x * 0.0, x * 0.0, x * 0.0
+        zero = x * 0.0
+        return x - u * k5, buf, buf, zero, zero, zero, zero, zero
+    zero = x * 0.0
+    return x - d * k5, y, y, zero, zero, zero, zero, zero
 
 
 #: per pass: (coefficients, body, whether the compiler may fuse multiply-adds)

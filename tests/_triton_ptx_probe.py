@@ -1,10 +1,12 @@
-"""Compile the triton kernels for sm_90 on this machine (no GPU needed) and count what the tests check.
+"""Compile the triton kernels (Fromage's, LARS's, LAMB's) for sm_90 on this machine (no GPU needed) and
+count what the tests check.
 
 Run as a script in a process without TRITON_INTERPRET; prints one JSON object
 ``{kernel: {"ld_v": n, "st_v": n, "ld_16": n, "st_16": n, "st_shared": n, "bar_sync": n,
-"ld_volatile": n, "atom_exch": n, "regs": n}}``: vector accesses of any width and the 16-byte ones,
-shared-memory stores and barriers, relaxed loads and atomic exchanges (the max_norm accesses), and
-the registers per thread of the sm_90 cubin (None when Triton ships no cuobjdump).
+"ld_volatile": n, "atom_exch": n, "regs": n, "per_thread": n, "lists": n}}``: vector accesses of any width and the
+16-byte ones, shared-memory stores and barriers, relaxed loads and atomic exchanges (the max_norm
+accesses), the registers per thread of the sm_90 cubin (None when Triton ships no cuobjdump), and
+the elements of each operand a thread moves per block, and the lists the kernel reads.
 
 ``--paths N`` compiles the kernels' PATHS=N specialisation (1: only the 16-byte aligned path, 2: only
 the other, 3: both, the default). With ``--no-aligned-path`` the branch taken for 16-byte aligned
@@ -25,8 +27,8 @@ from triton.compiler import ASTSource
 
 import torch
 
-from fromage_fused.backends.triton import CUDA_CONFIGS
-from fromage_fused.kernels import engine_pass, rule_fromage
+from fromage_fused.backends.triton import CUDA_CONFIGS, block_for
+from fromage_fused.kernels import engine_pass, rule_fromage, rule_lamb, rule_lars
 
 if "--no-aligned-path" in sys.argv:
     engine_pass.ALIGNED_FLAG = tl.constexpr(0)
@@ -54,6 +56,38 @@ def fromage_pass(index, dtype, *, sr=False, flags=None):
             "FLAGS": (STATS_FLAGS if index == 0 else APPLY_FLAGS) if flags is None else flags,
             "HAS_FOUND_INF": index == 1, "HAS_GRAD_SCALE": index == 1, "SR": sr,
             "LR_SLOT": rule_fromage.LR.value if index == 1 else -1, "PATHS": PATHS}
+
+
+def rule_pass(helpers, index, lists, writes, sums, dtype, flags):
+    """The constexprs of pass ``index`` of another rule's ``helpers`` (``kernels/rule_<name>.py``):
+    ``lists`` says per list whether it holds the parameters' dtype (else float32: a buffer)."""
+    coef, body, _ = helpers.PASSES[index]
+    types = [dtype if param else tl.float32 for param in lists] + [dtype] * (4 - len(lists))
+    sizes = [t.primitive_bitwidth // 8 for t in types]
+    return {"COEF": coef, "BODY": body, "L": len(lists), "W": writes, "S": sums,
+            **{f"D{k}": types[k] for k in range(4)}, **{f"Z{k}": sizes[k] for k in range(4)}, "FLAGS": flags,
+            "HAS_FOUND_INF": writes > 0, "HAS_GRAD_SCALE": True, "SR": False,
+            "LR_SLOT": helpers.LR.value if writes > 0 else -1, "PATHS": PATHS,
+            "BLOCK": block_for(CUDA_CONFIGS[_TORCH[dtype]], len(lists), writes, sums)}
+
+
+_TORCH = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}
+
+
+def rule_options(helpers, index):
+    return {} if helpers.PASSES[index][2] else {"enable_fp_fusion": False}
+
+
+#: LARS with momentum, adapting (nesterov, trust_clip); LAMB adapting with caution and clipping
+#: (every list and sum), and as Adam: (name, helpers, pass, lists, writes, sums, flags)
+OTHER_RULES = (
+    ("lars_stats", rule_lars, 0, (True, True), 0, 2, 1 | 2 | 8 | 16),
+    ("lars_update", rule_lars, 1, (True, False, True), 2, 0, 1 | 2 | 8 | 16),
+    ("lamb_grad_norm", rule_lamb, 0, (True,), 0, 1, 1 | 2 | 16 | 128 | 256 | 512),
+    ("lamb_moments", rule_lamb, 1, (False, False, True, True), 2, 5, 1 | 2 | 16 | 128 | 256 | 512),
+    ("lamb_update", rule_lamb, 2, (True, False, False, True), 1, 0, 1 | 2 | 16 | 128 | 256 | 512),
+    ("lamb_adam", rule_lamb, 3, (True, False, False, True), 3, 0, 1 | 2 | 128 | 1024),
+)
 
 
 def fromage_options(index):
@@ -84,7 +118,7 @@ def registers(cubin: bytes):
 
 def count(fn, signature, constexprs, dtype, options=None):
     cfg = CUDA_CONFIGS[dtype]
-    constexprs = {**constexprs, "BLOCK": cfg.block, "PATHS": PATHS}
+    constexprs = {"BLOCK": cfg.block, **constexprs, "PATHS": PATHS}
     kernel = triton.compile(_source(fn, signature, constexprs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps, **(options or {})})
     ptx = kernel.asm["ptx"]
@@ -98,7 +132,9 @@ def count(fn, signature, constexprs, dtype, options=None):
             "bar_sync": len(re.findall(r"\bbar\.sync\b", ptx)),
             "ld_volatile": len(re.findall(r"\bld\.volatile\.global\b", ptx)),
             "atom_exch": len(re.findall(r"\batom\.global(?:\.\w+)*\.exch\b", ptx)),
-            "regs": registers(kernel.asm["cubin"])}
+            "regs": registers(kernel.asm["cubin"]),
+            # elements of each operand a thread moves per block
+            "per_thread": constexprs["BLOCK"] // (32 * cfg.num_warps), "lists": constexprs["L"]}
 
 
 def main():
@@ -113,6 +149,10 @@ def main():
                                fromage_options(1)),
         "apply_fp16": count(kernel, PASS_SIG, fromage_pass(1, tl.float16), torch.float16, fromage_options(1)),
     }
+    for name, helpers, index, lists, writes, sums, flags in OTHER_RULES:
+        for label, tdt, dtype in (("fp32", tl.float32, torch.float32), ("bf16", tl.bfloat16, torch.bfloat16)):
+            out[f"{name}_{label}"] = count(kernel, PASS_SIG, rule_pass(helpers, index, lists, writes, sums, tdt, flags),
+                                           dtype, rule_options(helpers, index))
     print(json.dumps(out))
 
 

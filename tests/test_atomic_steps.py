@@ -1,8 +1,8 @@
 """A step that raises changes nothing (hypothesis): mixes of valid and invalid parameters, gradients,
-param groups and hyper-parameters, on every backend that runs on CPU (Triton under its interpreter
-included). Every drawn input is known to be valid or not, so the property is exact both ways: the
-step raises exactly when something invalid was drawn, and then no parameter, no state and no param
-group has changed."""
+param groups and hyper-parameters, of Fromage, LARS and LAMB, on every backend that runs on CPU
+(Triton under its interpreter included). Every drawn input is known to be valid or not, so the
+property is exact both ways: the step raises exactly when something invalid was drawn, and then no
+parameter, no state and no param group has changed."""
 import math
 import os
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fromage_fused import Fromage, functional
+from fromage_fused import LAMB, LARS, Fromage, functional
 from fromage_fused.functional import UNSET_MAX_NORM
 
 SETTINGS = settings(max_examples=int(os.environ.get("FROMAGE_HYPOTHESIS_EXAMPLES", 25)), deadline=None,
@@ -165,6 +165,58 @@ def test_a_step_that_raises_changes_nothing(backend, specs, seed):
         for i, (p, kind) in enumerate(zip(group["params"], group_kinds)):
             _set_grad(p, kind, seed + 11 * i)
             valid &= GRADS[kind]
+    snap = _snapshot(opt)
+    try:
+        opt.step()
+    except ERRORS:
+        assert not valid, "a valid step raised"
+        _assert_unchanged(opt, snap)
+    else:
+        assert valid, "an invalid step was accepted"
+
+
+#: per rule: its class, the options of its valid first step, and edits of group 0 after it:
+#: (name, value, valid); None for max_grad_norm's validity: valid only where group 0 is the only group
+#: (LAMB clips all groups together, so they must agree).
+OTHER_RULES = {
+    "lars": (LARS, dict(momentum=0.9, weight_decay=1e-2, trust_clip=True), [
+        ("keep", None, True), ("momentum", 0.5, True), ("momentum", 0.0, True), ("momentum", -0.1, False),
+        ("weight_decay", math.nan, False), ("weight_decay", 0.0, True), ("trust_coeff", 0.01, True),
+        ("eps", math.inf, False), ("dampening", math.nan, False), ("always_adapt", "yes", False),
+        ("trust_clip", False, True)]),
+    "lamb": (LAMB, dict(weight_decay=1e-2, caution=True, max_grad_norm=1.0), [
+        ("keep", None, True), ("betas", (0.8, 0.99), True), ("betas", (0.9, 1.0), False), ("eps", -1.0, False),
+        ("weight_decay", 0.0, True), ("weight_decay", math.inf, False), ("max_grad_norm", 2.0, None),
+        ("max_grad_norm", 0.0, False), ("caution", False, True), ("decoupled_decay", "no", False)]),
+}
+
+
+@SETTINGS
+@given(rule=st.sampled_from(sorted(OTHER_RULES)), params=st.lists(param_specs, min_size=1, max_size=4),
+       two_groups=st.booleans(), lr_edit=st.sampled_from(range(len(LRS))), edit=st.integers(0, 9),
+       seed=st.integers(0, 2 ** 16))
+def test_a_lars_or_lamb_step_that_raises_changes_nothing(backend, rule, params, two_groups, lr_edit, edit, seed):
+    cls, options, edits = OTHER_RULES[rule]
+    if backend == TRITON:
+        params = params[:2]
+    tensors = [torch.nn.Parameter(_values(shape, dtype, seed + i)) for i, (dtype, shape, _) in enumerate(params)]
+    cut = 1 if two_groups and len(tensors) > 1 else len(tensors)
+    groups = [{"params": tensors[:cut]}] + ([{"params": tensors[cut:]}] if cut < len(tensors) else [])
+    opt = cls(groups, lr=0.01, backend=backend, **options)
+    for p in tensors:  # a first, valid step: the plan and the state exist
+        p.grad = _values(p.shape, p.dtype, seed + 7)
+    opt.step()
+    assert {g.backend.name for g in opt._plan.groups} <= {backend, "foreach"}
+    lr, valid = LRS[lr_edit]
+    if lr != "keep":
+        opt.param_groups[0]["lr"] = _lr(lr)
+    name, value, ok = edits[edit % len(edits)]
+    if name != "keep":
+        opt.param_groups[0][name] = value
+    valid &= (len(opt.param_groups) == 1) if ok is None else ok
+    for i, (p, (_, _, kind)) in enumerate(zip(tensors, params)):
+        _set_grad(p, kind, seed + 11 * i)
+        valid &= GRADS[kind]
     snap = _snapshot(opt)
     try:
         opt.step()

@@ -5,8 +5,7 @@ Training runs feed the optimizer and the oracle the same gradients (the optimize
 them), with None and all-zero gradients on a schedule (a whole group has none on some steps, so its
 step count advances without gradients) and zero-initialised tensors, and compare parameters,
 moments and the groups' step counts: float64 on the Python backends (the kernels take float32,
-bf16 and fp16), float32 and bf16 on all. The triton backend has no LAMB kernels yet: it steps
-LAMB groups with foreach.
+bf16 and fp16), float32 and bf16 on all.
 """
 import copy
 import inspect
@@ -203,15 +202,10 @@ def test_low_precision_steps_match_the_oracle(backend, dtype, model_name, case):
         _oracle_lamb.lamb_step(groups, max_grad_norm=max_grad_norm, max_lr=LR)
         opt.step()
         _compare(opt, ours, groups, TOL[dtype], STATE_TOL[dtype], f"{dtype} {options} step {step}")
-    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(backend)}
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
 # ---------------------------------------------------------------- every backend
-
-def _runs_on(backend):
-    """The backend that steps LAMB's groups: the triton backend has no LAMB kernels yet."""
-    return "foreach" if backend == "triton" else backend
-
 
 #: 4 steps from the same start: float32 as the oracle tolerances say; float16 rounds every step
 #: (half an ulp, 2**-11 relative, each time) and its trust ratios follow the rounded values.
@@ -226,7 +220,7 @@ FUSED_TRAJ_TOL = {torch.float32: ORACLE_TOL[torch.float32]["traj"], torch.float1
                          ids=["caution-clipped", "decoupled", "caution-not-adapting", "adam"])
 def test_every_backend_steps_lamb(backend, dtype, options):
     if backend not in ("reference", "foreach"):
-        assert backends.get(backend).has_rule(LAMB_RULE) == (backend != "triton")
+        assert backends.get(backend).has_rule(LAMB_RULE)
     gen = torch.Generator().manual_seed(0)
     shapes = [(6, 5), (5,), (3, 3), (40_000,)]  # the last one is several chunks of every kernel
     start = [torch.randn(s, generator=gen) for s in shapes]
@@ -246,7 +240,7 @@ def test_every_backend_steps_lamb(backend, dtype, options):
         want[0]["grads"] = [p.grad.double() for p in params]
         _oracle_lamb.lamb_step(want, max_grad_norm=max_grad_norm, max_lr=0.01)
         opt.step()
-    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(backend)}
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
     for i, (p, q) in enumerate(zip(params, want[0]["params"])):
         _close(p, q, FUSED_TRAJ_TOL[dtype], f"parameter {i}")
 
@@ -340,7 +334,7 @@ def test_found_inf_skips_the_step_and_grad_scale_divides(backend, skip_at):
         _close(p, q, tol, "parameter")
         for key in ("exp_avg", "exp_avg_sq"):
             _close(opt.state[p][key], state[key], tol, key)
-    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(backend)}
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
 @pytest.mark.parametrize("bad", [math.nan, -1.0, math.inf])
@@ -380,7 +374,7 @@ def test_step_reads_nothing_on_the_host(backend, tensor_lr):
     assert [float(g["step"]) for g in opt.param_groups] == [2, 2]
     flags = [LAMB_RULE.flags(g.values, False) for g in opt._plan.groups]
     assert flags[0] & lamb_flags.NORMS and flags[0] & lamb_flags.CAUTION and flags[1] & lamb_flags.PLAIN
-    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(backend)}
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
 def test_gradients_are_not_modified(backend):

@@ -41,9 +41,6 @@ def _optimizer(kind, model, backend):
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
 
 
-def _runs_on(kind, backend):
-    return "foreach" if kind == "lamb" and backend == "triton" else backend  # no Triton LAMB kernels yet
-
 
 def _loss(model, x, y):
     return nn.functional.mse_loss(model(x), y)
@@ -88,7 +85,7 @@ def test_replay_matches_eager(kind, backend):
         graph.replay()
         sched.step()
     torch.cuda.synchronize()
-    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(kind, backend)}
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
     atol, rtol = GRAPH_TOL
     for p, q in zip(model.parameters(), eager):
         torch.testing.assert_close(p.detach(), q, atol=atol, rtol=rtol)
@@ -109,5 +106,5 @@ def test_eager_step_does_not_sync(kind, backend):
             continue
         with forbid_cuda_sync():
             opt.step()
-    assert {g.backend.name for g in opt._plan.groups} == {_runs_on(kind, backend)}
+    assert {g.backend.name for g in opt._plan.groups} == {backend}
     assert all(opt.state[p] for p in model.parameters())

@@ -404,3 +404,45 @@ def test_a_timm_checkpoint_continues_its_buffers():
     opt.step()
     for p, q in zip(params, want[0]["params"]):
         _close(p, q, TOL[torch.float64], "parameter")
+
+
+# ---------------------------------------------------------------- monitoring
+
+def test_monitoring_reports_the_norms_and_the_trust_ratio_the_step_used(backend):
+    # group 0 adapts (weight decay), group 1 does not: its norms are measured for the monitor alone
+    dtype, tol = _dtype_and_tol(backend)
+    params = _small(dtype)
+    opt = LARS([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], backend=backend, monitor=True,
+               **OPTIONS)
+    scale = 4.0
+    before = [p.detach().double().clone() for p in params]
+    grads = _grads(0, params, scale)
+    opt.grad_scale = torch.tensor(scale)
+    opt.step()
+    stats = opt.last_stats()
+    assert len(stats) == 2
+    for s, group in zip(stats, opt.param_groups):
+        assert s.params == group["params"]
+        idx = [next(i for i, q in enumerate(params) if q is p) for p in s.params]
+        p_norm = torch.stack([before[i].norm() for i in idx])
+        g_norm = torch.stack([grads[i].norm() for i in idx])
+        _close(s.p_norm, p_norm, tol, "p_norm")
+        _close(s.g_norm, g_norm, tol, "g_norm")
+        ratio = torch.stack([_oracle_lars.trust_ratio(a, b, lr=OPTIONS["lr"], weight_decay=group["weight_decay"],
+                                                      trust_coeff=group["trust_coeff"], eps=group["eps"],
+                                                      trust_clip=group["trust_clip"])
+                             if group["weight_decay"] != 0 else torch.ones((), dtype=torch.float64)
+                             for a, b in zip(p_norm, g_norm)])
+        _close(s.trust_ratio, ratio, tol, "trust_ratio")
+        _close(s.local_lr, OPTIONS["lr"] * ratio, tol, "local_lr")
+        assert set(s.per_parameter()) == set(s.params)
+    assert not torch.equal(stats[0].trust_ratio, torch.ones_like(stats[0].trust_ratio))
+    # a skipped step moved nothing: its local rates are 0
+    _grads(1, params, scale)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert all(torch.equal(s.local_lr, torch.zeros_like(s.local_lr)) for s in opt.last_stats())
+    opt.monitor = False
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert opt.last_stats() == []

@@ -266,13 +266,22 @@ def sm90(tmp_path_factory):
     return out
 
 
+#: kernels that write nothing (their sums are stored as scalars)
+READ_ONLY = ("partials", "lars_stats", "lamb_grad_norm")
+
+
 def test_sm90_code_vectorises_the_aligned_path(sm90):
     for kernel, c in sm90["both"].items():
+        if c["per_thread"] < 8:
+            # A pass of three or four lists runs smaller blocks, to stay within 64 registers: its
+            # threads move 2 or 4 elements per operand and block, in vectors of 8 bytes or less.
+            assert c["ld_v"] >= 1, f"{kernel}: no vector loads on the aligned path"
+            continue
         # Each thread moves 8 elements per operand and block: two 16-byte vectors in fp32, one in
         # bf16/fp16 (BLOCK is chosen per dtype for that).
         vectors = 2 if kernel.endswith("fp32") else 1
-        assert c["ld_16"] >= 2 * vectors, f"{kernel}: {c['ld_16']} 16-byte loads on the aligned path"
-        assert kernel.startswith("partials") or c["st_16"] >= vectors, f"{kernel}: {c['st_16']} 16-byte stores"
+        assert c["ld_16"] >= c["lists"] * vectors, f"{kernel}: {c['ld_16']} 16-byte loads on the aligned path"
+        assert kernel.startswith(READ_ONLY) or c["st_16"] >= vectors, f"{kernel}: {c['st_16']} 16-byte stores"
 
 
 @pytest.mark.parametrize("variant", ["no_aligned_path", "unaligned_only"])

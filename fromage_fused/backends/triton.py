@@ -93,6 +93,18 @@ CUDA_CONFIGS = {
     torch.float16: Config(block=2048, chunk=16384, num_warps=8, rblock=1024, large_chunk=65536),
 }
 CUDA_CONFIG = CUDA_CONFIGS[torch.float32]
+
+
+def block_for(cfg: Config, lists: int, writes: int, sums: int) -> int:
+    """Elements per block of a pass of ``lists`` lists: the config's for two lists, fewer for more
+    (the values a thread holds grow with the lists, the written ones and the sums; the sm_90 cubins
+    of every rule's passes stay within 64 registers: tests/test_triton_backend.py). Chunks are
+    multiples of every block size here."""
+    if lists <= 2:
+        return cfg.block
+    if lists == 3 or (writes <= 1 and sums <= 3):
+        return cfg.block // 2
+    return cfg.block // 4
 INTERPRETER_CONFIG = Config(block=512, chunk=2048, num_warps=4, rblock=128)
 
 
@@ -370,14 +382,14 @@ class TritonBackend(Backend):
 
     # -- checks ---------------------------------------------------------------------------------
 
-    def _group(self, lists):
-        """``(device, dtype)`` of a group (the first list holds parameters). The step plan hands over
+    def _group(self, lists, first: int = 0):
+        """``(device, dtype)`` of a group (list ``first`` holds parameters). The step plan hands over
         validated groups; a direct call is checked here once per (device, dtype), and tensor by
         tensor whenever its tables are built (a cached table stands for tensors that were checked)."""
         if not lists[0] or any(len(x) != len(lists[0]) for x in lists):
             raise ValueError(f"the triton backend steps a non-empty group of tensor lists of equal length, "
                              f"got lengths {[len(x) for x in lists]}")
-        device, dtype = lists[0][0].device, lists[0][0].dtype
+        device, dtype = lists[first][0].device, lists[first][0].dtype
         if (device, dtype) not in self._admitted:
             if not self.supports_dtype(dtype):
                 raise TypeError(f"the triton backend steps {[str(d) for d in self.dtypes]} tensors, not {dtype}")
@@ -480,11 +492,12 @@ class TritonBackend(Backend):
     def _run(self, rule, index, lists, sums, hyper, flags, scalars, globals_, found_inf, grad_scale, seed):
         spec = rule.passes[index]
         names, writes = spec.lists_for(flags)
-        device, dtype = self._group(lists)
-        n = len(lists[0])
         param = [k for k, name in enumerate(names) if name in ("p", "g")]
+        device, dtype = self._group(lists, param[0])
+        n = len(lists[0])
         dtypes = tuple(dtype if k in param else torch.float32 for k in range(len(lists)))
-        prev = rule.passes[index - 1].sums if index > 0 else 0
+        # the sums of the last pass before this one that has any (they stay the step's until another replaces them)
+        prev = next((q.sums for q in reversed(rule.passes[:index]) if q.sums), 0)
         if sums is not None and (tuple(sums.shape) != (n, prev) or sums.device != device):
             raise RuntimeError(f"the stats of the previous pass must be an [{n}, {prev}] tensor on {device}, got "
                                f"{tuple(sums.shape)} on {sums.device}")
@@ -522,7 +535,8 @@ class TritonBackend(Backend):
                     dummy if sums is None else sums, hyper, s0, s1, dummy if globals_ is None else globals_, fi, gs,
                     sd, n, COEF=coef, BODY=body, L=len(lists), W=writes, S=s_count, D0=tdt[0], D1=tdt[1],
                     D2=tdt[2], D3=tdt[3], Z0=size[0], Z1=size[1], Z2=size[2], Z3=size[3], FLAGS=int(flags),
-                    BLOCK=cfg.block, HAS_FOUND_INF=skip, HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr,
+                    BLOCK=block_for(cfg, len(lists), writes, s_count), HAS_FOUND_INF=skip,
+                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr,
                     PATHS=addrs.programs, LR_SLOT=-1 if lr_slot is None else int(getattr(lr_slot, "value", lr_slot)),
                     num_warps=cfg.num_warps, **({} if fusion else {"enable_fp_fusion": False}))
             if s_count:

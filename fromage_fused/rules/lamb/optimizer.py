@@ -46,8 +46,7 @@ class LAMB(EngineOptimizer):
         corrected_weight_decay: with ``decoupled_decay``, shrink by ``lr**2 / max_lr`` instead, where
             ``max_lr`` is the ``lr`` given here (kept in every group as ``max_lr_snapshot``, as timm does).
         foreach: timm's choice of implementation; only None (the default) is accepted: choose with ``backend``.
-        backend: ``"auto"`` or one of :func:`fromage_fused.available_backends`; a backend without
-            LAMB kernels (``triton`` for now) steps its groups with ``foreach``.
+        backend: ``"auto"`` or one of :func:`fromage_fused.available_backends`.
 
     State: ``exp_avg`` and ``exp_avg_sq`` (float32 for bf16/fp16 parameters); per param group
     ``step``, a 0-d float32 tensor on the device of the group's first parameter, advanced at every

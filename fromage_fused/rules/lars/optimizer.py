@@ -35,8 +35,9 @@ class LARS(EngineOptimizer):
         eps: added to the ratio's denominator.
         trust_clip: LARC's clipping, ``min(r / lr, 1)``: the local rate capped by ``lr``.
         always_adapt: adapt groups without weight decay too.
-        backend: ``"auto"`` or one of :func:`fromage_fused.available_backends`; a backend without
-            LARS kernels steps its groups with ``foreach``.
+        backend: ``"auto"`` or one of :func:`fromage_fused.available_backends`.
+        monitor: keep per-parameter statistics of each step (norms, trust ratio, local learning
+            rate), read with ``last_stats()`` (``opt.monitor`` switches it at any time).
 
     State: ``momentum_buffer`` (torch's and timm's name; float32 for bf16/fp16 parameters) and
     ``momentum_started``, with momentum only. Works with ``torch.amp.GradScaler`` without an unscale
@@ -47,10 +48,10 @@ class LARS(EngineOptimizer):
 
     def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov: bool = False,
                  trust_coeff=0.001, eps=1e-8, trust_clip: bool = False, always_adapt: bool = False, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", monitor: bool = False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, monitor=monitor)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         spec = self.rule.spec

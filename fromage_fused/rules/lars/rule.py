@@ -29,7 +29,7 @@ import torch
 
 from ...engine.rule import Buffer, Pass, Rule, TensorScalar
 from ...engine.spec import Spec, check_lr, flag, real, value
-from .flags import ADAPT, MOMENTUM
+from .flags import ADAPT, MOMENTUM, MONITOR
 from .foreach import Foreach
 from .reference import Reference
 
@@ -91,7 +91,7 @@ class LarsRule(Rule):
     state = (Buffer("momentum_buffer", when=_momentum),
              TensorScalar("momentum_started", torch.float32, NOT_STARTED, when=_momentum, after=STARTED))
     passes = (
-        Pass("stats", lists=("p", "g"), sums=2, when=ADAPT),
+        Pass("stats", lists=("p", "g"), sums=2, when=ADAPT | MONITOR),
         Pass("apply", lists=("p", "momentum_buffer", "g"), writes=2, optional=(("momentum_buffer", MOMENTUM),)),
     )
     reference = Reference()
@@ -103,7 +103,14 @@ class LarsRule(Rule):
             bits |= MOMENTUM
         if adapts(values):
             bits |= ADAPT
+        if monitor:
+            bits |= MONITOR
         return bits
+
+    def summarize(self, record):
+        from .monitor import summarize
+
+        return summarize(record)
 
     def convert_loaded(self, entry: dict):
         # A checkpoint of timm's Lars or torch's SGD holds a buffer that has started, and no flag.
