@@ -1,7 +1,7 @@
 # The two commands of the README: `make run` (the main job) and `make test` (the tests); `make docs`
 # builds the documentation site. Each creates the virtual environment it needs on first use, with
-# only what it needs: `run` the package and its [bench] extra (no Triton where torch does not bring
-# it), `test` the [test] extra (the integrations too) and timm where a matching torchvision loads,
+# only what it needs: `run` the package, its [bench] extra (no Triton where torch does not bring
+# it) and timm's optimizers (the LARS and LAMB rows compare with them), `test` the [test] extra (the integrations too) and timm where a matching torchvision loads,
 # `docs` the [docs] extra. TORCH picks the torch (`make test TORCH=torch==2.14.1`): the stamps are
 # named after it, so another TORCH reinstalls; TORCH_INDEX, a package index for it (such as
 # PyTorch's CPU-only one). Everything after torch is installed with torch pinned, so no extra's
@@ -49,6 +49,9 @@ $(RUN_STAMP): pyproject.toml setup.py
 	rm -f $(VENV)/.installed-run*
 	$(venv_with_torch)
 	$(BIN)/python -m pip install -q -c $(PIN) --no-build-isolation -e ".[bench]"
+	@# What the LARS and LAMB rows compare with: timm's optimizer files need only torch (its package
+	@# would bring a torchvision that pins, and so may replace, the torch under test).
+	$(BIN)/python -m pip install -q --no-deps "$(TIMM)"
 	touch $@
 
 $(DOCS_STAMP): pyproject.toml setup.py

@@ -4,7 +4,8 @@
 // rules/lamb/foreach.py in the same order. See engine.h for what a rule provides.
 //
 //   kernel pass 0  grad_norm: lists g; sums ||g / grad_scale||^2 (combined over all groups in Python)
-//   kernel pass 1  moments: lists m, v (written), p, g; sums ||p||^2, ||a||^2, <a, p>, sum k, elements
+//   kernel pass 1  moments: lists m, v (written), p, g; sums ||p||^2, ||a||^2 (and, in kernel pass 6,
+//                  with caution: <a, p>, sum k, elements)
 //   kernel pass 2  moments without p (caution without adapting): lists m, v (written), g
 //   kernel pass 3  apply: lists p (written), m, v
 //   kernel pass 4  apply with caution: lists p (written), m, v, g
@@ -21,7 +22,7 @@ namespace ff {
 
 struct LambRule {
   static constexpr const char* kName = "lamb";
-  static constexpr int kPasses = 6;
+  static constexpr int kPasses = 7;
   enum Hyper : int { kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4 };
   enum Flag : int64_t {
     kBiasCorrection = 1,
@@ -48,7 +49,7 @@ struct LambRule {
   static int kernel_pass(int64_t index, int64_t flags) {
     switch (index) {
       case 0: return 0;
-      case 1: return (flags & kAdapt) ? 1 : 2;
+      case 1: return (flags & kAdapt) ? ((flags & kCaution) ? 6 : 1) : 2;
       case 2: return (flags & kCaution) ? 4 : 3;
       default: return 5;
     }
@@ -98,13 +99,15 @@ struct LambRule {
     return div_rn(mul_rn(m, V(c.inv_c1)), den);
   }
 
-  // Moments: m, v and the sums; P (a pointer index or -1) says where p is among the lists.
-  template <int P, int G, class V, int L>
+  // Moments: m, v and the sums; P (a list index or -1) says where p is among the lists. Caution is a
+  // template argument: without it three of the five accumulators stay zero, and the compiler
+  // keeps only two live in the CPU's vector loops (sixteen vector registers).
+  template <bool Caution, int P, int G, class V, int L>
   static FF_HD void moments_body(const Moments& c, Vals<V, L>& x, Vals<V, 5>& acc) {
     const V g = grad(c, x[G]);
     update_moments(c, x[0], x[1], g);
     V a = update(c, x[0], x[1]);
-    if (c.caution) {
+    if constexpr (Caution) {
       const V k = positive(mul_rn(a, g));
       a = mul_rn(a, k);
       fma_acc(acc[kAgree], k, V(1.f));
@@ -200,21 +203,26 @@ struct LambRule::Pass<0> {
   }
 };
 
-template <>
-struct LambRule::Pass<1> {  // m, v, p, g
-  static constexpr int kLists = 4, kWrites = 2, kSums = 5, kSumsIn = 0, kGlobals = kGlobalCount;
+template <bool Caution>
+struct LambMomentsWithP {  // m, v, p, g
+  static constexpr int kLists = 4, kWrites = 2, kSums = 5, kSumsIn = 0, kGlobals = LambRule::kGlobalCount;
   static FF_HD constexpr bool param_list(int k) { return k >= 2; }
   using Coef = LambRule::Moments;
   static FF_HD Coef coefficients(const StepArgs& a, int64_t) { return LambRule::moments(a); }
   static FF_HD void store(const StepArgs&, int64_t, const Coef&) {}
   template <class V>
   static FF_HD void body(const Coef& c, Vals<V, 4>& x, Vals<V, 5>& acc) {
-    LambRule::moments_body<2, 3>(c, x, acc);
+    LambRule::moments_body<Caution, 2, 3>(c, x, acc);
   }
 };
 
 template <>
-struct LambRule::Pass<2> {  // m, v, g
+struct LambRule::Pass<1> : LambMomentsWithP<false> {};
+template <>
+struct LambRule::Pass<6> : LambMomentsWithP<true> {};
+
+template <>
+struct LambRule::Pass<2> {  // m, v, g (caution without adapting)
   static constexpr int kLists = 3, kWrites = 2, kSums = 5, kSumsIn = 0, kGlobals = kGlobalCount;
   static FF_HD constexpr bool param_list(int k) { return k == 2; }
   using Coef = LambRule::Moments;
@@ -222,7 +230,7 @@ struct LambRule::Pass<2> {  // m, v, g
   static FF_HD void store(const StepArgs&, int64_t, const Coef&) {}
   template <class V>
   static FF_HD void body(const Coef& c, Vals<V, 3>& x, Vals<V, 5>& acc) {
-    LambRule::moments_body<-1, 2>(c, x, acc);
+    LambRule::moments_body<true, -1, 2>(c, x, acc);
   }
 };
 

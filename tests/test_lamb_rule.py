@@ -626,3 +626,41 @@ def test_a_checkpoint_of_timms_lamb_continues_as_timm_does():
         _close(p, q.detach(), TOL[torch.float64], "parameter")
         _close(opt.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"], TOL[torch.float64], "exp_avg_sq")
     assert [float(g["step"]) for g in opt.param_groups] == [float(g["step"]) for g in theirs.param_groups] == [6, 6]
+
+
+# ---------------------------------------------------------------- monitoring
+
+def test_monitoring_reports_what_the_step_measured(backend):
+    # group 0 adapts with caution and a coupled decay; group 1 runs as Adam (weight decay 0): only
+    # its gradient norms are measured. No max_grad_norm: the monitor runs the global-norm pass.
+    dtype, tol = _dtype_and_tol(backend)
+    params = _small(dtype)
+    opt = LAMB([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "caution": False}], lr=0.05,
+               weight_decay=0.1, caution=True, max_grad_norm=None, backend=backend, monitor=True)
+    scale = 4.0
+    before = [p.detach().double().clone() for p in params]
+    grads = _grads(0, params, scale)
+    opt.grad_scale = torch.tensor(scale)
+    opt.step()
+    stats = opt.last_stats()
+    assert len(stats) == 2
+    first, second = stats
+    _close(first.g_norm, torch.stack([g.norm() for g in grads[:3]]), tol, "g_norm")
+    _close(second.g_norm, torch.stack([g.norm() for g in grads[3:]]), tol, "g_norm")
+    _close(first.p_norm, torch.stack([p.norm() for p in before[:3]]), tol, "p_norm")
+    moved = torch.stack([(p.detach().double() - q).norm() for p, q in zip(params[:3], before[:3])])
+    p_norm = torch.stack([p.norm() for p in before[:3]])
+    relative = torch.where(p_norm > 0, moved / p_norm.clamp(min=1e-300), torch.zeros_like(moved))
+    finite = p_norm > 0
+    _close(first.relative_change[finite], relative[finite], tol, "relative_change")
+    # the update's norm times the ratio times lr is how far each tensor moved
+    _close(0.05 * first.trust_ratio * first.update_norm, moved, tol, "lr * r * ||u||")
+    assert torch.isnan(second.p_norm).all() and torch.equal(second.trust_ratio, torch.ones_like(second.trust_ratio))
+    assert set(first.per_parameter()) == set(params[:3])
+    opt.found_inf = torch.tensor(1.0)
+    _grads(1, params, scale)
+    opt.step()
+    assert torch.equal(opt.last_stats()[0].relative_change, torch.zeros(3, dtype=opt.last_stats()[0].p_norm.dtype))
+    opt.monitor = False
+    opt.step()
+    assert opt.last_stats() == []

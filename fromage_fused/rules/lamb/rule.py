@@ -48,7 +48,7 @@ import torch
 from ...engine.rule import Buffer, GroupScalar, Pass, Rule
 from ...engine.spec import Spec, check_lr, check_positive_or_none, flag, option, real, value
 from . import passes
-from .flags import ADAPT, CAUTION, CLIP, NORMS, PLAIN
+from .flags import ADAPT, CAUTION, CLIP, MONITOR, NORMS, PLAIN
 from .foreach import Foreach
 from .reference import Reference
 
@@ -117,7 +117,7 @@ class LambRule(Rule):
              GroupScalar("step", torch.float32, anchor=lambda p: True, when=lambda values, dtype: True,
                          initial=lambda opt, index, device: 0, where="group"))
     passes = (
-        Pass("grad_norm", lists=("g",), sums=1, combine=True, when=CLIP),
+        Pass("grad_norm", lists=("g",), sums=1, combine=True, when=CLIP | MONITOR),
         Pass("moments", lists=("exp_avg", "exp_avg_sq", "p", "g"), writes=2, sums=5, optional=(("p", ADAPT),),
              when=NORMS),
         Pass("apply", lists=("p", "exp_avg", "exp_avg_sq", "g"), writes=1, optional=(("g", CAUTION),), when=NORMS),
@@ -133,7 +133,14 @@ class LambRule(Rule):
         if adapts(values):
             bits |= ADAPT
         bits |= NORMS if bits & (ADAPT | CAUTION) else PLAIN
+        if monitor:
+            bits |= MONITOR
         return bits
+
+    def summarize(self, record):
+        from .monitor import summarize
+
+        return summarize(record)
 
     def kernel_globals(self, call) -> Optional[torch.Tensor]:
         # grad_norm reads none (the clip divisor is what it produces)
