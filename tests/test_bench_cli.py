@@ -52,7 +52,8 @@ def test_quick_run_writes_json_csv_and_plot(quick_run, capsys):
     assert data["columns"] == COLUMNS
     rows = data["rows"]
     expected = {"loop", "compile:foreach", "torch:sgd", "torch:adamw", "amp:fromage", "amp:adamw", "timm:lars",
-                "timm:lamb"} | {f"fromage:{b}" for b in fromage_fused.available_backends("cpu")}
+                "timm:lamb"} | {f"{rule}:{b}" for rule in ("fromage", "lars", "lamb")
+                                for b in fromage_fused.available_backends("cpu")}
     assert {r["contender"] for r in rows} == expected
     assert len(rows) == len(TINY) * len(expected)
     try:
