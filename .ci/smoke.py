@@ -1,7 +1,7 @@
 """Use an installed fromage_fused as a new user would, from outside any checkout: import, the cpu
-backend (built on first use, or prebuilt), a few steps equal to the reference backend's, and a
-state_dict round trip. ``SMOKE_EXPECT_LOAD=prebuilt`` (or ``jit-cpu``) says how the C++ extension
-must have been loaded."""
+backend (built on first use, or prebuilt), a few steps equal to the reference backend's, a
+state_dict round trip, and LARS and LAMB on the cpu backend against the reference.
+``SMOKE_EXPECT_LOAD=prebuilt`` (or ``jit-cpu``) says how the C++ extension must have been loaded."""
 import copy
 import os
 import sys
@@ -69,6 +69,22 @@ def main():
     train(resumed, opt2, 3, seed=2)
     check(all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters())),
           "state_dict round trip: the resumed run continues exactly")
+
+    # The family: LARS and LAMB run on the installed kernels (their rule headers and Triton helpers
+    # ship with the package) and follow the reference backend.
+    for cls, options in ((fromage_fused.LARS, dict(lr=0.5, momentum=0.9, weight_decay=1e-2)),
+                         (fromage_fused.LAMB, dict(lr=0.01, weight_decay=0.01, caution=True))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+        twin = copy.deepcopy(model)
+        opt = cls(model.parameters(), backend="cpu", **options)
+        ref = cls(twin.parameters(), backend="reference", **options)
+        train(model, opt, 5, seed=3)
+        train(twin, ref, 5, seed=3)
+        check(opt.backends() == {torch.device("cpu"): "cpu"}, f"{cls.__name__} steps on the cpu backend")
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        check(True, f"5 {cls.__name__} steps on cpu equal the reference backend's")
     print("smoke: passed")
 
 
