@@ -1,7 +1,7 @@
 // What the engine hands a rule's kernel code, on the CPU and on CUDA alike (plain C++: no torch,
 // no CUDA headers). A rule (rule_<name>.h) is a struct with kName (its Python name), kPasses,
 // kHyper (how many packed hyper-parameters it reads), kLrSlot (the slot of its lr, or -1),
-// kStochasticRounding (whether it offers stochastic rounding of bf16 results),
+// rounds(P) (whether kernel pass P may round bf16 results stochastically),
 // kScalarNames and scalars(flags) (its per-tensor scalar states and how many a step with these
 // flags carries), kernel_pass(index, flags) (the kernel pass that runs the rule's Python pass
 // `index`: one kernel pass per set of lists present), and, per kernel pass P, a nested Pass<P>

@@ -25,11 +25,11 @@ int launch(const int64_t* table, int64_t n, int64_t blocks, const StepArgs& args
   return launched();
 }
 
-// Stochastic rounding only where the pass writes the (bf16) parameters of a rule that offers it.
+// Stochastic rounding only where the pass writes the (bf16) parameters and the rule rounds in it.
 template <class Rule, int P>
 constexpr bool writes_params() {
   using Pass = typename Rule::template Pass<P>;
-  if (!Rule::kStochasticRounding) return false;
+  if (!Rule::rounds(P)) return false;
   bool any = false;
   for (int k = 0; k < Pass::kWrites; ++k) any = any || Pass::param_list(k);
   return any;

@@ -66,7 +66,7 @@ __device__ __forceinline__ void static_for(F&& f) {
 }
 
 // What pass P of Rule is on parameters of format Tr: its lists' formats and how it is staged.
-template <class Rule, int P, class Tr>
+template <class Rule, int P, class Tr, bool SR = false>
 struct PassOn {
   using Pass = typename Rule::template Pass<P>;
   static constexpr int L = Pass::kLists, W = Pass::kWrites, S = Pass::kSums;
@@ -80,8 +80,12 @@ struct PassOn {
     for (int k = 0; k < L; ++k) v += Pass::param_list(k) ? 1 : kVec / F32::kVec;
     return v;
   }
-  static constexpr int kStage = kVectorsInFlight / vectors_per_step() > 0 ? kVectorsInFlight / vectors_per_step() : 1;
-  static constexpr int kScalarStage = kScalarsInFlight / L > 0 ? kScalarsInFlight / L : 1;
+  // Stochastic rounding's hash needs registers of its own: a pass of three or more lists stages half
+  // as many vectors and scalars with it (no spills on sm_80 and sm_90).
+  static constexpr int kInFlight = (SR && L >= 3) ? kVectorsInFlight / 2 : kVectorsInFlight;
+  static constexpr int kStage = kInFlight / vectors_per_step() > 0 ? kInFlight / vectors_per_step() : 1;
+  static constexpr int kScalarsStaged = (SR && L >= 3) ? kScalarsInFlight / 2 : kScalarsInFlight;
+  static constexpr int kScalarStage = kScalarsStaged / L > 0 ? kScalarsStaged / L : 1;
 };
 
 // Addresses read from the table are plain integers: promising that they point to global memory
@@ -335,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 2) pass_kernel(const int64_t* __rest
                                                         float* __restrict__ partials,
                                                         unsigned* __restrict__ counters,
                                                         const float* __restrict__ found_inf) {
-  using On = PassOn<Rule, P, Tr>;
+  using On = PassOn<Rule, P, Tr, SR>;
   using Pass = typename On::Pass;
   constexpr int L = On::L, S = On::S;
   if (On::W > 0 && ((found_inf != nullptr && *found_inf != 0.f) || !lr_usable<Rule>(args.hyper))) return;

@@ -20,7 +20,7 @@ struct FromageRule {
   enum Flag : int64_t { kMaximize = 1, kPrefactor = 2, kBound = 4, kInner = 8 };
   static constexpr int kHyper = 2;  // packed values
   static constexpr int kLrSlot = kLr;  // a pass that writes skips where lr is not usable
-  static constexpr bool kStochasticRounding = true;
+  static FF_HD constexpr bool rounds(int) { return true; }  // stochastic rounding in every writing pass
   // Per-tensor scalar states, in the order the rule declares them, and how many a step carries.
   enum Scalar : int { kMaxNorm = 0 };
   static constexpr const char* kScalarNames[] = {"max_norm"};

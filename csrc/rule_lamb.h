@@ -6,7 +6,8 @@
 //   kernel pass 0  grad_norm: lists g; sums ||g / grad_scale||^2 (combined over all groups in Python)
 //   kernel pass 1  moments: lists m, v (written), p, g; sums ||p||^2, ||a||^2 (and, in kernel pass 6,
 //                  with caution: <a, p>, sum k, elements)
-//   kernel pass 2  moments without p (caution without adapting): lists m, v (written), g
+//   kernel pass 2  moments without p (caution without adapting): lists m, v (written), g; kernel pass
+//                  7 the same without caution (Adam that rounds stochastically)
 //   kernel pass 3  apply: lists p (written), m, v
 //   kernel pass 4  apply with caution: lists p (written), m, v, g
 //   kernel pass 5  adam (neither adapting nor caution): lists p, m, v (written), g
@@ -22,7 +23,7 @@ namespace ff {
 
 struct LambRule {
   static constexpr const char* kName = "lamb";
-  static constexpr int kPasses = 7;
+  static constexpr int kPasses = 8;
   enum Hyper : int { kLr = 0, kBeta1 = 1, kBeta2 = 2, kEps = 3, kWeightDecay = 4 };
   enum Flag : int64_t {
     kBiasCorrection = 1,
@@ -39,7 +40,9 @@ struct LambRule {
   };
   static constexpr int kHyper = 7;
   static constexpr int kLrSlot = kLr;
-  static constexpr bool kStochasticRounding = false;
+  // Not in the one-pass Adam (kernel pass 5: three written lists leave no registers for the hash);
+  // a group that rounds stochastically runs the moments and update passes instead (LambRule.flags).
+  static FF_HD constexpr bool rounds(int kernel_pass) { return kernel_pass != 5; }
   static constexpr const char* kScalarNames[] = {"(none)"};
   static FF_HD int scalars(int64_t) { return 0; }
   enum Global : int { kDivisor = 0, kC1 = 1, kSqrtC2 = 2, kDecay = 3, kIntoM = 4, kIntoV = 5 };
@@ -49,7 +52,7 @@ struct LambRule {
   static int kernel_pass(int64_t index, int64_t flags) {
     switch (index) {
       case 0: return 0;
-      case 1: return (flags & kAdapt) ? ((flags & kCaution) ? 6 : 1) : 2;
+      case 1: return (flags & kAdapt) ? ((flags & kCaution) ? 6 : 1) : ((flags & kCaution) ? 2 : 7);
       case 2: return (flags & kCaution) ? 4 : 3;
       default: return 5;
     }
@@ -221,18 +224,23 @@ struct LambRule::Pass<1> : LambMomentsWithP<false> {};
 template <>
 struct LambRule::Pass<6> : LambMomentsWithP<true> {};
 
-template <>
-struct LambRule::Pass<2> {  // m, v, g (caution without adapting)
-  static constexpr int kLists = 3, kWrites = 2, kSums = 5, kSumsIn = 0, kGlobals = kGlobalCount;
+template <bool Caution>
+struct LambMomentsWithoutP {  // m, v, g
+  static constexpr int kLists = 3, kWrites = 2, kSums = 5, kSumsIn = 0, kGlobals = LambRule::kGlobalCount;
   static FF_HD constexpr bool param_list(int k) { return k == 2; }
   using Coef = LambRule::Moments;
   static FF_HD Coef coefficients(const StepArgs& a, int64_t) { return LambRule::moments(a); }
   static FF_HD void store(const StepArgs&, int64_t, const Coef&) {}
   template <class V>
   static FF_HD void body(const Coef& c, Vals<V, 3>& x, Vals<V, 5>& acc) {
-    LambRule::moments_body<true, -1, 2>(c, x, acc);
+    LambRule::moments_body<Caution, -1, 2>(c, x, acc);
   }
 };
+
+template <>
+struct LambRule::Pass<2> : LambMomentsWithoutP<true> {};  // caution without adapting
+template <>
+struct LambRule::Pass<7> : LambMomentsWithoutP<false> {};  // neither (Adam rounding stochastically)
 
 template <>
 struct LambRule::Pass<3> {  // p, m, v

@@ -21,7 +21,7 @@ struct LarsRule {
   enum Flag : int64_t { kNesterov = 1, kTrustClip = 2, kAlwaysAdapt = 4, kMomentumOn = 8, kAdapt = 16 };
   static constexpr int kHyper = 6;
   static constexpr int kLrSlot = kLr;
-  static constexpr bool kStochasticRounding = false;
+  static FF_HD constexpr bool rounds(int) { return true; }
   enum Scalar : int { kStarted = 0 };
   static constexpr const char* kScalarNames[] = {"momentum_started"};
   static FF_HD int scalars(int64_t flags) { return (flags & kMomentumOn) ? 1 : 0; }

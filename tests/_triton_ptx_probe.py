@@ -58,7 +58,7 @@ def fromage_pass(index, dtype, *, sr=False, flags=None):
             "LR_SLOT": rule_fromage.LR.value if index == 1 else -1, "PATHS": PATHS}
 
 
-def rule_pass(helpers, index, lists, writes, sums, dtype, flags):
+def rule_pass(helpers, index, lists, writes, sums, dtype, flags, sr=False):
     """The constexprs of pass ``index`` of another rule's ``helpers`` (``kernels/rule_<name>.py``):
     ``lists`` says per list whether it holds the parameters' dtype (else float32: a buffer)."""
     coef, body, _ = helpers.PASSES[index]
@@ -66,7 +66,7 @@ def rule_pass(helpers, index, lists, writes, sums, dtype, flags):
     sizes = [t.primitive_bitwidth // 8 for t in types]
     return {"COEF": coef, "BODY": body, "L": len(lists), "W": writes, "S": sums,
             **{f"D{k}": types[k] for k in range(4)}, **{f"Z{k}": sizes[k] for k in range(4)}, "FLAGS": flags,
-            "HAS_FOUND_INF": writes > 0, "HAS_GRAD_SCALE": True, "SR": False,
+            "HAS_FOUND_INF": writes > 0, "HAS_GRAD_SCALE": True, "SR": sr,
             "LR_SLOT": helpers.LR.value if writes > 0 else -1, "PATHS": PATHS,
             "BLOCK": block_for(CUDA_CONFIGS[_TORCH[dtype]], len(lists), writes, sums)}
 
@@ -153,6 +153,10 @@ def main():
         for label, tdt, dtype in (("fp32", tl.float32, torch.float32), ("bf16", tl.bfloat16, torch.bfloat16)):
             out[f"{name}_{label}"] = count(kernel, PASS_SIG, rule_pass(helpers, index, lists, writes, sums, tdt, flags),
                                            dtype, rule_options(helpers, index))
+        if name in ("lars_update", "lamb_update"):  # the passes that write bf16 parameters, rounding stochastically
+            out[f"{name}_bf16_sr"] = count(kernel, PASS_SIG, rule_pass(helpers, index, lists, writes, sums, tl.bfloat16,
+                                                                       flags, sr=True),
+                                           torch.bfloat16, rule_options(helpers, index))
     print(json.dumps(out))
 
 

@@ -84,9 +84,10 @@ def _passes(flags):
     return out
 
 
-def _job(group, m, v, flags, hyper, *, seed=0):
+def _job(group, m, v, flags, hyper, *, seed=0, sr_seed=None):
     fmt = group.fmt
     job = emu.Job(slots=3, order="shuffle", seed=seed)
+    seed_buf = None if sr_seed is None else job.buffer(emu.pack_i64(sr_seed))
     views = []
     for t in range(group.n):
         lead_p, lead_g = group.leads(t)
@@ -113,7 +114,8 @@ def _job(group, m, v, flags, hyper, *, seed=0):
         runs = (1.0, 0.0) if writes else (None,)
         for found_inf in runs:
             job.launch("lamb", kernel, fmt.code, flags, hyper_buf, sums_in, out, None if kernel == 0 else globals_buf,
-                       None, gs, None if found_inf is None else groups.scalar(job, found_inf), *tensors)
+                       None, gs, None if found_inf is None else groups.scalar(job, found_inf),
+                       seed_buf if kernel in (3, 4) else None, *tensors)
             if writes:
                 for t in range(group.n):
                     if not group.null[t]:
@@ -126,16 +128,17 @@ def _job(group, m, v, flags, hyper, *, seed=0):
     return job
 
 
-def _cpu(rule_pass, lists, writes, sums, flags, hyper):
+def _cpu(rule_pass, lists, writes, sums, flags, hyper, sr_seed=None):
     out = torch.ops.fromage_fused.pass_("lamb", rule_pass, [t for x in lists[:writes] for t in x],
                                         [t for x in lists[writes:] for t in x], sums,
                                         torch.tensor(HYPER[hyper], dtype=torch.float32), flags, [],
                                         torch.tensor(GLOBALS, dtype=torch.float32), None,
-                                        torch.tensor(GRAD_SCALE), None, 0)
+                                        torch.tensor(GRAD_SCALE),
+                                        None if sr_seed is None else torch.tensor(sr_seed, dtype=torch.int64), 0)
     return out
 
 
-def _problems(group, m, v, flags, hyper, result):
+def _problems(group, m, v, flags, hyper, result, sr_seed=None):
     if result.report is not None:
         return [f"{result.report} report (exit {result.returncode}): {result.stderr[-4000:]}"]
     require_native()
@@ -159,7 +162,8 @@ def _problems(group, m, v, flags, hyper, result):
             sums = torch.from_numpy(np.frombuffer(result.dumps[f"sums{moments}"],
                                                   dtype=np.float32).reshape(group.n, 5).copy())
         before = {k: [x.clone() for x in state[k]] for k in "pmv"}
-        cpu_sums = _cpu(rule_pass, [state[k] for k in names], writes, sums, flags, hyper)
+        cpu_sums = _cpu(rule_pass, [state[k] for k in names], writes, sums, flags, hyper,
+                        sr_seed if kernel in (3, 4) else None)
         for t in live:
             for k in "pmv":
                 unchanged = _stored(before[k][t], fmt) if k == "p" else before[k][t].numpy()
@@ -190,4 +194,13 @@ def test_a_lamb_step_is_the_cpu_kernels_step(asan, case, fmt, alignment):
     group, m, v = _inputs(groups.FORMATS[fmt], alignment, seed)
     result = _job(group, m, v, flags, hyper, seed=seed).run(asan)
     problems = _problems(group, m, v, flags, hyper, result)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("case", ["adapt-caution-clip", "adapt-decoupled"])
+def test_a_lamb_update_rounds_stochastically_as_the_cpu_kernels(asan, case):
+    flags, hyper = CASES[case]
+    group, m, v = _inputs(groups.FORMATS["bf16"], "mixed", 9)
+    result = _job(group, m, v, flags, hyper, seed=9, sr_seed=987654321).run(asan)
+    problems = _problems(group, m, v, flags, hyper, result, sr_seed=987654321)
     assert not problems, "\n".join(problems)

@@ -58,9 +58,10 @@ def _inputs(fmt, alignment, seed):
     return group, bufs, started
 
 
-def _job(group, bufs, started, flags, hyper, *, slots=3, order="shuffle", seed=0):
+def _job(group, bufs, started, flags, hyper, *, slots=3, order="shuffle", seed=0, sr_seed=None):
     fmt, momentum = group.fmt, bool(flags & MOMENTUM)
     job = emu.Job(slots=slots, order=order, seed=seed)
+    seed_buf = None if sr_seed is None else job.buffer(emu.pack_i64(sr_seed))
     views = []
     for t in range(group.n):
         lead_p, lead_g = group.leads(t)
@@ -78,12 +79,12 @@ def _job(group, bufs, started, flags, hyper, *, slots=3, order="shuffle", seed=0
     # Every pass gets the per-tensor scalars the flags call for, as the engine passes them.
     started_buf = job.buffer(started, name="started") if momentum else None
     if flags & ADAPT:
-        job.launch("lars", 0, fmt.code, flags, hyper_buf, None, sums, None, started_buf, gs, None, *two)
+        job.launch("lars", 0, fmt.code, flags, hyper_buf, None, sums, None, started_buf, gs, None, None, *two)
     job.dump(sums, "sums")
     apply_pass, tensors = (1, three) if momentum else (2, two)
     for found_inf in (1.0, 0.0):
         job.launch("lars", apply_pass, fmt.code, flags, hyper_buf, sums, None, None, started_buf, gs,
-                   groups.scalar(job, found_inf), *tensors)
+                   groups.scalar(job, found_inf), seed_buf, *tensors)
         for t in range(group.n):
             if not group.null[t]:
                 job.dump(f"p{t}", f"p{t}-{found_inf}")
@@ -91,7 +92,7 @@ def _job(group, bufs, started, flags, hyper, *, slots=3, order="shuffle", seed=0
     return job
 
 
-def _cpu_step(group, bufs, started, flags, hyper, sums):
+def _cpu_step(group, bufs, started, flags, hyper, sums, sr_seed=None):
     """The C++ CPU kernels' apply pass on the same inputs and sums."""
     require_native()
     fmt, momentum = group.fmt, bool(flags & MOMENTUM)
@@ -100,8 +101,9 @@ def _cpu_step(group, bufs, started, flags, hyper, sums):
     b = [torch.from_numpy(x.copy()) for x in bufs]
     writes = p + b if momentum else p
     scalars = [torch.from_numpy(started.copy())] if momentum else []
+    seed = None if sr_seed is None else torch.tensor(sr_seed, dtype=torch.int64)
     torch.ops.fromage_fused.pass_("lars", 1, writes, g, torch.from_numpy(sums.copy()), torch.tensor(hyper), flags,
-                                  scalars, None, None, torch.tensor(GRAD_SCALE), None, 0)
+                                  scalars, None, None, torch.tensor(GRAD_SCALE), seed, 0)
     return p, b
 
 
@@ -109,7 +111,7 @@ def _stored(t: torch.Tensor, fmt) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if fmt.code == "bf16" else t.numpy()
 
 
-def _problems(group, bufs, started, flags, hyper, result):
+def _problems(group, bufs, started, flags, hyper, result, sr_seed=None):
     if result.report is not None:
         return [f"{result.report} report (exit {result.returncode}): {result.stderr[-4000:]}"]
     fmt, problems = group.fmt, []
@@ -121,7 +123,7 @@ def _problems(group, bufs, started, flags, hyper, result):
                 want = float(np.dot(w, w))
                 if abs(sums[t, k] - want) > EMULATED_STATS_RTOL * want:
                     problems.append(f"tensor {t}: sum {k} is {sums[t, k]}, float64 says {want}")
-    p_want, b_want = _cpu_step(group, bufs, started, flags, hyper, sums)
+    p_want, b_want = _cpu_step(group, bufs, started, flags, hyper, sums, sr_seed)
     for t in range(group.n):
         if group.null[t]:
             continue
@@ -148,6 +150,15 @@ def test_a_lars_step_is_the_cpu_kernels_step(asan, case, fmt, alignment):
     group, bufs, started = _inputs(groups.FORMATS[fmt], alignment, seed)
     result = _job(group, bufs, started, flags, hyper, seed=seed).run(asan)
     problems = _problems(group, bufs, started, flags, hyper, result)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("case", ["momentum-clip", "no-momentum"])
+def test_a_lars_step_rounds_stochastically_as_the_cpu_kernels(asan, case):
+    flags, hyper = CASES[case]
+    group, bufs, started = _inputs(groups.FORMATS["bf16"], "mixed", 5)
+    result = _job(group, bufs, started, flags, hyper, seed=5, sr_seed=123456789).run(asan)
+    problems = _problems(group, bufs, started, flags, hyper, result, sr_seed=123456789)
     assert not problems, "\n".join(problems)
 
 

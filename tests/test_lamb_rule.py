@@ -24,7 +24,7 @@ from fromage_fused import backends
 from fromage_fused.bench import external
 from fromage_fused.rules.lamb import LAMB, LAMB_RULE
 from fromage_fused.rules.lamb import flags as lamb_flags
-from tolerances import ORACLE_TOL
+from tolerances import ORACLE_TOL, SR_STEP_TOL
 
 STEPS = 200
 CHECK_EVERY = 20
@@ -449,9 +449,11 @@ def test_max_grad_norm_is_one_value_for_every_group():
 
 def test_timms_signature_and_defaults():
     theirs = dict(_oracle_lamb.DEFAULTS, max_grad_norm=_oracle_lamb.MAX_GRAD_NORM)
-    mine = {k: v.default for k, v in inspect.signature(LAMB).parameters.items() if k not in ("params", "backend")}
+    own = ("backend", "monitor", "stochastic_rounding", "seed")  # this package's, keyword-only
+    mine = {k: v.default for k, v in inspect.signature(LAMB).parameters.items() if k not in ("params",) + own}
     assert mine == dict(theirs, foreach=None)
-    assert LAMB_RULE.spec.defaults() == dict(theirs, max_lr_snapshot=1e-3)
+    assert LAMB_RULE.spec.defaults() == dict(theirs, max_lr_snapshot=1e-3, stochastic_rounding=False)
+    assert all(inspect.signature(LAMB).parameters[k].kind is inspect.Parameter.KEYWORD_ONLY for k in own)
     assert inspect.signature(LAMB).parameters["backend"].kind is inspect.Parameter.KEYWORD_ONLY
     try:
         timm_lamb = external.timm_optimizers()[1]
@@ -459,7 +461,7 @@ def test_timms_signature_and_defaults():
         timm_lamb = None
     if timm_lamb is not None:  # the order too
         names = [k for k in inspect.signature(timm_lamb).parameters]
-        assert [k for k in inspect.signature(LAMB).parameters if k != "backend"] == names
+        assert [k for k in inspect.signature(LAMB).parameters if k not in own] == names
         assert {k: v.default for k, v in inspect.signature(timm_lamb).parameters.items() if k != "params"} == mine
     bits = LAMB_RULE.spec.bits
     assert [bits[k] for k in ("bias_correction", "grad_averaging", "trust_clip", "always_adapt", "caution",
@@ -664,3 +666,32 @@ def test_monitoring_reports_what_the_step_measured(backend):
     opt.monitor = False
     opt.step()
     assert opt.last_stats() == []
+
+
+# ---------------------------------------------------------------- stochastic rounding
+
+def test_stochastic_rounding_of_bf16_parameters(backend):
+    # One step from the same bf16 values (group 1 runs as Adam: with stochastic rounding, through the
+    # moments and update passes): every element lands on one of the two bf16 neighbours of the exact
+    # result (one ulp), the rounding differs from rounding to nearest somewhere, one seed gives the
+    # same bits twice and another seed other bits.
+    def run(seed, rounding=True):
+        params = _small(torch.bfloat16)
+        opt = LAMB([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "caution": False}],
+                   backend=backend, stochastic_rounding=rounding, seed=seed, **OPTIONS)
+        grads = _grads(0, params)
+        want = _want(params)
+        _oracle_step(want, grads)
+        opt.step()
+        assert {g.backend.name for g in opt._plan.groups} == {backend}
+        return [p.detach().clone() for p in params], want[0]["params"] + want[1]["params"]
+
+    got, exact = run(7)
+    again, _ = run(7)
+    other, _ = run(8)
+    nearest, _ = run(7, rounding=False)
+    for p, q in zip(got, exact):
+        _close(p, q, SR_STEP_TOL, "one ulp of the exact value")
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    assert any(not torch.equal(a, b) for a, b in zip(got, other))
+    assert any(not torch.equal(a, b) for a, b in zip(got, nearest))

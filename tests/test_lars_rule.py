@@ -21,7 +21,7 @@ from _host_reads import forbid_host_reads
 from fromage_fused import backends
 from fromage_fused.rules.lars import LARS, LARS_RULE
 from fromage_fused.rules.lars import flags as lars_flags
-from tolerances import ORACLE_TOL
+from tolerances import ORACLE_TOL, SR_STEP_TOL
 
 STEPS = 200
 CHECK_EVERY = 20
@@ -318,9 +318,13 @@ def test_invalid_hyper_parameters_raise_at_construction(bad):
     assert len(opt.param_groups) == 1
 
 
+#: this package's own entries, after timm's (keyword-only in the signature)
+OWN = {"stochastic_rounding": False}
+
+
 def test_timms_signature_and_defaults():
-    assert LARS_RULE.spec.defaults() == _oracle_lars.DEFAULTS
-    assert list(LARS_RULE.spec.names) == list(_oracle_lars.DEFAULTS)
+    assert LARS_RULE.spec.defaults() == dict(_oracle_lars.DEFAULTS, **OWN)
+    assert list(LARS_RULE.spec.names) == list(_oracle_lars.DEFAULTS) + list(OWN)
     bits = LARS_RULE.spec.bits
     assert (bits["nesterov"], bits["trust_clip"], bits["always_adapt"]) == (
         lars_flags.NESTEROV, lars_flags.TRUST_CLIP, lars_flags.ALWAYS_ADAPT)
@@ -446,3 +450,32 @@ def test_monitoring_reports_the_norms_and_the_trust_ratio_the_step_used(backend)
     opt.found_inf = torch.tensor(0.0)
     opt.step()
     assert opt.last_stats() == []
+
+
+# ---------------------------------------------------------------- stochastic rounding
+
+@pytest.mark.parametrize("options", [dict(OPTIONS), dict(lr=0.05)], ids=["momentum", "sgd"])
+def test_stochastic_rounding_of_bf16_parameters(backend, options):
+    # One step from the same bf16 values: every element lands on one of the two bf16 neighbours of the
+    # exact result (one ulp), the rounding differs from rounding to nearest somewhere, one seed
+    # gives the same bits twice and another seed other bits.
+    def run(seed, rounding=True):
+        params = _small(torch.bfloat16)
+        opt = LARS(params, backend=backend, stochastic_rounding=rounding, seed=seed, **options)
+        grads = _grads(0, params)
+        want = [dict(options, params=[p.detach().double().clone() for p in params], grads=grads,
+                     state=[{} for _ in params])]
+        _oracle_lars.lars_step(want)
+        opt.step()
+        assert {g.backend.name for g in opt._plan.groups} == {backend}
+        return [p.detach().clone() for p in params], want[0]["params"]
+
+    got, exact = run(7)
+    again, _ = run(7)
+    other, _ = run(8)
+    nearest, _ = run(7, rounding=False)
+    for p, q in zip(got, exact):
+        _close(p, q, SR_STEP_TOL, "one ulp of the exact value")
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    assert any(not torch.equal(a, b) for a, b in zip(got, other))
+    assert any(not torch.equal(a, b) for a, b in zip(got, nearest))

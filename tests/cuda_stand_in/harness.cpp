@@ -199,9 +199,9 @@ void with_pass(int64_t pass, F&& f) {
   }
 }
 
-// RULE P DTYPE FLAGS HYPER SUMS_IN SUMS_OUT GLOBALS SCALAR0 GRAD_SCALE FOUND_INF TENSORS: kernel pass P of
-// a rule other than Fromage (lars, lamb), its tensors with the pass's number of lists, SCALAR0 its first
-// per-tensor scalar (or -).
+// RULE P DTYPE FLAGS HYPER SUMS_IN SUMS_OUT GLOBALS SCALAR0 GRAD_SCALE FOUND_INF SEED TENSORS: kernel pass
+// P of a rule other than Fromage (lars, lamb), its tensors with the pass's number of lists, SCALAR0 its
+// first per-tensor scalar (or -); with a SEED, bf16 parameters are rounded stochastically.
 template <class Rule>
 void rule_pass(Args& a) {
   const int64_t pass = a.integer();
@@ -215,6 +215,7 @@ void rule_pass(Args& a) {
   args.scalars[0] = a.ptr<float>();
   args.grad_scale = a.ptr<const float>();
   const float* found_inf = a.ptr<const float>();
+  args.seed = a.ptr<const int64_t>();
   with_pass<Rule>(pass, [&]<int P>() {
     constexpr int L = Rule::template Pass<P>::kLists, S = Rule::template Pass<P>::kSums;
     const auto refs = a.tensors(L);
@@ -225,10 +226,16 @@ void rule_pass(Args& a) {
     const bool several = S > 0 && table.blocks > n;
     float* partials = several ? scratch<float>(S * static_cast<size_t>(table.blocks), false) : nullptr;
     unsigned* counters = several ? scratch<unsigned>(static_cast<size_t>(n), true) : nullptr;
-    with_format(dtype, [&]<class Tr>() {
-      emu::launch(dim3(static_cast<unsigned>(table.blocks)), dim3(kThreads), &pass_kernel<Rule, P, Tr, false>,
-                  table.words, n, args, sums_out, partials, counters, found_inf);
-    });
+    auto go = [&](auto kernel) {
+      emu::launch(dim3(static_cast<unsigned>(table.blocks)), dim3(kThreads), kernel, table.words, n, args, sums_out,
+                  partials, counters, found_inf);
+    };
+    if (args.seed != nullptr) {
+      if (dtype != "bf16") emu::fail("stochastic rounding is for bf16");
+      go(&pass_kernel<Rule, P, BF16, true>);
+    } else {
+      with_format(dtype, [&]<class Tr>() { go(&pass_kernel<Rule, P, Tr, false>); });
+    }
   });
 }
 

@@ -26,6 +26,7 @@ import torch
 
 from ...backends import foreach as _fe
 from ...engine.dtypes import accumulate_dtype
+from ...engine.rounding import stochastic_round_bf16
 from ...engine.spec import usable_lr
 from . import passes
 from .flags import ADAPT, BIAS_CORRECTION, CAUTION, CLIP, CORRECTED_WEIGHT_DECAY, DECOUPLED_DECAY, GRAD_AVERAGING, \
@@ -162,6 +163,12 @@ def _elements(tensors, acc, device) -> torch.Tensor:
     return out
 
 
+def _rounded(work, owner, seed):
+    """The new bf16 parameters rounded stochastically where the group asks for it (``seed``: it is
+    None otherwise); whole tensors, so each element's index is its index in its tensor."""
+    return work if seed is None else [stochastic_round_bf16(w, seed, i) for w, i in zip(work, owner)]
+
+
 def _write(targets, results, keep) -> None:
     if keep is None:
         torch._foreach_copy_(targets, results)
@@ -268,7 +275,7 @@ def apply(params, exp_avgs, exp_avg_sqs, grads, call) -> None:
             torch._foreach_sub_(work, torch._foreach_mul(work, s.decay))
         torch._foreach_sub_(work, torch._foreach_mul(u, pick(v_step) if v_step is not None else s.lr))
         if copied:
-            _write(run.params, work, s.keep)
+            _write(run.params, _rounded(work, run.owner, call.seed), s.keep)
         del u, work
 
 
@@ -286,7 +293,7 @@ def adam(params, exp_avgs, exp_avg_sqs, grads, call) -> None:
         _write(m, m_new, s.keep)
         _write(v, v_new, s.keep)
         if copied:
-            _write(run.params, work, s.keep)
+            _write(run.params, _rounded(work, run.owner, call.seed), s.keep)
         del m_new, v_new, u, work
 
 

@@ -1,7 +1,7 @@
 """``LAMB``: the engine's optimizer with the LAMB rule, timm's ``Lamb`` signature."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -49,6 +49,9 @@ class LAMB(EngineOptimizer):
         backend: ``"auto"`` or one of :func:`fromage_fused.available_backends`.
         monitor: keep per-parameter statistics of each step (norms, trust ratio, relative change),
             read with ``last_stats()`` (``opt.monitor`` switches it at any time).
+        stochastic_rounding: round bf16 parameters stochastically (unbiased; a per-group value).
+        seed: the stochastic rounding's seed (default: drawn from torch's generator, only when a
+            group rounds stochastically).
 
     State: ``exp_avg`` and ``exp_avg_sq`` (float32 for bf16/fp16 parameters); per param group
     ``step``, a 0-d float32 tensor on the device of the group's first parameter, advanced at every
@@ -62,7 +65,8 @@ class LAMB(EngineOptimizer):
     def __init__(self, params, lr=1e-3, bias_correction: bool = True, betas=(0.9, 0.999), eps=1e-6,
                  weight_decay=0.01, grad_averaging: bool = True, max_grad_norm=1.0, trust_clip: bool = False,
                  always_adapt: bool = False, caution: bool = False, decoupled_decay: bool = False,
-                 corrected_weight_decay: bool = False, foreach=None, *, backend: str = "auto", monitor: bool = False):
+                 corrected_weight_decay: bool = False, foreach=None, *, backend: str = "auto", monitor: bool = False,
+                 stochastic_rounding: bool = False, seed: Optional[int] = None):
         if foreach is not None:
             raise ValueError(f"foreach={foreach!r}: timm's choice of its implementations; this LAMB's is its backend "
                              "(backend='foreach', 'reference', ... or 'auto')")
@@ -72,8 +76,9 @@ class LAMB(EngineOptimizer):
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
                         grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, trust_clip=trust_clip,
                         always_adapt=always_adapt, caution=caution, decoupled_decay=decoupled_decay,
-                        corrected_weight_decay=corrected_weight_decay, max_lr_snapshot=max_lr)
-        super().__init__(params, defaults, backend=backend, monitor=monitor)
+                        corrected_weight_decay=corrected_weight_decay, max_lr_snapshot=max_lr,
+                        stochastic_rounding=stochastic_rounding)
+        super().__init__(params, defaults, backend=backend, monitor=monitor, seed=seed)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         # The value every group holds (a loaded checkpoint may have replaced the constructor's).

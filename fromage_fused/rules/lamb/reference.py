@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ...engine.dtypes import accumulate_dtype
+from ...engine.rounding import stochastic_round_bf16
 from ...engine.spec import FLOAT32_MAX
 from . import passes
 from .flags import ADAPT, BIAS_CORRECTION, CAUTION, CLIP, CORRECTED_WEIGHT_DECAY, DECOUPLED_DECAY, GRAD_AVERAGING, \
@@ -133,7 +134,7 @@ def apply(params, exp_avgs, exp_avg_sqs, grads, call) -> None:
             p_ = p_ - s.decay * p_
         if s.flags & ADAPT:
             u = u * trust_ratio(call.sums[i], s)
-        p.copy_(p_ - s.lr * u)
+        p.copy_(_rounded(p_ - s.lr * u, call.seed, i))
 
 
 def adam(params, exp_avgs, exp_avg_sqs, grads, call) -> None:
@@ -141,9 +142,14 @@ def adam(params, exp_avgs, exp_avg_sqs, grads, call) -> None:
     s = _skipped(call)
     if s is None:
         return
-    for p, m, v, g in zip(params, exp_avgs, exp_avg_sqs, grads):
+    for i, (p, m, v, g) in enumerate(zip(params, exp_avgs, exp_avg_sqs, grads)):
         s.moments(m, v, s.grad(g))
-        p.copy_(p.to(s.acc) - s.lr * s.update(m, v))
+        p.copy_(_rounded(p.to(s.acc) - s.lr * s.update(m, v), call.seed, i))
+
+
+def _rounded(new, seed, index):
+    """``new`` rounded stochastically to bf16 where the group asks for it (``seed`` is None otherwise)."""
+    return new if seed is None else stochastic_round_bf16(new, seed, index)
 
 
 class Reference:

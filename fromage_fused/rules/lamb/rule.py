@@ -45,6 +45,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ...engine.rounding import SR_SEED, STOCHASTIC_ROUNDING
 from ...engine.rule import Buffer, GroupScalar, Pass, Rule
 from ...engine.spec import Spec, check_lr, check_positive_or_none, flag, option, real, value
 from . import passes
@@ -112,10 +113,11 @@ class LambRule(Rule):
         flag("corrected_weight_decay", False),
         # the constructor's lr as a float, corrected weight decay's max_lr (timm's name and place)
         option("max_lr_snapshot", 1e-3, _non_negative),
+        STOCHASTIC_ROUNDING,  # this package's: bf16 parameters rounded stochastically (seeded)
     )
     state = (Buffer("exp_avg"), Buffer("exp_avg_sq"),
              GroupScalar("step", torch.float32, anchor=lambda p: True, when=lambda values, dtype: True,
-                         initial=lambda opt, index, device: 0, where="group"))
+                         initial=lambda opt, index, device: 0, where="group"), SR_SEED)
     passes = (
         Pass("grad_norm", lists=("g",), sums=1, combine=True, when=CLIP | MONITOR),
         Pass("moments", lists=("exp_avg", "exp_avg_sq", "p", "g"), writes=2, sums=5, optional=(("p", ADAPT),),
@@ -132,7 +134,9 @@ class LambRule(Rule):
             bits |= CLIP
         if adapts(values):
             bits |= ADAPT
-        bits |= NORMS if bits & (ADAPT | CAUTION) else PLAIN
+        # A group that rounds stochastically runs the moments and update passes even as Adam: the
+        # one-pass Adam kernel writes three lists and has no registers left for the rounding's hash.
+        bits |= NORMS if bits & (ADAPT | CAUTION) or values.get("stochastic_rounding") is True else PLAIN
         if monitor:
             bits |= MONITOR
         return bits

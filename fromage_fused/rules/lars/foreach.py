@@ -19,6 +19,7 @@ import torch
 
 from ...backends import foreach as _fe
 from ...engine.dtypes import LOW_PRECISION, accumulate_dtype
+from ...engine.rounding import stochastic_round_bf16
 from ...engine.spec import usable_lr
 from . import passes
 from .flags import ADAPT, MOMENTUM, NESTEROV, TRUST_CLIP
@@ -59,7 +60,8 @@ def coefficients(sums, hyper, flags: int, grad_scale):
     return ratio / scale, ratio * wd
 
 
-def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf=None, grad_scale=None) -> None:
+def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf=None, grad_scale=None,
+          sr_seed=None) -> None:
     acc = sums.dtype
     low = params[0].dtype != acc
     c_g, c_p = coefficients(sums, hyper, flags, grad_scale)
@@ -109,6 +111,8 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
             _write(run_bufs, new_bufs, keep)
         torch._foreach_sub_(work, torch._foreach_mul(u, hyper[LR]))
         if copied:
+            if sr_seed is not None:  # (bf16 groups that round stochastically: whole tensors here)
+                work = [stochastic_round_bf16(w, sr_seed, i) for w, i in zip(work, run.owner)]
             _write(run.params, work, keep)
         del d, u, work
 

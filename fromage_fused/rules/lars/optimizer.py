@@ -1,7 +1,7 @@
 """``LARS``: the engine's optimizer with the LARS rule, timm's ``Lars`` signature."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from ...engine.optimizer import EngineOptimizer
 from .rule import LARS_RULE, check_nesterov
@@ -38,6 +38,9 @@ class LARS(EngineOptimizer):
         backend: ``"auto"`` or one of :func:`fromage_fused.available_backends`.
         monitor: keep per-parameter statistics of each step (norms, trust ratio, local learning
             rate), read with ``last_stats()`` (``opt.monitor`` switches it at any time).
+        stochastic_rounding: round bf16 parameters stochastically (unbiased; a per-group value).
+        seed: the stochastic rounding's seed (default: drawn from torch's generator, only when a
+            group rounds stochastically).
 
     State: ``momentum_buffer`` (torch's and timm's name; float32 for bf16/fp16 parameters) and
     ``momentum_started``, with momentum only. Works with ``torch.amp.GradScaler`` without an unscale
@@ -48,10 +51,12 @@ class LARS(EngineOptimizer):
 
     def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov: bool = False,
                  trust_coeff=0.001, eps=1e-8, trust_clip: bool = False, always_adapt: bool = False, *,
-                 backend: str = "auto", monitor: bool = False):
+                 backend: str = "auto", monitor: bool = False, stochastic_rounding: bool = False,
+                 seed: Optional[int] = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt)
-        super().__init__(params, defaults, backend=backend, monitor=monitor)
+                        trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt,
+                        stochastic_rounding=stochastic_rounding)
+        super().__init__(params, defaults, backend=backend, monitor=monitor, seed=seed)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         spec = self.rule.spec

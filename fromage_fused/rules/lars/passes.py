@@ -14,5 +14,6 @@ def run_pass(index: int, call, stats, apply):
     else:
         (params, grads), bufs = call.lists, None
     apply(params, bufs, grads, call.sums, hyper=call.hyper, values=call.values, flags=call.flags,
-          started=call.scalars.get("momentum_started"), found_inf=call.found_inf, grad_scale=call.grad_scale)
+          started=call.scalars.get("momentum_started"), found_inf=call.found_inf, grad_scale=call.grad_scale,
+          sr_seed=call.seed)
     return None

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ...engine.dtypes import accumulate_dtype
+from ...engine.rounding import stochastic_round_bf16
 from ...engine.spec import FLOAT32_MAX
 from . import passes
 from .flags import ADAPT, MOMENTUM, NESTEROV, TRUST_CLIP
@@ -33,7 +34,8 @@ def trust_ratio(s_pp: float, s_gg: float, *, lr: float, weight_decay: float, tru
     return r
 
 
-def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf=None, grad_scale=None) -> None:
+def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf=None, grad_scale=None,
+          sr_seed=None) -> None:
     if found_inf is not None and float(found_inf) != 0:
         return
     lr = float(hyper[0])
@@ -56,7 +58,8 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
             else:
                 buf.copy_(mu * buf + (1 - damp) * d)
             d = d + mu * buf if flags & NESTEROV else buf
-        p.copy_(p_ - lr * d)
+        new = p_ - lr * d
+        p.copy_(new if sr_seed is None else stochastic_round_bf16(new, sr_seed, i))
 
 
 class Reference:

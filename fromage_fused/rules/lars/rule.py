@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ...engine.rounding import SR_SEED, STOCHASTIC_ROUNDING
 from ...engine.rule import Buffer, Pass, Rule, TensorScalar
 from ...engine.spec import Spec, check_lr, flag, real, value
 from .flags import ADAPT, MOMENTUM, MONITOR
@@ -85,11 +86,12 @@ class LarsRule(Rule):
         value("eps", 1e-8, _non_negative),
         flag("trust_clip", False),
         flag("always_adapt", False),
+        STOCHASTIC_ROUNDING,  # this package's: bf16 parameters rounded stochastically (seeded)
     )
     # torch's SGD name for the buffer; both exist only while momentum is not 0 (a rebuild creates
     # them when a schedule turns momentum on: Rule.present)
     state = (Buffer("momentum_buffer", when=_momentum),
-             TensorScalar("momentum_started", torch.float32, NOT_STARTED, when=_momentum, after=STARTED))
+             TensorScalar("momentum_started", torch.float32, NOT_STARTED, when=_momentum, after=STARTED), SR_SEED)
     passes = (
         Pass("stats", lists=("p", "g"), sums=2, when=ADAPT | MONITOR),
         Pass("apply", lists=("p", "momentum_buffer", "g"), writes=2, optional=(("momentum_buffer", MOMENTUM),)),
