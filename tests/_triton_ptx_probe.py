@@ -68,7 +68,7 @@ def rule_pass(helpers, index, lists, writes, sums, dtype, flags, sr=False):
             **{f"D{k}": types[k] for k in range(4)}, **{f"Z{k}": sizes[k] for k in range(4)}, "FLAGS": flags,
             "HAS_FOUND_INF": writes > 0, "HAS_GRAD_SCALE": True, "SR": sr,
             "LR_SLOT": helpers.LR.value if writes > 0 else -1, "PATHS": PATHS,
-            "BLOCK": block_for(CUDA_CONFIGS[_TORCH[dtype]], len(lists), writes, sums)}
+            "BLOCK": block_for(CUDA_CONFIGS[_TORCH[dtype]], len(lists), writes, sums, sr)}
 
 
 _TORCH = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}

@@ -95,14 +95,14 @@ CUDA_CONFIGS = {
 CUDA_CONFIG = CUDA_CONFIGS[torch.float32]
 
 
-def block_for(cfg: Config, lists: int, writes: int, sums: int) -> int:
+def block_for(cfg: Config, lists: int, writes: int, sums: int, sr: bool = False) -> int:
     """Elements per block of a pass of ``lists`` lists: the config's for two lists, fewer for more
-    (the values a thread holds grow with the lists, the written ones and the sums; the sm_90 cubins
-    of every rule's passes stay within 64 registers: tests/test_triton_backend.py). Chunks are
-    multiples of every block size here."""
+    (the values a thread holds grow with the lists, the written ones, the sums and stochastic
+    rounding's hash; the sm_90 cubins of every rule's passes stay within 64 registers:
+    tests/test_triton_backend.py). Chunks are multiples of every block size here."""
     if lists <= 2:
         return cfg.block
-    if lists == 3 or (writes <= 1 and sums <= 3):
+    if (lists == 3 or (writes <= 1 and sums <= 3)) and not (sr and lists == 4):
         return cfg.block // 2
     return cfg.block // 4
 INTERPRETER_CONFIG = Config(block=512, chunk=2048, num_warps=4, rblock=128)
@@ -535,7 +535,7 @@ class TritonBackend(Backend):
                     dummy if sums is None else sums, hyper, s0, s1, dummy if globals_ is None else globals_, fi, gs,
                     sd, n, COEF=coef, BODY=body, L=len(lists), W=writes, S=s_count, D0=tdt[0], D1=tdt[1],
                     D2=tdt[2], D3=tdt[3], Z0=size[0], Z1=size[1], Z2=size[2], Z3=size[3], FLAGS=int(flags),
-                    BLOCK=block_for(cfg, len(lists), writes, s_count), HAS_FOUND_INF=skip,
+                    BLOCK=block_for(cfg, len(lists), writes, s_count, use_sr), HAS_FOUND_INF=skip,
                     HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr,
                     PATHS=addrs.programs, LR_SLOT=-1 if lr_slot is None else int(getattr(lr_slot, "value", lr_slot)),
                     num_warps=cfg.num_warps, **({} if fusion else {"enable_fp_fusion": False}))
