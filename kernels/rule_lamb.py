@@ -50,6 +50,14 @@ def _coupled(hyper_ptr, FLAGS: tl.constexpr):
 
 
 @device_function
+def _moment_values(hyper_ptr, globals_ptr):
+    """``1/d, β1, 1 − β1, β2, 1 − β2, 1/c1, 1/√c2, eps``: what ``_moments`` takes as k0..k7."""
+    return (_inverse(globals_ptr + DIVISOR), tl.load(hyper_ptr + BETA1), tl.load(globals_ptr + INTO_M),
+            tl.load(hyper_ptr + BETA2), tl.load(globals_ptr + INTO_V), _inverse(globals_ptr + C1),
+            _inverse(globals_ptr + SQRT_C2), tl.load(hyper_ptr + EPS))
+
+
+@device_function
 def _moments(m, v, g, k0, k1, k2, k3, k4, k5, k6, k7):
     """``(m, v, u, ĝ)`` after this step's gradient ``g``."""
     gg = g * k0
@@ -88,10 +96,8 @@ def body_0(k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, x, y, x2, x3, FLAGS: tl.const
 def coefficients_1(t, first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, grad_scale_ptr,
                    FLAGS: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     """The moments' per-group values: ``1/d, β1, 1 − β1, β2, 1 − β2, 1/c1, 1/√c2, eps``, the coupled decay."""
-    zero = tl.full((), 0.0, tl.float32)
-    return (_inverse(globals_ptr + DIVISOR), tl.load(hyper_ptr + BETA1), tl.load(globals_ptr + INTO_M),
-            tl.load(hyper_ptr + BETA2), tl.load(globals_ptr + INTO_V), _inverse(globals_ptr + C1),
-            _inverse(globals_ptr + SQRT_C2), tl.load(hyper_ptr + EPS), _coupled(hyper_ptr, FLAGS), zero)
+    d, b1, into_m, b2, into_v, c1, c2, eps = _moment_values(hyper_ptr, globals_ptr)
+    return d, b1, into_m, b2, into_v, c1, c2, eps, _coupled(hyper_ptr, FLAGS), tl.full((), 0.0, tl.float32)
 
 
 @device_function
@@ -182,10 +188,8 @@ def body_2(k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, x, y, x2, x3, FLAGS: tl.const
 def coefficients_3(t, first, hyper_ptr, sums_ptr, s0_ptr, s1_ptr, globals_ptr, grad_scale_ptr,
                    FLAGS: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     """Adam's: the moments' values and lr."""
-    zero = tl.full((), 0.0, tl.float32)
-    return (_inverse(globals_ptr + DIVISOR), tl.load(hyper_ptr + BETA1), tl.load(globals_ptr + INTO_M),
-            tl.load(hyper_ptr + BETA2), tl.load(globals_ptr + INTO_V), _inverse(globals_ptr + C1),
-            _inverse(globals_ptr + SQRT_C2), tl.load(hyper_ptr + EPS), tl.load(hyper_ptr + LR), zero)
+    d, b1, into_m, b2, into_v, c1, c2, eps = _moment_values(hyper_ptr, globals_ptr)
+    return d, b1, into_m, b2, into_v, c1, c2, eps, tl.load(hyper_ptr + LR), tl.full((), 0.0, tl.float32)
 
 
 @device_function

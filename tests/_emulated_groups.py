@@ -68,6 +68,18 @@ def widen(stored: np.ndarray, fmt: Format) -> np.ndarray:
     return stored.astype(np.float32)
 
 
+def as_tensor(stored: np.ndarray, fmt: Format) -> torch.Tensor:
+    """A storage array (bf16 as bits) as a torch tensor of the format's dtype (a copy)."""
+    if fmt.code == "bf16":
+        return torch.from_numpy(stored.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(stored.copy())
+
+
+def as_stored(t: torch.Tensor, fmt: Format) -> np.ndarray:
+    """A torch tensor as the storage array of its format (bf16 as bits)."""
+    return t.view(torch.int16).numpy().view(np.uint16) if fmt.code == "bf16" else t.numpy()
+
+
 def from_bytes(raw: bytes, fmt: Format) -> np.ndarray:
     return np.frombuffer(raw, dtype={"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[fmt.code]).copy()
 

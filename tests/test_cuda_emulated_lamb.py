@@ -54,16 +54,6 @@ def _one_thread(one_thread):
     """The checks' torch ops on one thread: the harness's workers use the cores."""
 
 
-def _tensor(stored: np.ndarray, fmt) -> torch.Tensor:
-    if fmt.code == "bf16":
-        return torch.from_numpy(stored.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(stored.copy())
-
-
-def _stored(t: torch.Tensor, fmt) -> np.ndarray:
-    return t.view(torch.int16).numpy().view(np.uint16) if fmt.code == "bf16" else t.numpy()
-
-
 def _inputs(fmt, alignment, seed):
     group = groups.make_group(fmt, alignment, seed=seed)
     rng = np.random.default_rng(seed + 1)
@@ -144,7 +134,7 @@ def _problems(group, m, v, flags, hyper, result, sr_seed=None):
     require_native()
     fmt, problems = group.fmt, []
     live = [t for t in range(group.n) if not group.null[t]]
-    state = {"p": [_tensor(x, fmt) for x in group.p], "g": [_tensor(x, fmt) for x in group.g],
+    state = {"p": [groups.as_tensor(x, fmt) for x in group.p], "g": [groups.as_tensor(x, fmt) for x in group.g],
              "m": [torch.from_numpy(x.copy()) for x in m], "v": [torch.from_numpy(x.copy()) for x in v]}
     for kernel, rule_pass, names in _passes(flags):
         if kernel == 0:
@@ -166,12 +156,12 @@ def _problems(group, m, v, flags, hyper, result, sr_seed=None):
                         sr_seed if kernel in (3, 4) else None)
         for t in live:
             for k in "pmv":
-                unchanged = _stored(before[k][t], fmt) if k == "p" else before[k][t].numpy()
+                unchanged = groups.as_stored(before[k][t], fmt) if k == "p" else before[k][t].numpy()
                 if result.dumps[f"{k}{t}-{kernel}-1.0"] != unchanged.tobytes():
                     problems.append(f"kernel pass {kernel}, tensor {t}: found_inf changed {k}")
                 got = groups.from_bytes(result.dumps[f"{k}{t}-{kernel}-0.0"], fmt) if k == "p" else \
                     np.frombuffer(result.dumps[f"{k}{t}-{kernel}-0.0"], dtype=np.float32)
-                want = _stored(state[k][t], fmt) if k == "p" else state[k][t].numpy()
+                want = groups.as_stored(state[k][t], fmt) if k == "p" else state[k][t].numpy()
                 if not groups.same_bits(got, want).all():
                     problems.append(f"kernel pass {kernel}, tensor {t}: {k} differs from the CPU kernels' in "
                                     f"{int((~groups.same_bits(got, want)).sum())} of {want.size} elements")

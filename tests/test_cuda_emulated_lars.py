@@ -44,12 +44,6 @@ def _one_thread(one_thread):
     """The checks' torch ops on one thread: the harness's workers use the cores."""
 
 
-def _tensor(stored: np.ndarray, fmt) -> torch.Tensor:
-    if fmt.code == "bf16":
-        return torch.from_numpy(stored.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(stored.copy())
-
-
 def _inputs(fmt, alignment, seed):
     group = groups.make_group(fmt, alignment, seed=seed)
     rng = np.random.default_rng(seed + 1)
@@ -96,8 +90,8 @@ def _cpu_step(group, bufs, started, flags, hyper, sums, sr_seed=None):
     """The C++ CPU kernels' apply pass on the same inputs and sums."""
     require_native()
     fmt, momentum = group.fmt, bool(flags & MOMENTUM)
-    p = [_tensor(x, fmt) for x in group.p]
-    g = [_tensor(x, fmt) for x in group.g]
+    p = [groups.as_tensor(x, fmt) for x in group.p]
+    g = [groups.as_tensor(x, fmt) for x in group.g]
     b = [torch.from_numpy(x.copy()) for x in bufs]
     writes = p + b if momentum else p
     scalars = [torch.from_numpy(started.copy())] if momentum else []
@@ -105,10 +99,6 @@ def _cpu_step(group, bufs, started, flags, hyper, sums, sr_seed=None):
     torch.ops.fromage_fused.pass_("lars", 1, writes, g, torch.from_numpy(sums.copy()), torch.tensor(hyper), flags,
                                   scalars, None, None, torch.tensor(GRAD_SCALE), seed, 0)
     return p, b
-
-
-def _stored(t: torch.Tensor, fmt) -> np.ndarray:
-    return t.view(torch.int16).numpy().view(np.uint16) if fmt.code == "bf16" else t.numpy()
 
 
 def _problems(group, bufs, started, flags, hyper, result, sr_seed=None):
@@ -131,9 +121,9 @@ def _problems(group, bufs, started, flags, hyper, result, sr_seed=None):
         if not np.array_equal(skipped, group.p[t]) or result.dumps[f"buf{t}-1.0"] != bufs[t].tobytes():
             problems.append(f"tensor {t}: found_inf changed it")
         got = groups.from_bytes(result.dumps[f"p{t}-0.0"], fmt)
-        if not groups.same_bits(got, _stored(p_want[t], fmt)).all():
+        if not groups.same_bits(got, groups.as_stored(p_want[t], fmt)).all():
             problems.append(f"tensor {t}: parameter differs from the CPU kernels' in "
-                            f"{int((~groups.same_bits(got, _stored(p_want[t], fmt))).sum())} elements")
+                            f"{int((~groups.same_bits(got, groups.as_stored(p_want[t], fmt))).sum())} elements")
         got_b = np.frombuffer(result.dumps[f"buf{t}-0.0"], dtype=np.float32)
         want_b = b_want[t].numpy() if flags & MOMENTUM else bufs[t]
         if not groups.same_bits(got_b, want_b).all():

@@ -19,6 +19,7 @@ from torch import nn
 
 import _oracle_lamb
 from _host_reads import forbid_host_reads
+from _layerwise_models import MODELS, batch, close, dtype_and_tol, make_model
 from _param_split import schedule, split
 from fromage_fused import backends
 from fromage_fused.bench import external
@@ -68,42 +69,6 @@ CASES = [
 
 # ---------------------------------------------------------------- models, data, the harness
 
-def _convnet():
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 4 * 4, 10),
-    )
-
-
-def _mlp():
-    model = nn.Sequential(nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10))
-    nn.init.zeros_(model[4].weight)  # ‖p‖ = 0 at first: ratio 1
-    nn.init.zeros_(model[2].bias)
-    return model
-
-
-MODELS = {"mlp": _mlp, "convnet": _convnet}
-
-
-def _model(name, dtype):
-    torch.manual_seed(1)
-    return MODELS[name]().to(dtype)
-
-
-def _batch(step, dtype):
-    gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(32, 64, generator=gen).to(dtype), torch.randint(0, 10, (32,), generator=gen)
-
-
-def _close(got, want, tol, what):
-    atol, rtol = tol
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    torch.testing.assert_close(got.detach().double(), want.double(), rtol=0, atol=atol + rtol * scale,
-                               msg=lambda m: f"{what}: {m}")
-
-
 def _split_options(options):
     options = dict(options)
     return options, options.pop("max_grad_norm", _oracle_lamb.MAX_GRAD_NORM)
@@ -127,16 +92,16 @@ def _compare(opt, ours, groups, tol, state_tol, where):
     for gi, (ps, group) in enumerate(zip(ours, groups)):
         assert float(opt.param_groups[gi]["step"]) == group["step"], f"{where}: group {gi} step count"
         for i, (p, q, state) in enumerate(zip(ps, group["params"], group["state"])):
-            _close(p, q, tol, f"{where}: group {gi} parameter {i}")
+            close(p, q, tol, f"{where}: group {gi} parameter {i}")
             mine = opt.state.get(p, {})
             assert set(mine) == set(state), f"{where}: group {gi} parameter {i} state keys"
             for key, value in state.items():
-                _close(mine[key], value, state_tol, f"{where}: group {gi} parameter {i} {key}")
+                close(mine[key], value, state_tol, f"{where}: group {gi} parameter {i} {key}")
 
 
 def _gradients(model, ours, step, dtype):
     model.zero_grad(set_to_none=True)
-    x, y = _batch(step, dtype)
+    x, y = batch(step, dtype)
     F.cross_entropy(model(x).float(), y).backward()
     flat = ours[0] + ours[1]
     grads = schedule([p.grad for p in flat], step, [0] * len(ours[0]) + [1] * len(ours[1]))
@@ -156,7 +121,7 @@ def _hand(groups, grads, n0):
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("options", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_float64_training_matches_the_oracle(backend, model_name, options):
-    model = _model(model_name, torch.float64)
+    model = make_model(model_name, torch.float64)
     ours = split(model)
     opt = _optimizer(ours, options, backend)
     groups = _oracle_groups(ours, options)
@@ -186,7 +151,7 @@ def test_low_precision_steps_match_the_oracle(backend, dtype, model_name, case):
     # Each step from the optimizer's own values: the oracle steps float64 copies of them, of the
     # moments and of the step counts, with the same gradients.
     options = CASES[case]
-    model = _model(model_name, dtype)
+    model = make_model(model_name, dtype)
     ours = split(model)
     opt = _optimizer(ours, options, backend)
     max_grad_norm = _split_options(options)[1]
@@ -242,7 +207,7 @@ def test_every_backend_steps_lamb(backend, dtype, options):
         opt.step()
     assert {g.backend.name for g in opt._plan.groups} == {backend}
     for i, (p, q) in enumerate(zip(params, want[0]["params"])):
-        _close(p, q, FUSED_TRAJ_TOL[dtype], f"parameter {i}")
+        close(p, q, FUSED_TRAJ_TOL[dtype], f"parameter {i}")
 
 
 # ---------------------------------------------------------------- loss scaling, host reads, gradients
@@ -263,13 +228,6 @@ def _grads(step, params, scale=1.0):
     for p, g in zip(params, grads):
         p.grad = (g * scale).to(p.dtype)
     return [p.grad.double() / scale for p in params]  # as the optimizer gets them (scale: a power of two)
-
-
-def _dtype_and_tol(backend):
-    """float64 where the backend takes it (the Python ones), else float32 (the kernels')."""
-    if backend in ("reference", "foreach"):
-        return torch.float64, TOL[torch.float64]
-    return torch.float32, ORACLE_TOL[torch.float32]["traj"]
 
 
 #: group 0 adapts with every option that needs a sum; group 1 is Adam in one pass
@@ -313,7 +271,7 @@ def _assert_unchanged(before, after):
 
 @pytest.mark.parametrize("skip_at", [0, 3])
 def test_found_inf_skips_the_step_and_grad_scale_divides(backend, skip_at):
-    dtype, tol = _dtype_and_tol(backend)
+    dtype, tol = dtype_and_tol(backend)
     params = _small(dtype)
     opt = _two_groups(params, backend)
     want = _want(params)
@@ -331,15 +289,15 @@ def test_found_inf_skips_the_step_and_grad_scale_divides(backend, skip_at):
     for gi, group in enumerate(want):
         assert float(opt.param_groups[gi]["step"]) == group["step"] == 5
     for p, q, state in zip(params, want[0]["params"] + want[1]["params"], want[0]["state"] + want[1]["state"]):
-        _close(p, q, tol, "parameter")
+        close(p, q, tol, "parameter")
         for key in ("exp_avg", "exp_avg_sq"):
-            _close(opt.state[p][key], state[key], tol, key)
+            close(opt.state[p][key], state[key], tol, key)
     assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
 @pytest.mark.parametrize("bad", [math.nan, -1.0, math.inf])
 def test_a_tensor_lr_edited_to_an_unusable_value_skips_the_step(backend, bad):
-    dtype, _ = _dtype_and_tol(backend)
+    dtype, _ = dtype_and_tol(backend)
     params = _small(dtype)
     opt = _two_groups(params, backend, lr=torch.tensor(OPTIONS["lr"], dtype=dtype))
     _grads(0, params)
@@ -379,7 +337,7 @@ def test_step_reads_nothing_on_the_host(backend, tensor_lr):
 
 def test_gradients_are_not_modified(backend):
     # timm <= 1.0.30 divided p.grad in place by the clip factor; this LAMB never writes a gradient.
-    params = _small(_dtype_and_tol(backend)[0])
+    params = _small(dtype_and_tol(backend)[0])
     opt = _two_groups(params, backend)
     for step in range(3):
         _grads(step, params, 8.0)
@@ -595,8 +553,8 @@ def test_a_timm_checkpoint_continues(backend, step_form):
     for gi, g in enumerate(opt.param_groups):
         assert isinstance(g["step"], torch.Tensor) and g["step"].dtype == torch.float32 and float(g["step"]) == 6
     for p, q, state in zip(params, want[0]["params"] + want[1]["params"], want[0]["state"] + want[1]["state"]):
-        _close(p, q, TOL[torch.float64], "parameter")
-        _close(opt.state[p]["exp_avg"], state["exp_avg"], TOL[torch.float64], "exp_avg")
+        close(p, q, TOL[torch.float64], "parameter")
+        close(opt.state[p]["exp_avg"], state["exp_avg"], TOL[torch.float64], "exp_avg")
     assert loaded["param_groups"][0]["step"] == 3  # the loaded dict itself is not advanced
 
 
@@ -625,8 +583,8 @@ def test_a_checkpoint_of_timms_lamb_continues_as_timm_does():
         theirs.step()
         opt.step()
     for p, q in zip(params, twin):
-        _close(p, q.detach(), TOL[torch.float64], "parameter")
-        _close(opt.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"], TOL[torch.float64], "exp_avg_sq")
+        close(p, q.detach(), TOL[torch.float64], "parameter")
+        close(opt.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"], TOL[torch.float64], "exp_avg_sq")
     assert [float(g["step"]) for g in opt.param_groups] == [float(g["step"]) for g in theirs.param_groups] == [6, 6]
 
 
@@ -635,7 +593,7 @@ def test_a_checkpoint_of_timms_lamb_continues_as_timm_does():
 def test_monitoring_reports_what_the_step_measured(backend):
     # group 0 adapts with caution and a coupled decay; group 1 runs as Adam (weight decay 0): only
     # its gradient norms are measured. No max_grad_norm: the monitor runs the global-norm pass.
-    dtype, tol = _dtype_and_tol(backend)
+    dtype, tol = dtype_and_tol(backend)
     params = _small(dtype)
     opt = LAMB([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "caution": False}], lr=0.05,
                weight_decay=0.1, caution=True, max_grad_norm=None, backend=backend, monitor=True)
@@ -647,16 +605,16 @@ def test_monitoring_reports_what_the_step_measured(backend):
     stats = opt.last_stats()
     assert len(stats) == 2
     first, second = stats
-    _close(first.g_norm, torch.stack([g.norm() for g in grads[:3]]), tol, "g_norm")
-    _close(second.g_norm, torch.stack([g.norm() for g in grads[3:]]), tol, "g_norm")
-    _close(first.p_norm, torch.stack([p.norm() for p in before[:3]]), tol, "p_norm")
+    close(first.g_norm, torch.stack([g.norm() for g in grads[:3]]), tol, "g_norm")
+    close(second.g_norm, torch.stack([g.norm() for g in grads[3:]]), tol, "g_norm")
+    close(first.p_norm, torch.stack([p.norm() for p in before[:3]]), tol, "p_norm")
     moved = torch.stack([(p.detach().double() - q).norm() for p, q in zip(params[:3], before[:3])])
     p_norm = torch.stack([p.norm() for p in before[:3]])
     relative = torch.where(p_norm > 0, moved / p_norm.clamp(min=1e-300), torch.zeros_like(moved))
     finite = p_norm > 0
-    _close(first.relative_change[finite], relative[finite], tol, "relative_change")
+    close(first.relative_change[finite], relative[finite], tol, "relative_change")
     # the update's norm times the ratio times lr is how far each tensor moved
-    _close(0.05 * first.trust_ratio * first.update_norm, moved, tol, "lr * r * ||u||")
+    close(0.05 * first.trust_ratio * first.update_norm, moved, tol, "lr * r * ||u||")
     assert torch.isnan(second.p_norm).all() and torch.equal(second.trust_ratio, torch.ones_like(second.trust_ratio))
     assert set(first.per_parameter()) == set(params[:3])
     opt.found_inf = torch.tensor(1.0)
@@ -691,7 +649,7 @@ def test_stochastic_rounding_of_bf16_parameters(backend):
     other, _ = run(8)
     nearest, _ = run(7, rounding=False)
     for p, q in zip(got, exact):
-        _close(p, q, SR_STEP_TOL, "one ulp of the exact value")
+        close(p, q, SR_STEP_TOL, "one ulp of the exact value")
     assert all(torch.equal(a, b) for a, b in zip(got, again))
     assert any(not torch.equal(a, b) for a, b in zip(got, other))
     assert any(not torch.equal(a, b) for a, b in zip(got, nearest))

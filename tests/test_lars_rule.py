@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import _oracle_lars
+from _layerwise_models import MODELS, batch, close, dtype_and_tol, make_model
 from _param_split import schedule, split
 from _host_reads import forbid_host_reads
 from fromage_fused import backends
@@ -55,44 +56,6 @@ CASES = [
 
 # ---------------------------------------------------------------- models, data, the harness
 
-def _convnet():
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 4 * 4, 10),
-    )
-
-
-def _mlp():
-    model = nn.Sequential(nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10))
-    nn.init.zeros_(model[4].weight)  # ‖p‖ = 0 at first: ratio 1
-    nn.init.zeros_(model[2].bias)
-    return model
-
-
-MODELS = {"mlp": _mlp, "convnet": _convnet}
-
-
-def _model(name, dtype):
-    torch.manual_seed(1)
-    return MODELS[name]().to(dtype)
-
-
-def _batch(step, dtype):
-    gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(32, 64, generator=gen).to(dtype), torch.randint(0, 10, (32,), generator=gen)
-
-
-
-
-def _close(got, want, tol, what):
-    atol, rtol = tol
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    torch.testing.assert_close(got.detach().double(), want.double(), rtol=0, atol=atol + rtol * scale,
-                               msg=lambda m: f"{what}: {m}")
-
-
 def _oracle_groups(ours, options, lr):
     groups = [dict(options, lr=lr, params=[p.detach().double().clone() for p in ps], grads=None,
                    state=[{} for _ in ps]) for ps in ours]
@@ -103,18 +66,18 @@ def _oracle_groups(ours, options, lr):
 def _compare(opt, ours, groups, tol, buffer_tol, where):
     for gi, (ps, group) in enumerate(zip(ours, groups)):
         for i, (p, q, state) in enumerate(zip(ps, group["params"], group["state"])):
-            _close(p, q, tol, f"{where}: group {gi} parameter {i}")
+            close(p, q, tol, f"{where}: group {gi} parameter {i}")
             mine = opt.state.get(p, {})
             assert set(mine) - {"momentum_started"} == set(state), f"{where}: group {gi} parameter {i} state keys"
             if "momentum_buffer" in state:
                 assert float(mine["momentum_started"]) == 1
-                _close(mine["momentum_buffer"], state["momentum_buffer"], buffer_tol,
+                close(mine["momentum_buffer"], state["momentum_buffer"], buffer_tol,
                        f"{where}: group {gi} parameter {i} buffer")
 
 
 def _gradients(model, ours, step, dtype):
     model.zero_grad(set_to_none=True)
-    x, y = _batch(step, dtype)
+    x, y = batch(step, dtype)
     F.cross_entropy(model(x).float(), y).backward()
     flat = ours[0] + ours[1]
     grads = schedule([p.grad for p in flat], step, [0] * len(ours[0]) + [1] * len(ours[1]))
@@ -134,7 +97,7 @@ def _hand(groups, grads, n0):
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("options,lr", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_float64_training_matches_the_oracle(backend, model_name, options, lr):
-    model = _model(model_name, torch.float64)
+    model = make_model(model_name, torch.float64)
     ours = split(model)
     opt = LARS([{"params": ours[0]}, {"params": ours[1], "weight_decay": 0.0}], lr=lr, backend=backend, **options)
     groups = _oracle_groups(ours, options, lr)
@@ -158,7 +121,7 @@ def test_low_precision_steps_match_the_oracle(backend, dtype, model_name, case):
     # Each step from the optimizer's own values: the oracle steps float64 copies of them (and of the
     # started buffers) with the same gradients.
     options, lr = CASES[case]
-    model = _model(model_name, dtype)
+    model = make_model(model_name, dtype)
     ours = split(model)
     opt = LARS([{"params": ours[0]}, {"params": ours[1], "weight_decay": 0.0}], lr=lr, backend=backend, **options)
     for step in range(20):
@@ -209,7 +172,7 @@ def test_every_backend_steps_lars_with_its_own_kernels(backend, dtype, options):
         opt.step()
     assert {g.backend.name for g in opt._plan.groups} == {backend}
     for i, (p, q) in enumerate(zip(params, want[0]["params"])):
-        _close(p, q, FUSED_TRAJ_TOL[dtype], f"parameter {i}")
+        close(p, q, FUSED_TRAJ_TOL[dtype], f"parameter {i}")
 
 
 def test_fromage_keeps_its_kernels():
@@ -245,16 +208,9 @@ def _python(backend) -> bool:
     return backend in ("reference", "foreach")
 
 
-def _dtype_and_tol(backend):
-    """float64 where the backend takes it (the Python ones), else float32 (the kernels')."""
-    if _python(backend):
-        return torch.float64, TOL[torch.float64]
-    return torch.float32, ORACLE_TOL[torch.float32]["traj"]
-
-
 @pytest.mark.parametrize("skip_at", [0, 3])
 def test_found_inf_skips_the_step_and_grad_scale_divides(backend, skip_at):
-    dtype, tol = _dtype_and_tol(backend)
+    dtype, tol = dtype_and_tol(backend)
     params = _small(dtype)
     opt = LARS(params, backend=backend, **OPTIONS)
     want = [dict(OPTIONS, params=[p.detach().double().clone() for p in params], grads=None,
@@ -274,8 +230,8 @@ def test_found_inf_skips_the_step_and_grad_scale_divides(backend, skip_at):
         want[0]["grads"] = grads
         _oracle_lars.lars_step(want)
     for p, q, state in zip(params, want[0]["params"], want[0]["state"]):
-        _close(p, q, tol, "parameter")
-        _close(opt.state[p]["momentum_buffer"], state["momentum_buffer"], tol, "buffer")
+        close(p, q, tol, "parameter")
+        close(opt.state[p]["momentum_buffer"], state["momentum_buffer"], tol, "buffer")
     assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
@@ -344,7 +300,7 @@ def test_an_edited_group_is_checked_before_anything_changes():
 
 def test_momentum_turned_on_and_off_by_a_schedule(backend):
     # The buffer exists only while momentum is not 0: turning it on rebuilds the plan and starts it.
-    dtype, tol = _dtype_and_tol(backend)
+    dtype, tol = dtype_and_tol(backend)
     params = _small(dtype)
     opt = LARS(params, lr=0.1, weight_decay=1e-2, backend=backend)
     want = [dict(lr=0.1, weight_decay=1e-2, params=[p.detach().double().clone() for p in params], grads=None,
@@ -357,8 +313,8 @@ def test_momentum_turned_on_and_off_by_a_schedule(backend):
         if step < 2:
             assert all(not opt.state[p] for p in params)
     for p, q, state in zip(params, want[0]["params"], want[0]["state"]):
-        _close(p, q, tol, "parameter")
-        _close(opt.state[p]["momentum_buffer"], state["momentum_buffer"], tol, "buffer")
+        close(p, q, tol, "parameter")
+        close(opt.state[p]["momentum_buffer"], state["momentum_buffer"], tol, "buffer")
     assert {g.backend.name for g in opt._plan.groups} == {backend}
 
 
@@ -407,14 +363,14 @@ def test_a_timm_checkpoint_continues_its_buffers():
     _oracle_lars.lars_step(want)
     opt.step()
     for p, q in zip(params, want[0]["params"]):
-        _close(p, q, TOL[torch.float64], "parameter")
+        close(p, q, TOL[torch.float64], "parameter")
 
 
 # ---------------------------------------------------------------- monitoring
 
 def test_monitoring_reports_the_norms_and_the_trust_ratio_the_step_used(backend):
     # group 0 adapts (weight decay), group 1 does not: its norms are measured for the monitor alone
-    dtype, tol = _dtype_and_tol(backend)
+    dtype, tol = dtype_and_tol(backend)
     params = _small(dtype)
     opt = LARS([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], backend=backend, monitor=True,
                **OPTIONS)
@@ -430,15 +386,15 @@ def test_monitoring_reports_the_norms_and_the_trust_ratio_the_step_used(backend)
         idx = [next(i for i, q in enumerate(params) if q is p) for p in s.params]
         p_norm = torch.stack([before[i].norm() for i in idx])
         g_norm = torch.stack([grads[i].norm() for i in idx])
-        _close(s.p_norm, p_norm, tol, "p_norm")
-        _close(s.g_norm, g_norm, tol, "g_norm")
+        close(s.p_norm, p_norm, tol, "p_norm")
+        close(s.g_norm, g_norm, tol, "g_norm")
         ratio = torch.stack([_oracle_lars.trust_ratio(a, b, lr=OPTIONS["lr"], weight_decay=group["weight_decay"],
                                                       trust_coeff=group["trust_coeff"], eps=group["eps"],
                                                       trust_clip=group["trust_clip"])
                              if group["weight_decay"] != 0 else torch.ones((), dtype=torch.float64)
                              for a, b in zip(p_norm, g_norm)])
-        _close(s.trust_ratio, ratio, tol, "trust_ratio")
-        _close(s.local_lr, OPTIONS["lr"] * ratio, tol, "local_lr")
+        close(s.trust_ratio, ratio, tol, "trust_ratio")
+        close(s.local_lr, OPTIONS["lr"] * ratio, tol, "local_lr")
         assert set(s.per_parameter()) == set(s.params)
     assert not torch.equal(stats[0].trust_ratio, torch.ones_like(stats[0].trust_ratio))
     # a skipped step moved nothing: its local rates are 0
@@ -475,7 +431,7 @@ def test_stochastic_rounding_of_bf16_parameters(backend, options):
     other, _ = run(8)
     nearest, _ = run(7, rounding=False)
     for p, q in zip(got, exact):
-        _close(p, q, SR_STEP_TOL, "one ulp of the exact value")
+        close(p, q, SR_STEP_TOL, "one ulp of the exact value")
     assert all(torch.equal(a, b) for a, b in zip(got, again))
     assert any(not torch.equal(a, b) for a, b in zip(got, other))
     assert any(not torch.equal(a, b) for a, b in zip(got, nearest))

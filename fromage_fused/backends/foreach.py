@@ -129,6 +129,17 @@ class _Coefficients(threading.local):
 _coefficients = _Coefficients()
 
 
+def write_kept(targets: Sequence[torch.Tensor], results: Sequence[torch.Tensor], keep) -> None:
+    """Copy ``results`` into ``targets`` (cast to their dtype); where ``keep`` (a 0-d bool tensor: the
+    step is applied) is False, the targets keep their values: a skipped step is a selection on the
+    device, never a host branch."""
+    if keep is None:
+        torch._foreach_copy_(list(targets), list(results))
+        return
+    for t, r in zip(targets, results):
+        torch.where(keep, r if r.dtype == t.dtype else r.to(t.dtype), t, out=t)
+
+
 def column_views(columns: torch.Tensor) -> List[List[torch.Tensor]]:
     if torch.compiler.is_compiling():  # traced once; a cache would only add guards
         return [list(c.unbind()) for c in columns.unbind(1)]

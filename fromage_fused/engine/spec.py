@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["Hyper", "Spec", "value", "option", "flag", "setting", "check_lr", "check_flag",
-           "check_positive_or_none"]
+           "check_finite", "check_non_negative", "check_positive_or_none"]
 
 Check = Callable[[str, Any, bool], None]
 
@@ -139,6 +139,20 @@ def check_lr(name: str, lr, read_tensor: bool = True) -> None:
             raise ValueError(f"lr must be a number or a 1-element tensor, got {lr!r}")
     if not math.isfinite(value) or value < 0 or value > FLOAT32_MAX:
         raise ValueError(f"invalid learning rate: {lr} (must be finite, >= 0 and at most {FLOAT32_MAX:.6g})")
+
+
+def check_finite(name: str, x, read_tensor: bool = True) -> None:
+    """ValueError unless ``x`` is a finite real number."""
+    value = real(x)
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"invalid {name}: {x!r} (must be a finite number)")
+
+
+def check_non_negative(name: str, x, read_tensor: bool = True) -> None:
+    """ValueError unless ``x`` is a finite real number >= 0."""
+    value = real(x)
+    if value is None or not math.isfinite(value) or value < 0:
+        raise ValueError(f"invalid {name}: {x!r} (must be a finite number and >= 0.0)")
 
 
 def check_positive_or_none(name: str, x, read_tensor: bool = True) -> None:

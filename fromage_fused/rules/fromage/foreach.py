@@ -118,11 +118,7 @@ def _apply_in_pieces(params, grads, vp, vg, acc, keep, sr_seed):
             continue
         if sr_seed is not None:
             work = [stochastic_round_bf16(w, sr_seed, i) for w, i in zip(work, run.owner)]
-        if keep is None:
-            torch._foreach_copy_(run.params, work)
-        else:
-            for p, w in zip(run.params, work):
-                torch.where(keep, w if w.dtype == p.dtype else w.to(p.dtype), p, out=p)
+        _fe.write_kept(run.params, work, keep)
         del work
 
 

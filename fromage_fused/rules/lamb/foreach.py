@@ -169,14 +169,6 @@ def _rounded(work, owner, seed):
     return work if seed is None else [stochastic_round_bf16(w, seed, i) for w, i in zip(work, owner)]
 
 
-def _write(targets, results, keep) -> None:
-    if keep is None:
-        torch._foreach_copy_(targets, results)
-        return
-    for t, r in zip(targets, results):
-        torch.where(keep, r if r.dtype == t.dtype else r.to(t.dtype), t, out=t)
-
-
 def grad_norm(grads, call) -> torch.Tensor:
     """``[n, 1]``: ‖g / grad_scale‖² (only with ``max_grad_norm``: the pass's ``when``)."""
     acc = accumulate_dtype(call.dtype)
@@ -214,8 +206,8 @@ def moments(exp_avgs, exp_avg_sqs, params, grads, call) -> torch.Tensor:
         elif s.coupled != 0:
             torch._foreach_add_(a, torch._foreach_mul(p, s.coupled))
         columns[AA].append(_square_norms(a, acc))
-        _write(m, m_new, s.keep)
-        _write(v, v_new, s.keep)
+        _fe.write_kept(m, m_new, s.keep)
+        _fe.write_kept(v, v_new, s.keep)
         del g, m_new, v_new, a, p
     zeros = torch.zeros(n, dtype=acc, device=call.device)
     out = [torch.cat(columns[c]) if columns[c] else zeros for c in (PP, AA, AP, AGREE)]
@@ -275,7 +267,7 @@ def apply(params, exp_avgs, exp_avg_sqs, grads, call) -> None:
             torch._foreach_sub_(work, torch._foreach_mul(work, s.decay))
         torch._foreach_sub_(work, torch._foreach_mul(u, pick(v_step) if v_step is not None else s.lr))
         if copied:
-            _write(run.params, _rounded(work, run.owner, call.seed), s.keep)
+            _fe.write_kept(run.params, _rounded(work, run.owner, call.seed), s.keep)
         del u, work
 
 
@@ -290,10 +282,10 @@ def adam(params, exp_avgs, exp_avg_sqs, grads, call) -> None:
         u = s.update(m_new, v_new)
         work = [p.to(s.acc, copy=True) for p in run.params] if copied else run.params
         torch._foreach_sub_(work, torch._foreach_mul(u, s.lr))
-        _write(m, m_new, s.keep)
-        _write(v, v_new, s.keep)
+        _fe.write_kept(m, m_new, s.keep)
+        _fe.write_kept(v, v_new, s.keep)
         if copied:
-            _write(run.params, _rounded(work, run.owner, call.seed), s.keep)
+            _fe.write_kept(run.params, _rounded(work, run.owner, call.seed), s.keep)
         del m_new, v_new, u, work
 
 

@@ -40,30 +40,19 @@ device of the group's first parameter; passes read it as it was before the step.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from ...engine.rounding import SR_SEED, STOCHASTIC_ROUNDING
 from ...engine.rule import Buffer, GroupScalar, Pass, Rule
-from ...engine.spec import Spec, check_lr, check_positive_or_none, flag, option, real, value
+from ...engine.spec import Spec, check_lr, check_non_negative, check_positive_or_none, flag, option, real, value
 from . import passes
 from .flags import ADAPT, CAUTION, CLIP, MONITOR, NORMS, PLAIN
 from .foreach import Foreach
 from .reference import Reference
 
 __all__ = ["LAMB_RULE", "LambRule", "check_corrected", "same_max_grad_norm"]
-
-
-def _finite(name: str, x, minimum: float) -> None:
-    v = real(x)
-    if v is None or not math.isfinite(v) or v < minimum:
-        raise ValueError(f"invalid {name}: {x!r} (must be a finite number >= {minimum})")
-
-
-def _non_negative(name: str, x, read_tensor: bool = True) -> None:
-    _finite(name, x, 0.0)
 
 
 def _check_betas(name: str, betas, read_tensor: bool = True) -> None:
@@ -101,8 +90,8 @@ class LambRule(Rule):
         value("lr", 1e-3, check_lr, tensor=True),
         flag("bias_correction", True),
         value("betas", (0.9, 0.999), _check_betas, width=2),
-        value("eps", 1e-6, _non_negative),
-        value("weight_decay", 0.01, _non_negative),
+        value("eps", 1e-6, check_non_negative),
+        value("weight_decay", 0.01, check_non_negative),
         flag("grad_averaging", True),
         # global: every group holds the constructor's value (checked by check_groups)
         option("max_grad_norm", 1.0, check_positive_or_none),
@@ -112,7 +101,7 @@ class LambRule(Rule):
         flag("decoupled_decay", False),
         flag("corrected_weight_decay", False),
         # the constructor's lr as a float, corrected weight decay's max_lr (timm's name and place)
-        option("max_lr_snapshot", 1e-3, _non_negative),
+        option("max_lr_snapshot", 1e-3, check_non_negative),
         STOCHASTIC_ROUNDING,  # this package's: bf16 parameters rounded stochastically (seeded)
     )
     state = (Buffer("exp_avg"), Buffer("exp_avg_sq"),

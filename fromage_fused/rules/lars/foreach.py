@@ -108,21 +108,13 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
                 torch._foreach_add_(d, torch._foreach_mul(new_bufs, hyper[MU]))
             else:
                 u = new_bufs
-            _write(run_bufs, new_bufs, keep)
+            _fe.write_kept(run_bufs, new_bufs, keep)
         torch._foreach_sub_(work, torch._foreach_mul(u, hyper[LR]))
         if copied:
             if sr_seed is not None:  # (bf16 groups that round stochastically: whole tensors here)
                 work = [stochastic_round_bf16(w, sr_seed, i) for w, i in zip(work, run.owner)]
-            _write(run.params, work, keep)
+            _fe.write_kept(run.params, work, keep)
         del d, u, work
-
-
-def _write(targets, results, keep) -> None:
-    if keep is None:
-        torch._foreach_copy_(targets, results)
-        return
-    for t, r in zip(targets, results):
-        torch.where(keep, r if r.dtype == t.dtype else r.to(t.dtype), t, out=t)
 
 
 class Foreach:

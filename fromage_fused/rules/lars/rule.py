@@ -22,14 +22,13 @@ the first.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
 
 from ...engine.rounding import SR_SEED, STOCHASTIC_ROUNDING
 from ...engine.rule import Buffer, Pass, Rule, TensorScalar
-from ...engine.spec import Spec, check_lr, flag, real, value
+from ...engine.spec import Spec, check_finite, check_lr, check_non_negative, flag, real, value
 from .flags import ADAPT, MOMENTUM, MONITOR
 from .foreach import Foreach
 from .reference import Reference
@@ -37,21 +36,6 @@ from .reference import Reference
 __all__ = ["LARS_RULE", "LarsRule", "check_nesterov", "NOT_STARTED", "STARTED"]
 
 NOT_STARTED, STARTED = 0.0, 1.0
-
-
-def _finite(name: str, x, *, minimum=None):
-    v = real(x)
-    if v is None or not math.isfinite(v) or (minimum is not None and v < minimum):
-        bound = "" if minimum is None else f" and >= {minimum}"
-        raise ValueError(f"invalid {name}: {x!r} (must be a finite number{bound})")
-
-
-def _non_negative(name: str, x, read_tensor: bool = True) -> None:
-    _finite(name, x, minimum=0.0)
-
-
-def _any_finite(name: str, x, read_tensor: bool = True) -> None:
-    _finite(name, x)
 
 
 def check_nesterov(values: Mapping[str, Any]) -> None:
@@ -78,12 +62,12 @@ class LarsRule(Rule):
     # timm's names, defaults and order (its signature's)
     spec = Spec(
         value("lr", 1.0, check_lr, tensor=True),
-        value("momentum", 0.0, _non_negative),
-        value("dampening", 0.0, _any_finite),
-        value("weight_decay", 0.0, _non_negative),
+        value("momentum", 0.0, check_non_negative),
+        value("dampening", 0.0, check_finite),
+        value("weight_decay", 0.0, check_non_negative),
         flag("nesterov", False),
-        value("trust_coeff", 0.001, _non_negative),
-        value("eps", 1e-8, _non_negative),
+        value("trust_coeff", 0.001, check_non_negative),
+        value("eps", 1e-8, check_non_negative),
         flag("trust_clip", False),
         flag("always_adapt", False),
         STOCHASTIC_ROUNDING,  # this package's: bf16 parameters rounded stochastically (seeded)

@@ -1,0 +1,52 @@
+"""What the LARS and LAMB rule tests share: the small models they train (a convnet with batch norms
+and an MLP with zero-initialised tensors), their batches, the comparison with a per-tensor bound,
+and the dtype each backend is tested in."""
+import torch
+from torch import nn
+
+from tolerances import ORACLE_TOL
+
+
+def _convnet():
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 10),
+    )
+
+
+def _mlp():
+    model = nn.Sequential(nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10))
+    nn.init.zeros_(model[4].weight)  # ‖p‖ = 0 at first: ratio 1
+    nn.init.zeros_(model[2].bias)
+    return model
+
+
+MODELS = {"mlp": _mlp, "convnet": _convnet}
+
+
+def make_model(name, dtype):
+    torch.manual_seed(1)
+    return MODELS[name]().to(dtype)
+
+
+def batch(step, dtype):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(32, 64, generator=gen).to(dtype), torch.randint(0, 10, (32,), generator=gen)
+
+
+def close(got, want, tol, what):
+    """``got`` within ``tol`` = (atol, rtol) of ``want``, rtol relative to its largest magnitude."""
+    atol, rtol = tol
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got.detach().double(), want.double(), rtol=0, atol=atol + rtol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def dtype_and_tol(backend):
+    """float64 where the backend takes it (the Python ones), else float32 (the kernels'), with the
+    oracle's trajectory tolerance of that dtype."""
+    if backend in ("reference", "foreach"):
+        return torch.float64, ORACLE_TOL[torch.float64]["traj"]
+    return torch.float32, ORACLE_TOL[torch.float32]["traj"]
