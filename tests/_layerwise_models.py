@@ -1,9 +1,11 @@
 """What the LARS and LAMB rule tests share: the small models they train (a convnet with batch norms
-and an MLP with zero-initialised tensors), their batches, the comparison with a per-tensor bound,
-and the dtype each backend is tested in."""
+and an MLP with zero-initialised tensors), their batches and gradients (with None and zero ones on
+a schedule), the comparison with a per-tensor bound, and the dtype each backend is tested in."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from _param_split import schedule
 from tolerances import ORACLE_TOL
 
 
@@ -34,6 +36,25 @@ def make_model(name, dtype):
 def batch(step, dtype):
     gen = torch.Generator().manual_seed(1000 + step)
     return torch.randn(32, 64, generator=gen).to(dtype), torch.randint(0, 10, (32,), generator=gen)
+
+
+def gradients(model, ours, step, dtype):
+    """The gradients of step ``step`` of ``model`` (its parameters split into the two groups ``ours``),
+    set as the parameters' ``.grad`` after the schedule's None and zero gradients; float64 copies
+    for the oracle."""
+    model.zero_grad(set_to_none=True)
+    x, y = batch(step, dtype)
+    F.cross_entropy(model(x).float(), y).backward()
+    flat = ours[0] + ours[1]
+    grads = schedule([p.grad for p in flat], step, [0] * len(ours[0]) + [1] * len(ours[1]))
+    for p, g in zip(flat, grads):
+        p.grad = g
+    return [None if g is None else g.double().clone() for g in grads]
+
+
+def hand(groups, grads, n0):
+    """Give the oracle's two groups their gradients (the first ``n0`` are group 0's)."""
+    groups[0]["grads"], groups[1]["grads"] = grads[:n0], grads[n0:]
 
 
 def close(got, want, tol, what):

@@ -14,13 +14,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import _oracle_lamb
 from _host_reads import forbid_host_reads
-from _layerwise_models import MODELS, batch, close, dtype_and_tol, make_model
-from _param_split import schedule, split
+from _layerwise_models import MODELS, close, dtype_and_tol, gradients, hand, make_model
+from _param_split import split
 from fromage_fused import backends
 from fromage_fused.bench import external
 from fromage_fused.rules.lamb import LAMB, LAMB_RULE
@@ -99,21 +98,6 @@ def _compare(opt, ours, groups, tol, state_tol, where):
                 close(mine[key], value, state_tol, f"{where}: group {gi} parameter {i} {key}")
 
 
-def _gradients(model, ours, step, dtype):
-    model.zero_grad(set_to_none=True)
-    x, y = batch(step, dtype)
-    F.cross_entropy(model(x).float(), y).backward()
-    flat = ours[0] + ours[1]
-    grads = schedule([p.grad for p in flat], step, [0] * len(ours[0]) + [1] * len(ours[1]))
-    for p, g in zip(flat, grads):
-        p.grad = g
-    return [None if g is None else g.double().clone() for g in grads]
-
-
-def _hand(groups, grads, n0):
-    groups[0]["grads"], groups[1]["grads"] = grads[:n0], grads[n0:]
-
-
 # ---------------------------------------------------------------- float64 training against the oracle
 
 @pytest.mark.usefixtures("one_thread")
@@ -131,7 +115,7 @@ def test_float64_training_matches_the_oracle(backend, model_name, options):
         if step == STEPS // 2:
             for group in groups + opt.param_groups:
                 group["lr"] = LR / 2
-        _hand(groups, _gradients(model, ours, step, torch.float64), len(ours[0]))
+        hand(groups, gradients(model, ours, step, torch.float64), len(ours[0]))
         divisor = _oracle_lamb.clip_divisor(groups, max_grad_norm)
         clipped += divisor is not None and divisor > 1
         _oracle_lamb.lamb_step(groups, max_grad_norm=max_grad_norm, max_lr=LR)
@@ -163,7 +147,7 @@ def test_low_precision_steps_match_the_oracle(backend, dtype, model_name, case):
                 for key, value in opt.state.get(p, {}).items():
                     assert value.dtype == torch.float32  # float32 state for bf16 too
                     state[key] = value.double().clone()
-        _hand(groups, _gradients(model, ours, step, dtype), len(ours[0]))
+        hand(groups, gradients(model, ours, step, dtype), len(ours[0]))
         _oracle_lamb.lamb_step(groups, max_grad_norm=max_grad_norm, max_lr=LR)
         opt.step()
         _compare(opt, ours, groups, TOL[dtype], STATE_TOL[dtype], f"{dtype} {options} step {step}")

@@ -12,12 +12,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import _oracle_lars
-from _layerwise_models import MODELS, batch, close, dtype_and_tol, make_model
-from _param_split import schedule, split
+from _layerwise_models import MODELS, close, dtype_and_tol, gradients, hand, make_model
+from _param_split import split
 from _host_reads import forbid_host_reads
 from fromage_fused import backends
 from fromage_fused.rules.lars import LARS, LARS_RULE
@@ -75,21 +74,6 @@ def _compare(opt, ours, groups, tol, buffer_tol, where):
                        f"{where}: group {gi} parameter {i} buffer")
 
 
-def _gradients(model, ours, step, dtype):
-    model.zero_grad(set_to_none=True)
-    x, y = batch(step, dtype)
-    F.cross_entropy(model(x).float(), y).backward()
-    flat = ours[0] + ours[1]
-    grads = schedule([p.grad for p in flat], step, [0] * len(ours[0]) + [1] * len(ours[1]))
-    for p, g in zip(flat, grads):
-        p.grad = g
-    return [None if g is None else g.double().clone() for g in grads]
-
-
-def _hand(groups, grads, n0):
-    groups[0]["grads"], groups[1]["grads"] = grads[:n0], grads[n0:]
-
-
 # ---------------------------------------------------------------- float64 training against the oracle
 
 @pytest.mark.usefixtures("one_thread")
@@ -105,7 +89,7 @@ def test_float64_training_matches_the_oracle(backend, model_name, options, lr):
         if step == STEPS // 2:
             for group in groups + opt.param_groups:
                 group["lr"] = lr / 2
-        _hand(groups, _gradients(model, ours, step, torch.float64), len(ours[0]))
+        hand(groups, gradients(model, ours, step, torch.float64), len(ours[0]))
         _oracle_lars.lars_step(groups)
         opt.step()
         if step % CHECK_EVERY == CHECK_EVERY - 1:
@@ -132,7 +116,7 @@ def test_low_precision_steps_match_the_oracle(backend, dtype, model_name, case):
                 if "momentum_buffer" in mine and float(mine["momentum_started"]) == 1:
                     assert mine["momentum_buffer"].dtype == torch.float32  # float32 state for bf16 too
                     state["momentum_buffer"] = mine["momentum_buffer"].double().clone()
-        _hand(groups, _gradients(model, ours, step, dtype), len(ours[0]))
+        hand(groups, gradients(model, ours, step, dtype), len(ours[0]))
         _oracle_lars.lars_step(groups)
         opt.step()
         _compare(opt, ours, groups, TOL[dtype], BUFFER_TOL[dtype], f"{dtype} {options} step {step}")
