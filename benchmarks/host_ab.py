@@ -6,7 +6,9 @@
 Each round runs ``python -m fromage_fused.bench --presets host-overhead --threads 1`` once from
 each checkout (A then B, then B then A in the next round, so that drift on a shared machine falls
 on both) for the same contenders, and the table gives, per contender, the median over rounds of
-each checkout's median step in microseconds per tensor and the ratio B / A. Every run builds or
+each checkout's median step in microseconds per tensor and the ratio B / A, with the spread of the
+rounds' own ratios (the quartiles of B / A over rounds, and of A / A between consecutive rounds: how
+far two runs of the same code land apart here, the noise a difference must exceed). Every run builds or
 loads its checkout's own C++ extension (the build is keyed by the sources). A checkout whose
 Triton kernels differ needs an interpreter of its own (a virtual environment with the checkout
 installed editable): ``fromage_fused.kernels`` comes from the install, not from PYTHONPATH.
@@ -59,11 +61,21 @@ def main(argv=None) -> None:
                 for contender, us in got.items():
                     samples[label].setdefault(contender, []).append(us)
             print(f"round {k + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    print(f"{'contender':<30} {'A us/tensor':>12} {'B us/tensor':>12} {'B/A':>7}   (median of {args.rounds} rounds)")
+    print(f"{'contender':<30} {'A us/tensor':>12} {'B us/tensor':>12} {'B/A':>7} {'B/A q1-q3':>13} {'A/A q1-q3':>13}"
+          f"   (medians of {args.rounds} rounds)")
     for contender in samples["A"]:
-        a = statistics.median(samples["A"][contender])
-        b = statistics.median(samples["B"].get(contender, [float("nan")]))
-        print(f"{contender:<30} {a:12.3f} {b:12.3f} {b / a:7.3f}")
+        a_runs, b_runs = samples["A"][contender], samples["B"].get(contender, [])
+        a, b = statistics.median(a_runs), statistics.median(b_runs) if b_runs else float("nan")
+        ratios = [y / x for x, y in zip(a_runs, b_runs)]
+        same = [y / x for x, y in zip(a_runs, a_runs[1:])]
+        print(f"{contender:<30} {a:12.3f} {b:12.3f} {b / a:7.3f} {_quartiles(ratios):>13} {_quartiles(same):>13}")
+
+
+def _quartiles(values) -> str:
+    if len(values) < 2:
+        return "-"
+    q = statistics.quantiles(values, n=4)
+    return f"{q[0]:.3f}-{q[2]:.3f}"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ struct LambRule {
     kAdapt = 256,
     kNorms = 512,
     kPlain = 1024,
+    kMonitor = 2048,
   };
   static constexpr int kHyper = 7;
   static constexpr int kLrSlot = kLr;
@@ -65,6 +66,9 @@ struct LambRule {
   struct Moments {
     float inv_divisor, b1, into_m, b2, into_v, inv_c1, inv_sqrt_c2, eps, coupled;
     bool caution, adapt;
+    // Whether the moments pass sums <a, p>: a cautious update's norm needs it with a coupled decay,
+    // the monitor's change of p with a decoupled one (rules/lamb/passes.py: sums_inner).
+    bool inner;
   };
 
   static FF_HD Moments moments(const StepArgs& a) {
@@ -83,6 +87,7 @@ struct LambRule {
     c.coupled = decoupled ? 0.f : h[kWeightDecay];
     c.caution = (a.flags & kCaution) != 0;
     c.adapt = (a.flags & kAdapt) != 0;
+    c.inner = (c.caution && c.coupled != 0.f) || ((a.flags & kMonitor) && (a.flags & kDecoupledDecay));
     return c;
   }
 
@@ -115,11 +120,11 @@ struct LambRule {
       a = mul_rn(a, k);
       fma_acc(acc[kAgree], k, V(1.f));
       fma_acc(acc[kElements], V(1.f), V(1.f));
-      if constexpr (P >= 0) {
-        if (c.coupled != 0.f) fma_acc(acc[kAP], a, x[P]);
-      }
     } else if constexpr (P >= 0) {
       if (c.coupled != 0.f) a = add_rn(a, mul_rn(x[P], V(c.coupled)));
+    }
+    if constexpr (P >= 0) {
+      if (c.inner) fma_acc(acc[kAP], a, x[P]);
     }
     if constexpr (P >= 0) {
       if (c.adapt) fma_acc(acc[kPP], x[P], x[P]);

@@ -33,6 +33,7 @@ TRUST_CLIP = tl.constexpr(4)
 CAUTION = tl.constexpr(16)
 DECOUPLED_DECAY = tl.constexpr(32)
 ADAPT = tl.constexpr(256)
+MONITOR = tl.constexpr(2048)
 CAUTION_FLOOR = tl.constexpr(1e-3)
 
 
@@ -123,6 +124,8 @@ def body_1(k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, x, y, x2, x3, FLAGS: tl.const
         ap = tl.where(k8 != 0, a * p, zero)
     else:
         a = tl.where(k8 != 0, u + p * k8, u)
+    if (MONITOR & FLAGS) != 0 and (DECOUPLED_DECAY & FLAGS) != 0:
+        ap = a * p  # the monitor's change of p (with a decoupled decay, a is u)
     pp = zero
     if (ADAPT & FLAGS) != 0:
         pp = p * p

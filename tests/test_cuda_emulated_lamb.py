@@ -19,7 +19,7 @@ import _cuda_emu as emu
 import _emulated_groups as groups
 from _native import require_native
 from fromage_fused.rules.lamb.flags import (ADAPT, BIAS_CORRECTION, CAUTION, CLIP, DECOUPLED_DECAY, GRAD_AVERAGING,
-                                            NORMS, PLAIN, TRUST_CLIP)
+                                            MONITOR, NORMS, PLAIN, TRUST_CLIP)
 from tolerances import EMULATED_STATS_RTOL
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++20 compiler (g++ >= 11 or clang++ >= 14)")
@@ -35,6 +35,9 @@ STD = BIAS_CORRECTION | GRAD_AVERAGING
 CASES = {
     "adapt-caution-clip": (STD | ADAPT | NORMS | CAUTION | CLIP, "coupled"),
     "adapt-decoupled": (STD | ADAPT | NORMS | DECOUPLED_DECAY | TRUST_CLIP, "decoupled"),
+    # the monitor's <u, p>, with and without caution's mask
+    "monitored-decoupled": (STD | ADAPT | NORMS | DECOUPLED_DECAY | MONITOR, "decoupled"),
+    "monitored-caution-decoupled": (STD | ADAPT | NORMS | CAUTION | DECOUPLED_DECAY | MONITOR, "decoupled"),
     "caution-only": (GRAD_AVERAGING | NORMS | CAUTION, "no-decay"),
     "adam": (STD | PLAIN | CLIP, "no-decay"),
 }

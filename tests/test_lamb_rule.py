@@ -610,6 +610,26 @@ def test_monitoring_reports_what_the_step_measured(backend):
     assert opt.last_stats() == []
 
 
+@pytest.mark.parametrize("caution", [False, True], ids=["plain", "caution"])
+@pytest.mark.parametrize("corrected", [False, True], ids=["lr", "corrected"])
+def test_monitoring_with_a_decoupled_decay_measures_the_change_of_p(backend, caution, corrected):
+    # Δp = −(decay·p + lr·r·u): its norm needs ⟨u, p⟩, which the moments pass sums for the monitor
+    dtype, tol = dtype_and_tol(backend)
+    params = _small(dtype)
+    opt = LAMB(params, lr=0.05, weight_decay=0.5, decoupled_decay=True, corrected_weight_decay=corrected,
+               caution=caution, backend=backend, monitor=True)
+    for step in range(2):
+        before = [p.detach().double().clone() for p in params]
+        _grads(step, params)
+        opt.step()
+        (stats,) = opt.last_stats()
+        moved = torch.stack([(p.detach().double() - q).norm() for p, q in zip(params, before)])
+        p_norm = torch.stack([q.norm() for q in before])
+        live = p_norm > 0
+        assert live.sum() >= 3
+        close(stats.relative_change[live], moved[live] / p_norm[live], tol, "relative_change")
+
+
 # ---------------------------------------------------------------- stochastic rounding
 
 def test_stochastic_rounding_of_bf16_parameters(backend):

@@ -13,4 +13,5 @@ CLIP = 128  # max_grad_norm is not None: pass 0 reduces ‖g‖², combined over
 ADAPT = 256  # weight_decay != 0 or always_adapt: the trust ratio applies (‖p‖ is needed)
 NORMS = 512  # ADAPT or CAUTION: the update needs per-tensor sums of itself (moments, then apply)
 PLAIN = 1024  # neither: Adam in one pass (adam)
-MONITOR = 2048  # monitoring: the global-norm pass runs without max_grad_norm too (nothing else changes)
+MONITOR = 2048  # monitoring: the global-norm pass runs without max_grad_norm too; with decoupled_decay
+#                 the moments pass also sums <u, p> (the change of p needs it)

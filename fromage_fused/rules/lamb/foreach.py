@@ -31,7 +31,7 @@ from ...engine.spec import usable_lr
 from . import passes
 from .flags import ADAPT, BIAS_CORRECTION, CAUTION, CLIP, CORRECTED_WEIGHT_DECAY, DECOUPLED_DECAY, GRAD_AVERAGING, \
     TRUST_CLIP
-from .passes import AA, AGREE, AP, PP
+from .passes import AA, AGREE, AP, PP, sums_inner
 from .reference import CAUTION_FLOOR
 
 # the packed hyper-parameters' slot of lr (LAMB_RULE.spec.slots), the only one read from the device
@@ -183,6 +183,7 @@ def moments(exp_avgs, exp_avg_sqs, params, grads, call) -> torch.Tensor:
     s = _Step(call)
     acc, n = s.acc, len(grads)
     caution, adapt = bool(s.flags & CAUTION), bool(s.flags & ADAPT)
+    inner = adapt and sums_inner(s.flags, s.coupled)
     columns = {name: [] for name in (PP, AA, AP, AGREE)}
     for run in _fe.runs(grads, grads, 9 * s.width, split=False):
         idx = run.owner
@@ -200,11 +201,11 @@ def moments(exp_avgs, exp_avg_sqs, params, grads, call) -> torch.Tensor:
             k = s.mask(a, g)
             torch._foreach_mul_(a, k)
             columns[AGREE].append(torch.stack(torch._foreach_norm(k, 1, dtype=acc)))
-            if s.coupled != 0:
-                columns[AP].append(_inner(a, p, acc))
             del k
         elif s.coupled != 0:
             torch._foreach_add_(a, torch._foreach_mul(p, s.coupled))
+        if inner:
+            columns[AP].append(_inner(a, p, acc))
         columns[AA].append(_square_norms(a, acc))
         _fe.write_kept(m, m_new, s.keep)
         _fe.write_kept(v, v_new, s.keep)

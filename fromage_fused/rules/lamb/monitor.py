@@ -1,8 +1,8 @@
 """LAMB's per-layer monitoring: ``LAMB.last_stats()`` from the step's own sums.
 
 Cost when on: the global-norm pass runs without ``max_grad_norm`` too (it reads g: 4 B per fp32
-parameter), and per group and step a copy of the packed hyper-parameters and of GradScaler's
-scale. When off: nothing.
+parameter), with a decoupled decay the moments pass sums ⟨u, p⟩ too (no more bytes), and per group
+and step a copy of the packed hyper-parameters and of GradScaler's scale. When off: nothing.
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ class LambStats:
     - ``update_norm``: ‖u‖ of the update the trust ratio scales (caution's mask and rescaling and a
       coupled decay included), where the group adapts or is cautious;
     - ``trust_ratio``: the ratio the step used (1 in a group that does not adapt);
-    - ``relative_change``: ‖p_new − p‖ / ‖p‖ of this step, where the group adapts without a
-      decoupled decay (0 for a step that ``found_inf`` or an unusable lr skipped).
+    - ``relative_change``: ‖p_new − p‖ / ‖p‖ of this step (‖p‖ before it, a decoupled decay's
+      shrink included in the change), where the group adapts (0 for a step that ``found_inf`` or
+      an unusable lr skipped).
 
     NaN where a value is not one the step measured (a group that runs as Adam reads no ‖p‖)."""
 
@@ -77,17 +78,25 @@ def summarize(rec) -> LambStats:
         update_norm = sums[:, AA].sqrt()
     if not flags & ADAPT:
         return LambStats(rec.params, g_norm, nan, update_norm, one, nan)
-    p_norm = sums[:, PP].sqrt()
+    before = sums[:, PP].sqrt()
+    p_norm = before
+    decay = 0.0
     if decoupled:
         shrink = lr * lr / float(values["max_lr_snapshot"]) if flags & CORRECTED_WEIGHT_DECAY else lr
-        p_norm = p_norm * (1 - shrink * wd).abs()
+        decay = shrink * wd
+        p_norm = p_norm * (1 - decay).abs()
     ratio = torch.where((p_norm > 0) & (update_norm > 0), p_norm / update_norm, one)
     if flags & TRUST_CLIP:
         ratio = ratio.clamp(max=1.0)
+    step = lr * ratio
     if decoupled:
-        relative = nan  # ‖Δp‖ needs <u, p>, which the step does not measure
+        # Δp = −(decay·p + step·u): ‖Δp‖² = decay²‖p‖² + 2·decay·step·⟨u, p⟩ + step²‖u‖²
+        # (the moments pass sums ⟨a, p⟩ for the monitor; u = a / share)
+        moved_sq = decay * decay * sums[:, PP] + 2 * decay * step * sums[:, AP] / share + \
+            step * step * update_norm * update_norm
+        moved = moved_sq.clamp(min=0.0).sqrt()
     else:
-        moved = lr * ratio * update_norm
-        relative = torch.where(moved > 0, moved / p_norm, torch.zeros_like(moved))
-        relative = torch.where(applied, relative, torch.zeros_like(relative))
+        moved = step * update_norm
+    relative = torch.where(moved > 0, moved / before, torch.zeros_like(moved))
+    relative = torch.where(applied, relative, torch.zeros_like(relative))
     return LambStats(rec.params, g_norm, p_norm, update_norm, ratio, relative)

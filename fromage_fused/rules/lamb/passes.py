@@ -3,13 +3,19 @@
 (``rule.py``), an absent optional list as None."""
 from __future__ import annotations
 
-from .flags import ADAPT, CAUTION
+from .flags import ADAPT, CAUTION, DECOUPLED_DECAY, MONITOR
 
 GRAD_NORM, MOMENTS, APPLY, ADAM = range(4)
 
 #: the columns of the moments pass's sums, per tensor (a = u·k with caution, else u + wd·p with a
-#: coupled decay, else u; columns a pass's flags do not call for hold 0)
+#: coupled decay, else u; ⟨a, p⟩ where ``sums_inner``; columns a pass's flags do not call for hold 0)
 PP, AA, AP, AGREE, ELEMENTS = range(5)
+
+
+def sums_inner(flags: int, coupled: float) -> bool:
+    """Whether the moments pass sums ⟨a, p⟩: a cautious update's norm needs it with a coupled decay,
+    the monitor's change of p with a decoupled one (csrc/rule_lamb.h and kernels/rule_lamb.py: the same)."""
+    return bool(flags & CAUTION) and coupled != 0 or bool(flags & MONITOR) and bool(flags & DECOUPLED_DECAY)
 
 
 def run_pass(index: int, call, grad_norm, moments, apply, adam):

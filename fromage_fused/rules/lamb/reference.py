@@ -18,7 +18,7 @@ from ...engine.spec import FLOAT32_MAX
 from . import passes
 from .flags import ADAPT, BIAS_CORRECTION, CAUTION, CLIP, CORRECTED_WEIGHT_DECAY, DECOUPLED_DECAY, GRAD_AVERAGING, \
     TRUST_CLIP
-from .passes import AA, AGREE, AP, ELEMENTS, PP
+from .passes import AA, AGREE, AP, ELEMENTS, PP, sums_inner
 
 #: The floor of the fraction of agreeing signs that rescales a cautious update (timm's).
 CAUTION_FLOOR = 1e-3
@@ -86,6 +86,7 @@ def moments(exp_avgs, exp_avg_sqs, params, grads, call) -> torch.Tensor:
     if s is None:
         return sums  # (apply skips too)
     caution = bool(call.flags & CAUTION)
+    inner = params is not None and sums_inner(call.flags, s.coupled)
     for i, (m, v, g) in enumerate(zip(exp_avgs, exp_avg_sqs, grads)):
         g = s.grad(g)
         s.moments(m, v, g)
@@ -95,10 +96,10 @@ def moments(exp_avgs, exp_avg_sqs, params, grads, call) -> torch.Tensor:
             k = _mask(a, g)
             a = a * k
             sums[i, AGREE], sums[i, ELEMENTS] = k.sum(), k.numel()
-            if s.coupled != 0:
-                sums[i, AP] = (a * p).sum()
         elif s.coupled != 0:
             a = a + s.coupled * p
+        if inner:
+            sums[i, AP] = (a * p).sum()
         if p is not None:
             sums[i, PP] = p.square().sum()
         sums[i, AA] = a.square().sum()
