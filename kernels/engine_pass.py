@@ -213,7 +213,7 @@ def pass_kernel(layout_ptr, addrs_ptr, partials_ptr, sums_ptr, hyper_ptr, s0_ptr
             sum2 += m2
             sum3 += m3
             sum4 += m4
-        if (c == first) & (head > 0):  # the elements before the aligned part
+        if (c == first) & (head > 0):  # the elements before the aligned part (never past the tensor's end: host)
             m0, m1, m2, m3, m4 = _masked(q0, q1, q2, q3, tl.arange(0, BLOCK).to(tl.int64), head, k0, k1, k2, k3,
                                          k4, k5, k6, k7, k8, k9, stream, BODY, L, W, S, FLAGS, BLOCK, SR)
             sum0 += m0

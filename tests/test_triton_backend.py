@@ -195,15 +195,19 @@ def test_equally_misaligned_views_get_a_head_and_the_aligned_path():
         # Misaligned differently: no vectors for that tensor.
         values, paths = triton_backend.address_values([ptrs[1:2], ptrs[2:3]], [itemsize, itemsize])
         assert values[2:] == [0] and paths == 2
+        # A tensor shorter than its head is all head: the head block ends at its end.
+        values, paths = triton_backend.address_values([ptrs[1:2], ptrs[1:2]], [itemsize, itemsize], [1])
+        assert values[2:] == [1 | 1 << 1] and paths == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offsets", [(1, 1), (3, 3), (1, 0), (0, 2)], ids=["same1", "same3", "mixed", "mixed2"])
 def test_views_at_any_offset_step_like_the_reference(dtype, offsets):
     # Chunks shifted by the head, the head itself in the first chunk, masked tails only where there
-    # are some: every element once, against the float64 reference.
+    # are some: every element once, against the float64 reference. Tensors shorter than their head
+    # (1 and 2 elements at offset 1: head 3) end inside it.
     cfg = triton_backend.INTERPRETER_CONFIG
-    sizes = [2 * cfg.chunk + 5, cfg.block, 3, 0, cfg.chunk]
+    sizes = [2 * cfg.chunk + 5, cfg.block, 3, 0, cfg.chunk, 1, 2]
     room = sum(sizes) + 32 * len(sizes) + 64
     base_p = torch.randn(room, dtype=torch.float64).to(dtype)
     base_g = torch.randn(room, dtype=torch.float64).to(dtype)

@@ -192,25 +192,28 @@ def layout_values(numels, cfg: Config):
 _ALIGNED_PATH, _UNALIGNED_PATH, _BOTH_PATHS = 1, 2, 3
 
 
-def _flag(addrs, itemsizes) -> int:
+def _flag(addrs, itemsizes, numel=None) -> int:
     """Bit 0: every list's address plus ``head`` elements is 16-byte aligned; ``head`` (the elements
     before, fewer than a 16-byte vector of the first list) in the bits above. True when the lists
-    are misaligned alike: views into their buffers at the same element offset."""
+    are misaligned alike: views into their buffers at the same element offset. A tensor of
+    ``numel`` elements, fewer than that, is all head (the kernels' head block ends there)."""
     first, size = addrs[0], itemsizes[0]
     if first % size:
         return 0
     head = (-first % _ALIGN_BYTES) // size
     if any((a + head * s) % _ALIGN_BYTES for a, s in zip(addrs, itemsizes)):
         return 0
-    return 1 | head << 1
+    return 1 | (head if numel is None else min(head, numel)) << 1
 
 
-def address_values(ptrs, itemsizes=None):
+def address_values(ptrs, itemsizes=None, numels=None):
     """``(addrs table as ints, PATHS)`` of lists whose addresses are ``ptrs[k]`` and element sizes
-    ``itemsizes[k]`` (default 4): the addresses list by list, then per tensor the flags. The kernels
-    promise 16-byte alignment to the compiler only where the flags say it holds."""
+    ``itemsizes[k]`` (default 4), of tensors of ``numels`` elements: the addresses list by list,
+    then per tensor the flags. The kernels promise 16-byte alignment to the compiler only where the
+    flags say it holds."""
     itemsizes = [4] * len(ptrs) if itemsizes is None else list(itemsizes)
-    flags = [_flag(column, itemsizes) for column in zip(*ptrs)]
+    sizes = [None] * len(ptrs[0]) if numels is None else numels
+    flags = [_flag(column, itemsizes, numel) for column, numel in zip(zip(*ptrs), sizes)]
     aligned = sum(f & 1 for f in flags)
     paths = _ALIGNED_PATH if aligned == len(flags) else _UNALIGNED_PATH if aligned == 0 else _BOTH_PATHS
     return [a for column in ptrs for a in column] + flags, paths
@@ -462,10 +465,10 @@ class TritonBackend(Backend):
         def addresses():
             self._check_tensors(lists, dtypes, device)
             self.table_builds += 1
-            return address_values(ptrs, [_ITEMSIZE[d] for d in dtypes])
+            return address_values(ptrs, [_ITEMSIZE[d] for d in dtypes], numels)
 
         lay = self._table(("layout", device, cfg, numels), use, layout)
-        addrs = self._table(("addrs", device, dtypes, ptrs), use, addresses)
+        addrs = self._table(("addrs", device, dtypes, ptrs, numels), use, addresses)
         return lay, addrs
 
     # -- a pass ---------------------------------------------------------------------------------------
@@ -487,7 +490,7 @@ class TritonBackend(Backend):
                 # backward that saved a written tensor before the step raises instead of using the
                 # new values.
                 torch.autograd.graph.increment_version([t for x in call.lists[:call.writes] for t in x] + scalars)
-        return out if rule.passes[index].sums else None
+        return out if rule.passes[index].sums_for(call.flags) else None
 
     def _run(self, rule, index, lists, sums, hyper, flags, scalars, globals_, found_inf, grad_scale, seed):
         spec = rule.passes[index]
@@ -517,7 +520,7 @@ class TritonBackend(Backend):
         with _on(device):
             use = _Use(device)
             layout, addrs = self._tables_for(work, dtypes, cfg, use)
-            s_count = spec.sums
+            s_count = spec.sums_for(flags)
             partials = torch.empty(layout.programs, max(s_count, 1), dtype=torch.float32, device=device)
             out = torch.empty(n, s_count, dtype=torch.float32, device=device)
             dummy = hyper
