@@ -6,7 +6,8 @@
 //   kernel pass 0  lists p, g; sums ||p||^2, ||g||^2 (run only when adapting: Pass.when)
 //   kernel pass 1  lists p, buf (written), g; with momentum
 //   kernel pass 2  lists p (written), g; without momentum (the buffer list is absent)
-// The rule's Python pass 1 is kernel pass 1 or 2 (kernel_pass). momentum_started is read here and
+//   kernel pass 3, 4  kernel passes 1, 2 monitored: they also sum ||u||^2 of the step p <- p - lr * u
+// The rule's Python pass 1 is kernel pass 1 to 4 (kernel_pass). momentum_started is read here and
 // set by the engine after the step (TensorScalar.after).
 #pragma once
 
@@ -16,9 +17,9 @@ namespace ff {
 
 struct LarsRule {
   static constexpr const char* kName = "lars";
-  static constexpr int kPasses = 3;
+  static constexpr int kPasses = 5;
   enum Hyper : int { kLr = 0, kMomentum = 1, kDampening = 2, kWeightDecay = 3, kTrustCoeff = 4, kEps = 5 };
-  enum Flag : int64_t { kNesterov = 1, kTrustClip = 2, kAlwaysAdapt = 4, kMomentumOn = 8, kAdapt = 16 };
+  enum Flag : int64_t { kNesterov = 1, kTrustClip = 2, kAlwaysAdapt = 4, kMomentumOn = 8, kAdapt = 16, kMonitor = 32 };
   static constexpr int kHyper = 6;
   static constexpr int kLrSlot = kLr;
   static FF_HD constexpr bool rounds(int) { return true; }
@@ -26,7 +27,8 @@ struct LarsRule {
   static constexpr const char* kScalarNames[] = {"momentum_started"};
   static FF_HD int scalars(int64_t flags) { return (flags & kMomentumOn) ? 1 : 0; }
   static int kernel_pass(int64_t index, int64_t flags) {
-    return index == 1 && !(flags & kMomentumOn) ? 2 : static_cast<int>(index);
+    if (index != 1) return static_cast<int>(index);
+    return ((flags & kMomentumOn) ? 1 : 2) + ((flags & kMonitor) ? 2 : 0);
   }
 
   // d = round(cg * g) + round(cp * p); buf <- round(a * buf) + round(b * d);
@@ -98,35 +100,49 @@ struct LarsRule::Pass<0> {
   }
 };
 
-template <>
-struct LarsRule::Pass<1> {
-  static constexpr int kLists = 3, kWrites = 2, kSums = 0, kSumsIn = 2, kGlobals = 0;
+// The update with momentum; S = 1: monitored (the sum of u * u).
+template <int S>
+struct LarsMomentum {
+  static constexpr int kLists = 3, kWrites = 2, kSums = S, kSumsIn = 2, kGlobals = 0;
   // p, g: the parameters' dtype; the buffer: float32 for bf16/fp16 parameters
   static FF_HD constexpr bool param_list(int k) { return k != 1; }
   using Coef = LarsRule::Coef;
   static FF_HD Coef coefficients(const StepArgs& a, int64_t t) { return LarsRule::coefficients(a, t, true); }
   static FF_HD void store(const StepArgs&, int64_t, const Coef&) {}
   template <class V>
-  static FF_HD void body(const Coef& c, Vals<V, 3>& x, Vals<V, 0>&) {
+  static FF_HD void body(const Coef& c, Vals<V, 3>& x, Vals<V, S>& acc) {
     const V d = LarsRule::direction(c, x[0], x[2]);
     const V buf = add_rn(mul_rn(V(c.a), x[1]), mul_rn(V(c.b), d));
     const V u = c.nesterov ? add_rn(d, mul_rn(V(c.mu), buf)) : buf;
+    if constexpr (S > 0) fma_acc(acc[0], u, u);
     x[1] = buf;
     x[0] = sub_rn(x[0], mul_rn(V(c.lr), u));
   }
 };
 
-template <>
-struct LarsRule::Pass<2> {
-  static constexpr int kLists = 2, kWrites = 1, kSums = 0, kSumsIn = 2, kGlobals = 0;
+// The update without momentum; S = 1: monitored.
+template <int S>
+struct LarsPlain {
+  static constexpr int kLists = 2, kWrites = 1, kSums = S, kSumsIn = 2, kGlobals = 0;
   static FF_HD constexpr bool param_list(int) { return true; }
   using Coef = LarsRule::Coef;
   static FF_HD Coef coefficients(const StepArgs& a, int64_t t) { return LarsRule::coefficients(a, t, false); }
   static FF_HD void store(const StepArgs&, int64_t, const Coef&) {}
   template <class V>
-  static FF_HD void body(const Coef& c, Vals<V, 2>& x, Vals<V, 0>&) {
-    x[0] = sub_rn(x[0], mul_rn(V(c.lr), LarsRule::direction(c, x[0], x[1])));
+  static FF_HD void body(const Coef& c, Vals<V, 2>& x, Vals<V, S>& acc) {
+    const V u = LarsRule::direction(c, x[0], x[1]);
+    if constexpr (S > 0) fma_acc(acc[0], u, u);
+    x[0] = sub_rn(x[0], mul_rn(V(c.lr), u));
   }
 };
+
+template <>
+struct LarsRule::Pass<1> : LarsMomentum<0> {};
+template <>
+struct LarsRule::Pass<2> : LarsPlain<0> {};
+template <>
+struct LarsRule::Pass<3> : LarsMomentum<1> {};
+template <>
+struct LarsRule::Pass<4> : LarsPlain<1> {};
 
 }  // namespace ff

@@ -8,8 +8,9 @@ per operation in the same order (pass 1 runs unfused: ``FUSION``):
     u   = d + round(momentum·buf) if nesterov, else buf (d without momentum)
     p   = p - round(lr·u)
 
-Pass 1's lists are ``p, buf, g`` with momentum and ``p, g`` without (the rule's optional list);
-``momentum_started`` (``s0``) is read here and set by the engine after the step.
+and, monitored, pass 1 also sums ‖u‖². Pass 1's lists are ``p, buf, g`` with momentum and ``p, g``
+without (the rule's optional list); ``momentum_started`` (``s0``) is read here and set by the
+engine after the step.
 """
 import triton.language as tl
 
@@ -26,6 +27,7 @@ NESTEROV = tl.constexpr(1)
 TRUST_CLIP = tl.constexpr(2)
 MOMENTUM = tl.constexpr(8)
 ADAPT = tl.constexpr(16)
+MONITOR = tl.constexpr(32)
 
 
 @device_function
@@ -92,10 +94,15 @@ def body_1(k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, x, y, x2, x3, FLAGS: tl.const
             u = d + buf * k4
         else:
             u = buf
-        zero = x * 0.0
-        return x - u * k5, buf, buf, zero, zero, zero, zero, zero
+    else:
+        u = d
     zero = x * 0.0
-    return x - d * k5, y, y, zero, zero, zero, zero, zero
+    uu = zero
+    if (MONITOR & FLAGS) != 0:
+        uu = u * u  # the monitor's ‖u‖²
+    if (MOMENTUM & FLAGS) != 0:
+        return x - u * k5, buf, buf, uu, zero, zero, zero, zero
+    return x - u * k5, y, y, uu, zero, zero, zero, zero
 
 
 #: per pass: (coefficients, body, whether the compiler may fuse multiply-adds)

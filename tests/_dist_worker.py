@@ -57,6 +57,17 @@ def lars_optimizer(model, backend):
                 weight_decay=1e-2, trust_coeff=0.02, backend=backend)
 
 
+def lars_monitored_optimizer(model, backend):
+    """``lars_optimizer`` with per-layer monitoring: the update's ‖u‖² is one more all-reduce."""
+    opt = lars_optimizer(model, backend)
+    opt.monitor = True
+    return opt
+
+
+def last_relative_change(opt):
+    return torch.cat([s.relative_change for s in opt.last_stats()]) if opt.monitor else None
+
+
 def lamb_optimizer(model, backend):
     """LAMB with caution and its global gradient clipping (a value the gradients exceed), adapting the
     first layer and not the rest."""
@@ -87,8 +98,12 @@ def train(model, opt, steps, first=0, rank=0, world=1, on_step=None):
 def single_process(backend: str, steps: int = STEPS, seed: int = 0, make=optimizer):
     """The run every distributed run must reproduce: same model, same data, one process."""
     model = Net(seed)
-    train(model, make(model, backend), steps)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = make(model, backend)
+    train(model, opt, steps)
+    out = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if opt.monitor:
+        out["relative_change"] = last_relative_change(opt)
+    return out
 
 
 def _full(model):
@@ -127,7 +142,7 @@ def check_fsdp(mesh, backend, rank, world, make=optimizer):
     opt = make(model, backend)
     train(model, opt, STEPS, rank=rank, world=world, on_step=_counted_step(counts, guard=True))
     return {"params": _full(model), "comm_counts": counts,
-            "stats_bytes": stats_bytes_per_step(list(model.parameters()))}
+            "stats_bytes": stats_bytes_per_step(list(model.parameters())), "relative_change": last_relative_change(opt)}
 
 
 def check_ddp(backend, rank, world):
@@ -264,6 +279,8 @@ def run(rank: int, world: int, store: str, outdir: str, backends, resume_from=No
         out["zero_warning"] = check_zero_warning(mesh, backends[0], rank, world)
         if world == 2:
             out["lars_fsdp"] = {b: check_fsdp(mesh, b, rank, world, make=lars_optimizer) for b in backends}
+            out["lars_fsdp_monitored"] = {b: check_fsdp(mesh, b, rank, world, make=lars_monitored_optimizer)
+                                          for b in backends}
             out["lamb_fsdp"] = {b: check_fsdp(mesh, b, rank, world, make=lamb_optimizer) for b in backends}
             out["bad_input"] = check_bad_input(mesh, backends[0], rank, world)
             out["ddp"] = check_ddp(backends[0], rank, world)

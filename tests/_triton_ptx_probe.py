@@ -78,13 +78,17 @@ def rule_options(helpers, index):
     return {} if helpers.PASSES[index][2] else {"enable_fp_fusion": False}
 
 
-#: LARS with momentum, adapting (nesterov, trust_clip); LAMB adapting with caution and clipping
-#: (every list and sum), and as Adam: (name, helpers, pass, lists, writes, sums, flags)
+#: LARS with momentum, adapting (nesterov, trust_clip), and monitored; LAMB adapting with caution and
+#: clipping (every list and sum), monitored with a decoupled decay, and as Adam: (name, helpers, pass,
+#: lists, writes, sums, flags)
 OTHER_RULES = (
     ("lars_stats", rule_lars, 0, (True, True), 0, 2, 1 | 2 | 8 | 16),
     ("lars_update", rule_lars, 1, (True, False, True), 2, 0, 1 | 2 | 8 | 16),
+    ("lars_update_monitored", rule_lars, 1, (True, False, True), 2, 1, 1 | 2 | 8 | 16 | 32),
     ("lamb_grad_norm", rule_lamb, 0, (True,), 0, 1, 1 | 2 | 16 | 128 | 256 | 512),
     ("lamb_moments", rule_lamb, 1, (False, False, True, True), 2, 5, 1 | 2 | 16 | 128 | 256 | 512),
+    ("lamb_moments_monitored", rule_lamb, 1, (False, False, True, True), 2, 5,
+     1 | 2 | 16 | 32 | 128 | 256 | 512 | 2048),
     ("lamb_update", rule_lamb, 2, (True, False, False, True), 1, 0, 1 | 2 | 16 | 128 | 256 | 512),
     ("lamb_adam", rule_lamb, 3, (True, False, False, True), 3, 0, 1 | 2 | 128 | 1024),
 )
@@ -153,7 +157,8 @@ def main():
         for label, tdt, dtype in (("fp32", tl.float32, torch.float32), ("bf16", tl.bfloat16, torch.bfloat16)):
             out[f"{name}_{label}"] = count(kernel, PASS_SIG, rule_pass(helpers, index, lists, writes, sums, tdt, flags),
                                            dtype, rule_options(helpers, index))
-        if name in ("lars_update", "lamb_update"):  # the passes that write bf16 parameters, rounding stochastically
+        # the passes that write bf16 parameters, rounding stochastically
+        if name in ("lars_update", "lars_update_monitored", "lamb_update"):
             out[f"{name}_bf16_sr"] = count(kernel, PASS_SIG, rule_pass(helpers, index, lists, writes, sums, tl.bfloat16,
                                                                        flags, sr=True),
                                            torch.bfloat16, rule_options(helpers, index))

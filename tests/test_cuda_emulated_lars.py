@@ -16,7 +16,7 @@ import torch
 import _cuda_emu as emu
 import _emulated_groups as groups
 from _native import require_native
-from fromage_fused.rules.lars.flags import ADAPT, MOMENTUM, NESTEROV, TRUST_CLIP
+from fromage_fused.rules.lars.flags import ADAPT, MOMENTUM, MONITOR, NESTEROV, TRUST_CLIP
 from tolerances import EMULATED_STATS_RTOL
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++20 compiler (g++ >= 11 or clang++ >= 14)")
@@ -27,6 +27,9 @@ CASES = {
     "nesterov": (ADAPT | MOMENTUM | NESTEROV, (0.1, 0.9, 0.0, 1e-4, 0.001, 1e-8)),
     "no-momentum": (ADAPT, (0.1, 0.0, 0.0, 5e-4, 0.001, 1e-3)),
     "plain-momentum": (MOMENTUM, (0.05, 0.9, 0.1, 0.0, 0.001, 1e-8)),
+    # monitored: the update also sums ‖u‖² (kernel passes 3 and 4)
+    "monitored-momentum": (ADAPT | MOMENTUM | TRUST_CLIP | MONITOR, (0.5, 0.9, 0.3, 1e-2, 0.02, 1e-8)),
+    "monitored-no-momentum": (ADAPT | MONITOR, (0.1, 0.0, 0.0, 5e-4, 0.001, 1e-3)),
 }
 GRAD_SCALE = 1024.0
 
@@ -76,13 +79,19 @@ def _job(group, bufs, started, flags, hyper, *, slots=3, order="shuffle", seed=0
         job.launch("lars", 0, fmt.code, flags, hyper_buf, None, sums, None, started_buf, gs, None, None, *two)
     job.dump(sums, "sums")
     apply_pass, tensors = (1, three) if momentum else (2, two)
+    moved = None
+    if flags & MONITOR:
+        apply_pass += 2
+        moved = job.buffer(4 * group.n, name="moved")
     for found_inf in (1.0, 0.0):
-        job.launch("lars", apply_pass, fmt.code, flags, hyper_buf, sums, None, None, started_buf, gs,
+        job.launch("lars", apply_pass, fmt.code, flags, hyper_buf, sums, moved, None, started_buf, gs,
                    groups.scalar(job, found_inf), seed_buf, *tensors)
         for t in range(group.n):
             if not group.null[t]:
                 job.dump(f"p{t}", f"p{t}-{found_inf}")
                 job.dump(f"buf{t}", f"buf{t}-{found_inf}")
+    if moved is not None:
+        job.dump(moved, "moved")
     return job
 
 
@@ -96,9 +105,9 @@ def _cpu_step(group, bufs, started, flags, hyper, sums, sr_seed=None):
     writes = p + b if momentum else p
     scalars = [torch.from_numpy(started.copy())] if momentum else []
     seed = None if sr_seed is None else torch.tensor(sr_seed, dtype=torch.int64)
-    torch.ops.fromage_fused.pass_("lars", 1, writes, g, torch.from_numpy(sums.copy()), torch.tensor(hyper), flags,
-                                  scalars, None, None, torch.tensor(GRAD_SCALE), seed, 0)
-    return p, b
+    moved = torch.ops.fromage_fused.pass_("lars", 1, writes, g, torch.from_numpy(sums.copy()), torch.tensor(hyper),
+                                          flags, scalars, None, None, torch.tensor(GRAD_SCALE), seed, 0)
+    return p, b, moved
 
 
 def _problems(group, bufs, started, flags, hyper, result, sr_seed=None):
@@ -113,7 +122,13 @@ def _problems(group, bufs, started, flags, hyper, result, sr_seed=None):
                 want = float(np.dot(w, w))
                 if abs(sums[t, k] - want) > EMULATED_STATS_RTOL * want:
                     problems.append(f"tensor {t}: sum {k} is {sums[t, k]}, float64 says {want}")
-    p_want, b_want = _cpu_step(group, bufs, started, flags, hyper, sums, sr_seed)
+    p_want, b_want, moved = _cpu_step(group, bufs, started, flags, hyper, sums, sr_seed)
+    if flags & MONITOR:
+        got = np.frombuffer(result.dumps["moved"], dtype=np.float32)
+        for t in range(group.n):
+            want = float(moved[t, 0])
+            if abs(got[t] - want) > EMULATED_STATS_RTOL * want:
+                problems.append(f"tensor {t}: the monitor's ‖u‖² is {got[t]}, the CPU kernels' {want}")
     for t in range(group.n):
         if group.null[t]:
             continue

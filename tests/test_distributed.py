@@ -103,6 +103,19 @@ def test_lars_under_fsdp_matches_single_process_with_one_all_reduce(ranks2, back
 
 
 @pytest.mark.backends(reference=False)
+def test_monitored_lars_under_fsdp_measures_whole_tensors_with_one_more_all_reduce(ranks2, backend):
+    # the update's ‖u‖² of each shard is summed over the ranks before the monitor reads it
+    want = W.single_process(backend, make=W.lars_monitored_optimizer)
+    relative = want.pop("relative_change")
+    assert (relative > 0).all()
+    for rank, out in enumerate(ranks2):
+        result = out["lars_fsdp_monitored"][backend]
+        assert_params_close(result["params"], want, f"monitored LARS, FSDP2 2 ranks, rank {rank}, {backend}")
+        torch.testing.assert_close(result["relative_change"], relative, rtol=1e-5, atol=0)
+        assert result["comm_counts"] == [{"c10d.allreduce_": 2}] * W.STEPS, f"rank {rank}: {result['comm_counts']}"
+
+
+@pytest.mark.backends(reference=False)
 def test_lamb_under_fsdp_matches_single_process_with_two_all_reduces(ranks2, backend):
     # The global gradient norm of max_grad_norm is one all-reduce, the per-tensor sums of the
     # moments pass one more: both needed before the next pass can start.

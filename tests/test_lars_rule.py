@@ -392,6 +392,36 @@ def test_monitoring_reports_the_norms_and_the_trust_ratio_the_step_used(backend)
     assert opt.last_stats() == []
 
 
+@pytest.mark.parametrize("momentum", ["none", "heavy-ball", "nesterov"])
+def test_monitoring_measures_the_change_of_each_tensor(backend, momentum):
+    # ‖Δp‖/‖p‖ of each step (the buffer's update, the decay and the trust ratio in it): group 0
+    # adapts, group 1 does not; a skipped step moved nothing
+    dtype, tol = dtype_and_tol(backend)
+    params = _small(dtype)
+    options = dict(OPTIONS, momentum=0.0 if momentum == "none" else 0.9, nesterov=momentum == "nesterov")
+    if momentum == "nesterov":
+        options["dampening"] = 0.0
+    opt = LARS([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], backend=backend, monitor=True,
+               **options)
+    scale = 4.0
+    opt.grad_scale = torch.tensor(scale)
+    for step in range(3):
+        before = [p.detach().double().clone() for p in params]
+        _grads(step, params, scale)
+        opt.step()
+        got = torch.cat([s.relative_change.double() for s in opt.last_stats()])
+        order = [next(i for i, q in enumerate(params) if q is p) for s in opt.last_stats() for p in s.params]
+        moved = torch.stack([(params[i].detach().double() - before[i]).norm() for i in order])
+        p_norm = torch.stack([before[i].norm() for i in order])
+        live = p_norm > 0
+        assert live.sum() >= 2 and moved.any()
+        close(got[live], moved[live] / p_norm[live], tol, "relative_change")
+    _grads(3, params, scale)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert all(not s.relative_change.any() for s in opt.last_stats())
+
+
 # ---------------------------------------------------------------- stochastic rounding
 
 @pytest.mark.parametrize("options", [dict(OPTIONS), dict(lr=0.05)], ids=["momentum", "sgd"])

@@ -535,4 +535,4 @@ class NativeBackend(Backend):
                         rule.name, index, _concat(lists[:w]) if w else [], _concat(lists[w:]), call.sums, call.hyper,
                         call.flags, call.scalar_list, rule.kernel_globals(call), call.found_inf, call.grad_scale,
                         call.seed, 0)
-        return out if rule.passes[index].sums else None
+        return out if rule.passes[index].sums_for(call.flags) else None

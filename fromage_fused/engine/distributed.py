@@ -108,8 +108,9 @@ def all_reduce_sums(sums: List[torch.Tensor], process_group, device_type: str) -
 def sums_bytes_per_step(params: Sequence, rule) -> Dict[Tuple[str, Tuple[int, ...]], int]:
     """Bytes each rank contributes to the all-reduces of one step per (mesh, sharded dims): the
     rule's per-tensor sums of every pass, 4 bytes each (8 when a float64 tensor shares the
-    collective). Replicated: none."""
-    per_tensor = sum(p.sums for p in rule.passes)
+    collective), not counting the sums a pass reduces only under some flags (``Pass.summed``: LARS's
+    for the monitor). Replicated: none."""
+    per_tensor = sum(p.sums for p in rule.passes if not p.summed)
     counts: Dict[Tuple[str, Tuple[int, ...]], List[int]] = {}
     for p in params:
         if not is_dtensor(p):

@@ -32,12 +32,13 @@ class Call:
     use, in the rule's order); ``seed``: the stochastic-rounding seed (a
     0-d int64 tensor) or None; ``counters``: the per-group scalars by name; ``globals``: the global
     values of the last combining pass before this one, or None; ``found_inf``, ``grad_scale``: None
-    or 0-d float32 tensors.
+    or 0-d float32 tensors; ``memo``: what a rule derives once per step and group for several passes
+    (LAMB's kernel globals).
     """
 
     __slots__ = ("group", "rule", "index", "lists", "writes", "n", "device", "dtype", "sums", "hyper", "flags",
                  "values", "scalars", "scalar_list", "seed", "counters", "globals", "found_inf", "grad_scale",
-                 "_stacked")
+                 "memo", "_stacked")
 
     def __repr__(self) -> str:
         return f"<Call {self.rule.name} pass {self.index} of {self.n} {self.dtype} tensors on {self.device}>"
@@ -92,6 +93,7 @@ def prepare(group: Group, found_inf=None, grad_scale=None, *, monitor: bool = Fa
     call.found_inf = _device_scalar(found_inf, group.device)
     call.grad_scale = _device_scalar(grad_scale, group.device)
     call.sums = call.globals = None
+    call.memo = {}
     return call
 
 
@@ -103,8 +105,8 @@ def _run(call: Call, index: int) -> Optional[torch.Tensor]:
     call.lists = group.lists(names)
     if not spec.runs(call.flags):
         # Nothing reads this pass's sums under these flags: zeros, without a look at the data.
-        return torch.zeros(call.n, spec.sums, dtype=accumulate_dtype(call.dtype), device=call.device) \
-            if spec.sums else None
+        count = spec.sums_for(call.flags)
+        return torch.zeros(call.n, count, dtype=accumulate_dtype(call.dtype), device=call.device) if count else None
     return group.backend.run_pass(call.rule, index, call)
 
 
@@ -176,14 +178,16 @@ def execute(
     history: List[List[Any]] = [[] for _ in calls]
     for index, spec in enumerate(rule.passes):
         sums = [_run(call, index) for call in calls]
-        if spec.sums:
-            sums = _whole(calls, sums, reduce_sums)
-            globals_ = rule.combine(index, sums, [c.group for c in calls]) if spec.combine else None
-            for k, call in enumerate(calls):
-                call.sums = sums[k]
+        # the groups whose flags ask this pass for sums (all or none, but for a pass with ``summed``)
+        summed = [k for k, call in enumerate(calls) if spec.sums_for(call.flags)]
+        if summed:
+            reduced = _whole([calls[k] for k in summed], [sums[k] for k in summed], reduce_sums)
+            globals_ = rule.combine(index, reduced, [calls[k].group for k in summed]) if spec.combine else None
+            for k, s in zip(summed, reduced):
+                calls[k].sums = s
                 if spec.combine:  # (kept for every later pass: LAMB's clip divisor is read by two)
-                    call.globals = globals_
-                history[k].append(sums[k])
+                    calls[k].globals = globals_
+                history[k].append(s)
     for call in calls:
         _finish(call)
     if monitor is not None:

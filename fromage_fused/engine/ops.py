@@ -42,7 +42,7 @@ def _fake(rule: str, index: int, writes: List[torch.Tensor], reads: List[torch.T
 
     spec = registered()[rule].passes[index]
     n = (len(writes) + len(reads)) // len(spec.lists_for(flags)[0])
-    return hyper.new_empty((n, spec.sums), dtype=torch.float32)
+    return hyper.new_empty((n, spec.sums_for(flags)), dtype=torch.float32)
 
 
 def _fake_reads(rule, index, reads, sums, hyper, flags, globals, found_inf, grad_scale, seed, backend):

@@ -10,9 +10,11 @@ that every group's later passes receive.
 
 What a pass touches may depend on the flags the rule computes for the step (never on a tensor's
 value): a list named in ``optional`` is present only when its flag bit is set (LARS's momentum
-buffer), and a pass with ``when`` runs only when one of those bits is set (else its sums are zeros,
-and nothing is read). Every backend, the kernels and the ops' fake implementation see the same
-lists: :meth:`Pass.lists_for`.
+buffer), a pass with ``when`` runs only when one of those bits is set (else its sums are zeros,
+and nothing is read), and a pass with ``summed`` reduces its sums only when one of those bits is
+set (LARS's update measures itself for the monitor; else it has none). Every backend, the kernels
+and the ops' fake implementation see the same lists and sums: :meth:`Pass.lists_for`,
+:meth:`Pass.sums_for`.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class Pass:
     optional: Tuple[Tuple[str, int], ...] = ()
     #: flag bits of which one must be set for the pass to run (0: it always runs)
     when: int = 0
+    #: flag bits of which one must be set for the pass to reduce its ``sums`` (0: whenever it runs)
+    summed: int = 0
 
     def lists_for(self, flags: int) -> Tuple[Tuple[str, ...], int]:
         """The lists present under ``flags``, in order, and how many of them are written."""
@@ -49,6 +53,10 @@ class Pass:
 
     def runs(self, flags: int) -> bool:
         return not self.when or bool(flags & self.when)
+
+    def sums_for(self, flags: int) -> int:
+        """How many per-tensor sums the pass reduces under ``flags``."""
+        return self.sums if not self.summed or flags & self.summed else 0
 
 
 def _always(values) -> bool:

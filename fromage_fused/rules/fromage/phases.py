@@ -32,6 +32,7 @@ def _call(index, params, grads, *, sums=None, lr=None, max_norm=None, p_bound=No
     call.counters = {}
     call.sums, call.globals = sums, None
     call.found_inf, call.grad_scale = found_inf, grad_scale
+    call.memo = {}
     return call
 
 

@@ -139,9 +139,12 @@ class LambRule(Rule):
         # grad_norm reads none (the clip divisor is what it produces)
         if call.index == passes.GRAD_NORM:
             return None
-        from .foreach import kernel_globals
+        # the same for the moments and update passes of a step: computed once (a dozen small ops)
+        if "kernel_globals" not in call.memo:
+            from .foreach import kernel_globals
 
-        return kernel_globals(call)
+            call.memo["kernel_globals"] = kernel_globals(call)
+        return call.memo["kernel_globals"]
 
     def check_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
         first = groups[0]["max_grad_norm"] if groups else None

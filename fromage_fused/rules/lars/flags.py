@@ -6,4 +6,4 @@ TRUST_CLIP = 2
 ALWAYS_ADAPT = 4
 MOMENTUM = 8  # momentum != 0: the buffer exists, is updated, and the step follows it
 ADAPT = 16  # weight_decay != 0 or always_adapt: the trust ratio applies (pass 0 computes the norms)
-MONITOR = 32  # monitoring: pass 0 computes the norms in a group that does not adapt too (nothing else changes)
+MONITOR = 32  # monitoring: pass 0 computes the norms in a group that does not adapt too; pass 1 reduces ‖u‖²

@@ -15,6 +15,8 @@ temporaries stay within the backend's budget (``backends/foreach.py``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ...backends import foreach as _fe
@@ -22,7 +24,7 @@ from ...engine.dtypes import LOW_PRECISION, accumulate_dtype
 from ...engine.rounding import stochastic_round_bf16
 from ...engine.spec import usable_lr
 from . import passes
-from .flags import ADAPT, MOMENTUM, NESTEROV, TRUST_CLIP
+from .flags import ADAPT, MOMENTUM, MONITOR, NESTEROV, TRUST_CLIP
 
 # the packed hyper-parameters' slots (the spec's order: LARS_RULE.spec.slots)
 LR, MU, DAMPENING, WD, TRUST_COEFF, EPS = range(6)
@@ -61,7 +63,7 @@ def coefficients(sums, hyper, flags: int, grad_scale):
 
 
 def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf=None, grad_scale=None,
-          sr_seed=None) -> None:
+          sr_seed=None) -> Optional[torch.Tensor]:
     acc = sums.dtype
     low = params[0].dtype != acc
     c_g, c_p = coefficients(sums, hyper, flags, grad_scale)
@@ -88,6 +90,7 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
     # flag, not ``work is not run.params``: dynamo in torch 2.6 traces ``is`` between two lists as
     # a comparison of their elements, which on tensors breaks the graph.
     copied = low or keep is not None
+    moved, owner = [], []  # monitoring: ‖u‖ per tensor of the runs (whole tensors)
     for run in _fe.runs(params, grads, 5 * width, split=False):
         def pick(v, owner=run.owner):
             return v if len(owner) == whole else [v[i] for i in owner]
@@ -109,12 +112,18 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
             else:
                 u = new_bufs
             _fe.write_kept(run_bufs, new_bufs, keep)
+        if flags & MONITOR:
+            moved += torch._foreach_norm(u, 2, dtype=acc)
+            owner += run.owner
         torch._foreach_sub_(work, torch._foreach_mul(u, hyper[LR]))
         if copied:
             if sr_seed is not None:  # (bf16 groups that round stochastically: whole tensors here)
                 work = [stochastic_round_bf16(w, sr_seed, i) for w, i in zip(work, run.owner)]
             _fe.write_kept(run.params, work, keep)
         del d, u, work
+    if not flags & MONITOR:
+        return None
+    return _fe.combine(torch.stack(moved).square(), owner, whole).unsqueeze(1)
 
 
 class Foreach:

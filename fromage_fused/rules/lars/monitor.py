@@ -1,8 +1,9 @@
 """LARS's per-layer monitoring: ``LARS.last_stats()`` from the step's own norms.
 
 Cost when on: the norms pass runs in groups that do not adapt too (it reads p and g: 8 B per fp32
-parameter more there), and per group and step a copy of the packed hyper-parameters and of
-GradScaler's scale. When off: nothing.
+parameter more there), the update pass sums ‖u‖² of its step (no more bytes; on sharded parameters
+one more all-reduce of one number per tensor), and per group and step a copy of the packed
+hyper-parameters and of GradScaler's scale. When off: nothing.
 """
 from __future__ import annotations
 
@@ -23,18 +24,21 @@ class LarsStats:
     """One group's parameters after a step, as 1-D tensors on the group's device (one entry per
     parameter, in ``params`` order): ``p_norm`` (‖p‖ before the update), ``g_norm`` (‖g‖, the loss
     scale divided out), ``trust_ratio`` (the ratio the step scaled the direction by: 1 in a group
-    that does not adapt, and where either norm is 0) and ``local_lr`` (lr × trust_ratio: the
-    tensor's own learning rate; 0 for a step that ``found_inf`` or an unusable lr skipped)."""
+    that does not adapt, and where either norm is 0), ``local_lr`` (lr × trust_ratio: the
+    tensor's own learning rate; 0 for a step that ``found_inf`` or an unusable lr skipped) and
+    ``relative_change`` (‖p_new − p‖ / ‖p‖ of the step, momentum and weight decay included: lr·‖u‖
+    of ``p ← p − lr·u`` over ‖p‖ before it; 0 for a skipped step, inf for a zero p that moved)."""
 
     params: List[torch.Tensor]
     p_norm: torch.Tensor
     g_norm: torch.Tensor
     trust_ratio: torch.Tensor
     local_lr: torch.Tensor
+    relative_change: torch.Tensor
 
     def per_parameter(self) -> Dict[torch.Tensor, Dict[str, torch.Tensor]]:
         """``{parameter: {"p_norm": 0-d tensor, ...}}`` (views of the 1-D tensors)."""
-        names = ("p_norm", "g_norm", "trust_ratio", "local_lr")
+        names = ("p_norm", "g_norm", "trust_ratio", "local_lr", "relative_change")
         columns = [getattr(self, name).unbind() for name in names]
         return {p: dict(zip(names, values)) for p, values in zip(self.params, zip(*columns))}
 
@@ -55,5 +59,8 @@ def summarize(rec) -> LarsStats:
     applied = usable_lr(lr)
     if rec.found_inf is not None:
         applied = applied & (rec.found_inf == 0)
-    local = torch.where(applied, lr * ratio, torch.zeros_like(ratio))
-    return LarsStats(rec.params, p_norm, g_norm, ratio, local)
+    zero = torch.zeros_like(ratio)
+    local = torch.where(applied, lr * ratio, zero)
+    moved = lr * rec.sums[1][:, 0].to(sums.dtype).sqrt()
+    relative = torch.where(applied & (moved > 0), moved / p_norm, zero)
+    return LarsStats(rec.params, p_norm, g_norm, ratio, local, relative)

@@ -1,5 +1,6 @@
 """LARS's two passes as the Python backends run them, given one backend's ``stats`` and ``apply``:
-pass 0 reduces the norms, pass 1 updates (the buffer list is absent without momentum)."""
+pass 0 reduces the norms, pass 1 updates (the buffer list is absent without momentum) and, when
+monitoring, returns ``[n, 1]``: ‖u‖² of its step ``p ← p − lr·u`` per tensor."""
 from __future__ import annotations
 
 from .flags import MOMENTUM
@@ -13,7 +14,6 @@ def run_pass(index: int, call, stats, apply):
         params, bufs, grads = call.lists
     else:
         (params, grads), bufs = call.lists, None
-    apply(params, bufs, grads, call.sums, hyper=call.hyper, values=call.values, flags=call.flags,
-          started=call.scalars.get("momentum_started"), found_inf=call.found_inf, grad_scale=call.grad_scale,
-          sr_seed=call.seed)
-    return None
+    return apply(params, bufs, grads, call.sums, hyper=call.hyper, values=call.values, flags=call.flags,
+                 started=call.scalars.get("momentum_started"), found_inf=call.found_inf, grad_scale=call.grad_scale,
+                 sr_seed=call.seed)

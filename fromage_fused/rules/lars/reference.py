@@ -7,6 +7,7 @@ accumulation dtype (float64 for float64 tensors, else float32) and rounded once 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -14,7 +15,7 @@ from ...engine.dtypes import accumulate_dtype
 from ...engine.rounding import stochastic_round_bf16
 from ...engine.spec import FLOAT32_MAX
 from . import passes
-from .flags import ADAPT, MOMENTUM, NESTEROV, TRUST_CLIP
+from .flags import ADAPT, MOMENTUM, MONITOR, NESTEROV, TRUST_CLIP
 
 
 def stats(params, grads, flags: int) -> torch.Tensor:
@@ -35,12 +36,14 @@ def trust_ratio(s_pp: float, s_gg: float, *, lr: float, weight_decay: float, tru
 
 
 def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf=None, grad_scale=None,
-          sr_seed=None) -> None:
+          sr_seed=None) -> Optional[torch.Tensor]:
+    moved = torch.zeros(len(params), 1, dtype=accumulate_dtype(params[0].dtype), device=params[0].device) \
+        if flags & MONITOR else None
     if found_inf is not None and float(found_inf) != 0:
-        return
+        return moved
     lr = float(hyper[0])
     if not 0 <= lr <= FLOAT32_MAX:  # a tensor lr edited to an unusable value: skipped (spec.usable_lr)
-        return
+        return moved
     scale = 1.0 if grad_scale is None else float(grad_scale)
     wd, mu, damp = float(values["weight_decay"]), float(values["momentum"]), float(values["dampening"])
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -58,8 +61,11 @@ def apply(params, bufs, grads, sums, *, hyper, values, flags, started, found_inf
             else:
                 buf.copy_(mu * buf + (1 - damp) * d)
             d = d + mu * buf if flags & NESTEROV else buf
+        if moved is not None:
+            moved[i, 0] = d.square().sum()
         new = p_ - lr * d
         p.copy_(new if sr_seed is None else stochastic_round_bf16(new, sr_seed, i))
+    return moved
 
 
 class Reference:

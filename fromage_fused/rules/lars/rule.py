@@ -12,8 +12,9 @@ hyper-parameters, state and passes.
         d <- d + momentum·buf if nesterov, else buf
     p <- p - lr·d
 
-Pass 0 reduces ``‖p‖², ‖g‖²`` per tensor (only when the trust ratio applies); pass 1 reads p, g and
-the buffer and writes p and the buffer. A buffer made zeros by the engine cannot say whether it has
+Pass 0 reduces ``‖p‖², ‖g‖²`` per tensor (only when the trust ratio applies, or for the monitor);
+pass 1 reads p, g and the buffer and writes p and the buffer (and, for the monitor, reduces ‖u‖² of
+the step ``p ← p − lr·u``). A buffer made zeros by the engine cannot say whether it has
 started, and a started one can be all zeros, so a per-tensor flag (``momentum_started``, 0 or 1)
 records it: the first applied step writes ``buf = d`` (not ``(1 - dampening)·d``). The engine sets
 the flag after each applied step (``TensorScalar.after``: every block of a tensor reads it during
@@ -78,7 +79,9 @@ class LarsRule(Rule):
              TensorScalar("momentum_started", torch.float32, NOT_STARTED, when=_momentum, after=STARTED), SR_SEED)
     passes = (
         Pass("stats", lists=("p", "g"), sums=2, when=ADAPT | MONITOR),
-        Pass("apply", lists=("p", "momentum_buffer", "g"), writes=2, optional=(("momentum_buffer", MOMENTUM),)),
+        # monitoring: the update also reduces ‖u‖² of its step p ← p − lr·u (the change of p)
+        Pass("apply", lists=("p", "momentum_buffer", "g"), writes=2, optional=(("momentum_buffer", MOMENTUM),),
+             sums=1, summed=MONITOR),
     )
     reference = Reference()
     foreach = Foreach()
