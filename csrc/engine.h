@@ -20,6 +20,8 @@
 //   void store(args, t, coef) what the pass writes into per-tensor scalars (once per tensor);
 //                             coefficients read them with read_scalar, store writes them with
 //                             write_scalar (below: no data race on the GPU);
+//   kStageHalf (optional)     true: the CUDA kernels stage half as many loads for it (a body that
+//                             needs more registers than the full staging leaves);
 //   template <class V> body(coef, Vals<V, kLists>& x, Vals<V, kSums>& acc)
 //                             the elementwise body, over float (scalar code and CUDA threads) or
 //                             at::vec::Vectorized<float> (the CPU's vector loops): it updates the

@@ -65,6 +65,13 @@ __device__ __forceinline__ void static_for(F&& f) {
   static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
 }
 
+// Whether a pass asks to stage half as many vectors and scalars (Pass::kStageHalf, optional): its
+// body needs more registers than the engine's staging leaves it.
+template <class Pass, class = void>
+struct StagesHalf : std::false_type {};
+template <class Pass>
+struct StagesHalf<Pass, std::void_t<decltype(Pass::kStageHalf)>> : std::bool_constant<Pass::kStageHalf> {};
+
 // What pass P of Rule is on parameters of format Tr: its lists' formats and how it is staged.
 template <class Rule, int P, class Tr, bool SR = false>
 struct PassOn {
@@ -81,10 +88,11 @@ struct PassOn {
     return v;
   }
   // Stochastic rounding's hash needs registers of its own: a pass of three or more lists stages half
-  // as many vectors and scalars with it (no spills on sm_80 and sm_90).
-  static constexpr int kInFlight = (SR && L >= 3) ? kVectorsInFlight / 2 : kVectorsInFlight;
+  // as many vectors and scalars with it (no spills on sm_80 and sm_90), as does a pass that asks to.
+  static constexpr bool kHalf = (SR && L >= 3) || StagesHalf<Pass>::value;
+  static constexpr int kInFlight = kHalf ? kVectorsInFlight / 2 : kVectorsInFlight;
   static constexpr int kStage = kInFlight / vectors_per_step() > 0 ? kInFlight / vectors_per_step() : 1;
-  static constexpr int kScalarsStaged = (SR && L >= 3) ? kScalarsInFlight / 2 : kScalarsInFlight;
+  static constexpr int kScalarsStaged = kHalf ? kScalarsInFlight / 2 : kScalarsInFlight;
   static constexpr int kScalarStage = kScalarsStaged / L > 0 ? kScalarsStaged / L : 1;
 };
 

@@ -120,10 +120,12 @@ struct LarsMomentum {
   }
 };
 
-// The update without momentum; S = 1: monitored.
+// The update without momentum; S = 1: monitored (bf16 parameters spilled 8 bytes on sm_80 and sm_90
+// at the engine's full staging).
 template <int S>
 struct LarsPlain {
   static constexpr int kLists = 2, kWrites = 1, kSums = S, kSumsIn = 2, kGlobals = 0;
+  static constexpr bool kStageHalf = S > 0;
   static FF_HD constexpr bool param_list(int) { return true; }
   using Coef = LarsRule::Coef;
   static FF_HD Coef coefficients(const StepArgs& a, int64_t t) { return LarsRule::coefficients(a, t, false); }
