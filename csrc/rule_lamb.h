@@ -125,8 +125,6 @@ struct LambRule {
     }
     if constexpr (P >= 0) {
       if (c.inner) fma_acc(acc[kAP], a, x[P]);
-    }
-    if constexpr (P >= 0) {
       if (c.adapt) fma_acc(acc[kPP], x[P], x[P]);
     }
     fma_acc(acc[kAA], a, a);

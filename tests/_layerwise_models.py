@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _param_split import schedule
-from tolerances import ORACLE_TOL
+from tolerances import ORACLE_TOL, SR_STEP_TOL
 
 
 def _convnet():
@@ -71,3 +71,18 @@ def dtype_and_tol(backend):
     if backend in ("reference", "foreach"):
         return torch.float64, ORACLE_TOL[torch.float64]["traj"]
     return torch.float32, ORACLE_TOL[torch.float32]["traj"]
+
+
+def assert_rounds_stochastically(run):
+    """``run(seed, rounding=True)`` steps bf16 parameters once and returns them and the exact float64
+    result: within one ulp of it, the same for the same seed, different for another seed and
+    without rounding."""
+    got, exact = run(7)
+    again, _ = run(7)
+    other, _ = run(8)
+    nearest, _ = run(7, rounding=False)
+    for p, q in zip(got, exact):
+        close(p, q, SR_STEP_TOL, "one ulp of the exact value")
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    assert any(not torch.equal(a, b) for a, b in zip(got, other))
+    assert any(not torch.equal(a, b) for a, b in zip(got, nearest))

@@ -97,6 +97,5 @@ def summarize(rec) -> LambStats:
         moved = moved_sq.clamp(min=0.0).sqrt()
     else:
         moved = step * update_norm
-    relative = torch.where(moved > 0, moved / before, torch.zeros_like(moved))
-    relative = torch.where(applied, relative, torch.zeros_like(relative))
+    relative = torch.where(applied & (moved > 0), moved / before, torch.zeros_like(moved))
     return LambStats(rec.params, g_norm, p_norm, update_norm, ratio, relative)

@@ -61,6 +61,6 @@ def summarize(rec) -> LarsStats:
         applied = applied & (rec.found_inf == 0)
     zero = torch.zeros_like(ratio)
     local = torch.where(applied, lr * ratio, zero)
-    moved = lr * rec.sums[1][:, 0].to(sums.dtype).sqrt()
+    moved = lr * rec.sums[1][:, 0].sqrt()
     relative = torch.where(applied & (moved > 0), moved / p_norm, zero)
     return LarsStats(rec.params, p_norm, g_norm, ratio, local, relative)
