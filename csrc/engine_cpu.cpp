@@ -366,6 +366,124 @@ at::Tensor pass_cpu(c10::string_view rule, int64_t index, at::TensorList writes,
   TORCH_CHECK(false, "fromage_fused: the native kernels have no rule ", name);
 }
 
+// fn(std::integral_constant<int, P>{}) for the kernel pass P of Rule numbered kernel_index.
+template <class Rule, int P = 0, class Fn>
+auto with_kernel_pass(int64_t kernel_index, const Fn& fn) {
+  if constexpr (P + 1 < Rule::kPasses) {
+    if (kernel_index != P) return with_kernel_pass<Rule, P + 1>(kernel_index, fn);
+  } else {
+    TORCH_CHECK(kernel_index == P, "fromage_fused: rule ", Rule::kName, " has ", Rule::kPasses,
+                " passes, got pass ", kernel_index);
+  }
+  return fn(std::integral_constant<int, P>{});
+}
+
+// Kernel pass P of Rule over tensors [t0, t1) of lists that check_pass has accepted for n tensors:
+// list k's tensors from writes / reads at k * n + t0, the input sums `sums` (rows from sums_row),
+// the per-tensor scalars from entry t0. Nothing is copied or checked again.
+template <class Rule, int P>
+at::Tensor run_block(at::TensorList writes, at::TensorList reads, int64_t n, int64_t t0, int64_t t1,
+                     const std::optional<at::Tensor>& sums, int64_t sums_row, const at::Tensor& hyper, int64_t flags,
+                     at::TensorList scalars, const std::optional<at::Tensor>& globals,
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
+                     at::ScalarType dtype) {
+  using Pass = typename Rule::template Pass<P>;
+  constexpr int L = Pass::kLists, W = Pass::kWrites;
+  Lists<L> in;
+  in.n = t1 - t0;
+  for (int k = 0; k < L; ++k) in.lists[k] = (k < W ? writes.data() + k * n : reads.data() + (k - W) * n) + t0;
+  const PassShape shape{in.n, dtype, hyper.device()};
+  StepArgs args = step_args<Rule, P>(sums, hyper, flags, scalars, globals, grad_scale, std::nullopt, shape);
+  if (args.sums != nullptr) args.sums += sums_row * Pass::kSumsIn;
+  for (auto& scalar : args.scalars)
+    if (scalar != nullptr) scalar += t0;
+  const bool skip = W > 0 && ((found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f) ||
+                              !lr_usable<Rule>(args.hyper));
+  switch (dtype) {
+    case at::kFloat: return run_pass<Rule, P, float>(in, args, skip);
+    case at::kBFloat16: return run_pass<Rule, P, at::BFloat16>(in, args, skip);
+    default: return run_pass<Rule, P, at::Half>(in, args, skip);
+  }
+}
+
+// pass_pair for one rule: both passes checked whole first, then the blocks.
+template <class Rule>
+at::Tensor pair_blocks(int64_t index, at::TensorList writes, at::TensorList reads, at::TensorList writes_next,
+                       at::TensorList reads_next, const std::optional<at::Tensor>& sums, const at::Tensor& hyper,
+                       int64_t flags, at::TensorList scalars, const std::optional<at::Tensor>& globals,
+                       const std::optional<at::Tensor>& globals_next, const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::Tensor>& grad_scale, int64_t block_bytes) {
+  const int first = Rule::kernel_pass(index, flags), second = Rule::kernel_pass(index + 1, flags);
+  constexpr auto cpu = c10::DeviceType::CPU;
+  // Both passes checked whole before the first block is touched: a bad argument changes nothing.
+  struct Checked {
+    int64_t lists, width;  // the first pass's lists and sums
+    PassShape shape;
+  };
+  const Checked checked = with_kernel_pass<Rule>(first, [&](auto p) {
+    using Pass = typename Rule::template Pass<decltype(p)::value>;
+    return Checked{Pass::kLists, Pass::kSums,
+                   check_pass<Rule, decltype(p)::value>(writes, reads, sums, hyper, flags, scalars, globals, found_inf,
+                                                        grad_scale, std::nullopt, cpu)};
+  });
+  const int64_t n = checked.shape.n, lists = checked.lists, width = checked.width;
+  const at::ScalarType dtype = checked.shape.dtype;
+  const std::optional<at::Tensor> sums_shape = at::zeros({n, width}, hyper.options());  // what the second reads
+  const int64_t n_next = with_kernel_pass<Rule>(second, [&](auto p) {
+    return check_pass<Rule, decltype(p)::value>(writes_next, reads_next, sums_shape, hyper, flags, scalars,
+                                                globals_next, found_inf, grad_scale, std::nullopt, cpu)
+        .n;
+  });
+  TORCH_CHECK(n_next == n, "fromage_fused: pass_pair: the first pass has ", n, " tensors per list, the second ",
+              n_next);
+  if (n == 0) return at::zeros({0, width}, hyper.options());
+  std::vector<at::Tensor> parts;
+  for (int64_t t0 = 0, t1 = 0; t0 < n; t0 = t1) {
+    int64_t bytes = 0;
+    while (t1 < n && (t1 == t0 || bytes < block_bytes)) {
+      for (int64_t k = 0; k < lists; ++k) {
+        const size_t w = writes.size(), i = static_cast<size_t>(k * n + t1);
+        const at::Tensor& t = i < w ? writes[i] : reads[i - w];
+        bytes += t.numel() * static_cast<int64_t>(t.element_size());
+      }
+      ++t1;
+    }
+    std::optional<at::Tensor> block_sums = with_kernel_pass<Rule>(first, [&](auto p) {
+      return run_block<Rule, decltype(p)::value>(writes, reads, n, t0, t1, sums, t0, hyper, flags, scalars, globals,
+                                                 found_inf, grad_scale, dtype);
+    });
+    with_kernel_pass<Rule>(second, [&](auto p) {
+      return run_block<Rule, decltype(p)::value>(writes_next, reads_next, n, t0, t1, block_sums, 0, hyper, flags,
+                                                 scalars, globals_next, found_inf, grad_scale, dtype);
+    });
+    parts.push_back(*std::move(block_sums));
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts);
+}
+
+// Passes `index` and `index + 1` of one group, tensor block by tensor block: the second pass of a
+// block runs right after the first, while the block's tensors are still in cache. A block is the
+// next tensors until the first pass's lists of them hold `block_bytes` (at least one tensor). Only for
+// a second pass that reads nothing but each tensor's own sums of the first (the executor checks: no
+// all-reduce, no combining, no sums of its own) and without stochastic rounding; every tensor's sums
+// and results are bit for bit those of the two passes one after the other, as the chunks, their order
+// of summation and the coefficients are each tensor's own. Returns the first pass's sums.
+at::Tensor pass_pair_cpu(c10::string_view rule, int64_t index, at::TensorList writes, at::TensorList reads,
+                         at::TensorList writes_next, at::TensorList reads_next, const std::optional<at::Tensor>& sums,
+                         const at::Tensor& hyper, int64_t flags, at::TensorList scalars,
+                         const std::optional<at::Tensor>& globals, const std::optional<at::Tensor>& globals_next,
+                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
+                         int64_t block_bytes) {
+  const std::string_view name(rule.data(), rule.size());
+#define FF_PAIR(rule_name, Functor)                                                                           \
+  if (name == rule_name)                                                                                      \
+    return pair_blocks<Functor>(index, writes, reads, writes_next, reads_next, sums, hyper, flags, scalars, \
+                                globals, globals_next, found_inf, grad_scale, block_bytes);
+  FF_RULES(FF_PAIR)
+#undef FF_PAIR
+  TORCH_CHECK(false, "fromage_fused: the native kernels have no rule ", name);
+}
+
 // Expose the element roundings used by the kernels, for bit-exact tests of the recipe.
 at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, const at::Tensor& seed, int64_t tensor_index) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "fromage_fused: round_bf16_stochastic takes float32");
@@ -426,6 +544,28 @@ at::Tensor pass_inplace_or_view(c10::string_view rule, int64_t index, at::Tensor
   return out;
 }
 
+at::Tensor pass_pair_inplace_or_view(c10::string_view rule, int64_t index, at::TensorList writes, at::TensorList reads,
+                                     at::TensorList writes_next, at::TensorList reads_next,
+                                     const std::optional<at::Tensor>& sums, const at::Tensor& hyper, int64_t flags,
+                                     at::TensorList scalars, const std::optional<at::Tensor>& globals,
+                                     const std::optional<at::Tensor>& globals_next,
+                                     const std::optional<at::Tensor>& found_inf,
+                                     const std::optional<at::Tensor>& grad_scale, int64_t block_bytes) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fromage_fused::pass_pair", "")
+                             .typed<decltype(pass_pair_cpu)>();
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(rule, index, writes, reads, writes_next, reads_next, sums, hyper, flags, scalars, globals,
+                  globals_next, found_inf, grad_scale, block_bytes);
+  }
+  for (const auto& t : writes) bump_version(t);
+  for (const auto& t : writes_next) bump_version(t);
+  for (const auto& t : scalars) bump_version(t);
+  return out;
+}
+
 // How many threads at::parallel_for runs a body on (1 when the extension was built without
 // OpenMP, whatever torch's thread count): lets a test check that the kernels use torch's threads.
 int64_t parallel_width() {
@@ -437,7 +577,7 @@ int64_t parallel_width() {
 }  // namespace
 }  // namespace ff
 
-// The engine's op pass_ is defined in fromage_fused/engine/ops.py; the test ops here.
+// The engine's ops pass_ and pass_pair are defined in fromage_fused/engine/ops.py; the test ops here.
 TORCH_LIBRARY_FRAGMENT(fromage_fused, m) {
   m.def("round_bf16_stochastic(Tensor x, Tensor seed, int tensor_index) -> Tensor");
   m.def("round_bf16_nearest(Tensor x) -> Tensor");
@@ -446,10 +586,12 @@ TORCH_LIBRARY_FRAGMENT(fromage_fused, m) {
 
 TORCH_LIBRARY_IMPL(fromage_fused, ADInplaceOrView, m) {
   m.impl("pass_", &ff::pass_inplace_or_view);
+  m.impl("pass_pair", &ff::pass_pair_inplace_or_view);
 }
 
 TORCH_LIBRARY_IMPL(fromage_fused, CPU, m) {
   m.impl("pass_", &ff::pass_cpu);
+  m.impl("pass_pair", &ff::pass_pair_cpu);
   m.impl("round_bf16_stochastic", &ff::round_bf16_stochastic_cpu);
   m.impl("round_bf16_nearest", &ff::round_bf16_nearest_cpu);
 }

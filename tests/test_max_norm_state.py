@@ -32,17 +32,24 @@ def _grads(params, seed, skip=()):
 
 
 def _spy(monkeypatch, backend_name):
-    """Record the max_norm argument of every apply pass of the backend."""
+    """Record the max_norm argument of every apply pass of the backend (alone, or run with the stats
+    pass: ``run_pair``)."""
     backend = fromage_fused.backends.get(backend_name)
     seen = []
-    original = type(backend).run_pass
+    original, original_pair = type(backend).run_pass, type(backend).run_pair
 
     def run_pass(self, rule, index, call):
         if index == 1:
             seen.append(call.scalars.get("max_norm"))
         return original(self, rule, index, call)
 
+    def run_pair(self, rule, index, call):
+        if index == 0:
+            seen.append(call.scalars.get("max_norm"))
+        return original_pair(self, rule, index, call)
+
     monkeypatch.setattr(type(backend), "run_pass", run_pass)
+    monkeypatch.setattr(type(backend), "run_pair", run_pair)
     return seen
 
 

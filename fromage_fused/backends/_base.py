@@ -98,5 +98,16 @@ class Backend:
         everything as it was."""
         return getattr(rule, self.kind).run_pass(index, call)
 
+    def pairs(self, call) -> bool:
+        """Whether :meth:`run_pair` may run ``call``'s group (the executor asks only where the pair
+        allows it: ``engine/execute.py``)."""
+        return False
+
+    def run_pair(self, rule, index: int, call) -> Optional[torch.Tensor]:
+        """Run passes ``index`` and ``index + 1`` of ``rule`` over one group together (tensor block by
+        tensor block), the second reading each tensor's sums of the first and returning none: the
+        results and the first pass's sums are those of two :meth:`run_pass` calls."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<fromage_fused backend {self.name!r}>"

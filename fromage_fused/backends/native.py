@@ -54,7 +54,11 @@ STALE_S = 3600.0  # where file locks do not work, a torch build lock older than 
 NOT_BUILT = "not built yet: builds on first use (1-2 minutes on a 2-core CPU)"
 _LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 _lock = threading.Lock()
-_ops.define(_ops.NATIVE)  # the schema of the extension's engine op, before any build registers kernels
+#: The bytes of a block of ``pass_pair`` over its first pass's lists: what that pass touched of a
+#: block should still be in the last-level cache when the second pass reads it.
+PAIR_BLOCK_BYTES = 8 << 20
+_ops.define(_ops.NATIVE)  # the schemas of the extension's engine ops, before any build registers kernels
+_ops.define_pair(_ops.PAIR)
 _state = {"loaded": None, "error": None, "cuda_error": None}
 _fakes_registered = []
 
@@ -536,3 +540,21 @@ class NativeBackend(Backend):
                         call.flags, call.scalar_list, rule.kernel_globals(call), call.found_inf, call.grad_scale,
                         call.seed, 0)
         return out if rule.passes[index].sums_for(call.flags) else None
+
+    def pairs(self, call) -> bool:
+        # On CPU only: a GPU's passes gain nothing from the cache. (Not with a stand-in for the ops.)
+        return self.device_type == "cpu" and self._ops is None
+
+    def run_pair(self, rule, index, call):
+        _ensure_loaded()
+        lists, w = call.lists, call.writes
+        globals_ = rule.kernel_globals(call)
+        names, w_next = rule.passes[index + 1].lists_for(call.flags)
+        following = call.group.lists(names)
+        call.index = index + 1
+        globals_next = rule.kernel_globals(call)
+        call.index = index
+        return torch.ops.fromage_fused.pass_pair(
+            rule.name, index, _concat(lists[:w]) if w else [], _concat(lists[w:]),
+            _concat(following[:w_next]) if w_next else [], _concat(following[w_next:]), call.sums, call.hyper,
+            call.flags, call.scalar_list, globals_, globals_next, call.found_inf, call.grad_scale, PAIR_BLOCK_BYTES)

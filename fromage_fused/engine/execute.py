@@ -6,6 +6,11 @@ then, if the pass reduced per-tensor sums, the sums of sharded tensors are summe
 replace them, and a combining pass turns every group's sums into the global values of the later
 passes. After the last pass, stacked copies of per-tensor scalar state and contiguous copies of
 strided tensors are written back.
+
+A pass whose sums nothing combines or reduces, followed by one that returns no sums (so it reads
+only each tensor's own sums of the first), runs together with it where the group's backend can
+(``Backend.run_pair``: on CPU, tensor block by tensor block while each block is in cache), in an
+eager step without a caller's ``reduce_sums``, sharded tensors or stochastic rounding.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from .dtypes import accumulate_dtype
 from .groups import Group
 from .spec import applied
 
-__all__ = ["Call", "execute", "run_pass", "prepare"]
+__all__ = ["Call", "execute", "run_pass", "prepare", "pairable"]
 
 
 class Call:
@@ -33,12 +38,13 @@ class Call:
     0-d int64 tensor) or None; ``counters``: the per-group scalars by name; ``globals``: the global
     values of the last combining pass before this one, or None; ``found_inf``, ``grad_scale``: None
     or 0-d float32 tensors; ``memo``: what a rule derives once per step and group for several passes
-    (LAMB's kernel globals).
+    (LAMB's kernel globals); ``pairs``: the group may run two passes together (``pairable``),
+    ``ran``: the index of a pass that already ran with the one before it, or -1.
     """
 
     __slots__ = ("group", "rule", "index", "lists", "writes", "n", "device", "dtype", "sums", "hyper", "flags",
                  "values", "scalars", "scalar_list", "seed", "counters", "globals", "found_inf", "grad_scale",
-                 "memo", "_stacked")
+                 "memo", "pairs", "ran", "_stacked")
 
     def __repr__(self) -> str:
         return f"<Call {self.rule.name} pass {self.index} of {self.n} {self.dtype} tensors on {self.device}>"
@@ -94,10 +100,23 @@ def prepare(group: Group, found_inf=None, grad_scale=None, *, monitor: bool = Fa
     call.grad_scale = _device_scalar(grad_scale, group.device)
     call.sums = call.globals = None
     call.memo = {}
+    call.pairs, call.ran = False, -1
     return call
 
 
+def pairable(rule, index: int, flags: int) -> bool:
+    """Pass ``index`` may run with the next one under ``flags``: it has sums that no combining pass
+    takes, and the next one runs and has no sums of its own."""
+    passes = rule.passes
+    if index + 1 >= len(passes):
+        return False
+    this, following = passes[index], passes[index + 1]
+    return bool(this.sums_for(flags)) and not this.combine and following.runs(flags) and not following.sums_for(flags)
+
+
 def _run(call: Call, index: int) -> Optional[torch.Tensor]:
+    if call.ran == index:
+        return None  # it ran with the pass before it
     group = call.group
     spec = call.rule.passes[index]
     call.index = index
@@ -107,6 +126,9 @@ def _run(call: Call, index: int) -> Optional[torch.Tensor]:
         # Nothing reads this pass's sums under these flags: zeros, without a look at the data.
         count = spec.sums_for(call.flags)
         return torch.zeros(call.n, count, dtype=accumulate_dtype(call.dtype), device=call.device) if count else None
+    if call.pairs and pairable(call.rule, index, call.flags):
+        call.ran = index + 1
+        return group.backend.run_pair(call.rule, index, call)
     return group.backend.run_pass(call.rule, index, call)
 
 
@@ -175,6 +197,9 @@ def execute(
         return
     rule = groups[0].rule
     calls = [prepare(g, found_inf, grad_scale, monitor=monitor is not None) for g in groups]
+    if reduce_sums is None and not torch.compiler.is_compiling():
+        for call in calls:
+            call.pairs = call.group.reduce is None and call.seed is None and call.group.backend.pairs(call)
     history: List[List[Any]] = [[] for _ in calls]
     for index, spec in enumerate(rule.passes):
         sums = [_run(call, index) for call in calls]

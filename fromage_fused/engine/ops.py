@@ -9,6 +9,14 @@ pass's global values; ``found_inf``, ``grad_scale``, ``seed`` as everywhere; ``b
 that a backend with several instances uses to find its own (the native ops ignore it). It returns
 the pass's ``[n, k]`` per-tensor sums (``k`` may be 0).
 
+``pass_pair`` (CPU) runs pass ``index`` and the next one over one group tensor block by tensor
+block, each block's second pass right after its first while the block is in cache: ``writes`` /
+``reads`` and ``writes_next`` / ``reads_next`` are the two passes' lists, ``globals`` and
+``globals_next`` what each reads; a block is the next tensors until the first pass's lists of them
+hold ``block_bytes`` (at least one tensor). The second pass reads the first's sums of each tensor and returns
+none. It returns the first pass's sums; sums and results are bit for bit those of two ``pass_``
+calls. (No stochastic rounding; the executor calls it only eagerly: ``engine/execute.py``.)
+
 ``fromage_fused::pass_`` is implemented by the C++ extension (CPU and CUDA kernels register their
 implementations only), ``fromage_fused_triton::pass_`` by the triton backend. The fake
 implementation gives ``torch.compile`` the output's shape, from the rule's declaration.
@@ -19,7 +27,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-__all__ = ["PASS_SCHEMA", "READ_SCHEMA", "NATIVE", "TRITON", "define", "call"]
+__all__ = ["PASS_SCHEMA", "READ_SCHEMA", "PAIR_SCHEMA", "NATIVE", "PAIR", "TRITON", "define", "define_pair",
+           "call"]
 
 PASS_SCHEMA = ("(str rule, int index, Tensor(a!)[] writes, Tensor[] reads, Tensor? sums, Tensor hyper, int flags, "
                "Tensor(b!)[] scalars, Tensor? globals, Tensor? found_inf, Tensor? grad_scale, Tensor? seed, "
@@ -28,8 +37,12 @@ PASS_SCHEMA = ("(str rule, int index, Tensor(a!)[] writes, Tensor[] reads, Tenso
 #: lower a mutating op whose mutable lists are all empty.
 READ_SCHEMA = ("(str rule, int index, Tensor[] reads, Tensor? sums, Tensor hyper, int flags, Tensor? globals, "
                "Tensor? found_inf, Tensor? grad_scale, Tensor? seed, int backend) -> Tensor")
+PAIR_SCHEMA = ("(str rule, int index, Tensor(a!)[] writes, Tensor[] reads, Tensor(c!)[] writes_next, "
+               "Tensor[] reads_next, Tensor? sums, Tensor hyper, int flags, Tensor(b!)[] scalars, Tensor? globals, "
+               "Tensor? globals_next, Tensor? found_inf, Tensor? grad_scale, int block_bytes) -> Tensor")
 READ_SUFFIX = "_reads"
 NATIVE = "fromage_fused::pass_"
+PAIR = "fromage_fused::pass_pair"
 TRITON = "fromage_fused_triton::pass_"
 _libraries = {}
 
@@ -43,6 +56,11 @@ def _fake(rule: str, index: int, writes: List[torch.Tensor], reads: List[torch.T
     spec = registered()[rule].passes[index]
     n = (len(writes) + len(reads)) // len(spec.lists_for(flags)[0])
     return hyper.new_empty((n, spec.sums_for(flags)), dtype=torch.float32)
+
+
+def _fake_pair(rule, index, writes, reads, writes_next, reads_next, sums, hyper, flags, scalars, globals, globals_next,
+               found_inf, grad_scale, block_bytes):
+    return _fake(rule, index, writes, reads, sums, hyper, flags, scalars, globals, found_inf, grad_scale, None, 0)
 
 
 def _fake_reads(rule, index, reads, sums, hyper, flags, globals, found_inf, grad_scale, seed, backend):
@@ -81,4 +99,16 @@ def define(qualname: str, impl: Optional[Callable] = None) -> None:
     library.define(name + READ_SUFFIX + READ_SCHEMA)
     library.impl(name + READ_SUFFIX, reads_impl, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname + READ_SUFFIX, _fake_reads, lib=library)
+    _libraries[qualname] = library
+
+
+def define_pair(qualname: str = PAIR) -> None:
+    """Define ``qualname`` with the schema of ``pass_pair`` and its fake implementation (once per
+    process); the C++ extension registers its CPU kernel."""
+    if qualname in _libraries:
+        return
+    namespace, name = qualname.split("::")
+    library = torch.library.Library(namespace, "FRAGMENT")
+    library.define(name + PAIR_SCHEMA)
+    torch.library.register_fake(qualname, _fake_pair, lib=library)
     _libraries[qualname] = library
