@@ -308,64 +308,6 @@ at::Tensor run_pass(const Lists<Rule::template Pass<P>::kLists>& in, const StepA
   return sums;
 }
 
-// What the op received, checked (engine_checks.h) and turned into StepArgs; then the pass by dtype.
-template <class Rule, int P>
-at::Tensor dispatch_pass(at::TensorList writes, at::TensorList reads, const std::optional<at::Tensor>& sums,
-                         const at::Tensor& hyper, int64_t flags, at::TensorList scalars,
-                         const std::optional<at::Tensor>& globals, const std::optional<at::Tensor>& found_inf,
-                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& seed) {
-  using Pass = typename Rule::template Pass<P>;
-  constexpr int L = Pass::kLists;
-  const PassShape shape = check_pass<Rule, P>(writes, reads, sums, hyper, flags, scalars, globals, found_inf, grad_scale,
-                                              seed, c10::DeviceType::CPU);
-  Lists<L> in;
-  in.n = shape.n;
-  for (int k = 0; k < L; ++k) {
-    const bool written = k < Pass::kWrites;
-    in.lists[k] = (written ? writes.data() + k * shape.n : reads.data() + (k - Pass::kWrites) * shape.n);
-  }
-  if (shape.n == 0) return at::zeros({0, Pass::kSums}, hyper.options());
-  const StepArgs args = step_args<Rule, P>(sums, hyper, flags, scalars, globals, grad_scale, seed, shape);
-  // A pass that writes leaves everything as it was on found_inf, or where the rule's lr is not
-  // usable (a tensor lr edited after construction; host tensors: no synchronisation).
-  const bool skip = Pass::kWrites > 0 && ((found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f) ||
-                                          !lr_usable<Rule>(args.hyper));
-  switch (shape.dtype) {
-    case at::kFloat: return run_pass<Rule, P, float>(in, args, skip);
-    case at::kBFloat16: return run_pass<Rule, P, at::BFloat16>(in, args, skip);
-    default: return run_pass<Rule, P, at::Half>(in, args, skip);
-  }
-}
-
-template <class Rule, int P = 0>
-at::Tensor pass_of(int64_t index, at::TensorList writes, at::TensorList reads, const std::optional<at::Tensor>& sums,
-                   const at::Tensor& hyper, int64_t flags, at::TensorList scalars,
-                   const std::optional<at::Tensor>& globals, const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& seed) {
-  if constexpr (P < Rule::kPasses) {
-    if (index == P)
-      return dispatch_pass<Rule, P>(writes, reads, sums, hyper, flags, scalars, globals, found_inf, grad_scale, seed);
-    return pass_of<Rule, P + 1>(index, writes, reads, sums, hyper, flags, scalars, globals, found_inf, grad_scale, seed);
-  } else {
-    TORCH_CHECK(false, "fromage_fused: rule ", Rule::kName, " has ", Rule::kPasses, " passes, got pass ", index);
-  }
-}
-
-at::Tensor pass_cpu(c10::string_view rule, int64_t index, at::TensorList writes, at::TensorList reads,
-                    const std::optional<at::Tensor>& sums, const at::Tensor& hyper, int64_t flags,
-                    at::TensorList scalars, const std::optional<at::Tensor>& globals,
-                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& seed, int64_t /*backend*/) {
-  const std::string_view name(rule.data(), rule.size());
-#define FF_DISPATCH(rule_name, Functor)                                                                            \
-  if (name == rule_name)                                                                                           \
-    return pass_of<Functor>(Functor::kernel_pass(index, flags), writes, reads, sums, hyper, flags, scalars, globals, \
-                            found_inf, grad_scale, seed);
-  FF_RULES(FF_DISPATCH)
-#undef FF_DISPATCH
-  TORCH_CHECK(false, "fromage_fused: the native kernels have no rule ", name);
-}
-
 // fn(std::integral_constant<int, P>{}) for the kernel pass P of Rule numbered kernel_index.
 template <class Rule, int P = 0, class Fn>
 auto with_kernel_pass(int64_t kernel_index, const Fn& fn) {
@@ -380,23 +322,25 @@ auto with_kernel_pass(int64_t kernel_index, const Fn& fn) {
 
 // Kernel pass P of Rule over tensors [t0, t1) of lists that check_pass has accepted for n tensors:
 // list k's tensors from writes / reads at k * n + t0, the input sums `sums` (rows from sums_row),
-// the per-tensor scalars from entry t0. Nothing is copied or checked again.
+// the per-tensor scalars from entry t0; the pass by dtype. Nothing is copied or checked again.
 template <class Rule, int P>
 at::Tensor run_block(at::TensorList writes, at::TensorList reads, int64_t n, int64_t t0, int64_t t1,
                      const std::optional<at::Tensor>& sums, int64_t sums_row, const at::Tensor& hyper, int64_t flags,
                      at::TensorList scalars, const std::optional<at::Tensor>& globals,
                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
-                     at::ScalarType dtype) {
+                     const std::optional<at::Tensor>& seed, at::ScalarType dtype) {
   using Pass = typename Rule::template Pass<P>;
   constexpr int L = Pass::kLists, W = Pass::kWrites;
   Lists<L> in;
   in.n = t1 - t0;
   for (int k = 0; k < L; ++k) in.lists[k] = (k < W ? writes.data() + k * n : reads.data() + (k - W) * n) + t0;
   const PassShape shape{in.n, dtype, hyper.device()};
-  StepArgs args = step_args<Rule, P>(sums, hyper, flags, scalars, globals, grad_scale, std::nullopt, shape);
+  StepArgs args = step_args<Rule, P>(sums, hyper, flags, scalars, globals, grad_scale, seed, shape);
   if (args.sums != nullptr) args.sums += sums_row * Pass::kSumsIn;
   for (auto& scalar : args.scalars)
     if (scalar != nullptr) scalar += t0;
+  // A pass that writes leaves everything as it was on found_inf, or where the rule's lr is not
+  // usable (a tensor lr edited after construction; host tensors: no synchronisation).
   const bool skip = W > 0 && ((found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f) ||
                               !lr_usable<Rule>(args.hyper));
   switch (dtype) {
@@ -404,6 +348,36 @@ at::Tensor run_block(at::TensorList writes, at::TensorList reads, int64_t n, int
     case at::kBFloat16: return run_pass<Rule, P, at::BFloat16>(in, args, skip);
     default: return run_pass<Rule, P, at::Half>(in, args, skip);
   }
+}
+
+// What the op received, checked (engine_checks.h); then the pass over all of it.
+template <class Rule, int P>
+at::Tensor dispatch_pass(at::TensorList writes, at::TensorList reads, const std::optional<at::Tensor>& sums,
+                         const at::Tensor& hyper, int64_t flags, at::TensorList scalars,
+                         const std::optional<at::Tensor>& globals, const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& seed) {
+  const PassShape shape = check_pass<Rule, P>(writes, reads, sums, hyper, flags, scalars, globals, found_inf, grad_scale,
+                                              seed, c10::DeviceType::CPU);
+  if (shape.n == 0) return at::zeros({0, Rule::template Pass<P>::kSums}, hyper.options());
+  return run_block<Rule, P>(writes, reads, shape.n, 0, shape.n, sums, 0, hyper, flags, scalars, globals, found_inf,
+                            grad_scale, seed, shape.dtype);
+}
+
+at::Tensor pass_cpu(c10::string_view rule, int64_t index, at::TensorList writes, at::TensorList reads,
+                    const std::optional<at::Tensor>& sums, const at::Tensor& hyper, int64_t flags,
+                    at::TensorList scalars, const std::optional<at::Tensor>& globals,
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& seed, int64_t /*backend*/) {
+  const std::string_view name(rule.data(), rule.size());
+#define FF_DISPATCH(rule_name, Functor)                                                                         \
+  if (name == rule_name)                                                                                        \
+    return with_kernel_pass<Functor>(Functor::kernel_pass(index, flags), [&](auto p) {                          \
+      return dispatch_pass<Functor, decltype(p)::value>(writes, reads, sums, hyper, flags, scalars, globals,    \
+                                                        found_inf, grad_scale, seed);                           \
+    });
+  FF_RULES(FF_DISPATCH)
+#undef FF_DISPATCH
+  TORCH_CHECK(false, "fromage_fused: the native kernels have no rule ", name);
 }
 
 // pass_pair for one rule: both passes checked whole first, then the blocks.
@@ -450,11 +424,11 @@ at::Tensor pair_blocks(int64_t index, at::TensorList writes, at::TensorList read
     }
     std::optional<at::Tensor> block_sums = with_kernel_pass<Rule>(first, [&](auto p) {
       return run_block<Rule, decltype(p)::value>(writes, reads, n, t0, t1, sums, t0, hyper, flags, scalars, globals,
-                                                 found_inf, grad_scale, dtype);
+                                                 found_inf, grad_scale, std::nullopt, dtype);
     });
     with_kernel_pass<Rule>(second, [&](auto p) {
       return run_block<Rule, decltype(p)::value>(writes_next, reads_next, n, t0, t1, block_sums, 0, hyper, flags,
-                                                 scalars, globals_next, found_inf, grad_scale, dtype);
+                                                 scalars, globals_next, found_inf, grad_scale, std::nullopt, dtype);
     });
     parts.push_back(*std::move(block_sums));
   }
