@@ -219,6 +219,33 @@ def address_values(ptrs, itemsizes=None, numels=None):
     return [a for column in ptrs for a in column] + flags, paths
 
 
+class _PassPlan:
+    """What every launch of one pass takes that follows from the rule, the pass, the flags, the
+    group's device and dtype, stochastic rounding and the config (``TritonBackend._pass_plan``)."""
+
+    __slots__ = ("device", "dtypes", "writes", "prev", "scalar_names", "use_sr", "cfg", "s_count", "meta")
+
+    def __init__(self, rule, index, flags, names, writes, param, device, dtype, use_sr, cfg):
+        spec = rule.passes[index]
+        self.device, self.writes, self.use_sr, self.cfg = device, writes, use_sr, cfg
+        self.dtypes = dtypes = tuple(dtype if k in param else torch.float32 for k in range(len(names)))
+        # the sums of the last pass before this one that has any (they stay the step's until another replaces them)
+        self.prev = next((q.sums for q in reversed(rule.passes[:index]) if q.sums), 0)
+        self.scalar_names = [s.name for s in rule.state if isinstance(s, TensorScalar)]
+        helpers = _rule_kernels(rule)
+        coef, body, fusion = helpers.PASSES[index]
+        self.s_count = s_count = spec.sums_for(flags)
+        # A pass that writes skips where the rule's tensor lr is not usable (engine.spec.usable_lr).
+        lr_slot = getattr(helpers, "LR", None) if writes > 0 else None
+        tdt = [_triton_dtype(d) for d in dtypes] + [_triton_dtype(dtypes[0])] * (4 - len(dtypes))
+        size = [_ITEMSIZE[d] for d in dtypes] + [_ITEMSIZE[dtypes[0]]] * (4 - len(dtypes))
+        self.meta = dict(COEF=coef, BODY=body, L=len(names), W=writes, S=s_count, D0=tdt[0], D1=tdt[1], D2=tdt[2],
+                         D3=tdt[3], Z0=size[0], Z1=size[1], Z2=size[2], Z3=size[3], FLAGS=int(flags),
+                         BLOCK=block_for(cfg, len(names), writes, s_count, use_sr), SR=use_sr,
+                         LR_SLOT=-1 if lr_slot is None else int(getattr(lr_slot, "value", lr_slot)),
+                         num_warps=cfg.num_warps, **({} if fusion else {"enable_fp_fusion": False}))
+
+
 class _Use:
     """Where a phase runs: its device, whether the stream is being captured, the stream itself."""
 
@@ -339,6 +366,8 @@ class TritonBackend(Backend):
         self._lock = threading.Lock()  # the tables and the staging pool, for every thread
         self._pool = _StagingPool()
         self._admitted = set()  # (device, dtype) pairs checked to run here
+        # (rule, pass, flags) -> the pass's lists; (those, device, dtype, rounding, config) -> _PassPlan
+        self._pass_plans = {}
         self.table_builds = 0
         self.token = next(_TOKENS)
         _INSTANCES[self.token] = self
@@ -489,59 +518,64 @@ class TritonBackend(Backend):
                 # in-place ops do (the custom op above gets this from torch.library), so that a
                 # backward that saved a written tensor before the step raises instead of using the
                 # new values.
-                torch.autograd.graph.increment_version([t for x in call.lists[:call.writes] for t in x] + scalars)
+                written = (call.lists[0] if call.writes == 1 and not scalars
+                           else [t for x in call.lists[:call.writes] for t in x] + scalars)
+                torch.autograd.graph.increment_version(written)
         return out if rule.passes[index].sums_for(call.flags) else None
 
-    def _run(self, rule, index, lists, sums, hyper, flags, scalars, globals_, found_inf, grad_scale, seed):
-        spec = rule.passes[index]
-        names, writes = spec.lists_for(flags)
-        param = [k for k, name in enumerate(names) if name in ("p", "g")]
+    def _pass_plan(self, rule, index, flags, lists, seed) -> "_PassPlan":
+        """What a pass's launches take that follows from the rule, the pass, the flags and the
+        group's device and dtype: derived once, then looked up."""
+        lists_key = (rule, index, flags)
+        shape = self._pass_plans.get(lists_key)
+        if shape is None:
+            names, writes = rule.passes[index].lists_for(flags)
+            param = [k for k, name in enumerate(names) if name in ("p", "g")]
+            shape = self._pass_plans[lists_key] = (names, writes, param)
+        names, writes, param = shape
         device, dtype = self._group(lists, param[0])
+        use_sr = seed is not None and dtype == torch.bfloat16 and any(k in param for k in range(writes))
+        cfg = self._config(device, dtype)
+        key = (rule, index, flags, device, dtype, use_sr, cfg)
+        plan = self._pass_plans.get(key)
+        if plan is None:
+            plan = self._pass_plans[key] = _PassPlan(rule, index, flags, names, writes, param, device, dtype, use_sr,
+                                                     cfg)
+        return plan
+
+    def _run(self, rule, index, lists, sums, hyper, flags, scalars, globals_, found_inf, grad_scale, seed):
+        plan = self._pass_plan(rule, index, flags, lists, seed)
+        device, dtypes, writes, prev, use_sr = plan.device, plan.dtypes, plan.writes, plan.prev, plan.use_sr
         n = len(lists[0])
-        dtypes = tuple(dtype if k in param else torch.float32 for k in range(len(lists)))
-        # the sums of the last pass before this one that has any (they stay the step's until another replaces them)
-        prev = next((q.sums for q in reversed(rule.passes[:index]) if q.sums), 0)
         if sums is not None and (tuple(sums.shape) != (n, prev) or sums.device != device):
             raise RuntimeError(f"the stats of the previous pass must be an [{n}, {prev}] tensor on {device}, got "
                                f"{tuple(sums.shape)} on {sums.device}")
-        names = [s.name for s in rule.state if isinstance(s, TensorScalar)]
-        for name, m in zip(names, scalars):
+        for name, m in zip(plan.scalar_names, scalars):
             if tuple(m.shape) != (n,) or m.dtype != torch.float32 or m.device != device or not m.is_contiguous():
                 raise RuntimeError(f"{name} must be a contiguous [{n}] float32 tensor on {device}")
-        helpers = _rule_kernels(rule)
-        coef, body, fusion = helpers.PASSES[index]
         # Strided tensors are worked on in contiguous copies; the written ones are written back.
         work = [_dense(x) for x in lists]
         kernels = _kernels()
-        cfg = self._config(device, dtype)
+        cfg = plan.cfg
         hyper = hyper.to(torch.float32).contiguous()
         sums = None if sums is None else sums.to(torch.float32).contiguous()
-        use_sr = seed is not None and dtype == torch.bfloat16 and any(k in param for k in range(writes))
         with _on(device):
             use = _Use(device)
             layout, addrs = self._tables_for(work, dtypes, cfg, use)
-            s_count = spec.sums_for(flags)
+            s_count = plan.s_count
             partials = torch.empty(layout.programs, max(s_count, 1), dtype=torch.float32, device=device)
             out = torch.empty(n, s_count, dtype=torch.float32, device=device)
             dummy = hyper
             s0 = scalars[0] if len(scalars) > 0 else dummy
             s1 = scalars[1] if len(scalars) > 1 else dummy
             skip = found_inf is not None and writes > 0
-            # A pass that writes skips where the rule's tensor lr is not usable (engine.spec.usable_lr).
-            lr_slot = getattr(helpers, "LR", None) if writes > 0 else None
             fi = found_inf.to(device=device, dtype=torch.float32).reshape(()) if skip else dummy
             gs = grad_scale.to(device=device, dtype=torch.float32).reshape(()) if grad_scale is not None else dummy
             sd = seed.to(device=device, dtype=torch.int64).reshape(()) if use_sr else addrs.device
-            tdt = [_triton_dtype(d) for d in dtypes] + [_triton_dtype(dtypes[0])] * (4 - len(dtypes))
-            size = [_ITEMSIZE[d] for d in dtypes] + [_ITEMSIZE[dtypes[0]]] * (4 - len(dtypes))
             _launch(kernels.pass_kernel, (layout.programs,), layout.device, addrs.device, partials,
                     dummy if sums is None else sums, hyper, s0, s1, dummy if globals_ is None else globals_, fi, gs,
-                    sd, n, COEF=coef, BODY=body, L=len(lists), W=writes, S=s_count, D0=tdt[0], D1=tdt[1],
-                    D2=tdt[2], D3=tdt[3], Z0=size[0], Z1=size[1], Z2=size[2], Z3=size[3], FLAGS=int(flags),
-                    BLOCK=block_for(cfg, len(lists), writes, s_count, use_sr), HAS_FOUND_INF=skip,
-                    HAS_GRAD_SCALE=grad_scale is not None, SR=use_sr,
-                    PATHS=addrs.programs, LR_SLOT=-1 if lr_slot is None else int(getattr(lr_slot, "value", lr_slot)),
-                    num_warps=cfg.num_warps, **({} if fusion else {"enable_fp_fusion": False}))
+                    sd, n, HAS_FOUND_INF=skip, HAS_GRAD_SCALE=grad_scale is not None, PATHS=addrs.programs,
+                    **plan.meta)
             if s_count:
                 _launch(kernels.reduce_kernel, (n,), layout.device, partials, out, n, S=s_count, RBLOCK=cfg.rblock,
                         num_warps=4)
