@@ -45,7 +45,7 @@ def pair_calls(monkeypatch):
     return calls
 
 
-def _train(make, dtype, pairs, monkeypatch, groups=1, **kw):
+def _train(make, dtype, pairs, monkeypatch, groups=1):
     torch.manual_seed(0)
     params = [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
     params[1].data.zero_()
@@ -60,7 +60,7 @@ def _train(make, dtype, pairs, monkeypatch, groups=1, **kw):
             for i, p in enumerate(params):
                 # None and zero gradients on a schedule
                 p.grad = None if (k + i) % 5 == 0 else torch.randn_like(p) * (0 if (k + i) % 7 == 0 else 1)
-            opt.step(**kw)
+            opt.step()
     return [p.detach().clone() for p in params], [
         {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for p in params]
 
