@@ -402,7 +402,7 @@ at::Tensor pair_blocks(int64_t index, at::TensorList writes, at::TensorList read
   });
   const int64_t n = checked.shape.n, lists = checked.lists, width = checked.width;
   const at::ScalarType dtype = checked.shape.dtype;
-  const std::optional<at::Tensor> sums_shape = at::zeros({n, width}, hyper.options());  // what the second reads
+  const std::optional<at::Tensor> sums_shape = at::empty({n, width}, hyper.options());  // only its shape is checked
   const int64_t n_next = with_kernel_pass<Rule>(second, [&](auto p) {
     return check_pass<Rule, decltype(p)::value>(writes_next, reads_next, sums_shape, hyper, flags, scalars,
                                                 globals_next, found_inf, grad_scale, std::nullopt, cpu)

@@ -487,6 +487,11 @@ def _concat(lists):
     return lists[0] if len(lists) == 1 else [t for tensors in lists for t in tensors]
 
 
+def _written_and_read(lists, writes: int):
+    """A pass's lists as its op takes them: the written ones, then the others, each laid end to end."""
+    return (_concat(lists[:writes]) if writes else []), _concat(lists[writes:])
+
+
 class NativeBackend(Backend):
     """The ops of the extension on one device type. fp64 groups go to ``foreach``.
 
@@ -534,9 +539,8 @@ class NativeBackend(Backend):
 
     def run_pass(self, rule, index, call):
         _ensure_loaded()
-        lists, w = call.lists, call.writes
         out = _ops.call(self._ops or torch.ops.fromage_fused,
-                        rule.name, index, _concat(lists[:w]) if w else [], _concat(lists[w:]), call.sums, call.hyper,
+                        rule.name, index, *_written_and_read(call.lists, call.writes), call.sums, call.hyper,
                         call.flags, call.scalar_list, rule.kernel_globals(call), call.found_inf, call.grad_scale,
                         call.seed, 0)
         return out if rule.passes[index].sums_for(call.flags) else None
@@ -547,14 +551,12 @@ class NativeBackend(Backend):
 
     def run_pair(self, rule, index, call):
         _ensure_loaded()
-        lists, w = call.lists, call.writes
         globals_ = rule.kernel_globals(call)
         names, w_next = rule.passes[index + 1].lists_for(call.flags)
-        following = call.group.lists(names)
         call.index = index + 1
         globals_next = rule.kernel_globals(call)
         call.index = index
         return torch.ops.fromage_fused.pass_pair(
-            rule.name, index, _concat(lists[:w]) if w else [], _concat(lists[w:]),
-            _concat(following[:w_next]) if w_next else [], _concat(following[w_next:]), call.sums, call.hyper,
-            call.flags, call.scalar_list, globals_, globals_next, call.found_inf, call.grad_scale, PAIR_BLOCK_BYTES)
+            rule.name, index, *_written_and_read(call.lists, call.writes),
+            *_written_and_read(call.group.lists(names), w_next), call.sums, call.hyper, call.flags, call.scalar_list,
+            globals_, globals_next, call.found_inf, call.grad_scale, PAIR_BLOCK_BYTES)

@@ -13,9 +13,9 @@ the pass's ``[n, k]`` per-tensor sums (``k`` may be 0).
 block, each block's second pass right after its first while the block is in cache: ``writes`` /
 ``reads`` and ``writes_next`` / ``reads_next`` are the two passes' lists, ``globals`` and
 ``globals_next`` what each reads; a block is the next tensors until the first pass's lists of them
-hold ``block_bytes`` (at least one tensor). The second pass reads the first's sums of each tensor and returns
-none. It returns the first pass's sums; sums and results are bit for bit those of two ``pass_``
-calls. (No stochastic rounding; the executor calls it only eagerly: ``engine/execute.py``.)
+hold ``block_bytes`` (at least one tensor). The second pass reads the first's sums of each tensor
+and returns none. It returns the first pass's sums; sums and results are bit for bit those of two
+``pass_`` calls. (No stochastic rounding; the executor calls it only eagerly: ``engine/execute.py``.)
 
 ``fromage_fused::pass_`` is implemented by the C++ extension (CPU and CUDA kernels register their
 implementations only), ``fromage_fused_triton::pass_`` by the triton backend. The fake
@@ -78,18 +78,29 @@ def call(namespace, rule: str, index: int, writes, reads, sums, hyper, flags: in
                            seed, backend)
 
 
+def _library(qualname: str, schema: str, fake: Callable):
+    """A new library fragment defining ``qualname`` with ``schema`` and its fake implementation, or
+    None if this process has defined it already."""
+    if qualname in _libraries:
+        return None
+    namespace, name = qualname.split("::")
+    library = torch.library.Library(namespace, "FRAGMENT")
+    library.define(name + schema)
+    torch.library.register_fake(qualname, fake, lib=library)
+    _libraries[qualname] = library
+    return library
+
+
 def define(qualname: str, impl: Optional[Callable] = None) -> None:
     """Define ``qualname`` with the engine's schema and its fake implementation (once per process);
     ``impl``: a Python implementation for every device (the triton backend's), else the C++
     extension registers its own."""
-    if qualname in _libraries:
+    library = _library(qualname, PASS_SCHEMA, _fake)
+    if library is None:
         return
     namespace, name = qualname.split("::")
-    library = torch.library.Library(namespace, "FRAGMENT")
-    library.define(name + PASS_SCHEMA)
     if impl is not None:
         library.impl(name, impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(qualname, _fake, lib=library)
     # The read-only form runs the op itself with empty mutable lists.
     op = getattr(getattr(torch.ops, namespace), name)
 
@@ -99,16 +110,9 @@ def define(qualname: str, impl: Optional[Callable] = None) -> None:
     library.define(name + READ_SUFFIX + READ_SCHEMA)
     library.impl(name + READ_SUFFIX, reads_impl, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname + READ_SUFFIX, _fake_reads, lib=library)
-    _libraries[qualname] = library
 
 
 def define_pair(qualname: str = PAIR) -> None:
     """Define ``qualname`` with the schema of ``pass_pair`` and its fake implementation (once per
     process); the C++ extension registers its CPU kernel."""
-    if qualname in _libraries:
-        return
-    namespace, name = qualname.split("::")
-    library = torch.library.Library(namespace, "FRAGMENT")
-    library.define(name + PAIR_SCHEMA)
-    torch.library.register_fake(qualname, _fake_pair, lib=library)
-    _libraries[qualname] = library
+    _library(qualname, PAIR_SCHEMA, _fake_pair)
